@@ -1,0 +1,251 @@
+//! The bounded, non-blocking batcher between the request path and a [`Sink`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::{Batch, RequestEvent, Sink, VerificationEvent};
+
+/// Tuning of the batcher; every queue and retry has a bound.
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// Events the channel holds before `try_send` drops (counted).
+    pub capacity: usize,
+    /// Flush at this many rows…
+    pub batch_size: usize,
+    /// …or after this long.
+    pub flush_interval: Duration,
+    /// Attempts per batch before it is dropped (counted).
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    pub retry_backoff: Duration,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            batch_size: 10_000,
+            flush_interval: Duration::from_secs(1),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+enum Event {
+    Verification(VerificationEvent),
+    Request(RequestEvent),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle the request path holds: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Analytics {
+    tx: mpsc::Sender<Event>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Analytics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analytics").finish_non_exhaustive()
+    }
+}
+
+impl Analytics {
+    pub fn verification(&self, e: VerificationEvent) {
+        self.offer(Event::Verification(e));
+    }
+
+    pub fn request(&self, e: RequestEvent) {
+        self.offer(Event::Request(e));
+    }
+
+    fn offer(&self, e: Event) {
+        if self.tx.try_send(e).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("creditgate_analytics_dropped_total", "reason" => "queue_full")
+                .increment(1);
+        }
+    }
+
+    /// Events dropped because the queue was full or a batch failed every attempt.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything offered before this call has been written (or dropped).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Event::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// The background writer. Dropping every [`Analytics`] handle, then awaiting
+/// [`Batcher::shutdown`], flushes what is buffered.
+pub struct Batcher {
+    task: JoinHandle<()>,
+}
+
+impl Batcher {
+    pub fn start(sink: Arc<dyn Sink>, config: BatcherConfig) -> (Analytics, Batcher) {
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(run(sink, config, rx, dropped.clone()));
+        (Analytics { tx, dropped }, Batcher { task })
+    }
+
+    /// Waits for the writer to drain; call after dropping every handle. Bounded by `wait`.
+    pub async fn shutdown(self, wait: Duration) {
+        if tokio::time::timeout(wait, self.task).await.is_err() {
+            tracing::warn!("analytics flush did not finish in time; remaining rows dropped");
+        }
+    }
+}
+
+async fn run(
+    sink: Arc<dyn Sink>,
+    config: BatcherConfig,
+    mut rx: mpsc::Receiver<Event>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut batch = Batch::default();
+    let mut tick = tokio::time::interval(config.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(Event::Verification(v)) => batch.verifications.push(v),
+                Some(Event::Request(r)) => batch.requests.push(r),
+                Some(Event::Flush(done)) => {
+                    write(&*sink, &config, &mut batch, &dropped).await;
+                    let _ = done.send(());
+                }
+                None => {
+                    write(&*sink, &config, &mut batch, &dropped).await;
+                    return;
+                }
+            },
+            _ = tick.tick() => write(&*sink, &config, &mut batch, &dropped).await,
+        }
+        if batch.len() >= config.batch_size {
+            write(&*sink, &config, &mut batch, &dropped).await;
+        }
+    }
+}
+
+async fn write(sink: &dyn Sink, config: &BatcherConfig, batch: &mut Batch, dropped: &AtomicU64) {
+    if batch.is_empty() {
+        return;
+    }
+    let rows = batch.len();
+    let mut delay = config.retry_backoff;
+    for attempt in 1..=config.max_attempts.max(1) {
+        match sink.write(batch).await {
+            Ok(()) => {
+                metrics::counter!("creditgate_analytics_written_total").increment(rows as u64);
+                *batch = Batch::default();
+                return;
+            }
+            Err(e) => {
+                metrics::counter!("creditgate_analytics_write_errors_total").increment(1);
+                tracing::warn!(error = %e, attempt, rows, "analytics batch write failed");
+                if attempt < config.max_attempts {
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2);
+                }
+            }
+        }
+    }
+    dropped.fetch_add(rows as u64, Ordering::Relaxed);
+    metrics::counter!("creditgate_analytics_dropped_total", "reason" => "write_failed")
+        .increment(rows as u64);
+    *batch = Batch::default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SinkError;
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recording {
+        batches: Mutex<Vec<Batch>>,
+        fail_first: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Sink for Recording {
+        async fn write(&self, batch: &Batch) -> Result<(), SinkError> {
+            if self.fail_first.load(Ordering::SeqCst) > 0 {
+                self.fail_first.fetch_sub(1, Ordering::SeqCst);
+                return Err(SinkError("down".into()));
+            }
+            self.batches.lock().unwrap().push(batch.clone());
+            Ok(())
+        }
+    }
+
+    fn req(i: usize) -> RequestEvent {
+        RequestEvent {
+            request_id: format!("req_{i}"),
+            time: 0,
+            workspace_id: "ws".into(),
+            method: "POST".into(),
+            path: "/v2/keys.verifyKey".into(),
+            status: 200,
+            latency_us: 1,
+            node_id: "n".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_by_size_and_retries_then_flushes_on_shutdown() {
+        let sink = Arc::new(Recording::default());
+        sink.fail_first.store(2, Ordering::SeqCst);
+        let config = BatcherConfig {
+            batch_size: 3,
+            ..BatcherConfig::default()
+        };
+        let (analytics, batcher) = Batcher::start(sink.clone(), config);
+        for i in 0..7 {
+            analytics.request(req(i));
+        }
+        analytics.flush().await;
+        drop(analytics);
+        batcher.shutdown(Duration::from_secs(5)).await;
+        let batches = sink.batches.lock().unwrap();
+        let rows: Vec<String> = batches
+            .iter()
+            .flat_map(|b| b.requests.iter().map(|r| r.request_id.clone()))
+            .collect();
+        assert_eq!(rows, (0..7).map(|i| format!("req_{i}")).collect::<Vec<_>>());
+        assert!(batches.iter().all(|b| b.len() <= 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_drops_and_counts_without_blocking() {
+        let sink = Arc::new(Recording::default());
+        let config = BatcherConfig {
+            capacity: 2,
+            ..BatcherConfig::default()
+        };
+        let (analytics, batcher) = Batcher::start(sink.clone(), config);
+        // The writer task has not run yet: the channel holds 2, the rest are dropped.
+        for i in 0..5 {
+            analytics.request(req(i));
+        }
+        assert_eq!(analytics.dropped(), 3);
+        drop(analytics);
+        batcher.shutdown(Duration::from_secs(5)).await;
+        let total: usize = sink.batches.lock().unwrap().iter().map(Batch::len).sum();
+        assert_eq!(total, 2);
+    }
+}

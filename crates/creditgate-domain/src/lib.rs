@@ -1,0 +1,24 @@
+//! Pure domain of creditgate: identifiers, the `Credits`/`Cost` newtypes with checked
+//! arithmetic, verification outcomes, key and API records, the refill calendar, root-key
+//! permissions, the `Clock`, and the `KeyStore` port. No I/O lives here.
+
+pub mod clock;
+pub mod credits;
+pub mod ids;
+pub mod outcome;
+pub mod permission;
+pub mod record;
+pub mod refill;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use credits::{Cost, Credits, CreditsError};
+pub use ids::{
+    hash_secret, new_id, new_id_for_transfer, new_secret, secret_start, ApiId, KeyId, RootKeyId,
+    WorkspaceId,
+};
+pub use outcome::Outcome;
+pub use permission::{Action, Permission, PermissionSet};
+pub use record::{ApiRecord, KeyRecord, NewKey, RootKeyRecord};
+pub use refill::{Refill, RefillError, RefillInterval};
+pub use store::{KeyPatch, KeyStore, StoreError};

@@ -1,0 +1,151 @@
+//! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ApiId;
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    CreateApi,
+    ReadApi,
+    DeleteApi,
+    CreateKey,
+    ReadKey,
+    UpdateKey,
+    DeleteKey,
+    VerifyKey,
+}
+
+impl Action {
+    pub const ALL: [Action; 8] = [
+        Action::CreateApi,
+        Action::ReadApi,
+        Action::DeleteApi,
+        Action::CreateKey,
+        Action::ReadKey,
+        Action::UpdateKey,
+        Action::DeleteKey,
+        Action::VerifyKey,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateApi => "create_api",
+            Action::ReadApi => "read_api",
+            Action::DeleteApi => "delete_api",
+            Action::CreateKey => "create_key",
+            Action::ReadKey => "read_key",
+            Action::UpdateKey => "update_key",
+            Action::DeleteKey => "delete_key",
+            Action::VerifyKey => "verify_key",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+/// One granted permission.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Permission {
+    /// `None` means every API (`api.*`).
+    pub api: Option<ApiId>,
+    pub action: Action,
+}
+
+impl Permission {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let err = || {
+            format!(
+                "invalid permission '{s}': expected api.*.<action> or api.<apiId>.<action> \
+                 with action one of create_api, read_api, delete_api, create_key, read_key, \
+                 update_key, delete_key, verify_key"
+            )
+        };
+        let mut parts = s.splitn(3, '.');
+        let (Some("api"), Some(scope), Some(action)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(err());
+        };
+        let action = Action::parse(action).ok_or_else(err)?;
+        let api = match scope {
+            "*" => None,
+            id if !id.is_empty() => Some(ApiId(id.to_owned())),
+            _ => return Err(err()),
+        };
+        Ok(Self { api, action })
+    }
+
+    /// Every permission on every API: what the bootstrap root key holds.
+    pub fn all() -> Vec<Permission> {
+        Action::ALL
+            .into_iter()
+            .map(|action| Permission { api: None, action })
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scope = self.api.as_ref().map_or("*", |a| a.as_str());
+        write!(f, "api.{scope}.{}", self.action.as_str())
+    }
+}
+
+impl TryFrom<String> for Permission {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Permission> for String {
+    fn from(p: Permission) -> String {
+        p.to_string()
+    }
+}
+
+/// The permissions a root key holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PermissionSet(pub Vec<Permission>);
+
+impl PermissionSet {
+    /// Whether `action` is allowed on `api` (or, with `api = None`, on every API).
+    pub fn allows(&self, action: Action, api: Option<&ApiId>) -> bool {
+        self.0.iter().any(|p| {
+            p.action == action
+                && match (&p.api, api) {
+                    (None, _) => true,
+                    (Some(granted), Some(wanted)) => granted == wanted,
+                    (Some(_), None) => false,
+                }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_allow() {
+        let p = Permission::parse("api.*.verify_key").unwrap();
+        assert_eq!(p.to_string(), "api.*.verify_key");
+        let q = Permission::parse("api.api_123.read_key").unwrap();
+        let set = PermissionSet(vec![p, q]);
+        let a = ApiId::from("api_123");
+        let b = ApiId::from("api_999");
+        assert!(set.allows(Action::VerifyKey, Some(&b)));
+        assert!(set.allows(Action::ReadKey, Some(&a)));
+        assert!(!set.allows(Action::ReadKey, Some(&b)));
+        assert!(!set.allows(Action::ReadKey, None));
+        assert!(!set.allows(Action::DeleteKey, Some(&a)));
+        assert!(Permission::parse("api.*.fly").is_err());
+        assert!(Permission::parse("ratelimit.*.limit").is_err());
+        assert!(Permission::parse("api..verify_key").is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! Records of workspaces' APIs, keys and root keys as the stores hold them.
+
+use serde_json::{Map, Value};
+
+use crate::{ApiId, Credits, KeyId, PermissionSet, Refill, RootKeyId, WorkspaceId};
+
+/// An API: a namespace of keys in one workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRecord {
+    pub id: ApiId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// A key as stored: never the secret, only its SHA-256 and its visible start.
+/// The balance lives in the ledger; `limited` says whether there is one at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub api_id: ApiId,
+    pub hash: String,
+    pub start: String,
+    pub name: Option<String>,
+    pub external_id: Option<String>,
+    pub meta: Option<Map<String, Value>>,
+    pub created_at: i64,
+    pub updated_at: Option<i64>,
+    /// Unix ms after which the key is `EXPIRED`.
+    pub expires: Option<i64>,
+    pub enabled: bool,
+    /// `false` for unlimited keys (`remaining = null`).
+    pub limited: bool,
+    pub refill: Option<Refill>,
+    /// When the last periodic refill was applied (creation time before the first).
+    pub last_refill_at: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires.is_some_and(|e| e <= now_ms)
+    }
+}
+
+/// What `keys.createKey` stores.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub record: KeyRecord,
+    /// Initial balance; `None` = unlimited.
+    pub remaining: Option<Credits>,
+}
+
+/// A root key: authorises calls to the admin and verify routes of one workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootKeyRecord {
+    pub id: RootKeyId,
+    pub workspace_id: WorkspaceId,
+    pub hash: String,
+    pub name: Option<String>,
+    pub permissions: PermissionSet,
+    pub created_at: i64,
+}

@@ -1,0 +1,89 @@
+//! The `KeyStore` port: durable workspaces, APIs, keys and root keys.
+//! Balances are not here: they belong to the limiter's `Ledger`.
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::{ApiId, ApiRecord, KeyId, KeyRecord, NewKey, Refill, RootKeyRecord, WorkspaceId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// A partial update of a key; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<Option<String>>,
+    pub external_id: Option<Option<String>>,
+    pub meta: Option<Option<Map<String, Value>>>,
+    pub expires: Option<Option<i64>>,
+    pub enabled: Option<bool>,
+    pub refill: Option<Option<Refill>>,
+}
+
+impl KeyPatch {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.external_id.is_none()
+            && self.meta.is_none()
+            && self.expires.is_none()
+            && self.enabled.is_none()
+            && self.refill.is_none()
+    }
+}
+
+/// One page of `apis.listKeys`.
+#[derive(Debug, Clone)]
+pub struct KeyPage {
+    pub keys: Vec<KeyRecord>,
+    /// Pass back to get the next page; `None` when this is the last one.
+    pub cursor: Option<String>,
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Makes sure the workspace and the root key exist (idempotent on the hash).
+    async fn ensure_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError>;
+    async fn insert_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError>;
+    async fn root_key_by_hash(&self, hash: &str) -> Result<Option<RootKeyRecord>, StoreError>;
+    /// Any root key at all (first-start detection).
+    async fn has_root_keys(&self) -> Result<bool, StoreError>;
+
+    async fn create_api(&self, api: &ApiRecord) -> Result<(), StoreError>;
+    /// Live (not deleted) API of the workspace.
+    async fn get_api(
+        &self,
+        workspace: &WorkspaceId,
+        id: &ApiId,
+    ) -> Result<Option<ApiRecord>, StoreError>;
+    /// Soft-deletes the API and with it every key of it. `false` if it did not exist.
+    async fn delete_api(&self, workspace: &WorkspaceId, id: &ApiId) -> Result<bool, StoreError>;
+
+    async fn create_key(&self, key: &NewKey) -> Result<(), StoreError>;
+    /// Live key (not deleted, API not deleted) by the SHA-256 of its secret.
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Live key by id.
+    async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    async fn list_keys(
+        &self,
+        api: &ApiId,
+        limit: u32,
+        cursor: Option<&str>,
+        external_id: Option<&str>,
+    ) -> Result<KeyPage, StoreError>;
+    /// Applies the patch; `None` when the key does not exist.
+    async fn update_key(
+        &self,
+        id: &KeyId,
+        patch: &KeyPatch,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Soft-deletes the key. `false` if it did not exist.
+    async fn delete_key(&self, id: &KeyId, now_ms: i64) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,512 @@
+//! The [`Ledger`] conformance suite: every ledger backend must pass it (the in-memory
+//! reference here, SQLite and Postgres in `creditgate-sql`). Each check panics with a
+//! message naming what differs; backends call [`run_all`] from their own tests.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use creditgate_domain::SystemClock;
+
+use crate::ports::{
+    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
+    Ledger,
+};
+use crate::{Decision, Engine, EngineConfig, MemoryHotStore};
+
+/// What a backend provides to the suite.
+#[async_trait]
+pub trait LedgerFixture: Send + Sync {
+    fn ledger(&self) -> Arc<dyn Ledger>;
+    /// Creates a fresh key with this balance (`None` = unlimited) and returns its id.
+    async fn create_key(&self, remaining: Option<u64>) -> String;
+}
+
+fn req<'a>(
+    key: &'a str,
+    tid: &'a str,
+    generation: Option<u64>,
+    need: u64,
+    chunk: u64,
+) -> AllocateRequest<'a> {
+    AllocateRequest {
+        key,
+        transfer_id: tid,
+        generation,
+        epoch: "epoch-a",
+        need,
+        chunk,
+        now_ms: 1_000,
+    }
+}
+
+async fn remaining(l: &dyn Ledger, key: &str) -> Option<u64> {
+    l.state(key).await.expect("state").expect("row").remaining
+}
+
+/// Runs every check of the suite.
+pub async fn run_all(f: &dyn LedgerFixture) {
+    allocate_and_settle(f).await;
+    drain_returns_are_idempotent(f).await;
+    fences(f).await;
+    refill_once_per_period(f).await;
+    direct_spend_and_increment(f).await;
+    epochs_and_orphans(f).await;
+    engine_is_exact_under_concurrency(f).await;
+}
+
+pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(100)).await;
+    let Ok(AllocateOutcome::Granted {
+        amount,
+        remaining: r,
+        generation,
+        ..
+    }) = l.allocate(&req(&key, "t1", None, 1, 30)).await
+    else {
+        panic!("allocation of 30 from 100 must be granted");
+    };
+    assert_eq!((amount, r, generation), (30, 70, 0));
+    // Idempotent on the transfer id.
+    let again = l
+        .allocate(&req(&key, "t1", None, 1, 30))
+        .await
+        .expect("retry");
+    assert!(
+        matches!(again, AllocateOutcome::Granted { amount: 30, .. }),
+        "{again:?}"
+    );
+    assert_eq!(remaining(&*l, &key).await, Some(70));
+    // The grant covers `need` even above `chunk`, and never more than remains.
+    let g = l
+        .allocate(&req(&key, "t2", Some(0), 50, 10))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(
+            g,
+            AllocateOutcome::Granted {
+                amount: 50,
+                remaining: 20,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+    let g = l
+        .allocate(&req(&key, "t3", Some(0), 1, 1000))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(
+            g,
+            AllocateOutcome::Granted {
+                amount: 20,
+                remaining: 0,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+    let g = l
+        .allocate(&req(&key, "t4", Some(0), 1, 10))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(g, AllocateOutcome::Insufficient { remaining: 0, .. }),
+        "{g:?}"
+    );
+    // A cancelled allocation comes back; a credited one does not; both idempotent.
+    l.settle_allocation(&key, "t1", false)
+        .await
+        .expect("settle");
+    l.settle_allocation(&key, "t1", false)
+        .await
+        .expect("settle twice");
+    l.settle_allocation(&key, "t2", true).await.expect("settle");
+    l.settle_allocation(&key, "t2", false)
+        .await
+        .expect("late cancel is ignored");
+    assert_eq!(remaining(&*l, &key).await, Some(30));
+    let s = l.state(&key).await.expect("state").expect("row");
+    assert_eq!(s.hot_allocated, 70, "t2 (50) and t3 (20) are still held");
+    // Unknown and unlimited keys.
+    let unl = f.create_key(None).await;
+    let u = l
+        .allocate(&req(&unl, "t5", None, 1, 10))
+        .await
+        .expect("alloc");
+    assert_eq!(u, AllocateOutcome::Unlimited);
+    let n = l
+        .allocate(&req("key_missing", "t6", None, 1, 10))
+        .await
+        .expect("alloc");
+    assert_eq!(n, AllocateOutcome::NotFound);
+    // A stale generation is refused.
+    let g = l
+        .allocate(&req(&key, "t7", Some(7), 1, 10))
+        .await
+        .expect("alloc");
+    assert_eq!(g, AllocateOutcome::GenerationMoved { generation: 0 });
+}
+
+pub async fn drain_returns_are_idempotent(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(50)).await;
+    l.allocate(&req(&key, "a1", None, 1, 20))
+        .await
+        .expect("alloc");
+    l.settle_allocation(&key, "a1", true).await.expect("settle");
+    let d = Drained {
+        amount: 15,
+        spent: 5,
+        generation: 0,
+    };
+    let s = l.return_drained(&key, "r1", d).await.expect("return");
+    assert_eq!((s.remaining, s.hot_allocated), (Some(45), 0));
+    let s = l.return_drained(&key, "r1", d).await.expect("return twice");
+    assert_eq!(
+        s.remaining,
+        Some(45),
+        "a repeated return must not add twice"
+    );
+}
+
+pub async fn fences(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    // Decrement counts what the hot store held; clamps at zero.
+    let key = f.create_key(Some(100)).await;
+    l.allocate(&req(&key, "f-a1", None, 1, 40))
+        .await
+        .expect("alloc");
+    l.settle_allocation(&key, "f-a1", true)
+        .await
+        .expect("settle");
+    let BeginFence::Begun(fence) = l
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5)
+        .await
+        .expect("begin")
+    else {
+        panic!("decrement must begin");
+    };
+    assert_eq!(fence.generation, 1);
+    let again = l
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5)
+        .await
+        .expect("begin twice");
+    assert_eq!(
+        again,
+        BeginFence::Begun(fence.clone()),
+        "begin_fence is idempotent"
+    );
+    let pending = l
+        .pending_fences(Some(&key), i64::MAX, 10)
+        .await
+        .expect("pending");
+    assert_eq!(pending, vec![fence.clone()]);
+    // While the fence is pending, no allocation.
+    let g = l
+        .allocate(&req(&key, "f-a2", Some(1), 1, 10))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(g, AllocateOutcome::GenerationMoved { .. }),
+        "{g:?}"
+    );
+    // The hot store held 40 and 10 were spent: 60 + 30 = 90, minus 30 = 60.
+    let drained = Drained {
+        amount: 30,
+        spent: 10,
+        generation: 0,
+    };
+    let s = l.finish_fence(&fence, drained).await.expect("finish");
+    assert_eq!(
+        (s.remaining, s.hot_allocated, s.generation),
+        (Some(60), 0, 1)
+    );
+    let s = l.finish_fence(&fence, drained).await.expect("finish twice");
+    assert_eq!(s.remaining, Some(60), "finish_fence is idempotent");
+    assert!(l
+        .pending_fences(Some(&key), i64::MAX, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    // A late return from generation 0 still counts after a decrement…
+    let s = l
+        .return_drained(
+            &key,
+            "late1",
+            Drained {
+                amount: 5,
+                spent: 0,
+                generation: 0,
+            },
+        )
+        .await
+        .expect("return");
+    assert_eq!(s.remaining, Some(65));
+    // …but not after a set, which overwrote that generation's credits.
+    let BeginFence::Begun(set) = l
+        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6)
+        .await
+        .expect("begin")
+    else {
+        panic!("set must begin");
+    };
+    let s = l
+        .finish_fence(
+            &set,
+            Drained {
+                generation: 1,
+                ..Drained::default()
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!((s.remaining, s.generation), (Some(10), 2));
+    let s = l
+        .return_drained(
+            &key,
+            "late2",
+            Drained {
+                amount: 7,
+                spent: 0,
+                generation: 1,
+            },
+        )
+        .await
+        .expect("return");
+    assert_eq!(
+        s.remaining,
+        Some(10),
+        "credits of a generation overwritten by set"
+    );
+    let BeginFence::Begun(dec) = l
+        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7)
+        .await
+        .expect("begin")
+    else {
+        panic!("decrement must begin");
+    };
+    let s = l
+        .finish_fence(
+            &dec,
+            Drained {
+                generation: 2,
+                ..Drained::default()
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(s.remaining, Some(0), "decrement clamps at zero");
+    // Set to unlimited and back.
+    let BeginFence::Begun(unl) = l
+        .begin_fence(&key, "op4", FenceOp::Set(None), 8)
+        .await
+        .expect("begin")
+    else {
+        panic!("set must begin");
+    };
+    let s = l
+        .finish_fence(&unl, Drained::default())
+        .await
+        .expect("finish");
+    assert_eq!(s.remaining, None);
+    assert_eq!(
+        l.begin_fence("key_missing", "op5", FenceOp::Set(Some(1)), 9)
+            .await
+            .expect("begin"),
+        BeginFence::NotFound
+    );
+}
+
+pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(3)).await;
+    let op = FenceOp::Refill {
+        amount: 10,
+        period_start: 86_400_000,
+    };
+    let BeginFence::Begun(fence) = l
+        .begin_fence(&key, "rf1", op, 86_400_500)
+        .await
+        .expect("begin")
+    else {
+        panic!("first refill of the period must begin");
+    };
+    let s = l
+        .finish_fence(
+            &fence,
+            Drained {
+                amount: 2,
+                spent: 0,
+                generation: 0,
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(s.remaining, Some(10), "3 + 2 held is below 10: set to 10");
+    assert_eq!(
+        l.begin_fence(&key, "rf2", op, 86_400_900)
+            .await
+            .expect("begin"),
+        BeginFence::NotDue,
+        "a second refill in the same period is not applied"
+    );
+    // Next period, above the amount: unchanged.
+    let inc = l
+        .increment(&key, 5, u64::MAX >> 11)
+        .await
+        .expect("increment");
+    assert!(matches!(inc, IncrementOutcome::Done(_)));
+    let op2 = FenceOp::Refill {
+        amount: 10,
+        period_start: 2 * 86_400_000,
+    };
+    let BeginFence::Begun(fence) = l
+        .begin_fence(&key, "rf3", op2, 2 * 86_400_000)
+        .await
+        .expect("begin")
+    else {
+        panic!("refill of the next period must begin");
+    };
+    let s = l
+        .finish_fence(&fence, Drained::default())
+        .await
+        .expect("finish");
+    assert_eq!(s.remaining, Some(15));
+}
+
+pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(5)).await;
+    assert_eq!(
+        l.spend_direct(&key, 3).await.expect("spend"),
+        DirectSpend::Valid { remaining: 2 }
+    );
+    assert_eq!(
+        l.spend_direct(&key, 3).await.expect("spend"),
+        DirectSpend::Exceeded { remaining: 2 }
+    );
+    assert_eq!(
+        l.spend_direct(&key, 0).await.expect("spend"),
+        DirectSpend::Valid { remaining: 2 }
+    );
+    let unl = f.create_key(None).await;
+    assert_eq!(
+        l.spend_direct(&unl, 3).await.expect("spend"),
+        DirectSpend::Unlimited
+    );
+    assert_eq!(
+        l.spend_direct("key_missing", 3).await.expect("spend"),
+        DirectSpend::NotFound
+    );
+    assert_eq!(
+        l.increment(&unl, 1, 100).await.expect("inc"),
+        IncrementOutcome::Unlimited
+    );
+    assert_eq!(
+        l.increment(&key, 99, 100).await.expect("inc"),
+        IncrementOutcome::Overflow
+    );
+    assert!(
+        matches!(l.increment(&key, 98, 100).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
+    );
+    assert_eq!(
+        l.increment("key_missing", 1, 100).await.expect("inc"),
+        IncrementOutcome::NotFound
+    );
+}
+
+pub async fn epochs_and_orphans(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(100)).await;
+    l.allocate(&req(&key, "e1", None, 1, 30))
+        .await
+        .expect("alloc");
+    l.settle_allocation(&key, "e1", true).await.expect("settle");
+    l.allocate(&req(&key, "e2", Some(0), 1, 10))
+        .await
+        .expect("alloc");
+    let orphans = l
+        .pending_allocations(Some(&key), i64::MAX, 10)
+        .await
+        .expect("pending");
+    assert_eq!(
+        orphans
+            .iter()
+            .map(|o| (o.transfer_id.as_str(), o.amount))
+            .collect::<Vec<_>>(),
+        vec![("e2", 10)]
+    );
+    assert!(
+        l.pending_allocations(Some(&key), 1_000, 10)
+            .await
+            .expect("pending")
+            .is_empty(),
+        "older_than is exclusive"
+    );
+    // The hot store restarted: epoch-b. What epoch-a held (40) is written off, once.
+    let lost = l
+        .write_off_other_epochs("epoch-b")
+        .await
+        .expect("write off");
+    assert!(lost.contains(&(key.clone(), 40)), "{lost:?}");
+    assert!(l
+        .write_off_other_epochs("epoch-b")
+        .await
+        .expect("again")
+        .iter()
+        .all(|(k, _)| *k != key));
+    assert_eq!(remaining(&*l, &key).await, Some(60));
+    assert!(l
+        .pending_allocations(Some(&key), i64::MAX, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    // Allocation under the new epoch works.
+    let mut r = req(&key, "e3", None, 1, 10);
+    r.epoch = "epoch-b";
+    assert!(matches!(
+        l.allocate(&r).await.expect("alloc"),
+        AllocateOutcome::Granted {
+            amount: 10,
+            lost: 0,
+            ..
+        }
+    ));
+}
+
+/// The whole engine on this ledger: 200 concurrent spends on 100 credits.
+pub async fn engine_is_exact_under_concurrency(f: &dyn LedgerFixture) {
+    let key = f.create_key(Some(100)).await;
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        f.ledger(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    ));
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (engine, key) = (engine.clone(), key.clone());
+        tasks.push(tokio::spawn(async move { engine.spend(&key, 1).await }));
+    }
+    let mut seen = BTreeSet::new();
+    let mut valid = 0;
+    for t in tasks {
+        match t.await.expect("task").expect("spend") {
+            Decision::Valid { remaining: Some(r) } => {
+                valid += 1;
+                assert!(seen.insert(r), "remaining {r} reported twice");
+            }
+            Decision::Exceeded { remaining } => assert_eq!(remaining, 0),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(valid, 100);
+    assert_eq!(seen, (0..100).collect::<BTreeSet<u64>>());
+    engine.drain_all().await.expect("drain");
+    let s = f.ledger().state(&key).await.expect("state").expect("row");
+    assert_eq!((s.remaining, s.hot_allocated), (Some(0), 0));
+}

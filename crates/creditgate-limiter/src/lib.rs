@@ -1,0 +1,14 @@
+//! The usage-limiting engine of creditgate: escrow between a durable [`ports::Ledger`] and
+//! a fast [`ports::HotStore`] (DESIGN.md §3), the in-memory implementations of both, and
+//! the reconciler. It knows neither HTTP nor any concrete database.
+
+pub mod conformance;
+pub mod engine;
+pub mod memory_hot;
+pub mod memory_ledger;
+pub mod metrics;
+pub mod ports;
+
+pub use engine::{CreditOp, Decision, Engine, EngineConfig, EngineError, ReconcileReport};
+pub use memory_hot::MemoryHotStore;
+pub use memory_ledger::MemoryLedger;

@@ -1,0 +1,11 @@
+//! Names of the engine's Prometheus metrics, in one place.
+
+pub const ALLOCATIONS: &str = "creditgate_engine_allocations_total";
+pub const FENCES: &str = "creditgate_engine_fences_total";
+pub const DIRECT_SPENDS: &str = "creditgate_engine_direct_spends_total";
+pub const SPEND_TIMEOUTS: &str = "creditgate_engine_spend_timeouts_total";
+pub const LOST_CREDITS: &str = "creditgate_engine_lost_credits_total";
+pub const RETURNED_CREDITS: &str = "creditgate_engine_returned_credits_total";
+pub const RETURNS_DROPPED: &str = "creditgate_engine_returns_dropped_total";
+pub const ORPHANS_RESOLVED: &str = "creditgate_engine_orphans_resolved_total";
+pub const RECONCILE_ERRORS: &str = "creditgate_engine_reconcile_errors_total";

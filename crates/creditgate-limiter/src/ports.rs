@@ -1,0 +1,357 @@
+//! The two ports of the escrow engine.
+//!
+//! * [`Ledger`]: the durable truth (SQL). Per key: `remaining` (credits not handed out),
+//!   `hot_allocated` (handed to the hot store, not yet returned or reported spent), a
+//!   `generation` bumped by every fencing operation (set / decrement / refill), a
+//!   `version` bumped by every change of `remaining`, and a log of transfers whose unique
+//!   ids make every movement idempotent.
+//! * [`HotStore`]: the fast store every spend goes through (process memory or Redis). Per
+//!   key: the balance `bal` it may spend, the ledger snapshot `unalloc` (with the ledger
+//!   `version` it came from), the `generation` it serves, and a short per-key lock.
+//!
+//! Every hot-store method is one atomic step on one key.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Failure of a hot-store call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HotError {
+    /// The store could not be reached; the call certainly did not run.
+    #[error("hot store unreachable: {0}")]
+    Unreachable(String),
+    /// The call may or may not have run (e.g. a timeout after sending).
+    #[error("hot store outcome unknown: {0}")]
+    Ambiguous(String),
+    #[error("hot store error: {0}")]
+    Other(String),
+}
+
+/// Failure of a ledger call. On error the ledger transaction did not commit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    #[error("ledger error: {0}")]
+    Other(String),
+}
+
+/// Reply of [`HotStore::spend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendReply {
+    /// Spent; `remaining = bal + unalloc` after the spend.
+    Valid { remaining: u64 },
+    /// Not spent: the hot store knows the whole balance (`bal + unalloc`, with a valid
+    /// snapshot) and it is below the cost.
+    Exceeded { remaining: u64 },
+    /// Not spent: the hot balance is too low and the snapshot does not settle it.
+    Low { bal: u64, generation: u64 },
+    /// No entry for this key.
+    Miss,
+}
+
+/// Reply of [`HotStore::credit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditReply {
+    Credited,
+    /// This transfer id was already credited: nothing changed.
+    Duplicate,
+    /// Refused: the hot store serves a newer generation, or the transfer was cancelled.
+    Refused,
+}
+
+/// What one drain or fence took out of the hot store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drained {
+    /// Balance moved out (to be returned to the ledger).
+    pub amount: u64,
+    /// Credits spent from the hot store since the previous drain or fence.
+    pub spent: u64,
+    /// Generation the drained balance belonged to.
+    pub generation: u64,
+}
+
+/// How an orphaned allocation was resolved in the hot store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferFate {
+    /// The hot store had credited it.
+    Credited,
+    /// It had not, and now never will (the id is marked refused).
+    Refused,
+}
+
+/// A snapshot of one hot entry, for tests, `getKey` and the reconciler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotEntry {
+    pub bal: u64,
+    pub unalloc: Option<u64>,
+    pub generation: u64,
+    pub spent: u64,
+    pub idle_ms: u64,
+}
+
+/// Proof of holding a key's refill lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken(pub String);
+
+#[async_trait]
+pub trait HotStore: Send + Sync {
+    /// Identifies the store's data: changes when the data was lost (restart, flush,
+    /// failover). Balances credited under another epoch are never spent again.
+    async fn epoch(&self) -> Result<String, HotError>;
+
+    /// `bal >= cost` (and a valid snapshot) → `bal -= cost`, `Valid`. Otherwise
+    /// `Exceeded` (valid snapshot, `bal + unalloc < cost`), `Low` or `Miss`.
+    async fn spend(&self, key: &str, cost: u64) -> Result<SpendReply, HotError>;
+
+    /// Adds `amount` to `bal` (creating the entry), idempotent on `transfer_id`; refused
+    /// when the entry serves a newer `generation` or the transfer was refused. Also
+    /// records the ledger snapshot `unalloc` if `version` is newer than the one held.
+    async fn credit(
+        &self,
+        key: &str,
+        transfer_id: &str,
+        generation: u64,
+        amount: u64,
+        unalloc: u64,
+        version: u64,
+    ) -> Result<CreditReply, HotError>;
+
+    /// Records the ledger snapshot if `version` is newer than the one held; `None`
+    /// marks the snapshot unknown (before a ledger change that adds credits).
+    async fn sync_unalloc(
+        &self,
+        key: &str,
+        unalloc: Option<u64>,
+        version: u64,
+    ) -> Result<(), HotError>;
+
+    /// Moves the whole balance out (`bal → 0`), if the key has been idle for at least
+    /// `min_idle_ms`, recording `transfer_id`; idempotent on it. The drained amount is
+    /// added to the snapshot so `bal + unalloc` stays the exact balance meanwhile.
+    async fn drain(
+        &self,
+        key: &str,
+        transfer_id: &str,
+        min_idle_ms: u64,
+    ) -> Result<Drained, HotError>;
+
+    /// Atomically drains the balance and adopts `generation` (creating the entry if
+    /// needed). Idempotent: fencing again to the same generation returns the amount the
+    /// first fence drained. Older generations are ignored.
+    async fn fence(&self, key: &str, generation: u64) -> Result<Drained, HotError>;
+
+    /// Resolves an allocation whose credit step may not have happened.
+    async fn resolve_transfer(
+        &self,
+        key: &str,
+        transfer_id: &str,
+        generation: u64,
+    ) -> Result<TransferFate, HotError>;
+
+    /// Takes the key's refill lock if free. If it is held, waits (up to `wait`) for its
+    /// release and returns `None`, so the caller retries its spend before locking again.
+    async fn lock(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Option<LockToken>, HotError>;
+    async fn unlock(&self, key: &str, token: &LockToken) -> Result<(), HotError>;
+
+    async fn peek(&self, key: &str) -> Result<Option<HotEntry>, HotError>;
+
+    /// Removes entries that hold nothing and have been idle for `min_idle_ms`.
+    async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError>;
+}
+
+/// The ledger state of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerState {
+    /// `None` = unlimited.
+    pub remaining: Option<u64>,
+    pub hot_allocated: u64,
+    pub generation: u64,
+    pub version: u64,
+}
+
+/// Request to move credits from the ledger to the hot store.
+#[derive(Debug, Clone)]
+pub struct AllocateRequest<'a> {
+    pub key: &'a str,
+    pub transfer_id: &'a str,
+    /// The generation the hot store serves (`None` if it has no entry).
+    pub generation: Option<u64>,
+    /// The hot store's epoch.
+    pub epoch: &'a str,
+    /// The allocation must cover at least this much (`cost - bal`), else nothing moves.
+    pub need: u64,
+    /// Preferred size; the grant is `max(need, min(chunk, remaining))`.
+    pub chunk: u64,
+    /// Recorded as the transfer's creation time (for the reconciler).
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocateOutcome {
+    Granted {
+        amount: u64,
+        /// Ledger `remaining` after the allocation.
+        remaining: u64,
+        generation: u64,
+        version: u64,
+        /// Credits found allocated to a previous epoch of the hot store, written off
+        /// by this call (reported as lost, never re-issued).
+        lost: u64,
+    },
+    /// `remaining < need`: nothing moved.
+    Insufficient {
+        remaining: u64,
+        generation: u64,
+        version: u64,
+        lost: u64,
+    },
+    /// The ledger is at a newer generation than the hot store: a fence is pending.
+    GenerationMoved {
+        generation: u64,
+    },
+    Unlimited,
+    NotFound,
+}
+
+/// A fencing operation: bump the generation, drain the hot store, write a new balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceOp {
+    /// New balance; `None` = unlimited.
+    Set(Option<u64>),
+    /// Subtract, clamped at zero.
+    Decrement(u64),
+    /// Periodic refill: balance becomes `amount` if below it; applied only if the key's
+    /// last refill is before `period_start`.
+    Refill { amount: u64, period_start: i64 },
+}
+
+/// A fence the ledger has begun (generation bumped) and not finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingFence {
+    pub key: String,
+    pub op_id: String,
+    pub op: FenceOp,
+    pub generation: u64,
+}
+
+/// Result of [`Ledger::begin_fence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BeginFence {
+    Begun(PendingFence),
+    /// A refill already applied in this period: nothing to do.
+    NotDue,
+    NotFound,
+}
+
+/// An allocation recorded in the ledger whose credit step has not been confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAllocation {
+    pub key: String,
+    pub transfer_id: String,
+    pub amount: u64,
+    pub generation: u64,
+    pub created_at_ms: i64,
+}
+
+/// Result of a direct spend on the ledger (hot store unreachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectSpend {
+    Valid { remaining: u64 },
+    Exceeded { remaining: u64 },
+    Unlimited,
+    NotFound,
+}
+
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError>;
+
+    /// One transaction: writes off allocations to another epoch (`lost`), checks the
+    /// generation, and moves `max(need, min(chunk, remaining))` from `remaining` to
+    /// `hot_allocated` if `remaining >= need`, logging the transfer as pending.
+    async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError>;
+
+    /// Marks an allocation credited (`true`) or cancels it (`false`: the amount goes
+    /// back to `remaining` unless a `Set` fenced the key since). Idempotent.
+    async fn settle_allocation(
+        &self,
+        key: &str,
+        transfer_id: &str,
+        credited: bool,
+    ) -> Result<(), LedgerError>;
+
+    /// Returns a drained hot balance, idempotent on `transfer_id`: `remaining += amount`
+    /// (unless a `Set` fenced the key after `drained.generation`) and
+    /// `hot_allocated -= amount + spent`. Returns the new state.
+    async fn return_drained(
+        &self,
+        key: &str,
+        transfer_id: &str,
+        drained: Drained,
+    ) -> Result<LedgerState, LedgerError>;
+
+    /// `remaining += amount` (fails on unlimited or overflow past `max`).
+    async fn increment(
+        &self,
+        key: &str,
+        amount: u64,
+        max: u64,
+    ) -> Result<IncrementOutcome, LedgerError>;
+
+    /// Step 1 of a fence: bump the generation and log the operation as pending.
+    /// Idempotent on `op_id`. Refused (`NotDue`) for a refill already applied in the
+    /// period or on an unlimited key; a refill records `now_ms` as the last refill time.
+    async fn begin_fence(
+        &self,
+        key: &str,
+        op_id: &str,
+        op: FenceOp,
+        now_ms: i64,
+    ) -> Result<BeginFence, LedgerError>;
+
+    /// Step 3: with what the hot store drained at the new generation, write the new
+    /// balance (`hot_allocated` becomes 0). Idempotent on `op_id`.
+    async fn finish_fence(
+        &self,
+        fence: &PendingFence,
+        drained: Drained,
+    ) -> Result<LedgerState, LedgerError>;
+
+    /// Atomic conditional spend on `remaining` (`remaining >= cost`), used when the hot
+    /// store cannot be reached. Never touches credits held by the hot store.
+    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError>;
+
+    /// Pending allocations created before `older_than_ms`, of one key or of all.
+    async fn pending_allocations(
+        &self,
+        key: Option<&str>,
+        older_than_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<PendingAllocation>, LedgerError>;
+    /// Begun, unfinished fences created before `older_than_ms`, of one key or of all.
+    async fn pending_fences(
+        &self,
+        key: Option<&str>,
+        older_than_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<PendingFence>, LedgerError>;
+
+    /// Writes off every allocation held by a hot-store epoch other than `epoch`;
+    /// returns (key, credits lost) for each key.
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncrementOutcome {
+    Done(LedgerState),
+    Unlimited,
+    Overflow,
+    NotFound,
+}

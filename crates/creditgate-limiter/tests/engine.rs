@@ -1,0 +1,565 @@
+//! Engine tests: the ledger conformance suite on `MemoryLedger`, and the model test —
+//! random sequences of spend / set / increment / decrement / refill / drain / hot-store
+//! crash, with injected ledger faults, checked against a plain reference model.
+//! Re-run one failing seed with `CREDITGATE_MODEL_SEED=<seed>`; set the number of
+//! sequences with `CREDITGATE_MODEL_CASES` (default 2000).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use creditgate_domain::{Clock, Credits, ManualClock, Refill, RefillInterval};
+use creditgate_limiter::conformance::{self, LedgerFixture};
+use creditgate_limiter::ports::*;
+use creditgate_limiter::{
+    CreditOp, Decision, Engine, EngineConfig, EngineError, MemoryHotStore, MemoryLedger,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct MemFixture {
+    ledger: Arc<MemoryLedger>,
+    next: AtomicU64,
+}
+
+#[async_trait]
+impl LedgerFixture for MemFixture {
+    fn ledger(&self) -> Arc<dyn Ledger> {
+        self.ledger.clone()
+    }
+    async fn create_key(&self, remaining: Option<u64>) -> String {
+        let id = format!("key_{}", self.next.fetch_add(1, Ordering::SeqCst));
+        self.ledger.create_key(&id, remaining, 0);
+        id
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_ledger_conforms() {
+    let f = MemFixture {
+        ledger: Arc::new(MemoryLedger::new()),
+        next: AtomicU64::new(0),
+    };
+    conformance::run_all(&f).await;
+}
+
+/// Which ledger call of the next operation fails, and how.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The call fails before touching anything.
+    Before(u32),
+    /// The call commits, then reports failure (a lost reply).
+    After(u32),
+}
+
+/// A ledger that fails one chosen call.
+struct FaultyLedger {
+    inner: MemoryLedger,
+    fault: Mutex<Option<Fault>>,
+    calls: AtomicU64,
+    fired: AtomicU64,
+}
+
+impl FaultyLedger {
+    fn arm(&self, fault: Option<Fault>) {
+        *self.fault.lock().unwrap() = fault;
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// `Some(after)` when this call is the one to fail.
+    fn check(&self) -> Option<bool> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut f = self.fault.lock().unwrap();
+        let hit = match *f {
+            Some(Fault::Before(k)) if u64::from(k) == n => Some(false),
+            Some(Fault::After(k)) if u64::from(k) == n => Some(true),
+            _ => None,
+        };
+        if hit.is_some() {
+            *f = None;
+            self.fired.fetch_add(1, Ordering::SeqCst);
+        }
+        hit
+    }
+}
+
+macro_rules! faulty {
+    ($self:ident, $call:expr) => {{
+        match $self.check() {
+            Some(false) => Err(LedgerError::Unavailable("injected (before)".into())),
+            Some(true) => {
+                let _ = $call;
+                Err(LedgerError::Unavailable("injected (after commit)".into()))
+            }
+            None => $call,
+        }
+    }};
+}
+
+#[async_trait]
+impl Ledger for FaultyLedger {
+    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError> {
+        self.inner.state(key).await
+    }
+    async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
+        faulty!(self, self.inner.allocate(req).await)
+    }
+    async fn settle_allocation(
+        &self,
+        key: &str,
+        t: &str,
+        credited: bool,
+    ) -> Result<(), LedgerError> {
+        faulty!(self, self.inner.settle_allocation(key, t, credited).await)
+    }
+    async fn return_drained(
+        &self,
+        key: &str,
+        t: &str,
+        d: Drained,
+    ) -> Result<LedgerState, LedgerError> {
+        faulty!(self, self.inner.return_drained(key, t, d).await)
+    }
+    async fn increment(
+        &self,
+        key: &str,
+        amount: u64,
+        max: u64,
+    ) -> Result<IncrementOutcome, LedgerError> {
+        faulty!(self, self.inner.increment(key, amount, max).await)
+    }
+    async fn begin_fence(
+        &self,
+        key: &str,
+        op_id: &str,
+        op: FenceOp,
+        now: i64,
+    ) -> Result<BeginFence, LedgerError> {
+        faulty!(self, self.inner.begin_fence(key, op_id, op, now).await)
+    }
+    async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
+        faulty!(self, self.inner.finish_fence(f, d).await)
+    }
+    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
+        faulty!(self, self.inner.spend_direct(key, cost).await)
+    }
+    async fn pending_allocations(
+        &self,
+        key: Option<&str>,
+        older: i64,
+        limit: u32,
+    ) -> Result<Vec<PendingAllocation>, LedgerError> {
+        self.inner.pending_allocations(key, older, limit).await
+    }
+    async fn pending_fences(
+        &self,
+        key: Option<&str>,
+        older: i64,
+        limit: u32,
+    ) -> Result<Vec<PendingFence>, LedgerError> {
+        self.inner.pending_fences(key, older, limit).await
+    }
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError> {
+        self.inner.write_off_other_epochs(epoch).await
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Spend(u64),
+    Set(Option<u64>),
+    Increment(u64),
+    Decrement(u64),
+    Refill(u64),
+    Drain,
+    Crash,
+}
+
+fn random_op(rng: &mut StdRng) -> Op {
+    match rng.random_range(0..100) {
+        0..=54 => Op::Spend(match rng.random_range(0..10) {
+            0 => 0,
+            1 => rng.random_range(10..60),
+            _ => rng.random_range(1..4),
+        }),
+        55..=61 => Op::Set(if rng.random_range(0..8) == 0 {
+            None
+        } else {
+            Some(rng.random_range(0..80))
+        }),
+        62..=71 => Op::Increment(rng.random_range(0..40)),
+        72..=79 => Op::Decrement(rng.random_range(0..40)),
+        80..=85 => Op::Refill(rng.random_range(0..60)),
+        86..=95 => Op::Drain,
+        _ => Op::Crash,
+    }
+}
+
+struct Sim {
+    engine: Engine,
+    hot: Arc<MemoryHotStore>,
+    ledger: Arc<FaultyLedger>,
+    clock: Arc<ManualClock>,
+    key: String,
+    /// The reference model: `None` = unlimited.
+    balance: Option<u64>,
+    granted: u64,
+    spent: u64,
+    lost: u64,
+    /// Credits a refill added.
+    refilled: u64,
+    /// A set, decrement, unlimited phase or uncertain op happened (books not comparable).
+    overwritten: bool,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Sim {
+    fn new(initial: Option<u64>) -> Self {
+        let clock = Arc::new(ManualClock::new(DAY_MS * 20_000 + 5));
+        let hot = Arc::new(MemoryHotStore::new());
+        let ledger = Arc::new(FaultyLedger {
+            inner: MemoryLedger::new(),
+            fault: Mutex::new(None),
+            calls: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+        });
+        let key = "key_model".to_owned();
+        ledger.inner.create_key(&key, initial, clock.now_ms());
+        let config = EngineConfig {
+            idle_return: Duration::ZERO,
+            lock_wait: Duration::from_millis(1),
+            spend_deadline: Duration::from_millis(500),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(hot.clone(), ledger.clone(), clock.clone(), config);
+        Self {
+            engine,
+            hot,
+            ledger,
+            clock,
+            key,
+            balance: initial,
+            granted: initial.unwrap_or(0),
+            spent: 0,
+            lost: 0,
+            refilled: 0,
+            overwritten: initial.is_none(),
+        }
+    }
+
+    /// Ledger remaining + hot balance: what the stores hold between operations.
+    async fn held(&self) -> Option<u64> {
+        let state = self.ledger.inner.state(&self.key).await.unwrap().unwrap();
+        let hot = self.hot.peek(&self.key).await.unwrap();
+        let bal = match hot {
+            Some(e) if e.generation == state.generation => e.bal,
+            _ => 0,
+        };
+        state.remaining.map(|r| r + bal)
+    }
+
+    /// Heals faults: lets the reconciler finish half-done work.
+    async fn heal(&self) {
+        self.ledger.arm(None);
+        self.clock.advance(60_000);
+        self.engine
+            .reconcile_once()
+            .await
+            .expect("reconcile after healing");
+    }
+
+    async fn step(&mut self, op: Op, fault: Option<Fault>, ctx: &str) {
+        self.ledger.arm(fault);
+        let fired_before = self.ledger.fired.load(Ordering::SeqCst);
+        let before = self.balance;
+        let expected_after: Option<u64>;
+        let result: Result<(), EngineError> = match op {
+            Op::Spend(cost) => match self.engine.spend(&self.key, cost).await {
+                Ok(Decision::Valid { remaining }) => {
+                    match self.balance {
+                        None => assert_eq!(remaining, None, "{ctx}: unlimited key"),
+                        Some(b) => {
+                            assert!(b >= cost, "{ctx}: over-spend: balance {b}, cost {cost}");
+                            self.balance = Some(b - cost);
+                            self.spent += cost;
+                            assert_eq!(
+                                remaining, self.balance,
+                                "{ctx}: reported remaining after spend"
+                            );
+                        }
+                    }
+                    expected_after = self.balance;
+                    Ok(())
+                }
+                Ok(Decision::Exceeded { remaining }) => {
+                    let b = self.balance.expect("exceeded on an unlimited key");
+                    assert!(
+                        b < cost,
+                        "{ctx}: refused a spend of {cost} with balance {b}"
+                    );
+                    assert_eq!(remaining, b, "{ctx}: reported remaining when exceeded");
+                    expected_after = self.balance;
+                    Ok(())
+                }
+                Ok(Decision::NotFound) => panic!("{ctx}: key vanished"),
+                Err(e) => {
+                    expected_after = before;
+                    Err(e)
+                }
+            },
+            Op::Crash => {
+                let hot_bal = self.hot.peek(&self.key).await.unwrap().map_or(0, |e| e.bal);
+                self.hot.wipe();
+                let after = self.held().await;
+                match (before, after) {
+                    (Some(b), Some(a)) => {
+                        assert!(
+                            a <= b && b - a <= hot_bal,
+                            "{ctx}: crash lost {} but the hot store held {hot_bal}",
+                            b - a
+                        );
+                        self.lost += b - a;
+                    }
+                    (b, a) => assert_eq!(b, a, "{ctx}: unlimited survives a crash"),
+                }
+                self.balance = after;
+                expected_after = after;
+                Ok(())
+            }
+            Op::Drain => {
+                expected_after = before;
+                self.engine.reconcile_once().await.map(|_| ())
+            }
+            Op::Set(v) => {
+                expected_after = v;
+                self.engine
+                    .update(&self.key, CreditOp::Set(v))
+                    .await
+                    .map(|_| ())
+            }
+            Op::Increment(v) => {
+                let r = self.engine.update(&self.key, CreditOp::Increment(v)).await;
+                match (before, &r) {
+                    (None, Err(EngineError::Unlimited)) => {
+                        self.ledger.arm(None);
+                        return;
+                    }
+                    (None, Err(EngineError::Unavailable(_))) if fault.is_some() => {
+                        expected_after = None;
+                    }
+                    (None, other) => panic!("{ctx}: increment on unlimited gave {other:?}"),
+                    (Some(b), _) => expected_after = Some(b + v),
+                }
+                r.map(|_| ())
+            }
+            Op::Decrement(v) => {
+                expected_after = before.map(|b| b.saturating_sub(v));
+                self.engine
+                    .update(&self.key, CreditOp::Decrement(v))
+                    .await
+                    .map(|_| ())
+            }
+            Op::Refill(amount) => {
+                self.clock.advance(DAY_MS);
+                let refill =
+                    Refill::new(RefillInterval::Daily, Credits::new(amount).unwrap(), None)
+                        .unwrap();
+                let period_start = refill.period_start(self.clock.now_ms());
+                expected_after = before.map(|b| b.max(amount));
+                self.engine
+                    .update(
+                        &self.key,
+                        CreditOp::Refill {
+                            amount,
+                            period_start,
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let faulted = self.ledger.fired.load(Ordering::SeqCst) > fired_before;
+        match result {
+            Ok(()) if !faulted => {
+                self.balance = expected_after;
+                assert_eq!(
+                    self.engine.balance(&self.key).await.unwrap(),
+                    self.balance,
+                    "{ctx}: engine balance after {op:?}"
+                );
+                assert_eq!(
+                    self.held().await,
+                    self.balance,
+                    "{ctx}: ledger + hot after {op:?}"
+                );
+            }
+            Ok(()) if matches!(op, Op::Spend(_)) => {
+                // A spend's answer is definitive even if a later bookkeeping call failed.
+                self.heal().await;
+                let now = self.engine.balance(&self.key).await.unwrap();
+                assert_eq!(
+                    now, expected_after,
+                    "{ctx}: balance after a spend with a fault"
+                );
+                assert_eq!(
+                    self.held().await,
+                    self.balance,
+                    "{ctx}: ledger + hot after healing"
+                );
+            }
+            Ok(()) | Err(_) => {
+                // The op may or may not have applied; after healing it must be one of them.
+                self.heal().await;
+                let now = self.engine.balance(&self.key).await.unwrap();
+                assert!(
+                    now == before || now == expected_after,
+                    "{ctx}: after a fault in {op:?} ({result:?}) the balance is {now:?}, \
+                     expected {before:?} (not applied) or {expected_after:?} (applied)"
+                );
+                if now != before && matches!(op, Op::Spend(_)) {
+                    panic!("{ctx}: a failed spend ({result:?}) spent credits");
+                }
+                self.balance = now;
+                assert_eq!(
+                    self.held().await,
+                    self.balance,
+                    "{ctx}: ledger + hot after healing"
+                );
+            }
+        }
+        match (op, before, self.balance) {
+            (Op::Increment(v), Some(b), Some(a)) if a == b + v => self.granted += v,
+            (Op::Refill(_), Some(b), Some(a)) if a > b => self.refilled += a - b,
+            (Op::Spend(_) | Op::Drain | Op::Crash | Op::Increment(_) | Op::Refill(_), _, _) => {}
+            _ => self.overwritten = true,
+        }
+    }
+}
+
+async fn run_sequence(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let initial = if rng.random_range(0..10) == 0 {
+        None
+    } else {
+        Some(rng.random_range(0..120))
+    };
+    let mut sim = Sim::new(initial);
+    let len = rng.random_range(10..60);
+    for i in 0..len {
+        let op = random_op(&mut rng);
+        let fault = match rng.random_range(0..12) {
+            0 => Some(Fault::Before(rng.random_range(0..4))),
+            1 => Some(Fault::After(rng.random_range(0..4))),
+            _ => None,
+        };
+        let ctx = format!("seed {seed} step {i} ({op:?}, fault {fault:?})");
+        sim.step(op, fault, &ctx).await;
+    }
+    // Convergence: once traffic stops, the ledger alone holds the exact balance.
+    sim.heal().await;
+    sim.engine.drain_all().await.expect("drain");
+    let state = sim.ledger.inner.state(&sim.key).await.unwrap().unwrap();
+    assert_eq!(
+        state.remaining, sim.balance,
+        "seed {seed}: ledger after the final drain"
+    );
+    assert_eq!(
+        state.hot_allocated, 0,
+        "seed {seed}: nothing left allocated"
+    );
+    // Conservation: what was granted is spent, held, or reported lost (with no set or
+    // decrement in the sequence the books must balance exactly).
+    if let (Some(b), Some(_)) = (sim.balance, initial) {
+        if !sim.overwritten {
+            assert!(
+                sim.spent + b <= sim.granted + sim.refilled,
+                "seed {seed}: credits created"
+            );
+            assert_eq!(
+                sim.spent + b + sim.lost,
+                sim.granted + sim.refilled,
+                "seed {seed}: books"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn model_random_sequences() {
+    let cases: u64 = std::env::var("CREDITGATE_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let (first, count) = match std::env::var("CREDITGATE_MODEL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(seed) => (seed, 1),
+        None => (rand::rng().random::<u64>() >> 1, cases),
+    };
+    println!(
+        "model test: seeds {first}..{} (re-run one with CREDITGATE_MODEL_SEED=<seed>)",
+        first + count
+    );
+    for seed in first..first + count {
+        run_sequence(seed).await;
+    }
+}
+
+/// Many tasks spending concurrently while balances change: never over-spend, and the
+/// final ledger balance is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_spends_with_updates_conserve_credits() {
+    let seed = rand::rng().random::<u64>();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.create_key("k", Some(500), 0);
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig {
+            idle_return: Duration::ZERO,
+            ..EngineConfig::default()
+        },
+    ));
+    let spent = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let (engine, spent) = (engine.clone(), spent.clone());
+        let cost = 1 + t % 3;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..200 {
+                if let Decision::Valid { .. } = engine.spend("k", cost).await.expect("spend") {
+                    spent.fetch_add(cost, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let mut increments = 0;
+    for _ in 0..30 {
+        let v = rng.random_range(0..50);
+        engine
+            .update("k", CreditOp::Increment(v))
+            .await
+            .expect("increment");
+        increments += v;
+        engine.reconcile_once().await.expect("reconcile");
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    engine.drain_all().await.unwrap();
+    let s = ledger.state("k").await.unwrap().unwrap();
+    let spent = spent.load(Ordering::SeqCst);
+    assert!(
+        spent <= 500 + increments,
+        "over-spend: {spent} of {}",
+        500 + increments
+    );
+    assert_eq!(s.remaining, Some(500 + increments - spent), "seed {seed}");
+}
