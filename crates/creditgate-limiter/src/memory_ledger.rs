@@ -246,6 +246,9 @@ impl Ledger for MemoryLedger {
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
         let mut inner = self.lock();
+        if !inner.rows.contains_key(key) {
+            return Err(LedgerError::Other(format!("no ledger row for {key}")));
+        }
         if !inner.transfers.contains_key(transfer_id) {
             let overwritten = inner.set_since(key, drained.generation);
             if let Some(row) = inner.rows.get_mut(key) {
@@ -412,7 +415,7 @@ impl Ledger for MemoryLedger {
                 created_at_ms: t.created_at_ms,
             })
             .collect();
-        out.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms));
+        out.sort_by_key(|a| a.created_at_ms);
         out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(out)
     }
@@ -432,7 +435,7 @@ impl Ledger for MemoryLedger {
             })
             .map(|f| (f.created_at_ms, f.pending.clone()))
             .collect();
-        out.sort_by(|a, b| (a.0, a.1.generation).cmp(&(b.0, b.1.generation)));
+        out.sort_by_key(|a| (a.0, a.1.generation));
         out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(out.into_iter().map(|(_, f)| f).collect())
     }

@@ -1,0 +1,261 @@
+//! Building a node from its configuration and running it until shutdown:
+//! stop accepting → finish in-flight requests → return hot balances → flush analytics.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::{get, post};
+use axum::Router;
+use creditgate_analytics::{Batcher, BatcherConfig, Sink};
+use creditgate_domain::{
+    hash_secret, new_secret, Clock, KeyStore, Permission, PermissionSet, RootKeyId, RootKeyRecord,
+    SystemClock, WorkspaceId,
+};
+use creditgate_limiter::ports::{HotStore, Ledger};
+use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore};
+use creditgate_sql::SqlStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{BackendFailure, ServeConfig};
+use crate::routes::{apis, keys, system, verify};
+use crate::state::{key_cache, root_cache, AppState, NodeSettings};
+use crate::telemetry::{metrics_handle, request_middleware};
+
+/// The workspace the bootstrap root key belongs to.
+pub const DEFAULT_WORKSPACE: &str = "ws_default";
+
+/// A node, built and ready to serve.
+pub struct App {
+    state: AppState,
+    batcher: Batcher,
+    config: ServeConfig,
+    /// A root key generated on first start (print it once).
+    pub generated_root_key: Option<String>,
+}
+
+impl App {
+    /// Opens the stores, bootstraps the root key, starts analytics. `node_id` names the
+    /// node in analytics and metrics.
+    pub async fn build(config: ServeConfig, node_id: String) -> anyhow::Result<App> {
+        let url = config.database_url();
+        if url.starts_with("sqlite:") {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        }
+        let sql = SqlStore::connect(&url)
+            .await
+            .with_context(|| format!("opening the database {}", redact(&url)))?;
+        let store: Arc<dyn KeyStore> = Arc::new(sql.clone());
+        let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
+        let sink: Arc<dyn Sink> = Arc::new(sql);
+        let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let generated_root_key =
+            bootstrap_root_key(&*store, config.root_key.as_deref(), &*clock).await?;
+        let engine = Arc::new(Engine::new(
+            hot,
+            ledger,
+            clock.clone(),
+            EngineConfig {
+                idle_return: Duration::from_millis(config.idle_return_ms),
+                ..EngineConfig::default()
+            },
+        ));
+        let (analytics, batcher) = Batcher::start(sink, BatcherConfig::default());
+        let state = AppState {
+            store,
+            engine,
+            analytics,
+            clock,
+            config: Arc::new(NodeSettings {
+                node_id,
+                region: config.region.clone(),
+                max_body_bytes: config.max_body_bytes,
+                allow_on_backend_failure: config.on_backend_failure == BackendFailure::Allow,
+            }),
+            keys: key_cache(),
+            roots: root_cache(),
+            metrics: metrics_handle(),
+        };
+        Ok(App {
+            state,
+            batcher,
+            config,
+            generated_root_key,
+        })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down in order.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            state,
+            batcher,
+            config,
+            ..
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reconciler = tokio::spawn(state.engine.clone().run_reconciler(
+            Duration::from_millis(config.reconcile_interval_ms),
+            wait_stop(stop_rx.clone()),
+        ));
+        let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone(), wait_stop(stop_rx)));
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, node_id = %state.config.node_id, "creditgate listening");
+        let served = axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        tracing::info!("stopped accepting; in-flight requests finished");
+        let _ = stop_tx.send(true);
+        let _ = reconciler.await;
+        let _ = upkeep.await;
+        let limit = Duration::from_millis(config.shutdown_timeout_ms);
+        match tokio::time::timeout(limit, state.engine.drain_all()).await {
+            Ok(Ok(returned)) => tracing::info!(returned, "hot balances returned to the ledger"),
+            Ok(Err(e)) => tracing::error!(error = %e, "returning hot balances failed"),
+            Err(_) => tracing::error!("returning hot balances timed out"),
+        }
+        let _ = tokio::time::timeout(limit, state.analytics.flush()).await;
+        drop(state);
+        batcher.shutdown(limit).await;
+        tracing::info!("shutdown complete");
+        served.context("serving HTTP")
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{user}:***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn metrics_upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2/apis.createApi", post(apis::create_api))
+        .route("/v2/apis.getApi", post(apis::get_api))
+        .route("/v2/apis.listKeys", post(apis::list_keys))
+        .route("/v2/apis.deleteApi", post(apis::delete_api))
+        .route("/v2/keys.createKey", post(keys::create_key))
+        .route("/v2/keys.getKey", post(keys::get_key))
+        .route("/v2/keys.updateKey", post(keys::update_key))
+        .route("/v2/keys.updateCredits", post(keys::update_credits))
+        .route("/v2/keys.deleteKey", post(keys::delete_key))
+        .route("/v2/keys.whoami", post(keys::whoami))
+        .route("/v2/keys.verifyKey", post(verify::verify_key))
+        .route("/v2/liveness", get(system::liveness))
+        .route("/openapi.json", get(system::openapi))
+        .route("/metrics", get(system::metrics))
+        .fallback(system::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_middleware,
+        ))
+        .with_state(state)
+}
+
+/// Makes sure the configured root key exists; on a first start without one, creates one
+/// and returns its secret (to be printed once).
+async fn bootstrap_root_key(
+    store: &dyn KeyStore,
+    secret: Option<&str>,
+    clock: &dyn Clock,
+) -> anyhow::Result<Option<String>> {
+    let (secret, generated) = match secret {
+        Some(s) if !s.trim().is_empty() => (s.trim().to_owned(), false),
+        Some(_) => anyhow::bail!("CREDITGATE_ROOT_KEY is set but empty"),
+        None if store.has_root_keys().await? => return Ok(None),
+        None => (new_secret(Some("cg_root"), 24), true),
+    };
+    let root = RootKeyRecord {
+        id: RootKeyId::generate(),
+        workspace_id: WorkspaceId::from(DEFAULT_WORKSPACE),
+        hash: hash_secret(&secret),
+        name: Some("bootstrap".into()),
+        permissions: PermissionSet(Permission::all()),
+        created_at: clock.now_ms(),
+    };
+    store.ensure_root_key(&root).await?;
+    Ok(generated.then_some(secret))
+}
+
+/// Creates a root key with the given permissions in `workspace`; returns its secret.
+pub async fn create_root_key(
+    config: &ServeConfig,
+    workspace: &str,
+    permissions: Vec<Permission>,
+    name: Option<String>,
+) -> anyhow::Result<String> {
+    let url = config.database_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)?;
+    }
+    let store = SqlStore::connect(&url).await?;
+    let secret = new_secret(Some("cg_root"), 24);
+    let root = RootKeyRecord {
+        id: RootKeyId::generate(),
+        workspace_id: WorkspaceId::from(workspace),
+        hash: hash_secret(&secret),
+        name,
+        permissions: PermissionSet(permissions),
+        created_at: SystemClock.now_ms(),
+    };
+    store.insert_root_key(&root).await?;
+    Ok(secret)
+}
+
+/// Builds and serves a node on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node_id = config.node_id.clone().unwrap_or_else(|| {
+        format!(
+            "node-{}",
+            listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        )
+    });
+    let app = App::build(config, node_id).await?;
+    if let Some(secret) = &app.generated_root_key {
+        println!("Generated a root key (shown once, store it now): {secret}");
+    }
+    app.serve(listener, shutdown).await
+}

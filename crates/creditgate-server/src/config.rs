@@ -1,0 +1,109 @@
+//! Configuration of one node: every field is a `creditgate serve` flag and a
+//! `CREDITGATE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// How a node answers when neither the hot store nor the ledger can decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendFailure {
+    /// Fail closed: HTTP 503, nothing spent.
+    Deny,
+    /// Fail open: answer VALID (no credits spent, no `credits` field).
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// `creditgate serve` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "CREDITGATE_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded default (SQLite file `creditgate.db`).
+    #[arg(long, env = "CREDITGATE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Ledger and key store: `sqlite:<path>` or `postgres://…`. Default: SQLite in the
+    /// data dir.
+    #[arg(long, env = "CREDITGATE_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Name of this node in analytics and metrics. Default: `node-<port>`.
+    #[arg(long, env = "CREDITGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Region recorded with every verification.
+    #[arg(long, env = "CREDITGATE_REGION", default_value = "local")]
+    pub region: String,
+
+    /// Makes sure a workspace and a root key with this secret (every permission) exist.
+    #[arg(long, env = "CREDITGATE_ROOT_KEY", hide_env_values = true)]
+    pub root_key: Option<String>,
+
+    /// Log output format.
+    #[arg(
+        long,
+        env = "CREDITGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+
+    /// What to answer when the backends cannot decide a verification.
+    #[arg(
+        long,
+        env = "CREDITGATE_ON_BACKEND_FAILURE",
+        value_enum,
+        default_value = "deny"
+    )]
+    pub on_backend_failure: BackendFailure,
+
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, env = "CREDITGATE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// A key idle this long returns its hot balance to the ledger, in milliseconds.
+    #[arg(long, env = "CREDITGATE_IDLE_RETURN_MS", default_value_t = 2000)]
+    pub idle_return_ms: u64,
+
+    /// How often the reconciler runs, in milliseconds.
+    #[arg(long, env = "CREDITGATE_RECONCILE_INTERVAL_MS", default_value_t = 500)]
+    pub reconcile_interval_ms: u64,
+
+    /// Upper bound on the graceful shutdown, in milliseconds.
+    #[arg(long, env = "CREDITGATE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl ServeConfig {
+    /// A configuration for tests and tools: everything default, data in `data_dir`.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            database_url: None,
+            node_id: None,
+            region: "local".into(),
+            root_key: None,
+            log_format: LogFormat::Pretty,
+            on_backend_failure: BackendFailure::Deny,
+            max_body_bytes: 256 * 1024,
+            idle_return_ms: 2000,
+            reconcile_interval_ms: 500,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("creditgate.db").display()))
+    }
+}

@@ -1,0 +1,198 @@
+//! The API error: one enum, one table mapping each variant to its HTTP status, title and
+//! `type`, and the one `IntoResponse` that renders Unkey's error envelope. 5xx bodies say
+//! nothing internal; their cause is logged once here.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::context::RequestId;
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    /// Where: `body.credits.cost`, `header.Authorization`, …
+    pub location: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl FieldError {
+    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            location: location.into(),
+            message: message.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    BadRequest {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{detail}")]
+    NotFound { kind: NotFoundKind, detail: String },
+    #[error("the request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotFoundKind {
+    Key,
+    Api,
+    Route,
+}
+
+impl ApiError {
+    pub fn field(location: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        let e = FieldError::new(location, message).fix(fix);
+        ApiError::BadRequest {
+            detail: format!("{}: {}", e.location, e.message),
+            errors: vec![e],
+        }
+    }
+
+    pub fn key_not_found() -> Self {
+        ApiError::NotFound {
+            kind: NotFoundKind::Key,
+            detail: "The requested key does not exist or has been deleted.".into(),
+        }
+    }
+
+    pub fn api_not_found() -> Self {
+        ApiError::NotFound {
+            kind: NotFoundKind::Api,
+            detail: "The requested API does not exist or has been deleted.".into(),
+        }
+    }
+
+    /// (status, title, type) — the one table.
+    fn table(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::BadRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "https://unkey.com/docs/errors/unkey/application/invalid_input",
+            ),
+            ApiError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "https://unkey.com/docs/errors/unkey/authentication/key_not_found",
+            ),
+            ApiError::Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "https://unkey.com/docs/errors/unkey/authorization/insufficient_permissions",
+            ),
+            ApiError::NotFound { kind, .. } => (
+                StatusCode::NOT_FOUND,
+                "Not Found",
+                match kind {
+                    NotFoundKind::Key => "https://unkey.com/docs/errors/unkey/data/key_not_found",
+                    NotFoundKind::Api => "https://unkey.com/docs/errors/unkey/data/api_not_found",
+                    NotFoundKind::Route => {
+                        "https://unkey.com/docs/errors/unkey/application/route_not_found"
+                    }
+                },
+            ),
+            ApiError::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload Too Large",
+                "https://unkey.com/docs/errors/unkey/application/request_too_large",
+            ),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "https://unkey.com/docs/errors/unkey/application/service_unavailable",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error",
+                "https://unkey.com/docs/errors/unkey/application/unexpected_error",
+            ),
+        }
+    }
+
+    /// Renders the envelope for a request id.
+    pub fn into_response_with(self, request_id: &str) -> Response {
+        let (status, title, kind) = self.table();
+        let detail = match &self {
+            ApiError::Internal(cause) => {
+                tracing::error!(request_id, cause = %cause, "internal error");
+                "Something went wrong on our side; the request changed nothing it reported."
+                    .to_owned()
+            }
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(request_id, cause = %cause, "backend unavailable");
+                "A storage backend is unavailable; nothing was spent. Retry shortly.".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let errors = match self {
+            ApiError::BadRequest { errors, .. } => Some(errors),
+            _ => None,
+        };
+        let body = ErrorEnvelope {
+            meta: crate::wire::Meta {
+                request_id: request_id.to_owned(),
+            },
+            error: ErrorBody {
+                title,
+                detail,
+                status: status.as_u16(),
+                kind,
+                errors,
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// The error envelope.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorEnvelope {
+    pub meta: crate::wire::Meta,
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub title: &'static str,
+    pub detail: String,
+    pub status: u16,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Present on 400 responses: one entry per invalid field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_response_with(&RequestId::current())
+    }
+}

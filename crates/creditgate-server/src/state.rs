@@ -1,0 +1,107 @@
+//! Shared state of the handlers, built once at startup: the ports picked from config.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use creditgate_analytics::Analytics;
+use creditgate_domain::{Clock, KeyRecord, KeyStore, RootKeyRecord};
+use creditgate_limiter::Engine;
+use moka::future::Cache;
+
+use crate::error::ApiError;
+
+/// Read-only node settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub node_id: String,
+    pub region: String,
+    pub max_body_bytes: usize,
+    pub allow_on_backend_failure: bool,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn KeyStore>,
+    pub engine: Arc<Engine>,
+    pub analytics: Analytics,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<NodeSettings>,
+    /// Live keys by secret hash.
+    pub keys: Cache<String, Arc<KeyRecord>>,
+    /// Root keys by secret hash.
+    pub roots: Cache<String, Arc<RootKeyRecord>>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// Entries live this long in the key caches; writes on this node invalidate at once.
+pub const CACHE_TTL: Duration = Duration::from_secs(10);
+
+pub fn key_cache() -> Cache<String, Arc<KeyRecord>> {
+    Cache::builder()
+        .max_capacity(1_000_000)
+        .time_to_live(CACHE_TTL)
+        .build()
+}
+
+pub fn root_cache() -> Cache<String, Arc<RootKeyRecord>> {
+    Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(CACHE_TTL)
+        .build()
+}
+
+impl AppState {
+    /// A live key by the hash of its secret, through the cache.
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<Arc<KeyRecord>>, ApiError> {
+        if let Some(k) = self.keys.get(hash).await {
+            return Ok(Some(k));
+        }
+        let found = self.store.key_by_hash(hash).await.map_err(store_error)?;
+        Ok(match found {
+            Some(k) => {
+                let k = Arc::new(k);
+                self.keys.insert(hash.to_owned(), k.clone()).await;
+                Some(k)
+            }
+            None => None,
+        })
+    }
+
+    /// Forgets a key everywhere this node caches it.
+    pub async fn invalidate_key(&self, hash: &str) {
+        self.keys.invalidate(hash).await;
+    }
+}
+
+pub fn store_error(e: creditgate_domain::StoreError) -> ApiError {
+    use creditgate_domain::StoreError;
+    match e {
+        StoreError::Unavailable(s) => ApiError::Unavailable(s),
+        StoreError::Conflict(s) => ApiError::BadRequest {
+            detail: format!("conflict: {s}"),
+            errors: vec![],
+        },
+        StoreError::Backend(s) => ApiError::Internal(s),
+    }
+}
+
+pub fn engine_error(e: creditgate_limiter::EngineError) -> ApiError {
+    use creditgate_limiter::EngineError;
+    match e {
+        EngineError::Unavailable(s) | EngineError::Ambiguous(s) | EngineError::Busy(s) => {
+            ApiError::Unavailable(s)
+        }
+        EngineError::NotFound => ApiError::key_not_found(),
+        EngineError::Overflow { max } => ApiError::field(
+            "body.value",
+            format!("the balance would exceed the maximum of {max} credits"),
+            "use a smaller increment",
+        ),
+        EngineError::Unlimited => ApiError::field(
+            "body.keyId",
+            "the key has unlimited credits",
+            "use operation 'set' with a value to give it a balance first",
+        ),
+        EngineError::Internal(s) => ApiError::Internal(s),
+    }
+}

@@ -1,0 +1,101 @@
+//! Telemetry: Prometheus metric names in one place, the global recorder, and the request
+//! middleware that opens the request context, times the request, counts it, and emits
+//! its analytics row.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use creditgate_analytics::RequestEvent;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::context::RequestContext;
+use crate::state::AppState;
+
+/// Metric names of the server (the engine's are in `creditgate_limiter::metrics`).
+pub mod names {
+    pub const HTTP_REQUESTS: &str = "creditgate_http_requests_total";
+    pub const HTTP_SECONDS: &str = "creditgate_http_request_duration_seconds";
+    pub const VERIFICATIONS: &str = "creditgate_verifications_total";
+    pub const VERIFY_SECONDS: &str = "creditgate_verification_duration_seconds";
+    pub const FAIL_OPEN: &str = "creditgate_verifications_fail_open_total";
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ];
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets(&buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Known routes, the label values of the HTTP metrics (anything else is `other`).
+const ROUTES: &[&str] = &[
+    "/v2/apis.createApi",
+    "/v2/apis.getApi",
+    "/v2/apis.listKeys",
+    "/v2/apis.deleteApi",
+    "/v2/keys.createKey",
+    "/v2/keys.getKey",
+    "/v2/keys.updateKey",
+    "/v2/keys.updateCredits",
+    "/v2/keys.deleteKey",
+    "/v2/keys.verifyKey",
+    "/v2/keys.whoami",
+    "/v2/liveness",
+    "/openapi.json",
+    "/metrics",
+];
+
+pub async fn request_middleware(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let ctx = RequestContext::new();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let response = ctx.clone().scope(next.run(req)).await;
+    let status = response.status().as_u16();
+    let route = ROUTES
+        .iter()
+        .copied()
+        .find(|r| *r == path)
+        .unwrap_or("other");
+    let status_label = status.to_string();
+    metrics::counter!(names::HTTP_REQUESTS, "route" => route, "status" => status_label)
+        .increment(1);
+    metrics::histogram!(names::HTTP_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    if route != "/metrics" {
+        state.analytics.request(RequestEvent {
+            request_id: ctx.request_id.0.clone(),
+            time: state.clock.now_ms(),
+            workspace_id: ctx.workspace().unwrap_or_default().to_owned(),
+            method,
+            path,
+            status,
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            node_id: state.config.node_id.clone(),
+        });
+    }
+    response
+}

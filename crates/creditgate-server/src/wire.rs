@@ -1,0 +1,320 @@
+//! Wire types of the Unkey-v2-compatible API. The handlers use these very types and the
+//! OpenAPI document is generated from them. Requests reject unknown fields; responses
+//! omit absent optional fields (the official SDK rejects `null` for them).
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+/// `meta` of every response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub request_id: String,
+}
+
+/// The success envelope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Envelope<T> {
+    pub meta: Meta,
+    pub data: T,
+}
+
+/// The success envelope of `apis.listKeys`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PagedEnvelope<T> {
+    pub meta: Meta,
+    pub data: Vec<T>,
+    pub pagination: Pagination,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pagination {
+    pub has_more: bool,
+    /// Omitted on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `{}`
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Empty {}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+// ---- apis ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateApiRequest {
+    /// 3..=255 characters: a letter, then letters, digits, `.`, `_` or `-`.
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateApiData {
+    pub api_id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiIdRequest {
+    pub api_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GetApiData {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListKeysRequest {
+    pub api_id: String,
+    /// 1..=100, default 100.
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+    pub external_id: Option<String>,
+    /// Must be `false`: creditgate stores only hashes.
+    pub decrypt: Option<bool>,
+    /// Accepted and ignored: every listing reads the store.
+    pub revalidate_keys_cache: Option<bool>,
+}
+
+// ---- keys ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RefillWire {
+    /// `daily` or `monthly`.
+    pub interval: String,
+    /// The balance is set to this when below it, once per period (>= 1).
+    pub amount: i64,
+    /// Day of month (1..=31) for monthly refills; the last day of shorter months.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill_day: Option<i64>,
+}
+
+/// Credits of a key: `remaining = null` is unlimited.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreditsWire {
+    #[serde(deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>)]
+    pub remaining: Option<Option<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RefillWire>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateKeyRequest {
+    pub api_id: String,
+    /// 1..=16 characters of `[a-zA-Z0-9_]`; the key becomes `<prefix>_<random>`.
+    pub prefix: Option<String>,
+    pub name: Option<String>,
+    /// Random bytes in the key, 16..=255 (default 16).
+    pub byte_length: Option<i64>,
+    pub external_id: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    /// Unix milliseconds after which the key is `EXPIRED`.
+    pub expires: Option<i64>,
+    pub enabled: Option<bool>,
+    pub credits: Option<CreditsWire>,
+    /// Must be `false`: creditgate stores only hashes.
+    pub recoverable: Option<bool>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub roles: Option<Vec<Value>>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub permissions: Option<Vec<Value>>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ratelimits: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateKeyData {
+    pub key_id: String,
+    /// The secret: returned once, stored only as a SHA-256 hash.
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetKeyRequest {
+    pub key_id: String,
+    /// Must be `false`.
+    pub decrypt: Option<bool>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyCreditsData {
+    /// `null` = unlimited.
+    pub remaining: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RefillWire>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyData {
+    pub key_id: String,
+    pub start: String,
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<KeyCreditsData>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityData>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityData {
+    pub id: String,
+    pub external_id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateKeyRequest {
+    pub key_id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub external_id: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Option<Map<String, Value>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>)]
+    pub expires: Option<Option<i64>>,
+    /// `null` makes the key unlimited; `remaining` sets the balance; `refill` replaces
+    /// the schedule (`null` removes it).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<UpdateCreditsWire>)]
+    pub credits: Option<Option<UpdateCreditsWire>>,
+    pub enabled: Option<bool>,
+    #[schema(value_type = Option<Vec<String>>)]
+    pub roles: Option<Vec<Value>>,
+    #[schema(value_type = Option<Vec<String>>)]
+    pub permissions: Option<Vec<Value>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ratelimits: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateCreditsWire {
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>)]
+    pub remaining: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<RefillWire>)]
+    pub refill: Option<Option<RefillWire>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateCreditsRequest {
+    pub key_id: String,
+    /// `set`, `increment` or `decrement`.
+    pub operation: String,
+    /// Required for increment/decrement; `null` (or absent) with `set` = unlimited.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>)]
+    pub value: Option<Option<i64>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeleteKeyRequest {
+    pub key_id: String,
+    /// Accepted; keys are always soft-deleted (their analytics stay meaningful).
+    pub permanent: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VerifyCreditsWire {
+    /// Credits this verification spends: 0..=10^12 (default 1).
+    pub cost: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VerifyKeyRequest {
+    /// The secret to verify (1..=512 characters).
+    pub key: String,
+    pub credits: Option<VerifyCreditsWire>,
+    /// Up to 20 tags of 1..=128 characters, stored with the analytics row.
+    pub tags: Option<Vec<String>>,
+    /// Not supported (only absent or empty is accepted).
+    pub permissions: Option<String>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ratelimits: Option<Vec<Value>>,
+    /// Not supported.
+    pub migration_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyKeyData {
+    pub valid: bool,
+    /// VALID, NOT_FOUND, DISABLED, EXPIRED, USAGE_EXCEEDED, …
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
+    /// Exact remaining balance after this decision; omitted for unlimited keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityData>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WhoamiRequest {
+    pub key: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LivenessData {
+    pub message: String,
+}

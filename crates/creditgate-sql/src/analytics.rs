@@ -1,0 +1,148 @@
+//! The analytics [`Sink`] on SQL: a batch lands in `key_verifications` and
+//! `api_requests` in one transaction (all or nothing), as multi-row `INSERT`s of at
+//! most [`ROWS_PER_INSERT`] rows, which keeps every statement far below SQLite's limit
+//! of 32766 bound parameters (and Postgres's 65535).
+
+use async_trait::async_trait;
+use creditgate_analytics::{Batch, RequestEvent, Sink, SinkError, VerificationEvent};
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::Any;
+
+use crate::error::sink_error;
+use crate::SqlStore;
+
+/// Rows per `INSERT` statement: 13 columns × 500 = 6500 parameters.
+pub(crate) const ROWS_PER_INSERT: usize = 500;
+
+const VERIFICATION_COLUMNS: &[&str] = &[
+    "request_id",
+    "time",
+    "workspace_id",
+    "api_id",
+    "key_id",
+    "node_id",
+    "region",
+    "outcome",
+    "cost",
+    "spent_credits",
+    "remaining",
+    "latency_us",
+    "tags",
+];
+
+const REQUEST_COLUMNS: &[&str] = &[
+    "request_id",
+    "time",
+    "workspace_id",
+    "method",
+    "path",
+    "status",
+    "latency_us",
+    "node_id",
+];
+
+/// `INSERT INTO table (cols) VALUES ($1, …), (…)` for `rows` rows.
+fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
+    let mut n = 0usize;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..columns.len() {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Counters are `u64` in events and `BIGINT` in tables; a value past `i64::MAX` is
+/// nonsense for a latency or a cost and is stored as `i64::MAX` rather than failing
+/// the whole batch.
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn bind_verification<'q>(
+    q: Query<'q, Any, AnyArguments<'q>>,
+    e: &'q VerificationEvent,
+) -> Result<Query<'q, Any, AnyArguments<'q>>, SinkError> {
+    let tags = serde_json::to_string(&e.tags).map_err(|e| SinkError(e.to_string()))?;
+    Ok(q.bind(e.request_id.as_str())
+        .bind(e.time)
+        .bind(e.workspace_id.as_str())
+        .bind(e.api_id.as_str())
+        .bind(e.key_id.as_str())
+        .bind(e.node_id.as_str())
+        .bind(e.region.as_str())
+        .bind(e.outcome.as_str())
+        .bind(clamp(e.cost))
+        .bind(clamp(e.spent_credits))
+        .bind(e.remaining.map(clamp))
+        .bind(clamp(e.latency_us))
+        .bind(tags))
+}
+
+fn bind_request<'q>(
+    q: Query<'q, Any, AnyArguments<'q>>,
+    e: &'q RequestEvent,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    q.bind(e.request_id.as_str())
+        .bind(e.time)
+        .bind(e.workspace_id.as_str())
+        .bind(e.method.as_str())
+        .bind(e.path.as_str())
+        .bind(i64::from(e.status))
+        .bind(clamp(e.latency_us))
+        .bind(e.node_id.as_str())
+}
+
+#[async_trait]
+impl Sink for SqlStore {
+    async fn write(&self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await.map_err(sink_error)?;
+        for chunk in batch.verifications.chunks(ROWS_PER_INSERT) {
+            let sql = insert_sql("key_verifications", VERIFICATION_COLUMNS, chunk.len());
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = bind_verification(q, e)?;
+            }
+            q.execute(&mut *tx).await.map_err(sink_error)?;
+        }
+        for chunk in batch.requests.chunks(ROWS_PER_INSERT) {
+            let sql = insert_sql("api_requests", REQUEST_COLUMNS, chunk.len());
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = bind_request(q, e);
+            }
+            q.execute(&mut *tx).await.map_err(sink_error)?;
+        }
+        tx.commit().await.map_err(sink_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_sql_numbers_every_placeholder() {
+        assert_eq!(
+            insert_sql("t", &["a", "b"], 2),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)"
+        );
+        let params = VERIFICATION_COLUMNS.len() * ROWS_PER_INSERT;
+        assert!(params < 32_766);
+    }
+}

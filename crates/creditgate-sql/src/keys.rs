@@ -1,0 +1,489 @@
+//! The [`KeyStore`] port on SQL: workspaces, root keys, APIs and keys.
+//!
+//! A key is *live* when neither it nor its API is soft-deleted; every read of keys
+//! goes through that filter. Creating a key also writes its ledger columns
+//! (`remaining`, `hot_allocated`, `generation`, `version`), which from then on belong
+//! to the [`Ledger`](creditgate_limiter::ports::Ledger) implementation in `ledger.rs`.
+
+use async_trait::async_trait;
+use creditgate_domain::store::KeyPage;
+use creditgate_domain::{
+    ApiId, ApiRecord, Credits, KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission,
+    PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+};
+use serde_json::{Map, Value};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, Row};
+
+use crate::error::store_error;
+use crate::SqlStore;
+
+/// `SELECT` of live keys (`k`) joined with their API (`a`), followed by `$where`.
+macro_rules! live_keys_where {
+    ($where:literal) => {
+        concat!(
+            "SELECT k.id, k.workspace_id, k.api_id, k.hash, k.start, k.name, k.external_id, ",
+            "k.meta, k.created_at, k.updated_at, k.expires, k.enabled, k.remaining, ",
+            "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at ",
+            "FROM keys k JOIN apis a ON a.id = k.api_id ",
+            "WHERE k.deleted_at IS NULL AND a.deleted_at IS NULL AND ",
+            $where
+        )
+    };
+}
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("corrupt {what} in the database: {detail}"))
+}
+
+fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
+    let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
+    let get_opt_text = |c: &str| row.try_get::<Option<String>, _>(c).map_err(store_error);
+    let get_opt_int = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(store_error);
+
+    let meta = match get_opt_text("meta")? {
+        Some(text) => Some(
+            serde_json::from_str::<Map<String, Value>>(&text).map_err(|e| corrupt("meta", e))?,
+        ),
+        None => None,
+    };
+    let refill = match get_opt_text("refill_interval")? {
+        Some(interval) => {
+            let interval = RefillInterval::parse(&interval)
+                .ok_or_else(|| corrupt("refill_interval", &interval))?;
+            let amount =
+                get_opt_int("refill_amount")?.ok_or_else(|| corrupt("refill_amount", "NULL"))?;
+            let amount = Credits::from_i64(amount).map_err(|e| corrupt("refill_amount", e))?;
+            let day = get_opt_int("refill_day")?;
+            Some(Refill::new(interval, amount, day).map_err(|e| corrupt("refill", e))?)
+        }
+        None => None,
+    };
+    Ok(KeyRecord {
+        id: KeyId(get_text("id")?),
+        workspace_id: WorkspaceId(get_text("workspace_id")?),
+        api_id: ApiId(get_text("api_id")?),
+        hash: get_text("hash")?,
+        start: get_text("start")?,
+        name: get_opt_text("name")?,
+        external_id: get_opt_text("external_id")?,
+        meta,
+        created_at: row.try_get::<i64, _>("created_at").map_err(store_error)?,
+        updated_at: get_opt_int("updated_at")?,
+        expires: get_opt_int("expires")?,
+        enabled: row.try_get::<i64, _>("enabled").map_err(store_error)? != 0,
+        limited: get_opt_int("remaining")?.is_some(),
+        refill,
+        last_refill_at: get_opt_int("last_refill_at")?,
+    })
+}
+
+fn api_from_row(row: &AnyRow) -> Result<ApiRecord, StoreError> {
+    Ok(ApiRecord {
+        id: ApiId(row.try_get("id").map_err(store_error)?),
+        workspace_id: WorkspaceId(row.try_get("workspace_id").map_err(store_error)?),
+        name: row.try_get("name").map_err(store_error)?,
+        created_at: row.try_get("created_at").map_err(store_error)?,
+    })
+}
+
+fn root_key_from_row(row: &AnyRow) -> Result<RootKeyRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(store_error)?;
+    let text: String = row.try_get("permissions").map_err(store_error)?;
+    let strings: Vec<String> =
+        serde_json::from_str(&text).map_err(|e| corrupt("root key permissions", e))?;
+    // Permissions this version does not know grant nothing (least privilege), but are
+    // worth a warning: they were written by something else.
+    let permissions = strings
+        .iter()
+        .filter_map(|s| match Permission::parse(s) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                tracing::warn!(root_key_id = %id, permission = %s, "unknown permission ignored");
+                None
+            }
+        })
+        .collect();
+    Ok(RootKeyRecord {
+        id: RootKeyId(id),
+        workspace_id: WorkspaceId(row.try_get("workspace_id").map_err(store_error)?),
+        hash: row.try_get("hash").map_err(store_error)?,
+        name: row.try_get("name").map_err(store_error)?,
+        permissions: PermissionSet(permissions),
+        created_at: row.try_get("created_at").map_err(store_error)?,
+    })
+}
+
+fn permissions_json(set: &PermissionSet) -> Result<String, StoreError> {
+    let strings: Vec<String> = set.0.iter().map(ToString::to_string).collect();
+    serde_json::to_string(&strings).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn meta_json(meta: Option<&Map<String, Value>>) -> Result<Option<String>, StoreError> {
+    meta.map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+/// The three refill columns of a refill configuration.
+fn refill_columns(refill: Option<&Refill>) -> (Option<String>, Option<i64>, Option<i64>) {
+    match refill {
+        Some(r) => (
+            Some(r.interval.as_str().to_owned()),
+            Some(r.amount.as_i64()),
+            r.refill_day.map(i64::from),
+        ),
+        None => (None, None, None),
+    }
+}
+
+/// A value bound to a dynamically built statement.
+enum Bind {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+fn bind_all<'q>(
+    mut query: Query<'q, Any, AnyArguments<'q>>,
+    binds: Vec<Bind>,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    for b in binds {
+        query = match b {
+            Bind::Text(v) => query.bind(v),
+            Bind::Int(v) => query.bind(v),
+        };
+    }
+    query
+}
+
+/// The `SET` list and values of a patch; placeholders start at `$3` (`$1` is the key
+/// id, `$2` the time of the update).
+fn patch_assignments(patch: &KeyPatch) -> Result<(Vec<String>, Vec<Bind>), StoreError> {
+    let mut sets: Vec<String> = vec!["updated_at = $2".to_owned()];
+    let mut binds = Vec::new();
+    let mut push = |sets: &mut Vec<String>, column: &str, value: Bind| {
+        binds.push(value);
+        sets.push(format!("{column} = ${}", binds.len() + 2));
+    };
+    if let Some(name) = &patch.name {
+        push(&mut sets, "name", Bind::Text(name.clone()));
+    }
+    if let Some(external_id) = &patch.external_id {
+        push(&mut sets, "external_id", Bind::Text(external_id.clone()));
+    }
+    if let Some(meta) = &patch.meta {
+        push(&mut sets, "meta", Bind::Text(meta_json(meta.as_ref())?));
+    }
+    if let Some(expires) = patch.expires {
+        push(&mut sets, "expires", Bind::Int(expires));
+    }
+    if let Some(enabled) = patch.enabled {
+        push(&mut sets, "enabled", Bind::Int(Some(i64::from(enabled))));
+    }
+    if let Some(refill) = &patch.refill {
+        let (interval, amount, day) = refill_columns(refill.as_ref());
+        push(&mut sets, "refill_interval", Bind::Text(interval));
+        push(&mut sets, "refill_amount", Bind::Int(amount));
+        push(&mut sets, "refill_day", Bind::Int(day));
+        if refill.is_some() {
+            // A key that never had a refill time starts its calendar now.
+            sets.push("last_refill_at = COALESCE(last_refill_at, $2)".to_owned());
+        }
+    }
+    Ok((sets, binds))
+}
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    async fn ensure_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError> {
+        let permissions = permissions_json(&root.permissions)?;
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, NULL, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(root.workspace_id.as_str())
+        .bind(root.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        sqlx::query(
+            "INSERT INTO root_keys (id, workspace_id, hash, name, permissions, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(root.id.as_str())
+        .bind(root.workspace_id.as_str())
+        .bind(root.hash.as_str())
+        .bind(root.name.as_deref())
+        .bind(permissions)
+        .bind(root.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn insert_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError> {
+        let permissions = permissions_json(&root.permissions)?;
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        // Workspaces have no API of their own: a root key brings its workspace along.
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, NULL, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(root.workspace_id.as_str())
+        .bind(root.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        sqlx::query(
+            "INSERT INTO root_keys (id, workspace_id, hash, name, permissions, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(root.id.as_str())
+        .bind(root.workspace_id.as_str())
+        .bind(root.hash.as_str())
+        .bind(root.name.as_deref())
+        .bind(permissions)
+        .bind(root.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn root_key_by_hash(&self, hash: &str) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, workspace_id, hash, name, permissions, created_at FROM root_keys \
+             WHERE hash = $1 AND deleted_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(root_key_from_row).transpose()
+    }
+
+    async fn has_root_keys(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT id FROM root_keys WHERE deleted_at IS NULL LIMIT 1")
+            .fetch_optional(&self.read)
+            .await
+            .map_err(store_error)?;
+        Ok(row.is_some())
+    }
+
+    async fn create_api(&self, api: &ApiRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO apis (id, workspace_id, name, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(api.id.as_str())
+        .bind(api.workspace_id.as_str())
+        .bind(api.name.as_str())
+        .bind(api.created_at)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn get_api(
+        &self,
+        workspace: &WorkspaceId,
+        id: &ApiId,
+    ) -> Result<Option<ApiRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, workspace_id, name, created_at FROM apis \
+             WHERE id = $1 AND workspace_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(workspace.as_str())
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(api_from_row).transpose()
+    }
+
+    async fn delete_api(&self, workspace: &WorkspaceId, id: &ApiId) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        let deleted = sqlx::query(
+            "UPDATE apis SET deleted_at = $3 \
+             WHERE id = $1 AND workspace_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(workspace.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if deleted == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE keys SET deleted_at = $2, updated_at = $2 \
+             WHERE api_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
+    async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
+        let r = &key.record;
+        let (interval, amount, day) = refill_columns(r.refill.as_ref());
+        sqlx::query(
+            "INSERT INTO keys (id, workspace_id, api_id, hash, start, name, external_id, meta, \
+             created_at, updated_at, expires, enabled, remaining, hot_allocated, generation, \
+             version, refill_interval, refill_amount, refill_day, last_refill_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, 0, \
+             $14, $15, $16, $17)",
+        )
+        .bind(r.id.as_str())
+        .bind(r.workspace_id.as_str())
+        .bind(r.api_id.as_str())
+        .bind(r.hash.as_str())
+        .bind(r.start.as_str())
+        .bind(r.name.as_deref())
+        .bind(r.external_id.as_deref())
+        .bind(meta_json(r.meta.as_ref())?)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .bind(r.expires)
+        .bind(i64::from(r.enabled))
+        .bind(key.remaining.map(Credits::as_i64))
+        .bind(interval)
+        .bind(amount)
+        .bind(day)
+        .bind(r.last_refill_at)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(live_keys_where!("k.hash = $1"))
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(store_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(live_keys_where!("k.id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(store_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    /// Keys ordered by id; the cursor is the last id of the page. A `limit` of 0 is
+    /// treated as 1.
+    async fn list_keys(
+        &self,
+        api: &ApiId,
+        limit: u32,
+        cursor: Option<&str>,
+        external_id: Option<&str>,
+    ) -> Result<KeyPage, StoreError> {
+        let limit = limit.max(1);
+        let rows = sqlx::query(live_keys_where!(
+            "k.api_id = $1 AND k.id > $2 AND ($3 IS NULL OR k.external_id = $3) \
+             ORDER BY k.id LIMIT $4"
+        ))
+        .bind(api.as_str())
+        .bind(cursor.unwrap_or(""))
+        .bind(external_id)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = rows.len() > page_len;
+        let keys = rows
+            .iter()
+            .take(page_len)
+            .map(key_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let cursor = if more {
+            keys.last().map(|k| k.id.0.clone())
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, cursor })
+    }
+
+    async fn update_key(
+        &self,
+        id: &KeyId,
+        patch: &KeyPatch,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        if patch.is_empty() {
+            return self.key_by_id(id).await;
+        }
+        let (sets, binds) = patch_assignments(patch)?;
+        let sql = format!(
+            "UPDATE keys SET {} WHERE id = $1 AND deleted_at IS NULL \
+             AND api_id IN (SELECT id FROM apis WHERE deleted_at IS NULL)",
+            sets.join(", ")
+        );
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        let query = sqlx::query(&sql).bind(id.as_str()).bind(now_ms);
+        let updated = bind_all(query, binds)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+        if updated == 0 {
+            return Ok(None);
+        }
+        let row = sqlx::query(live_keys_where!("k.id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let key = row.as_ref().map(key_from_row).transpose()?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(key)
+    }
+
+    async fn delete_key(&self, id: &KeyId, now_ms: i64) -> Result<bool, StoreError> {
+        let deleted = sqlx::query(
+            "UPDATE keys SET deleted_at = $2, updated_at = $2 \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(now_ms)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(deleted > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_placeholders_follow_id_and_time() {
+        let patch = KeyPatch {
+            name: Some(None),
+            enabled: Some(false),
+            ..KeyPatch::default()
+        };
+        let (sets, binds) = patch_assignments(&patch).unwrap();
+        assert_eq!(sets, ["updated_at = $2", "name = $3", "enabled = $4"]);
+        assert_eq!(binds.len(), 2);
+    }
+}

@@ -1,0 +1,221 @@
+// SDK compatibility check: drives a creditgate server with the official
+// @unkey/api v2 SDK and asserts the responses parse and behave like Unkey.
+//
+// Usage:
+//   CREDITGATE_URL=http://127.0.0.1:7070 CREDITGATE_ROOT_KEY=... node compat.mjs
+//
+// Exits 0 on success, 1 on any failed step, 2 on bad configuration.
+
+import { Unkey } from "@unkey/api";
+import { UnkeyError, ResponseValidationError, SDKValidationError } from "@unkey/api/models/errors";
+
+const serverURL = process.env.CREDITGATE_URL;
+const rootKey = process.env.CREDITGATE_ROOT_KEY;
+if (!serverURL || !rootKey) {
+  console.error("error: CREDITGATE_URL and CREDITGATE_ROOT_KEY must be set");
+  process.exit(2);
+}
+
+const unkey = new Unkey({
+  rootKey,
+  serverURL,
+  // Fail fast: the SDK's default retries 5xx / connection errors for ~10s.
+  retryConfig: { strategy: "none" },
+  timeoutMs: 15_000,
+});
+
+class AssertionFailed extends Error {}
+
+function assert(cond, message) {
+  if (!cond) throw new AssertionFailed(message);
+}
+
+function assertEq(actual, expected, what) {
+  assert(
+    actual === expected,
+    `${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`,
+  );
+}
+
+function assertMeta(res, op) {
+  assert(res && typeof res === "object", `${op}: no response envelope`);
+  assert(
+    typeof res.meta?.requestId === "string" && res.meta.requestId.length > 0,
+    `${op}: meta.requestId missing or empty`,
+  );
+}
+
+function describeError(err) {
+  const lines = [];
+  lines.push(`${err?.name ?? "Error"}: ${err?.message ?? String(err)}`);
+  if (err instanceof UnkeyError) {
+    lines.push(`  HTTP status: ${err.statusCode}`);
+    lines.push(`  content-type: ${err.contentType}`);
+    lines.push(`  body: ${err.body}`);
+  }
+  if (err instanceof ResponseValidationError || err instanceof SDKValidationError) {
+    try {
+      lines.push(`  validation: ${err.pretty()}`);
+    } catch {
+      /* ignore */
+    }
+    lines.push(`  raw value: ${safeJson(err.rawValue)}`);
+  }
+  if (err?.cause && !(err instanceof ResponseValidationError)) {
+    lines.push(`  cause: ${err.cause?.message ?? String(err.cause)}`);
+  }
+  return lines.join("\n");
+}
+
+function safeJson(v) {
+  try {
+    return JSON.stringify(v);
+  } catch {
+    return String(v);
+  }
+}
+
+let stepNo = 0;
+async function step(name, fn) {
+  stepNo += 1;
+  const label = `[${String(stepNo).padStart(2, "0")}] ${name}`;
+  process.stdout.write(`${label} ... `);
+  try {
+    const detail = await fn();
+    console.log(detail ? `ok (${detail})` : "ok");
+  } catch (err) {
+    console.log("FAILED");
+    err.__step = label;
+    throw err;
+  }
+}
+
+const state = { apiId: undefined, keyId: undefined, key: undefined, apiDeleted: false };
+
+async function run() {
+  const apiName = `sdk-compat-${Date.now()}`;
+
+  await step(`apis.createApi name=${apiName}`, async () => {
+    const res = await unkey.apis.createApi({ name: apiName });
+    assertMeta(res, "createApi");
+    assert(typeof res.data?.apiId === "string" && res.data.apiId.length > 0, "createApi: data.apiId missing");
+    state.apiId = res.data.apiId;
+    return `apiId=${state.apiId}`;
+  });
+
+  await step("keys.createKey credits={remaining:10}", async () => {
+    const res = await unkey.keys.createKey({
+      apiId: state.apiId,
+      prefix: "compat",
+      name: "sdk-compat key",
+      credits: { remaining: 10 },
+    });
+    assertMeta(res, "createKey");
+    assert(typeof res.data?.keyId === "string" && res.data.keyId.length > 0, "createKey: data.keyId missing");
+    assert(typeof res.data?.key === "string" && res.data.key.length > 0, "createKey: data.key missing");
+    assert(res.data.key.startsWith("compat"), `createKey: key ${JSON.stringify(res.data.key)} does not start with prefix "compat"`);
+    state.keyId = res.data.keyId;
+    state.key = res.data.key;
+    return `keyId=${state.keyId}`;
+  });
+
+  await step("keys.verifyKey cost=3 -> VALID, credits 7", async () => {
+    const res = await unkey.keys.verifyKey({ key: state.key, credits: { cost: 3 } });
+    assertMeta(res, "verifyKey");
+    assertEq(res.data.valid, true, "verifyKey(cost 3).valid");
+    assertEq(res.data.code, "VALID", "verifyKey(cost 3).code");
+    assertEq(res.data.credits, 7, "verifyKey(cost 3).credits");
+    assertEq(res.data.keyId, state.keyId, "verifyKey(cost 3).keyId");
+  });
+
+  await step("keys.verifyKey cost=100 -> USAGE_EXCEEDED, credits 7", async () => {
+    const res = await unkey.keys.verifyKey({ key: state.key, credits: { cost: 100 } });
+    assertMeta(res, "verifyKey");
+    assertEq(res.data.valid, false, "verifyKey(cost 100).valid");
+    assertEq(res.data.code, "USAGE_EXCEEDED", "verifyKey(cost 100).code");
+    assertEq(res.data.credits, 7, "verifyKey(cost 100).credits");
+  });
+
+  await step("keys.updateCredits increment 5 -> remaining 12", async () => {
+    const res = await unkey.keys.updateCredits({ keyId: state.keyId, operation: "increment", value: 5 });
+    assertMeta(res, "updateCredits");
+    assertEq(res.data.remaining, 12, "updateCredits.data.remaining");
+  });
+
+  await step("keys.getKey -> credits.remaining 12", async () => {
+    const res = await unkey.keys.getKey({ keyId: state.keyId });
+    assertMeta(res, "getKey");
+    assertEq(res.data.keyId, state.keyId, "getKey.data.keyId");
+    assertEq(res.data.credits?.remaining, 12, "getKey.data.credits.remaining");
+    assert(typeof res.data.start === "string" && res.data.start.length > 0, "getKey.data.start missing/empty");
+    assert(
+      state.key.startsWith(res.data.start),
+      `getKey.data.start ${JSON.stringify(res.data.start)} is not a prefix of the key`,
+    );
+    assert(res.data.start !== state.key, "getKey.data.start must not be the full key");
+    assertEq(res.data.enabled, true, "getKey.data.enabled");
+    assert(Number.isInteger(res.data.createdAt) && res.data.createdAt > 0, "getKey.data.createdAt not a positive integer");
+  });
+
+  await step("keys.whoami", async () => {
+    const res = await unkey.keys.whoami({ key: state.key });
+    assertMeta(res, "whoami");
+    assertEq(res.data.keyId, state.keyId, "whoami.data.keyId");
+    assertEq(res.data.credits?.remaining, 12, "whoami.data.credits.remaining");
+  });
+
+  await step("apis.listKeys contains key", async () => {
+    const page = await unkey.apis.listKeys({ apiId: state.apiId });
+    assertMeta(page.result, "listKeys");
+    assert(Array.isArray(page.result.data), "listKeys.result.data is not an array");
+    assert(typeof page.result.pagination?.hasMore === "boolean", "listKeys.result.pagination.hasMore missing");
+    let found = false;
+    let pages = 0;
+    for await (const p of page) {
+      pages += 1;
+      assert(pages <= 50, "listKeys: more than 50 pages (cursor never ends?)");
+      if (p.result.data.some((k) => k.keyId === state.keyId)) {
+        found = true;
+        break;
+      }
+    }
+    assert(found, `listKeys: key ${state.keyId} not found`);
+  });
+
+  await step("keys.deleteKey", async () => {
+    const res = await unkey.keys.deleteKey({ keyId: state.keyId });
+    assertMeta(res, "deleteKey");
+  });
+
+  await step("keys.verifyKey deleted key -> NOT_FOUND", async () => {
+    const res = await unkey.keys.verifyKey({ key: state.key });
+    assertMeta(res, "verifyKey");
+    assertEq(res.data.valid, false, "verifyKey(deleted).valid");
+    assertEq(res.data.code, "NOT_FOUND", "verifyKey(deleted).code");
+  });
+
+  await step("apis.deleteApi", async () => {
+    const res = await unkey.apis.deleteApi({ apiId: state.apiId });
+    assertMeta(res, "deleteApi");
+    state.apiDeleted = true;
+  });
+}
+
+try {
+  await run();
+  console.log("\nPASS: all SDK compatibility steps succeeded");
+  process.exit(0);
+} catch (err) {
+  console.error(`\nFAIL at ${err.__step ?? "(unknown step)"}`);
+  console.error(describeError(err));
+  // Best-effort cleanup so repeated runs don't accumulate APIs.
+  if (state.apiId && !state.apiDeleted) {
+    try {
+      await unkey.apis.deleteApi({ apiId: state.apiId });
+      console.error(`(cleanup: deleted api ${state.apiId})`);
+    } catch (cleanupErr) {
+      console.error(`(cleanup of api ${state.apiId} failed: ${cleanupErr?.message ?? cleanupErr})`);
+    }
+  }
+  process.exit(1);
+}
