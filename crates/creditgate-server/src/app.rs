@@ -40,6 +40,15 @@ impl App {
     /// Opens the stores, bootstraps the root key, starts analytics. `node_id` names the
     /// node in analytics and metrics.
     pub async fn build(config: ServeConfig, node_id: String) -> anyhow::Result<App> {
+        Self::build_with_clock(config, node_id, Arc::new(SystemClock)).await
+    }
+
+    /// [`App::build`] with a given clock (tests move time to cross refill periods).
+    pub async fn build_with_clock(
+        config: ServeConfig,
+        node_id: String,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<App> {
         let url = config.database_url();
         if url.starts_with("sqlite:") {
             std::fs::create_dir_all(&config.data_dir)
@@ -52,7 +61,6 @@ impl App {
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
         let sink: Arc<dyn Sink> = Arc::new(sql);
         let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new());
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let generated_root_key =
             bootstrap_root_key(&*store, config.root_key.as_deref(), &*clock).await?;
         let engine = Arc::new(Engine::new(
