@@ -146,8 +146,12 @@ async fn write(sink: &dyn Sink, config: &BatcherConfig, batch: &mut Batch, dropp
     let rows = batch.len();
     let mut delay = config.retry_backoff;
     for attempt in 1..=config.max_attempts.max(1) {
+        let started = std::time::Instant::now();
         match sink.write(batch).await {
             Ok(()) => {
+                let secs = started.elapsed().as_secs_f64();
+                metrics::histogram!("creditgate_analytics_write_seconds").record(secs);
+                tracing::debug!(rows, write_ms = secs * 1000.0, "analytics batch written");
                 metrics::counter!("creditgate_analytics_written_total").increment(rows as u64);
                 *batch = Batch::default();
                 return;

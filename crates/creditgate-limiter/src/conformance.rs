@@ -118,14 +118,16 @@ pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
         "{g:?}"
     );
     // A cancelled allocation comes back; a credited one does not; both idempotent.
-    l.settle_allocation(&key, "t1", false)
+    l.settle_allocation(&key, "t1", false, 0)
         .await
         .expect("settle");
-    l.settle_allocation(&key, "t1", false)
+    l.settle_allocation(&key, "t1", false, 0)
         .await
         .expect("settle twice");
-    l.settle_allocation(&key, "t2", true).await.expect("settle");
-    l.settle_allocation(&key, "t2", false)
+    l.settle_allocation(&key, "t2", true, 0)
+        .await
+        .expect("settle");
+    l.settle_allocation(&key, "t2", false, 0)
         .await
         .expect("late cancel is ignored");
     assert_eq!(remaining(&*l, &key).await, Some(30));
@@ -157,10 +159,15 @@ pub async fn drain_returns_are_idempotent(f: &dyn LedgerFixture) {
     l.allocate(&req(&key, "a1", None, 1, 20))
         .await
         .expect("alloc");
-    l.settle_allocation(&key, "a1", true).await.expect("settle");
+    // The credit reported 3 spends made before it: they leave hot_allocated.
+    l.settle_allocation(&key, "a1", true, 3)
+        .await
+        .expect("settle");
+    let s = l.state(&key).await.expect("state").expect("row");
+    assert_eq!(s.hot_allocated, 17, "20 allocated, 3 reported spent");
     let d = Drained {
         amount: 15,
-        spent: 5,
+        spent: 2,
         generation: 0,
     };
     let s = l.return_drained(&key, "r1", d).await.expect("return");
@@ -180,7 +187,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     l.allocate(&req(&key, "f-a1", None, 1, 40))
         .await
         .expect("alloc");
-    l.settle_allocation(&key, "f-a1", true)
+    l.settle_allocation(&key, "f-a1", true, 0)
         .await
         .expect("settle");
     let BeginFence::Begun(fence) = l
@@ -425,7 +432,9 @@ pub async fn epochs_and_orphans(f: &dyn LedgerFixture) {
     l.allocate(&req(&key, "e1", None, 1, 30))
         .await
         .expect("alloc");
-    l.settle_allocation(&key, "e1", true).await.expect("settle");
+    l.settle_allocation(&key, "e1", true, 0)
+        .await
+        .expect("settle");
     l.allocate(&req(&key, "e2", Some(0), 1, 10))
         .await
         .expect("alloc");
@@ -487,6 +496,10 @@ pub async fn engine_is_exact_under_concurrency(f: &dyn LedgerFixture) {
         Arc::new(SystemClock),
         EngineConfig::default(),
     ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let prefetcher = tokio::spawn(engine.clone().run_prefetcher(async move {
+        let _ = stopped.await;
+    }));
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let (engine, key) = (engine.clone(), key.clone());
@@ -506,6 +519,8 @@ pub async fn engine_is_exact_under_concurrency(f: &dyn LedgerFixture) {
     }
     assert_eq!(valid, 100);
     assert_eq!(seen, (0..100).collect::<BTreeSet<u64>>());
+    let _ = stop.send(());
+    prefetcher.await.expect("prefetcher");
     engine.drain_all().await.expect("drain");
     let s = f.ledger().state(&key).await.expect("state").expect("row");
     assert_eq!((s.remaining, s.hot_allocated), (Some(0), 0));

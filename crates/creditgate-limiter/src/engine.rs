@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use creditgate_domain::{new_id_for_transfer, Clock, Credits};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::metrics as m;
@@ -123,6 +124,8 @@ struct Activity {
     window_credits: u64,
     rate_per_sec: u64,
     last_used: Instant,
+    /// A prefetch for this key is queued or running.
+    prefetching: bool,
 }
 
 /// What one reconciler pass did.
@@ -145,13 +148,27 @@ pub struct Engine {
     activity: Mutex<HashMap<String, Activity>>,
     failed_returns: Mutex<VecDeque<(String, String, Drained)>>,
     epoch_seen: Mutex<Option<String>>,
+    prefetch_tx: mpsc::Sender<(String, u64)>,
+    prefetch_rx: Mutex<Option<mpsc::Receiver<(String, u64)>>>,
 }
+
+/// Keys waiting for a prefetch; beyond it, requests are dropped (and counted).
+const PREFETCH_QUEUE: usize = 4096;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("config", &self.config)
             .finish()
+    }
+}
+
+/// (credited, spends reported with the credit) for `settle_allocation`.
+fn settlement(reply: CreditReply) -> (bool, u64) {
+    match reply {
+        CreditReply::Credited { spent } => (true, spent),
+        CreditReply::Duplicate => (true, 0),
+        CreditReply::Refused => (false, 0),
     }
 }
 
@@ -166,7 +183,10 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Self {
+        let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         Self {
+            prefetch_tx,
+            prefetch_rx: Mutex::new(Some(prefetch_rx)),
             hot,
             ledger,
             clock,
@@ -195,8 +215,11 @@ impl Engine {
         let deadline = Instant::now() + self.config.spend_deadline;
         loop {
             match self.hot.spend(key, cost).await {
-                Ok(SpendReply::Valid { remaining }) => {
-                    self.note_spend(key, cost);
+                Ok(SpendReply::Valid { remaining, bal }) => {
+                    let chunk = self.note_spend(key, cost);
+                    if bal.saturating_mul(2) < chunk && remaining > bal {
+                        self.request_prefetch(key, cost);
+                    }
                     return Ok(Decision::Valid {
                         remaining: Some(remaining),
                     });
@@ -272,7 +295,7 @@ impl Engine {
         self.settle_pending(key).await?;
         for _ in 0..4 {
             let (generation, bal) = match self.hot.spend(key, cost).await? {
-                SpendReply::Valid { remaining } => {
+                SpendReply::Valid { remaining, .. } => {
                     return Ok(Decision::Valid {
                         remaining: Some(remaining),
                     })
@@ -311,10 +334,10 @@ impl Engine {
                         .hot
                         .credit(key, &transfer_id, generation, amount, remaining, version)
                         .await?;
-                    let credited = reply != CreditReply::Refused;
+                    let (credited, spent) = settlement(reply);
                     if let Err(e) = self
                         .ledger
-                        .settle_allocation(key, &transfer_id, credited)
+                        .settle_allocation(key, &transfer_id, credited, spent)
                         .await
                     {
                         // Left pending: the reconciler resolves it.
@@ -357,12 +380,17 @@ impl Engine {
         let rate = lock_map(&self.activity)
             .get(key)
             .map_or(0, |a| a.rate_per_sec);
+        self.chunk_from_rate(rate, cost)
+    }
+
+    fn chunk_from_rate(&self, rate: u64, cost: u64) -> u64 {
         rate.max(cost.saturating_mul(self.config.min_chunk_requests))
             .min(self.config.max_chunk)
             .max(cost)
     }
 
-    fn note_spend(&self, key: &str, cost: u64) {
+    /// Records a spend; returns the chunk size this key's refills now use.
+    fn note_spend(&self, key: &str, cost: u64) -> u64 {
         let now = Instant::now();
         let mut map = lock_map(&self.activity);
         let a = map.entry(key.to_owned()).or_insert_with(|| Activity {
@@ -370,6 +398,7 @@ impl Engine {
             window_credits: 0,
             rate_per_sec: 0,
             last_used: now,
+            prefetching: false,
         });
         a.last_used = now;
         a.window_credits = a.window_credits.saturating_add(cost);
@@ -382,6 +411,104 @@ impl Engine {
             a.window_start = now;
             a.window_credits = 0;
         }
+        let rate = a.rate_per_sec;
+        drop(map);
+        self.chunk_from_rate(rate, cost)
+    }
+
+    /// Asks the prefetcher to top up `key`'s hot balance (never blocks; at most one
+    /// request per key in flight; dropped when the queue is full).
+    fn request_prefetch(&self, key: &str, cost: u64) {
+        {
+            let mut map = lock_map(&self.activity);
+            match map.get_mut(key) {
+                Some(a) if !a.prefetching => a.prefetching = true,
+                _ => return,
+            }
+        }
+        if self.prefetch_tx.try_send((key.to_owned(), cost)).is_err() {
+            metrics::counter!(m::PREFETCH_DROPPED).increment(1);
+            if let Some(a) = lock_map(&self.activity).get_mut(key) {
+                a.prefetching = false;
+            }
+        }
+    }
+
+    /// Tops up hot balances in the background so spends under steady load never wait
+    /// for the ledger. Runs until every engine handle but this one is gone or `shutdown`.
+    pub async fn run_prefetcher(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let Some(mut rx) = lock_map(&self.prefetch_rx).take() else {
+            return;
+        };
+        tokio::pin!(shutdown);
+        loop {
+            let (key, cost) = tokio::select! {
+                _ = &mut shutdown => return,
+                next = rx.recv() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+            };
+            if let Err(e) = self.prefetch(&key, cost).await {
+                tracing::debug!(key_id = %key, error = %e, "prefetch failed");
+            }
+            if let Some(a) = lock_map(&self.activity).get_mut(&key) {
+                a.prefetching = false;
+            }
+        }
+    }
+
+    async fn prefetch(&self, key: &str, cost: u64) -> Result<(), EngineError> {
+        let Some(token) = self
+            .hot
+            .lock(key, self.config.lock_ttl, Duration::ZERO)
+            .await?
+        else {
+            return Ok(());
+        };
+        let result = async {
+            let Some(entry) = self.hot.peek(key).await? else {
+                return Ok(());
+            };
+            let chunk = self.chunk_for(key, cost);
+            if entry.unalloc.is_none() || entry.bal.saturating_mul(2) >= chunk {
+                return Ok(());
+            }
+            let epoch = self.hot.epoch().await?;
+            let transfer_id = new_id_for_transfer("prefetch");
+            let req = AllocateRequest {
+                key,
+                transfer_id: &transfer_id,
+                generation: Some(entry.generation),
+                epoch: &epoch,
+                need: 0,
+                chunk,
+                now_ms: self.clock.now_ms(),
+            };
+            if let AllocateOutcome::Granted {
+                amount,
+                remaining,
+                generation,
+                version,
+                lost,
+            } = self.ledger.allocate(&req).await?
+            {
+                self.report_lost(key, lost);
+                metrics::counter!(m::PREFETCHES).increment(1);
+                let reply = self
+                    .hot
+                    .credit(key, &transfer_id, generation, amount, remaining, version)
+                    .await?;
+                let (credited, spent) = settlement(reply);
+                self.ledger
+                    .settle_allocation(key, &transfer_id, credited, spent)
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.unlock(key, &token).await;
+        result
     }
 
     fn report_lost(&self, key: &str, lost: u64) {
@@ -390,7 +517,7 @@ impl Engine {
             tracing::error!(
                 key_id = key,
                 lost,
-                "hot store lost its data: credits it held are written off, not re-issued"
+                "hot store lost its data: up to this many credits it held are written off, not re-issued"
             );
         }
     }
@@ -433,7 +560,10 @@ impl Engine {
                 .hot
                 .resolve_transfer(key, &a.transfer_id, a.generation)
                 .await?;
-            let credited = fate == TransferFate::Credited;
+            let (credited, spent) = match fate {
+                TransferFate::Credited { spent } => (true, spent),
+                TransferFate::Refused => (false, 0),
+            };
             if !credited && !cancelled {
                 // Cancelling adds credits back to the ledger: the snapshot is stale until
                 // re-synced below.
@@ -441,7 +571,7 @@ impl Engine {
                 cancelled = true;
             }
             self.ledger
-                .settle_allocation(key, &a.transfer_id, credited)
+                .settle_allocation(key, &a.transfer_id, credited, spent)
                 .await?;
             metrics::counter!(m::ORPHANS_RESOLVED).increment(1);
         }

@@ -21,7 +21,8 @@ const MARKS_PER_KEY: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mark {
-    Credited,
+    /// Credited; the spends it reported.
+    Credited(u64),
     Refused,
     Drained(Drained),
 }
@@ -161,6 +162,7 @@ impl HotStore for MemoryHotStore {
             e.last_used = Instant::now();
             return Ok(SpendReply::Valid {
                 remaining: e.bal.saturating_add(e.unalloc),
+                bal: e.bal,
             });
         }
         let total = e.bal.saturating_add(e.unalloc);
@@ -188,7 +190,7 @@ impl HotStore for MemoryHotStore {
             .entry(key.to_owned())
             .or_insert_with(|| Entry::new(generation));
         match e.mark(transfer_id) {
-            Some(Mark::Credited) => return Ok(CreditReply::Duplicate),
+            Some(Mark::Credited(_)) => return Ok(CreditReply::Duplicate),
             Some(_) => return Ok(CreditReply::Refused),
             None => {}
         }
@@ -203,8 +205,9 @@ impl HotStore for MemoryHotStore {
             e.unalloc_valid = true;
         }
         e.last_used = Instant::now();
-        e.set_mark(transfer_id, Mark::Credited);
-        Ok(CreditReply::Credited)
+        let spent = std::mem::take(&mut e.spent);
+        e.set_mark(transfer_id, Mark::Credited(spent));
+        Ok(CreditReply::Credited { spent })
     }
 
     async fn sync_unalloc(
@@ -287,8 +290,8 @@ impl HotStore for MemoryHotStore {
             .entries
             .entry(key.to_owned())
             .or_insert_with(|| Entry::new(generation));
-        if e.mark(transfer_id) == Some(Mark::Credited) {
-            return Ok(TransferFate::Credited);
+        if let Some(Mark::Credited(spent)) = e.mark(transfer_id) {
+            return Ok(TransferFate::Credited { spent });
         }
         e.set_mark(transfer_id, Mark::Refused);
         Ok(TransferFate::Refused)

@@ -207,6 +207,7 @@ impl Ledger for MemoryLedger {
         key: &str,
         transfer_id: &str,
         credited: bool,
+        spent: u64,
     ) -> Result<(), LedgerError> {
         let mut inner = self.lock();
         let Some(t) = inner.transfers.get(transfer_id).cloned() else {
@@ -216,6 +217,11 @@ impl Ledger for MemoryLedger {
             return Ok(());
         }
         if credited {
+            if let Some(row) = inner.rows.get_mut(key) {
+                if t.generation == row.generation {
+                    row.hot_allocated = row.hot_allocated.saturating_sub(spent);
+                }
+            }
             if let Some(t) = inner.transfers.get_mut(transfer_id) {
                 t.state = TransferState::Credited;
             }

@@ -9,3 +9,5 @@ pub const RETURNED_CREDITS: &str = "creditgate_engine_returned_credits_total";
 pub const RETURNS_DROPPED: &str = "creditgate_engine_returns_dropped_total";
 pub const ORPHANS_RESOLVED: &str = "creditgate_engine_orphans_resolved_total";
 pub const RECONCILE_ERRORS: &str = "creditgate_engine_reconcile_errors_total";
+pub const PREFETCHES: &str = "creditgate_engine_prefetches_total";
+pub const PREFETCH_DROPPED: &str = "creditgate_engine_prefetch_dropped_total";

@@ -40,8 +40,9 @@ pub enum LedgerError {
 /// Reply of [`HotStore::spend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpendReply {
-    /// Spent; `remaining = bal + unalloc` after the spend.
-    Valid { remaining: u64 },
+    /// Spent; `remaining = bal + unalloc` after the spend, `bal` what the hot store
+    /// still holds (the engine prefetches when it runs low).
+    Valid { remaining: u64, bal: u64 },
     /// Not spent: the hot store knows the whole balance (`bal + unalloc`, with a valid
     /// snapshot) and it is below the cost.
     Exceeded { remaining: u64 },
@@ -54,7 +55,9 @@ pub enum SpendReply {
 /// Reply of [`HotStore::credit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreditReply {
-    Credited,
+    /// Credited. `spent`: credits spent from the hot store since the last report (drain,
+    /// fence or credit), now reported to the ledger so `hot_allocated` stays bounded.
+    Credited { spent: u64 },
     /// This transfer id was already credited: nothing changed.
     Duplicate,
     /// Refused: the hot store serves a newer generation, or the transfer was cancelled.
@@ -75,8 +78,8 @@ pub struct Drained {
 /// How an orphaned allocation was resolved in the hot store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferFate {
-    /// The hot store had credited it.
-    Credited,
+    /// The hot store had credited it, reporting `spent` with the credit.
+    Credited { spent: u64 },
     /// It had not, and now never will (the id is marked refused).
     Refused,
 }
@@ -278,13 +281,15 @@ pub trait Ledger: Send + Sync {
     /// `hot_allocated` if `remaining >= need`, logging the transfer as pending.
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError>;
 
-    /// Marks an allocation credited (`true`) or cancels it (`false`: the amount goes
-    /// back to `remaining` unless a `Set` fenced the key since). Idempotent.
+    /// Marks an allocation credited (`true`; `hot_allocated -= spent`, the spends the
+    /// hot store reported with the credit) or cancels it (`false`: the amount goes back to
+    /// `remaining` unless a `Set` fenced the key since). Idempotent.
     async fn settle_allocation(
         &self,
         key: &str,
         transfer_id: &str,
         credited: bool,
+        spent: u64,
     ) -> Result<(), LedgerError>;
 
     /// Returns a drained hot balance, idempotent on `transfer_id`: `remaining += amount`

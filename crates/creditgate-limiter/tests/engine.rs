@@ -110,8 +110,12 @@ impl Ledger for FaultyLedger {
         key: &str,
         t: &str,
         credited: bool,
+        spent: u64,
     ) -> Result<(), LedgerError> {
-        faulty!(self, self.inner.settle_allocation(key, t, credited).await)
+        faulty!(
+            self,
+            self.inner.settle_allocation(key, t, credited, spent).await
+        )
     }
     async fn return_drained(
         &self,
@@ -526,6 +530,7 @@ async fn concurrent_spends_with_updates_conserve_credits() {
             ..EngineConfig::default()
         },
     ));
+    tokio::spawn(engine.clone().run_prefetcher(std::future::pending::<()>()));
     let spent = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..16u64 {

@@ -59,7 +59,16 @@ impl App {
             .with_context(|| format!("opening the database {}", redact(&url)))?;
         let store: Arc<dyn KeyStore> = Arc::new(sql.clone());
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
-        let sink: Arc<dyn Sink> = Arc::new(sql);
+        // With SQLite, analytics get their own file: a large batch must never hold the
+        // write lock the ledger needs (SQLite has one writer per file).
+        let sink: Arc<dyn Sink> = match config.analytics_sqlite_url() {
+            Some(analytics_url) => Arc::new(
+                SqlStore::connect(&analytics_url)
+                    .await
+                    .with_context(|| format!("opening the analytics database {analytics_url}"))?,
+            ),
+            None => Arc::new(sql),
+        };
         let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new());
         let generated_root_key =
             bootstrap_root_key(&*store, config.root_key.as_deref(), &*clock).await?;
@@ -121,6 +130,12 @@ impl App {
             Duration::from_millis(config.reconcile_interval_ms),
             wait_stop(stop_rx.clone()),
         ));
+        let prefetcher = tokio::spawn(
+            state
+                .engine
+                .clone()
+                .run_prefetcher(wait_stop(stop_rx.clone())),
+        );
         let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone(), wait_stop(stop_rx)));
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node_id = %state.config.node_id, "creditgate listening");
@@ -130,6 +145,7 @@ impl App {
         tracing::info!("stopped accepting; in-flight requests finished");
         let _ = stop_tx.send(true);
         let _ = reconciler.await;
+        let _ = prefetcher.await;
         let _ = upkeep.await;
         let limit = Duration::from_millis(config.shutdown_timeout_ms);
         match tokio::time::timeout(limit, state.engine.drain_all()).await {

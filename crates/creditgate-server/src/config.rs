@@ -101,6 +101,22 @@ impl ServeConfig {
         }
     }
 
+    /// Where analytics go when the ledger is SQLite: `analytics.db` beside it.
+    pub fn analytics_sqlite_url(&self) -> Option<String> {
+        let url = self.database_url();
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))?;
+        if path.starts_with(":memory:") {
+            return None;
+        }
+        let dir = std::path::Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        Some(format!("sqlite:{}", dir.join("analytics.db").display()))
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()

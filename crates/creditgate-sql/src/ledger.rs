@@ -389,6 +389,7 @@ impl Ledger for SqlStore {
         key: &str,
         transfer_id: &str,
         credited: bool,
+        spent: u64,
     ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let row = self.lock_key(&mut tx, key).await?;
@@ -399,6 +400,12 @@ impl Ledger for SqlStore {
             return Ok(());
         }
         if credited {
+            if let Some(mut row) = row {
+                if t.generation == row.generation && spent > 0 {
+                    row.hot_allocated = row.hot_allocated.saturating_sub(spent);
+                    write_key(&mut tx, key, &row).await?;
+                }
+            }
             set_transfer_state(&mut tx, transfer_id, "credited").await?;
         } else {
             let overwritten = set_since(&mut tx, key, t.generation).await?;
