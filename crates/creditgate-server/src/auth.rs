@@ -50,11 +50,11 @@ impl FromRequestParts<AppState> for RootKey {
             ));
         };
         let value = value.to_str().unwrap_or("");
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .unwrap_or("");
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let token = match value.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            _ => "",
+        };
         if token.is_empty() {
             return Err(ApiError::Unauthorized(
                 "malformed Authorization header: expected 'Bearer <root key>'".into(),

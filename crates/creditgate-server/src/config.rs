@@ -35,6 +35,16 @@ pub struct ServeConfig {
     #[arg(long, env = "CREDITGATE_DATABASE_URL")]
     pub database_url: Option<String>,
 
+    /// Hot store: `redis://host:port` (multi-node mode). Default: in-process memory
+    /// (only correct for a single node).
+    #[arg(long, env = "CREDITGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Analytics: `http://host:8123[?database=db]` (ClickHouse HTTP interface).
+    /// Default: the SQL database (`analytics.db` beside a SQLite ledger).
+    #[arg(long, env = "CREDITGATE_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+
     /// Name of this node in analytics and metrics. Default: `node-<port>`.
     #[arg(long, env = "CREDITGATE_NODE_ID")]
     pub node_id: Option<String>,
@@ -89,6 +99,8 @@ impl ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             database_url: None,
+            redis_url: None,
+            clickhouse_url: None,
             node_id: None,
             region: "local".into(),
             root_key: None,

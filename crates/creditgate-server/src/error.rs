@@ -46,6 +46,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{detail}")]
     NotFound { kind: NotFoundKind, detail: String },
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("the request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -112,6 +114,11 @@ impl ApiError {
                         "https://unkey.com/docs/errors/unkey/application/route_not_found"
                     }
                 },
+            ),
+            ApiError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed",
+                "https://unkey.com/docs/errors/unkey/application/method_not_allowed",
             ),
             ApiError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -42,12 +42,26 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let location = if path == "." || path.is_empty() {
+        let syntax = inner.is_syntax() || inner.is_eof();
+        let mut location = if syntax || path == "." || path.is_empty() {
             "body".to_owned()
         } else {
             format!("body.{path}")
         };
-        let (message, fix) = if inner.is_syntax() || inner.is_eof() {
+        // A missing or unknown field: serde names it only in the message.
+        if !syntax {
+            let text = inner.to_string();
+            for marker in ["missing field `", "unknown field `"] {
+                if let Some(rest) = text.strip_prefix(marker) {
+                    if let Some(name) = rest.split('`').next() {
+                        if !location.ends_with(&format!(".{name}")) {
+                            location = format!("{location}.{name}");
+                        }
+                    }
+                }
+            }
+        }
+        let (message, fix) = if syntax {
             (
                 format!("invalid JSON: {inner}"),
                 "send a well-formed JSON object",

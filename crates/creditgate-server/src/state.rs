@@ -67,6 +67,37 @@ impl AppState {
         })
     }
 
+    /// Applies the key's periodic refill if this is its first use in a new period, so
+    /// that every read and change of the balance sees it. The ledger applies a refill
+    /// once per period however many nodes race for it.
+    pub async fn refill_if_due(
+        &self,
+        key: Arc<KeyRecord>,
+        now: i64,
+    ) -> Result<Arc<KeyRecord>, ApiError> {
+        let Some(refill) = key.refill else {
+            return Ok(key);
+        };
+        let last = key.last_refill_at.unwrap_or(key.created_at);
+        if !key.limited || !refill.is_due(last, now) {
+            return Ok(key);
+        }
+        let op = creditgate_limiter::CreditOp::Refill {
+            amount: refill.amount.get(),
+            period_start: refill.period_start(now),
+        };
+        self.engine
+            .update(key.id.as_str(), op)
+            .await
+            .map_err(engine_error)?;
+        // Applied here or by another node first: either way this period is done.
+        let mut updated = (*key).clone();
+        updated.last_refill_at = Some(now);
+        let updated = Arc::new(updated);
+        self.keys.insert(key.hash.clone(), updated.clone()).await;
+        Ok(updated)
+    }
+
     /// Forgets a key everywhere this node caches it.
     pub async fn invalidate_key(&self, hash: &str) {
         self.keys.invalidate(hash).await;

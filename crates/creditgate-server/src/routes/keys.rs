@@ -20,6 +20,9 @@ use crate::wire::*;
 
 /// The response shape of a key, with its exact balance.
 pub async fn key_data(state: &AppState, k: &KeyRecord) -> Result<KeyData, ApiError> {
+    let k = &*state
+        .refill_if_due(Arc::new(k.clone()), state.clock.now_ms())
+        .await?;
     let credits = if k.limited {
         let remaining = state
             .engine
@@ -296,6 +299,11 @@ pub async fn update_credits(
     };
     c.finish()?;
     let key = find_key(&state, &root, &req.key_id, Action::UpdateKey).await?;
+    // A refill due in this period applies before the change, not after it.
+    let key = (*state
+        .refill_if_due(Arc::new(key), state.clock.now_ms())
+        .await?)
+        .clone();
     let op = op.ok_or_else(|| ApiError::Internal("validated operation missing".into()))?;
     if !key.limited && matches!(op, CreditOp::Increment(_) | CreditOp::Decrement(_)) {
         return Err(ApiError::field(
@@ -451,11 +459,4 @@ pub async fn update_key(
     }
     state.invalidate_key(&key.hash).await;
     Ok(ok(Empty {}))
-}
-
-/// Used by verification after a lazy refill: the cached record learns the refill time.
-pub fn with_refill_time(k: &KeyRecord, at: i64) -> Arc<KeyRecord> {
-    let mut k = k.clone();
-    k.last_refill_at = Some(at);
-    Arc::new(k)
 }

@@ -32,6 +32,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{method} is not allowed on {}: API routes take POST with a JSON body; \
+         /v2/liveness, /openapi.json and /metrics take GET",
+        uri.path()
+    ))
+}
+
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound {
         kind: NotFoundKind::Route,

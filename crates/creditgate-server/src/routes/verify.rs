@@ -8,14 +8,13 @@ use axum::extract::State;
 use axum::Json;
 use creditgate_analytics::VerificationEvent;
 use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome};
-use creditgate_limiter::{CreditOp, Decision};
+use creditgate_limiter::Decision;
 
 use super::ok;
 use crate::auth::RootKey;
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::routes::keys::with_refill_time;
 use crate::state::{engine_error, AppState};
 use crate::telemetry::names;
 use crate::validate::{is_tag_char, Checks};
@@ -167,7 +166,7 @@ async fn decide(
     if !key.limited {
         return Ok(Verdict::without_credits(Outcome::Valid, Some(key)));
     }
-    let key = refill_if_due(state, key, &hash, now).await?;
+    let key = state.refill_if_due(key, now).await?;
     // Spawned so a client that hangs up cannot cancel the engine half-way.
     let engine = state.engine.clone();
     let id = key.id.0.clone();
@@ -195,33 +194,4 @@ async fn decide(
         }
         Err(e) => return Err(engine_error(e)),
     })
-}
-
-/// Applies the key's periodic refill if this is its first use in a new period.
-async fn refill_if_due(
-    state: &AppState,
-    key: Arc<KeyRecord>,
-    hash: &str,
-    now: i64,
-) -> Result<Arc<KeyRecord>, ApiError> {
-    let Some(refill) = key.refill else {
-        return Ok(key);
-    };
-    let last = key.last_refill_at.unwrap_or(key.created_at);
-    if !refill.is_due(last, now) {
-        return Ok(key);
-    }
-    let op = CreditOp::Refill {
-        amount: refill.amount.get(),
-        period_start: refill.period_start(now),
-    };
-    state
-        .engine
-        .update(key.id.as_str(), op)
-        .await
-        .map_err(engine_error)?;
-    // The ledger applied it (or another node did first); either way this period is done.
-    let updated = with_refill_time(&key, now);
-    state.keys.insert(hash.to_owned(), updated.clone()).await;
-    Ok(updated)
 }

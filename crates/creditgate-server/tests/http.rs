@@ -1,0 +1,20 @@
+//! HTTP-level integration tests of one creditgate node: every route over real HTTP, the
+//! verification contract of DESIGN.md §2, refills across days and months, bad input,
+//! exact balances under concurrency and across a graceful restart, and analytics rows.
+//! Each test runs its own `TestApp` (see `http/support.rs`), so tests run in parallel.
+
+#[path = "http/support.rs"]
+mod support;
+
+#[path = "http/analytics.rs"]
+mod analytics;
+#[path = "http/bad_input.rs"]
+mod bad_input;
+#[path = "http/exactness.rs"]
+mod exactness;
+#[path = "http/refill.rs"]
+mod refill;
+#[path = "http/routes.rs"]
+mod routes;
+#[path = "http/verify.rs"]
+mod verify;
