@@ -75,6 +75,11 @@ pub fn secret_start(secret: &str, prefix: Option<&str>) -> String {
     secret.chars().take(skip + 4).collect()
 }
 
+/// A unique id for a ledger transfer or fence (`<kind>_<base58>`).
+pub fn new_id_for_transfer(kind: &str) -> String {
+    format!("{kind}_{}", random_base58(16))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,9 +93,4 @@ mod tests {
         assert_ne!(new_secret(None, 16), new_secret(None, 16));
         assert!(KeyId::generate().as_str().starts_with("key_"));
     }
-}
-
-/// A unique id for a ledger transfer or fence (`<kind>_<base58>`).
-pub fn new_id_for_transfer(kind: &str) -> String {
-    format!("{kind}_{}", random_base58(16))
 }
