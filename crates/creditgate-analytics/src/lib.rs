@@ -5,6 +5,7 @@
 //! drops, and flushes what it holds on shutdown.
 
 mod batcher;
+pub mod clickhouse;
 
 pub use batcher::{Analytics, Batcher, BatcherConfig};
 

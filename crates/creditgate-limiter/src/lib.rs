@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod engine;
+pub mod hot_conformance;
 pub mod memory_hot;
 pub mod memory_ledger;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::routing::{get, post};
 use axum::Router;
+use creditgate_analytics::clickhouse::{ClickHouseOptions, ClickHouseSink};
 use creditgate_analytics::{Batcher, BatcherConfig, Sink};
 use creditgate_domain::{
     hash_secret, new_secret, Clock, KeyStore, Permission, PermissionSet, RootKeyId, RootKeyRecord,
@@ -15,6 +16,7 @@ use creditgate_domain::{
 };
 use creditgate_limiter::ports::{HotStore, Ledger};
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore};
+use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
 use creditgate_sql::SqlStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -61,15 +63,35 @@ impl App {
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
         // With SQLite, analytics get their own file: a large batch must never hold the
         // write lock the ledger needs (SQLite has one writer per file).
-        let sink: Arc<dyn Sink> = match config.analytics_sqlite_url() {
-            Some(analytics_url) => Arc::new(
+        let sink: Arc<dyn Sink> = match (&config.clickhouse_url, config.analytics_sqlite_url()) {
+            (Some(url), _) => Arc::new(
+                ClickHouseSink::connect(url, ClickHouseOptions::default())
+                    .await
+                    .with_context(|| format!("connecting ClickHouse {}", redact(url)))?,
+            ),
+            (None, Some(analytics_url)) => Arc::new(
                 SqlStore::connect(&analytics_url)
                     .await
                     .with_context(|| format!("opening the analytics database {analytics_url}"))?,
             ),
-            None => Arc::new(sql),
+            (None, None) => Arc::new(sql),
         };
-        let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new());
+        let hot: Arc<dyn HotStore> = match &config.redis_url {
+            Some(url) => Arc::new(
+                RedisHotStore::connect(url, RedisOptions::default())
+                    .await
+                    .with_context(|| format!("connecting the hot store {}", redact(url)))?,
+            ),
+            None => Arc::new(MemoryHotStore::new()),
+        };
+        let bus = match &config.redis_url {
+            Some(url) => Some(
+                CacheBus::connect(url)
+                    .await
+                    .with_context(|| format!("connecting the cache bus {}", redact(url)))?,
+            ),
+            None => None,
+        };
         let generated_root_key =
             bootstrap_root_key(&*store, config.root_key.as_deref(), &*clock).await?;
         let engine = Arc::new(Engine::new(
@@ -96,7 +118,15 @@ impl App {
             keys: key_cache(),
             roots: root_cache(),
             metrics: metrics_handle(),
+            bus,
         };
+        if let Some(bus) = &state.bus {
+            tokio::spawn(apply_invalidations(
+                bus.subscribe(),
+                state.keys.clone(),
+                state.roots.clone(),
+            ));
+        }
         Ok(App {
             state,
             batcher,
@@ -170,6 +200,23 @@ fn redact(url: &str) -> String {
             format!("{}://{user}:***@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Applies invalidations other nodes publish: a key hash, or `*` for everything (sent
+/// after every reconnect, since messages may have been missed meanwhile).
+async fn apply_invalidations(
+    mut rx: tokio::sync::mpsc::Receiver<String>,
+    keys: moka::future::Cache<String, Arc<creditgate_domain::KeyRecord>>,
+    roots: moka::future::Cache<String, Arc<RootKeyRecord>>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if msg == CacheBus::ALL {
+            keys.invalidate_all();
+            roots.invalidate_all();
+        } else {
+            keys.invalidate(&msg).await;
+        }
     }
 }
 

@@ -31,6 +31,8 @@ pub struct AppState {
     /// Root keys by secret hash.
     pub roots: Cache<String, Arc<RootKeyRecord>>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cross-node cache invalidation (multi-node mode).
+    pub bus: Option<creditgate_redis::CacheBus>,
 }
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
@@ -98,9 +100,25 @@ impl AppState {
         Ok(updated)
     }
 
-    /// Forgets a key everywhere this node caches it.
+    /// Forgets a key on this node at once and tells every other node (best effort: a
+    /// node that misses it drops its whole cache when its subscription reconnects).
     pub async fn invalidate_key(&self, hash: &str) {
         self.keys.invalidate(hash).await;
+        self.publish(hash).await;
+    }
+
+    /// Forgets every cached key on every node (an API was deleted).
+    pub async fn invalidate_all_keys(&self) {
+        self.keys.invalidate_all();
+        self.publish(creditgate_redis::CacheBus::ALL).await;
+    }
+
+    async fn publish(&self, msg: &str) {
+        if let Some(bus) = &self.bus {
+            if let Err(e) = bus.publish(msg).await {
+                tracing::warn!(error = %e, "cache invalidation not published");
+            }
+        }
     }
 }
 

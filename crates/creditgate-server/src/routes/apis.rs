@@ -101,7 +101,7 @@ pub async fn delete_api(
         return Err(ApiError::api_not_found());
     }
     // Its keys are gone too; this node forgets every cached key at once.
-    state.keys.invalidate_all();
+    state.invalidate_all_keys().await;
     Ok(ok(Empty {}))
 }
 

@@ -1,0 +1,296 @@
+//! The Lua scripts of the hot store: one script per `HotStore` operation, each touching
+//! only the keys of one creditgate key, which share one hash tag (`cg:{<key>}:…`) and so
+//! one Redis Cluster slot.
+//!
+//! Layout per creditgate key `k`:
+//! * `cg:{k}:e` — hash: `epoch`, `bal`, `unalloc`, `uvalid`, `version`, `gen`, `fgen`
+//!   (last fenced generation), `fd_amount` / `fd_spent` / `fd_gen` (what that fence
+//!   drained), `spent` (spent since the last report), `last_ms` (last spend or credit,
+//!   Redis `TIME`).
+//! * `cg:{k}:m:<transfer id>` — write-once string with a TTL: `c:<spent>` (credited),
+//!   `r` (refused), `d:<amount>:<spent>:<generation>` (drained).
+//! * `cg:{k}:lock` — the refill lock, `SET NX PX <token>`.
+//!
+//! Every entry script gets `KEYS[1]` = the entry (`KEYS[2]` = a mark, where used) and
+//! the common arguments `ARGV[1..4]` = the store's cached epoch, the TTL of an entry
+//! holding nothing (ms), the TTL of a mark (ms), and `overwrite` (0/1); its own
+//! arguments follow from `ARGV[5]`. An entry of another epoch is treated as absent. The
+//! scripts that would overwrite such an entry (credit, fence, resolve) first answer
+//! `{-1}` unless `overwrite` is 1, so the caller re-reads the epoch before replacing it:
+//! a node whose cached epoch is stale never destroys an entry of the newer epoch.
+//!
+//! An entry that holds credits (`bal > 0` or unreported `spent > 0`) has no TTL; one
+//! that holds nothing expires after its last write. Numbers are exact up to 2^53 - 1
+//! (`Credits::MAX`).
+
+/// Shared helpers, prepended to every entry script.
+const PRELUDE: &str = r#"
+local E = KEYS[1]
+local EPOCH = ARGV[1]
+local EMPTY_TTL = ARGV[2]
+local MARK_TTL = ARGV[3]
+local OVERWRITE = ARGV[4] == '1'
+local MAXN = 9007199254740991
+
+local function int(n) return string.format('%d', n) end
+
+local function uint(i, what)
+  local n = tonumber(ARGV[i])
+  if n == nil or n ~= n or n < 0 or n > MAXN or n ~= math.floor(n) then
+    error({err = 'ERR creditgate: ' .. what .. ' must be an integer in 0..2^53-1, got ' .. tostring(ARGV[i])})
+  end
+  return n
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local FIELDS = {'epoch', 'bal', 'unalloc', 'uvalid', 'version', 'gen', 'fgen',
+                'fd_amount', 'fd_spent', 'fd_gen', 'spent', 'last_ms'}
+
+-- The entry of the current epoch, or nil (missing, or left by an epoch whose data is
+-- written off). The second value is true for an entry of another epoch that the caller
+-- must not overwrite before re-reading its epoch.
+local function load()
+  local v = redis.call('HMGET', E, unpack(FIELDS))
+  if v[1] ~= EPOCH then return nil, (v[1] ~= false and not OVERWRITE) end
+  local e = {}
+  for i = 2, #FIELDS do e[FIELDS[i]] = tonumber(v[i]) or 0 end
+  return e
+end
+
+local function fresh(gen, now)
+  return {bal = 0, unalloc = 0, uvalid = 0, version = 0, gen = gen, fgen = 0,
+          fd_amount = 0, fd_spent = 0, fd_gen = 0, spent = 0, last_ms = now}
+end
+
+-- Credits are never lost to expiry: only an entry holding nothing gets a TTL.
+local function expiry(e)
+  if e.bal > 0 or e.spent > 0 then
+    redis.call('PERSIST', E)
+  else
+    redis.call('PEXPIRE', E, EMPTY_TTL)
+  end
+end
+
+local function save(e)
+  redis.call('HSET', E, 'epoch', EPOCH, 'bal', int(e.bal), 'unalloc', int(e.unalloc),
+    'uvalid', int(e.uvalid), 'version', int(e.version), 'gen', int(e.gen),
+    'fgen', int(e.fgen), 'fd_amount', int(e.fd_amount), 'fd_spent', int(e.fd_spent),
+    'fd_gen', int(e.fd_gen), 'spent', int(e.spent), 'last_ms', int(e.last_ms))
+  expiry(e)
+end
+
+-- Moves the balance out; the snapshot grows by it so bal + unalloc stays exact.
+local function take_balance(e)
+  local d = {e.bal, e.spent, e.gen}
+  e.unalloc = math.min(e.unalloc + e.bal, MAXN)
+  e.bal = 0
+  e.spent = 0
+  return d
+end
+
+local function mark_set(value)
+  redis.call('SET', KEYS[2], value, 'PX', MARK_TTL, 'NX')
+end
+"#;
+
+/// ARGV[5]: cost.
+/// Returns `{0}` miss, `{1, remaining, bal}` valid, `{2, remaining}` exceeded,
+/// `{3, bal, generation}` low.
+const SPEND: &str = r#"
+local cost = uint(5, 'cost')
+local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
+if v[1] ~= EPOCH then return {0} end
+local bal = tonumber(v[2]) or 0
+local unalloc = tonumber(v[3]) or 0
+local uvalid = tonumber(v[4]) == 1
+local gen = tonumber(v[5]) or 0
+local spent = tonumber(v[6]) or 0
+-- Only a valid snapshot lets the hot store state the exact remaining balance.
+if bal >= cost and uvalid then
+  bal = bal - cost
+  spent = math.min(spent + cost, MAXN)
+  redis.call('HSET', E, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now_ms()))
+  expiry({bal = bal, spent = spent})
+  return {1, math.min(bal + unalloc, MAXN), bal}
+end
+local total = math.min(bal + unalloc, MAXN)
+if uvalid and total < cost then return {2, total} end
+return {3, bal, gen}
+"#;
+
+/// KEYS[2]: mark. ARGV[5..8]: generation, amount, unalloc, version.
+/// Returns `{0, spent}` credited, `{1}` duplicate, `{2}` refused, `{-1}` stale epoch.
+const CREDIT: &str = r#"
+local gen = uint(5, 'generation')
+local amount = uint(6, 'amount')
+local unalloc = uint(7, 'unalloc')
+local version = uint(8, 'version')
+local now = now_ms()
+local e, stale = load()
+if stale then return {-1} end
+if e == nil then
+  e = fresh(gen, now)
+  save(e)
+end
+local mark = redis.call('GET', KEYS[2])
+if mark then
+  if string.sub(mark, 1, 1) == 'c' then return {1} end
+  return {2}
+end
+if e.gen ~= gen then
+  mark_set('r')
+  return {2}
+end
+e.bal = math.min(e.bal + amount, MAXN)
+if version > e.version then
+  e.unalloc = unalloc
+  e.version = version
+  e.uvalid = 1
+end
+e.last_ms = now
+local spent = e.spent
+e.spent = 0
+mark_set('c:' .. int(spent))
+save(e)
+return {0, spent}
+"#;
+
+/// ARGV[5..7]: known (0 = unknown), unalloc, version.
+const SYNC_UNALLOC: &str = r#"
+local known = uint(5, 'known')
+local unalloc = uint(6, 'unalloc')
+local version = uint(7, 'version')
+local e = load()
+if e == nil then return 0 end
+if known == 0 then
+  redis.call('HSET', E, 'uvalid', '0')
+elseif version >= e.version then
+  redis.call('HSET', E, 'unalloc', int(unalloc), 'version', int(version), 'uvalid', '1')
+end
+return 0
+"#;
+
+/// KEYS[2]: mark. ARGV[5]: min idle ms. Returns `{amount, spent, generation}`.
+const DRAIN: &str = r#"
+local min_idle = uint(5, 'min_idle_ms')
+local e = load()
+if e == nil then return {0, 0, 0} end
+local mark = redis.call('GET', KEYS[2])
+if mark and string.sub(mark, 1, 2) == 'd:' then
+  local a, s, g = string.match(mark, '^d:(%d+):(%d+):(%d+)$')
+  return {tonumber(a), tonumber(s), tonumber(g)}
+end
+local idle = math.max(now_ms() - e.last_ms, 0)
+if idle < min_idle or (e.bal == 0 and e.spent == 0) then
+  return {0, 0, e.gen}
+end
+local d = take_balance(e)
+mark_set('d:' .. int(d[1]) .. ':' .. int(d[2]) .. ':' .. int(d[3]))
+save(e)
+return d
+"#;
+
+/// ARGV[5]: generation. Returns `{amount, spent, generation}`, `{-1}` stale epoch.
+const FENCE: &str = r#"
+local gen = uint(5, 'generation')
+local e, stale = load()
+if stale then return {-1} end
+if e == nil then
+  e = fresh(0, now_ms())
+  save(e)
+end
+if e.fgen == gen then return {e.fd_amount, e.fd_spent, e.fd_gen} end
+if e.fgen > gen or e.gen > gen then return {0, 0, e.gen} end
+local d = take_balance(e)
+e.gen = gen
+e.fgen = gen
+e.fd_amount = d[1]
+e.fd_spent = d[2]
+e.fd_gen = d[3]
+e.uvalid = 0
+save(e)
+return d
+"#;
+
+/// KEYS[2]: mark. ARGV[5]: generation.
+/// Returns `{0, spent}` credited, `{1}` refused, `{-1}` stale epoch.
+const RESOLVE: &str = r#"
+local gen = uint(5, 'generation')
+local e, stale = load()
+if stale then return {-1} end
+if e == nil then save(fresh(gen, now_ms())) end
+local mark = redis.call('GET', KEYS[2])
+if mark and string.sub(mark, 1, 2) == 'c:' then
+  return {0, tonumber(string.sub(mark, 3))}
+end
+mark_set('r')
+return {1}
+"#;
+
+/// Returns nil or `{bal, unalloc, uvalid, generation, spent, idle_ms}`.
+const PEEK: &str = r#"
+local e = load()
+if e == nil then return nil end
+return {e.bal, e.unalloc, e.uvalid, e.gen, e.spent, math.max(now_ms() - e.last_ms, 0)}
+"#;
+
+/// KEYS: lock. ARGV: token, ttl ms. Returns `{1}` taken, `{0, pttl}` held.
+const LOCK: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
+return {0, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// KEYS: lock. ARGV: token. Compare-and-delete.
+const UNLOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The scripts, hashed once; `invoke_async` calls them by SHA (`EVALSHA`, loading on
+/// `NOSCRIPT`, e.g. after a Redis restart).
+pub(crate) struct Scripts {
+    pub spend: redis::Script,
+    pub credit: redis::Script,
+    pub sync_unalloc: redis::Script,
+    pub drain: redis::Script,
+    pub fence: redis::Script,
+    pub resolve: redis::Script,
+    pub peek: redis::Script,
+    pub lock: redis::Script,
+    pub unlock: redis::Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        let entry = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        Self {
+            spend: entry(SPEND),
+            credit: entry(CREDIT),
+            sync_unalloc: entry(SYNC_UNALLOC),
+            drain: entry(DRAIN),
+            fence: entry(FENCE),
+            resolve: entry(RESOLVE),
+            peek: entry(PEEK),
+            lock: redis::Script::new(LOCK),
+            unlock: redis::Script::new(UNLOCK),
+        }
+    }
+
+    pub(crate) fn all(&self) -> [&redis::Script; 9] {
+        [
+            &self.spend,
+            &self.credit,
+            &self.sync_unalloc,
+            &self.drain,
+            &self.fence,
+            &self.resolve,
+            &self.peek,
+            &self.lock,
+            &self.unlock,
+        ]
+    }
+}

@@ -1,0 +1,759 @@
+//! Tests of the Redis hot store and the cache bus against real `redis-server` processes,
+//! each test with its own server on a free loopback port: the hot-store conformance
+//! suite, the escrow engine end to end (one and two nodes), epochs (flush, lost marker,
+//! failover), an unreachable Redis, the cache bus, and the spend latency.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use creditgate_domain::{Clock, SystemClock};
+use creditgate_limiter::hot_conformance;
+use creditgate_limiter::ports::{CreditReply, Drained, HotError, HotStore, Ledger, SpendReply};
+use creditgate_limiter::{Decision, Engine, EngineConfig, MemoryHotStore, MemoryLedger};
+use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
+use tokio::sync::mpsc;
+
+/// A `redis-server` child process on a free loopback port, killed on drop.
+struct RedisServer {
+    port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+/// Ports handed out in this process, never reused by another test of it (a killed
+/// server's port must stay its own for the restart).
+static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+impl RedisServer {
+    fn start() -> Self {
+        Self::start_with(Vec::new())
+    }
+
+    fn start_with(extra: Vec<String>) -> Self {
+        for _ in 0..20 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            if !PORTS.lock().unwrap().insert(port) {
+                continue;
+            }
+            let mut s = Self {
+                port,
+                extra: extra.clone(),
+                child: None,
+            };
+            if s.try_spawn() {
+                return s;
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// Starts `redis-server` on this port; `false` if it did not come up as our child
+    /// (e.g. another process took the port).
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.fresh_dir())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed? scripts/install-deps)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = self.server_pid() {
+                if pid == child.id() {
+                    self.child = Some(child);
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// An empty data directory of this server: a replica writes the RDB it receives, and
+    /// a restarted server must not load anything.
+    fn fresh_dir(&self) -> std::path::PathBuf {
+        let dir = self.dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("data dir");
+        dir
+    }
+
+    fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "creditgate-redis-test-{}-{}",
+            std::process::id(),
+            self.port
+        ))
+    }
+
+    fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// The `process_id` of whatever Redis answers on the port.
+    fn server_pid(&self) -> Option<u32> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        s.write_all(b"INFO server\r\n").ok()?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let rest = &text[text.find("process_id:")? + "process_id:".len()..];
+        rest.lines().next()?.trim().parse().ok()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+async fn store(server: &RedisServer) -> Arc<RedisHotStore> {
+    Arc::new(
+        RedisHotStore::connect(&server.url(), RedisOptions::default())
+            .await
+            .expect("connect"),
+    )
+}
+
+fn engine(hot: Arc<dyn HotStore>, ledger: Arc<MemoryLedger>) -> Arc<Engine> {
+    Arc::new(Engine::new(
+        hot,
+        ledger,
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    ))
+}
+
+fn new_key(ledger: &MemoryLedger, name: &str, credits: u64) -> String {
+    ledger.create_key(name, Some(credits), SystemClock.now_ms());
+    name.to_owned()
+}
+
+/// Runs `n` concurrent spends of 1 spread round-robin over `engines`; returns the
+/// `remaining` of every VALID decision and the number of USAGE_EXCEEDED ones.
+async fn concurrent_spends(engines: &[Arc<Engine>], key: &str, n: usize) -> (Vec<u64>, usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let e = engines[i % engines.len()].clone();
+        let key = key.to_owned();
+        tasks.push(tokio::spawn(async move { e.spend(&key, 1).await }));
+    }
+    let mut valid = Vec::new();
+    let mut exceeded = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(Decision::Valid { remaining }) => valid.push(remaining.expect("limited key")),
+            Ok(Decision::Exceeded { remaining }) => {
+                assert_eq!(remaining, 0, "exceeded only once the balance is gone");
+                exceeded += 1;
+            }
+            other => panic!("unexpected decision {other:?}"),
+        }
+    }
+    (valid, exceeded)
+}
+
+fn assert_exact(valid: &[u64], credits: u64) {
+    assert_eq!(
+        u64::try_from(valid.len()).expect("fits"),
+        credits,
+        "exactly as many VALID as credits"
+    );
+    let seen: BTreeSet<u64> = valid.iter().copied().collect();
+    assert_eq!(
+        seen,
+        (0..credits).collect::<BTreeSet<u64>>(),
+        "every remaining value answered exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_agrees_with_the_memory_reference() {
+    hot_conformance::run_all(Arc::new(MemoryHotStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms() {
+    let server = RedisServer::start();
+    let hot = store(&server).await;
+    hot_conformance::run_all(hot.clone()).await;
+    // Twice on the same store: key names are unique per run.
+    hot_conformance::run_all(hot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spend_script_checks_its_cost() {
+    let server = RedisServer::start();
+    let hot = store(&server).await;
+    hot.credit("k", "t", 0, 10, 0, 1).await.expect("credit");
+    for bad in ["-1", "1.5", "abc", "", "inf", "nan", "9007199254740992"] {
+        let r = hot.spend_raw_cost("k", bad).await;
+        assert!(
+            matches!(r, Err(HotError::Other(ref m)) if m.contains("cost")),
+            "cost {bad:?}: {r:?}"
+        );
+    }
+    assert_eq!(
+        hot.spend_raw_cost("k", "3").await.expect("spend"),
+        SpendReply::Valid {
+            remaining: 7,
+            bal: 7
+        }
+    );
+    assert!(matches!(hot.spend("a{b", 1).await, Err(HotError::Other(_))));
+
+    // Numbers are exact up to Credits::MAX = 2^53 - 1.
+    let max = creditgate_domain::Credits::MAX;
+    hot.credit("big", "t", 0, max, 0, 1).await.expect("credit");
+    assert_eq!(
+        hot.spend("big", max - 1).await.expect("spend"),
+        SpendReply::Valid {
+            remaining: 1,
+            bal: 1
+        }
+    );
+    assert_eq!(
+        hot.spend("big", 2).await.expect("spend"),
+        SpendReply::Exceeded { remaining: 1 }
+    );
+    assert!(matches!(
+        hot.credit("big", "t2", 0, max + 1, 0, 2).await,
+        Err(HotError::Other(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_memory_policy_is_reported() {
+    let safe = RedisServer::start();
+    assert_eq!(store(&safe).await.risky_eviction_policy(), None);
+    let volatile =
+        RedisServer::start_with(vec!["--maxmemory-policy".into(), "volatile-lru".into()]);
+    assert_eq!(store(&volatile).await.risky_eviction_policy(), None);
+    let risky = RedisServer::start_with(vec!["--maxmemory-policy".into(), "allkeys-lru".into()]);
+    assert_eq!(
+        store(&risky).await.risky_eviction_policy(),
+        Some("allkeys-lru")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_holding_credits_never_expire_and_empty_ones_do() {
+    let server = RedisServer::start();
+    let options = RedisOptions {
+        empty_entry_ttl: Duration::from_millis(300),
+        ..RedisOptions::default()
+    };
+    let hot = RedisHotStore::connect(&server.url(), options)
+        .await
+        .expect("connect");
+    let mut raw = server.raw().await;
+    let pttl = |k: &'static str| redis::cmd("PTTL").arg(k).to_owned();
+
+    hot.credit("full", "t", 0, 5, 0, 1).await.expect("credit");
+    hot.fence("empty", 1).await.expect("fence");
+    let full: i64 = pttl("cg:{full}:e")
+        .query_async(&mut raw)
+        .await
+        .expect("pttl");
+    let empty: i64 = pttl("cg:{empty}:e")
+        .query_async(&mut raw)
+        .await
+        .expect("pttl");
+    assert_eq!(full, -1, "an entry holding credits has no TTL");
+    assert!(
+        (1..=300).contains(&empty),
+        "an empty entry has a TTL: {empty}"
+    );
+    let mark: i64 = pttl("cg:{full}:m:t")
+        .query_async(&mut raw)
+        .await
+        .expect("pttl");
+    assert!(mark > 3_000_000, "marks live about an hour: {mark}");
+
+    // Draining empties the entry: it gets a TTL, and goes.
+    hot.drain("full", "d", 0).await.expect("drain");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(hot.peek("full").await.expect("peek").is_none());
+    assert!(hot.peek("empty").await.expect("peek").is_none());
+    assert_eq!(hot.expire_idle(0).await.expect("expire_idle"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_on_redis_is_exact_under_concurrency() {
+    let server = RedisServer::start();
+    let ledger = Arc::new(MemoryLedger::new());
+    let e = engine(store(&server).await, ledger.clone());
+    tokio::spawn(e.clone().run_prefetcher(std::future::pending()));
+    let key = new_key(&ledger, "key_exact", 100);
+
+    let (valid, exceeded) = concurrent_spends(std::slice::from_ref(&e), &key, 200).await;
+    assert_exact(&valid, 100);
+    assert_eq!(exceeded, 100);
+
+    e.drain_all().await.expect("drain_all");
+    let state = ledger.state(&key).await.expect("state").expect("row");
+    assert_eq!(state.remaining, Some(0));
+    assert_eq!(e.balance(&key).await.expect("balance"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_on_redis_returns_the_exact_rest_to_the_ledger() {
+    let server = RedisServer::start();
+    let ledger = Arc::new(MemoryLedger::new());
+    let e = engine(store(&server).await, ledger.clone());
+    let key = new_key(&ledger, "key_rest", 100);
+
+    let (valid, _) = concurrent_spends(std::slice::from_ref(&e), &key, 37).await;
+    assert_eq!(valid.len(), 37);
+    assert_eq!(e.balance(&key).await.expect("balance"), Some(63));
+    e.drain_all().await.expect("drain_all");
+    let state = ledger.state(&key).await.expect("state").expect("row");
+    assert_eq!(
+        state.remaining,
+        Some(63),
+        "the ledger holds the exact balance"
+    );
+    assert_eq!(
+        state.hot_allocated, 0,
+        "nothing left allocated to the hot store"
+    );
+    let entry = e.hot().peek(&key).await.expect("peek").expect("entry");
+    assert_eq!((entry.bal, entry.spent), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sharing_redis_are_exact() {
+    let server = RedisServer::start();
+    let ledger = Arc::new(MemoryLedger::new());
+    let a = engine(store(&server).await, ledger.clone());
+    let b = engine(store(&server).await, ledger.clone());
+    for e in [&a, &b] {
+        tokio::spawn(e.clone().run_prefetcher(std::future::pending()));
+    }
+    let key = new_key(&ledger, "key_two_nodes", 100);
+
+    let (valid, exceeded) = concurrent_spends(&[a.clone(), b.clone()], &key, 300).await;
+    assert_exact(&valid, 100);
+    assert_eq!(exceeded, 200);
+    a.drain_all().await.expect("drain_all");
+    b.drain_all().await.expect("drain_all");
+    let state = ledger.state(&key).await.expect("state").expect("row");
+    assert_eq!(state.remaining, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_store_is_a_new_epoch_and_its_credits_are_written_off() {
+    let server = RedisServer::start();
+    let ledger = Arc::new(MemoryLedger::new());
+    let hot = store(&server).await;
+    let e = engine(hot.clone(), ledger.clone());
+    let key = new_key(&ledger, "key_flush", 100);
+
+    for _ in 0..5 {
+        assert!(matches!(
+            e.spend(&key, 1).await.expect("spend"),
+            Decision::Valid { .. }
+        ));
+    }
+    assert_eq!(e.reconcile_once().await.expect("reconcile").lost_credits, 0);
+    let before = hot.peek(&key).await.expect("peek").expect("entry");
+    assert!(before.bal > 0, "the hot store holds credits: {before:?}");
+    let allocated = ledger
+        .state(&key)
+        .await
+        .expect("state")
+        .expect("row")
+        .hot_allocated;
+    assert_eq!(allocated, before.bal + before.spent);
+    let old_epoch = hot.epoch().await.expect("epoch");
+
+    let mut raw = server.raw().await;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut raw)
+        .await
+        .expect("flushall");
+
+    let new_epoch = hot.epoch().await.expect("epoch");
+    assert_ne!(new_epoch, old_epoch, "a flush starts a new epoch");
+    assert_eq!(hot.spend(&key, 1).await.expect("spend"), SpendReply::Miss);
+
+    let report = e.reconcile_once().await.expect("reconcile");
+    assert_eq!(
+        report.lost_credits, allocated,
+        "the ledger reports what the lost store held"
+    );
+    // Spend until exhausted: the lost balance is never spent again.
+    let mut valid = 5;
+    loop {
+        match e.spend(&key, 1).await.expect("spend") {
+            Decision::Valid { .. } => valid += 1,
+            Decision::Exceeded { remaining } => {
+                assert_eq!(remaining, 0);
+                break;
+            }
+            Decision::NotFound => panic!("key vanished"),
+        }
+        assert!(valid <= 100, "over-spend");
+    }
+    assert_eq!(
+        valid,
+        100 - before.bal,
+        "everything but the lost hot balance is spent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_an_old_epoch_are_never_spent_even_when_the_data_survives() {
+    let server = RedisServer::start();
+    let hot = store(&server).await;
+    assert_eq!(
+        hot.credit("k", "t1", 0, 50, 10, 1).await.expect("credit"),
+        CreditReply::Credited { spent: 0 }
+    );
+    let old_epoch = hot.epoch().await.expect("epoch");
+
+    // The marker disappears (e.g. evicted) while the entry survives.
+    let mut raw = server.raw().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg("cg:epoch")
+        .query_async(&mut raw)
+        .await
+        .expect("del");
+    let new_epoch = hot.epoch().await.expect("epoch");
+    assert_ne!(new_epoch, old_epoch);
+    assert_eq!(*hot.cached_epoch(), *new_epoch);
+
+    assert_eq!(hot.spend("k", 1).await.expect("spend"), SpendReply::Miss);
+    assert!(hot.peek("k").await.expect("peek").is_none());
+    assert_eq!(
+        hot.drain("k", "d", 0).await.expect("drain"),
+        Default::default()
+    );
+    assert_eq!(
+        hot.credit("k", "t2", 0, 7, 3, 1).await.expect("credit"),
+        CreditReply::Credited { spent: 0 }
+    );
+    let e = hot.peek("k").await.expect("peek").expect("entry");
+    assert_eq!(
+        (e.bal, e.unalloc),
+        (7, Some(3)),
+        "the stale balance is not carried over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_stale_epoch_never_replaces_an_entry_of_the_new_one() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    a.credit("k", "t1", 0, 50, 0, 1).await.expect("credit");
+    let old_epoch = a.cached_epoch();
+
+    let mut raw = server.raw().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg("cg:epoch")
+        .query_async(&mut raw)
+        .await
+        .expect("del");
+    // Node b notices first and credits under the new epoch (the old balance is gone).
+    let new_epoch = b.epoch().await.expect("epoch");
+    assert_ne!(*old_epoch, *new_epoch);
+    assert_eq!(
+        b.credit("k", "t2", 0, 7, 0, 1).await.expect("credit"),
+        CreditReply::Credited { spent: 0 }
+    );
+    assert_eq!(
+        *a.cached_epoch(),
+        *old_epoch,
+        "node a has not refreshed yet"
+    );
+    assert_eq!(
+        a.spend("k", 1).await.expect("spend"),
+        SpendReply::Miss,
+        "a stale node spends nothing of the new epoch"
+    );
+
+    // Node a fences with its stale epoch: it re-reads the epoch and fences the live
+    // entry, instead of replacing it with an empty one of the old epoch.
+    assert_eq!(
+        a.fence("k", 1).await.expect("fence"),
+        Drained {
+            amount: 7,
+            spent: 0,
+            generation: 0
+        }
+    );
+    assert_eq!(*a.cached_epoch(), *new_epoch);
+    let e = b.peek("k").await.expect("peek").expect("entry");
+    assert_eq!((e.bal, e.generation), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_starts_a_new_epoch() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(vec![
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        primary.port.to_string(),
+    ]);
+    let p = store(&primary).await;
+    p.credit("k", "t", 0, 50, 10, 1).await.expect("credit");
+    let mut raw_p = primary.raw().await;
+    let mut synced = 0;
+    for _ in 0..100 {
+        synced = redis::cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query_async(&mut raw_p)
+            .await
+            .expect("wait");
+        if synced == 1 {
+            break;
+        }
+    }
+    assert_eq!(synced, 1, "the replica caught up");
+
+    let r = store(&replica).await;
+    assert_eq!(
+        r.epoch().await.expect("epoch"),
+        p.epoch().await.expect("epoch"),
+        "a replica serves the primary's epoch"
+    );
+    assert_eq!(r.peek("k").await.expect("peek").expect("entry").bal, 50);
+    assert!(
+        matches!(r.spend("k", 1).await, Err(HotError::Unreachable(_))),
+        "a read-only replica refuses before running"
+    );
+
+    let mut raw_r = replica.raw().await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut raw_r)
+        .await
+        .expect("promote");
+    let promoted = r.epoch().await.expect("epoch");
+    assert_ne!(promoted, p.epoch().await.expect("epoch"));
+    assert_eq!(
+        r.spend("k", 1).await.expect("spend"),
+        SpendReply::Miss,
+        "balances of the old epoch are never spent again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
+    let mut server = RedisServer::start();
+    let hot = store(&server).await;
+    let ledger = Arc::new(MemoryLedger::new());
+    let e = engine(hot.clone(), ledger.clone());
+    let key = new_key(&ledger, "key_dead", 100);
+    assert!(matches!(
+        e.spend(&key, 1).await.expect("spend"),
+        Decision::Valid { .. }
+    ));
+    let epoch = hot.epoch().await.expect("epoch");
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = hot.spend(&key, 1).await;
+        assert!(matches!(r, Err(HotError::Unreachable(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let started = Instant::now();
+    assert!(matches!(hot.epoch().await, Err(HotError::Unreachable(_))));
+    assert!(matches!(
+        hot.lock(&key, Duration::from_secs(1), Duration::ZERO).await,
+        Err(HotError::Unreachable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The engine spends on the ledger meanwhile, never touching the hot balance.
+    let before = ledger
+        .state(&key)
+        .await
+        .expect("state")
+        .expect("row")
+        .remaining
+        .expect("limited");
+    assert_eq!(
+        e.spend(&key, 1).await.expect("direct spend"),
+        Decision::Valid {
+            remaining: Some(before - 1)
+        }
+    );
+
+    server.spawn();
+    let r = hot.spend(&key, 1).await;
+    assert_eq!(
+        r.expect("the first call after the restart works"),
+        SpendReply::Miss,
+        "the restarted (empty) server has no entry"
+    );
+    assert_ne!(
+        hot.epoch().await.expect("epoch"),
+        epoch,
+        "a restart is a new epoch"
+    );
+    assert!(matches!(
+        e.spend(&key, 1).await.expect("spend"),
+        Decision::Valid { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_ambiguous_after_the_response_timeout() {
+    let server = RedisServer::start();
+    let hot = store(&server).await;
+    hot.credit("k", "t", 0, 10, 0, 1).await.expect("credit");
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+
+    signal("-STOP");
+    let started = Instant::now();
+    let r = hot.spend("k", 1).await;
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert!(matches!(r, Err(HotError::Ambiguous(_))), "{r:?}");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(1),
+        "the response timeout (500 ms) bounds the call: {waited:?}"
+    );
+    // It was ambiguous indeed: the request was sent, and ran once Redis resumed.
+    let e = hot.peek("k").await.expect("peek").expect("entry");
+    assert_eq!(e.bal, 9, "the timed-out spend ran after all");
+    assert_eq!(
+        hot.spend("k", 1).await.expect("spend"),
+        SpendReply::Valid {
+            remaining: 8,
+            bal: 8
+        }
+    );
+}
+
+async fn recv_within(rx: &mut mpsc::Receiver<String>, within: Duration) -> String {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .expect("a message in time")
+        .expect("subscription alive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_bus_round_trip_and_star_after_restart() {
+    let mut server = RedisServer::start();
+    let publisher = CacheBus::connect(&server.url()).await.expect("bus");
+    let subscriber = CacheBus::connect(&server.url()).await.expect("bus");
+    let mut rx = subscriber.subscribe();
+    assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "*");
+
+    publisher.publish("key_1").await.expect("publish");
+    assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "key_1");
+    // A second subscriber gets its own "*" and the messages too.
+    let mut rx2 = publisher.subscribe();
+    assert_eq!(recv_within(&mut rx2, Duration::from_secs(5)).await, "*");
+    publisher.publish("key_2").await.expect("publish");
+    assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "key_2");
+    assert_eq!(recv_within(&mut rx2, Duration::from_secs(5)).await, "key_2");
+
+    server.restart();
+    assert_eq!(
+        recv_within(&mut rx, Duration::from_secs(10)).await,
+        "*",
+        "after a reconnect the subscriber drops its whole cache"
+    );
+    assert_eq!(recv_within(&mut rx2, Duration::from_secs(10)).await, "*");
+    // The publisher reconnects by itself (its first call may report the old failure).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while publisher.publish("key_3").await.is_err() {
+        assert!(Instant::now() < deadline, "publisher did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "key_3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_latency() {
+    let server = RedisServer::start();
+    let hot = store(&server).await;
+    hot.credit("k", "t", 0, 1_000_000, 0, 1)
+        .await
+        .expect("credit");
+    let mut us = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let started = Instant::now();
+        let r = hot.spend("k", 1).await.expect("spend");
+        us.push(started.elapsed().as_micros());
+        assert!(matches!(r, SpendReply::Valid { .. }), "{r:?}");
+    }
+    us.sort_unstable();
+    println!(
+        "RedisHotStore::spend over 2000 sequential calls: median {} us, p99 {} us, max {} us",
+        us[us.len() / 2],
+        us[us.len() * 99 / 100],
+        us[us.len() - 1]
+    );
+    assert_eq!(
+        hot.peek("k").await.expect("peek").expect("entry").bal,
+        1_000_000 - 2000
+    );
+}
