@@ -35,6 +35,8 @@ use serde::Serialize;
 
 use crate::{Batch, RequestEvent, Sink, SinkError, VerificationEvent};
 
+/// How long an idle HTTP connection is kept for the next batch.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest server error message kept in an error (ClickHouse can return stack traces).
 const MAX_ERROR_MESSAGE_CHARS: usize = 2_000;
 
@@ -172,6 +174,9 @@ impl ClickHouseSink {
         let client = reqwest::Client::builder()
             .timeout(options.request_timeout)
             .connect_timeout(options.connect_timeout)
+            // Below the server's keep-alive timeout (3 s in the packaged config), so an
+            // idle connection is not reused just as the server closes it.
+            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .build()
             .map_err(|e| ClickHouseError::Transport(error_chain(&e)))?;
         let sink = Self {

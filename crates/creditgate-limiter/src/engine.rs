@@ -154,6 +154,8 @@ pub struct Engine {
 
 /// Keys waiting for a prefetch; beyond it, requests are dropped (and counted).
 const PREFETCH_QUEUE: usize = 4096;
+/// Prefetches running at once per node.
+const PREFETCH_CONCURRENCY: usize = 32;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -435,27 +437,40 @@ impl Engine {
     }
 
     /// Tops up hot balances in the background so spends under steady load never wait
-    /// for the ledger. Runs until every engine handle but this one is gone or `shutdown`.
+    /// for the ledger: up to `PREFETCH_CONCURRENCY` refills at once. Runs until
+    /// `shutdown`; refills in progress then finish.
     pub async fn run_prefetcher(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         let Some(mut rx) = lock_map(&self.prefetch_rx).take() else {
             return;
         };
+        let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY));
         tokio::pin!(shutdown);
         loop {
             let (key, cost) = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
                 next = rx.recv() => match next {
                     Some(next) => next,
-                    None => return,
+                    None => break,
                 },
             };
-            if let Err(e) = self.prefetch(&key, cost).await {
-                tracing::debug!(key_id = %key, error = %e, "prefetch failed");
-            }
-            if let Some(a) = lock_map(&self.activity).get_mut(&key) {
-                a.prefetching = false;
-            }
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let engine = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = engine.prefetch(&key, cost).await {
+                    tracing::debug!(key_id = %key, error = %e, "prefetch failed");
+                }
+                if let Some(a) = lock_map(&engine.activity).get_mut(&key) {
+                    a.prefetching = false;
+                }
+                drop(permit);
+            });
         }
+        // Let refills in flight finish (bounded by the engine's own call timeouts).
+        let _ = permits
+            .acquire_many(u32::try_from(PREFETCH_CONCURRENCY).unwrap_or(u32::MAX))
+            .await;
     }
 
     async fn prefetch(&self, key: &str, cost: u64) -> Result<(), EngineError> {

@@ -2,7 +2,10 @@
 //! (`MemoryHotStore` here, `RedisHotStore` in `creditgate-redis`). The checks pin down
 //! the contract as `MemoryHotStore` implements it. Each check uses its own key names
 //! (random prefix), so the suite can run on a shared store, concurrently with other
-//! tests; it needs real time (waits of tens of milliseconds for idleness and locks).
+//! tests; it needs real time (waits of tens of milliseconds for idleness and locks) and
+//! takes about a second. One check calls `expire_idle(0)`, which on a shared
+//! `MemoryHotStore` also removes other users' entries that hold nothing (as the
+//! contract allows).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

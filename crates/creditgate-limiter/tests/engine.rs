@@ -568,3 +568,8 @@ async fn concurrent_spends_with_updates_conserve_credits() {
     );
     assert_eq!(s.remaining, Some(500 + increments - spent), "seed {seed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hot_store_conforms() {
+    creditgate_limiter::hot_conformance::run_all(Arc::new(MemoryHotStore::new())).await;
+}

@@ -66,23 +66,26 @@ impl CacheBus {
 
     /// Publishes one invalidation to every node (best effort: a subscriber that misses it
     /// gets `"*"` when it reconnects).
+    ///
+    /// An I/O failure is retried once: the connection manager reconnects on it, and a
+    /// duplicate invalidation is harmless.
     pub async fn publish(&self, msg: &str) -> Result<(), RedisError> {
         let mut conn = self.publisher.clone();
-        redis::cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(msg)
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                metrics::counter!(m::BUS_PUBLISH_ERRORS).increment(1);
-                RedisError::Command(e.to_string())
-            })
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(CHANNEL).arg(msg);
+        let result = match cmd.query_async::<i64>(&mut conn).await {
+            Err(e) if e.is_io_error() => cmd.query_async::<i64>(&mut conn).await,
+            r => r,
+        };
+        result.map(|_| ()).map_err(|e| {
+            metrics::counter!(m::BUS_PUBLISH_ERRORS).increment(1);
+            RedisError::Command(e.to_string())
+        })
     }
 
-    /// A new subscription on its own connection, kept alive (reconnecting with bounded
-    /// backoff) until the receiver is dropped. The first message is `"*"`, once
-    /// subscribed.
+    /// A new subscription on its own connection, kept alive (reconnecting with backoff
+    /// from 50 ms up to 2 s) until the receiver is dropped. The first message is `"*"`,
+    /// once subscribed; another `"*"` follows every reconnect. Spawns a Tokio task.
     pub fn subscribe(&self) -> mpsc::Receiver<String> {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         tokio::spawn(run_subscription(self.client.clone(), tx));

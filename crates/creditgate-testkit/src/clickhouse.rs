@@ -233,6 +233,7 @@ impl ClickHouse {
     <mark_cache_size>268435456</mark_cache_size>
     <uncompressed_cache_size>268435456</uncompressed_cache_size>
     <mlock_executable>false</mlock_executable>
+    <keep_alive_timeout>3</keep_alive_timeout>
 </yandex>
 "#,
             log = p("clickhouse-server.log"),

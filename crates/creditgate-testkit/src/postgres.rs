@@ -112,7 +112,8 @@ impl Postgres {
         };
         with_retries("postgres", || {
             server.port = free_port()?;
-            server.launch()
+            // One try per port: a port taken by someone else fails fast, then a fresh one.
+            server.launch(false)
         })?;
         Ok(server)
     }
@@ -188,13 +189,13 @@ impl Postgres {
         if self.process.is_running() {
             return Ok(());
         }
-        self.launch()
+        self.launch(true)
     }
 
     /// `stop` then `start_again`.
     pub fn restart(&self) -> Result<()> {
         self.stop()?;
-        self.launch()
+        self.launch(true)
     }
 
     /// The tail of the server's log.
@@ -207,7 +208,10 @@ impl Postgres {
         &self.data_dir
     }
 
-    fn launch(&self) -> Result<()> {
+    /// Starts the postmaster and waits for `SELECT 1`; with `persist`, an early exit is
+    /// retried until the deadline (after `kill9` the old backends may still hold the
+    /// shared memory or the port for a moment).
+    fn launch(&self, persist: bool) -> Result<()> {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
             let mut cmd = Command::new(self.bin_dir.join("postgres"));
@@ -232,9 +236,11 @@ impl Postgres {
                 .wait_ready(remaining, || self.query("postgres", "SELECT 1").map(drop));
             match ready {
                 Ok(()) => return Ok(()),
-                // A killed postmaster's backends may still hold the shared memory or the
-                // port for a moment: try again while time is left.
-                Err(_) if !self.process.is_running() && std::time::Instant::now() < deadline => {
+                Err(_)
+                    if persist
+                        && !self.process.is_running()
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => {
