@@ -70,11 +70,11 @@ async fn run(urls: &[String], keys: &[String], secs: u64) -> (f64, f64, f64, u64
         bad += b;
     }
     lat.sort();
-    let pct = |p: f64| {
-        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+    let pct = |permille: usize| {
+        let i = lat.len().saturating_sub(1) * permille / 1000;
         lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    (lat.len() as f64 / secs as f64, pct(0.5), pct(0.99), bad)
+    (lat.len() as f64 / secs as f64, pct(500), pct(990), bad)
 }
 
 fn sql_writes(pg: &Postgres, db: &str) -> u64 {
