@@ -15,11 +15,13 @@
 //! from `#[test]`, `#[tokio::test]` and `OnceLock` initialisers alike.
 
 mod clickhouse;
+pub mod cluster;
 mod postgres;
 mod process;
 mod redis;
 
 pub use clickhouse::ClickHouse;
+pub use cluster::{Backends, Cluster, ClusterOptions, NodeKind};
 pub use postgres::Postgres;
 pub use redis::RedisServer;
 
