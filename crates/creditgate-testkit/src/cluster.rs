@@ -76,6 +76,13 @@ pub struct Node {
     running: Running,
 }
 
+impl Node {
+    /// The node's data directory (its SQLite files on the embedded default).
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+}
+
 /// A running cluster; dropping it stops the nodes (and owned services).
 pub struct Cluster {
     pub nodes: Vec<Node>,
@@ -282,6 +289,20 @@ impl Cluster {
     pub async fn shutdown(mut self) -> Result<()> {
         for i in 0..self.nodes.len() {
             self.stop_node(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node and drops this cluster's Postgres and ClickHouse databases.
+    pub async fn destroy(mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i).await?;
+        }
+        if let (Some(pg), Some(db)) = (self.postgres(), &self.pg_database) {
+            pg.query("postgres", &format!("DROP DATABASE IF EXISTS {db}"))?;
+        }
+        if let (Some(ch), Some(db)) = (self.clickhouse(), &self.clickhouse_database) {
+            ch.query(&format!("DROP DATABASE IF EXISTS {db}"))?;
         }
         Ok(())
     }
