@@ -741,6 +741,7 @@ impl Engine {
                 } else {
                     q.push_back((key.to_owned(), transfer_id.to_owned(), d));
                 }
+                metrics::gauge!(m::RETURNS_QUEUED).set(q.len() as f64);
             }
         }
     }
@@ -760,6 +761,7 @@ impl Engine {
     async fn retry_failed_returns(&self) -> usize {
         let batch: Vec<_> = lock_map(&self.failed_returns).drain(..).collect();
         let n = batch.len();
+        metrics::counter!(m::RETURNS_RETRIED).increment(n as u64);
         for (key, transfer_id, d) in batch {
             self.return_to_ledger(&key, &transfer_id, d).await;
         }
