@@ -295,7 +295,11 @@ impl Engine {
     async fn refill_locked(&self, key: &str, cost: u64) -> Result<Decision, EngineError> {
         let started = Instant::now();
         self.settle_pending(key).await?;
-        for _ in 0..4 {
+        // Spenders on other nodes may take a fresh chunk before our own spend does (they
+        // need no lock): keep moving chunks, doubling them, until ours succeeds, the ledger
+        // runs dry, or the lock's lifetime is near.
+        let mut boost = 1u64;
+        while started.elapsed() < self.config.lock_ttl / 2 {
             let (generation, bal) = match self.hot.spend(key, cost).await? {
                 SpendReply::Valid { remaining, .. } => {
                     return Ok(Decision::Valid {
@@ -315,9 +319,10 @@ impl Engine {
                 generation,
                 epoch: &epoch,
                 need,
-                chunk: self.chunk_for(key, cost),
+                chunk: self.chunk_for(key, cost).saturating_mul(boost),
                 now_ms: self.clock.now_ms(),
             };
+            boost = boost.saturating_mul(2).min(1 << 20);
             match self.ledger.allocate(&req).await? {
                 AllocateOutcome::Granted {
                     amount,
@@ -370,6 +375,7 @@ impl Engine {
                 AllocateOutcome::NotFound => return Ok(Decision::NotFound),
             }
         }
+        metrics::counter!(m::SPEND_TIMEOUTS).increment(1);
         Err(EngineError::Busy(
             "hot balance kept moving during refill".into(),
         ))

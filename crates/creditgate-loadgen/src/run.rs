@@ -179,8 +179,8 @@ async fn run_open(ctx: &Arc<Ctx>, plan: &Plan, rate: f64) -> u64 {
     let bound = start
         .checked_add(plan.time_bound())
         .unwrap_or_else(far_future);
-    let permits = u32::try_from(plan.max_in_flight.clamp(1, Semaphore::MAX_PERMITS))
-        .unwrap_or(u32::MAX);
+    let permits =
+        u32::try_from(plan.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
     let in_flight = Arc::new(Semaphore::new(usize::try_from(permits).unwrap_or(1)));
     let mut not_sent = 0;
     for i in 0..total {
@@ -205,6 +205,7 @@ async fn run_open(ctx: &Arc<Ctx>, plan: &Plan, rate: f64) -> u64 {
         };
         match in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
+                ctx.mark_sent(node);
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let done = ctx.send(i, node, intended).await;
@@ -248,10 +249,15 @@ async fn run_closed(
                 let Some((i, node)) = ctx.dispatch() else {
                     return;
                 };
+                ctx.mark_sent(node);
                 let done = ctx.send(i, node, Instant::now()).await;
                 ctx.record(done, true);
                 if let Some((lo, hi)) = think_time {
-                    let think = if hi > lo { rng.random_range(lo..=hi) } else { lo };
+                    let think = if hi > lo {
+                        rng.random_range(lo..=hi)
+                    } else {
+                        lo
+                    };
                     let wake = Instant::now().checked_add(think).unwrap_or(stop_at);
                     sleep_until(wake.min(stop_at)).await;
                 }
@@ -292,6 +298,8 @@ struct Ctx {
     dispatcher: Mutex<Dispatcher>,
     /// Requests sent to each node, by node index.
     node_counts: Vec<AtomicU64>,
+    /// Requests really sent (not dropped by the client).
+    sent: AtomicU64,
     recorder: Mutex<Recorder>,
 }
 
@@ -339,17 +347,27 @@ impl Ctx {
                 nodes: plan.nodes.len(),
             }),
             node_counts: plan.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
-            recorder: Mutex::new(Recorder::new(start, plan.keep_request_ids, plan.nodes.clone())),
+            sent: AtomicU64::new(0),
+            recorder: Mutex::new(Recorder::new(
+                start,
+                plan.keep_request_ids,
+                plan.nodes.clone(),
+            )),
         }
     }
 
-    /// The next request's index and node, counted as sent to that node.
+    /// The next request's index and node.
     fn dispatch(&self) -> Option<(u64, usize)> {
-        let (i, node) = lock(&self.dispatcher).next()?;
+        lock(&self.dispatcher).next()
+    }
+
+    /// Counts a request as sent to `node`; from here on it either completes or counts
+    /// as `unfinished`.
+    fn mark_sent(&self, node: usize) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
         if let Some(count) = self.node_counts.get(node) {
             count.fetch_add(1, Ordering::Relaxed);
         }
-        Some((i, node))
     }
 
     /// Requests handed out so far.
@@ -394,14 +412,14 @@ impl Ctx {
     /// Closes the books: later answers are ignored, sent-but-unanswered requests count
     /// as `unfinished`.
     fn finish(&self, not_sent: u64) -> Report {
-        let dispatched = self.dispatched();
         let mut rec = lock(&self.recorder);
+        let sent = self.sent.load(Ordering::Relaxed);
         let counts: Vec<u64> = self
             .node_counts
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
-        rec.finish(dispatched, not_sent, &counts)
+        rec.finish(sent, not_sent, &counts)
     }
 
     fn progress(&self) -> Progress {
@@ -703,13 +721,14 @@ impl Recorder {
         }
     }
 
-    fn finish(&mut self, dispatched: u64, not_sent: u64, node_counts: &[u64]) -> Report {
+    /// `sent`: requests really sent; those without a recorded completion are `unfinished`.
+    fn finish(&mut self, sent: u64, not_sent: u64, node_counts: &[u64]) -> Report {
         self.closed = true;
         if self.current.second.requests > 0 {
             self.close_second();
         }
         let mut report = std::mem::take(&mut self.report);
-        let unfinished = dispatched.saturating_sub(self.completed_sent);
+        let unfinished = sent.saturating_sub(self.completed_sent);
         for (kind, n) in [
             (error_kind::NOT_SENT, not_sent),
             (error_kind::UNFINISHED, unfinished),
@@ -722,9 +741,9 @@ impl Recorder {
         for (name, count) in self.node_names.iter().zip(node_counts) {
             *report.nodes.entry(name.clone()).or_default() += count;
         }
-        report.duration_s = self
-            .last_answer
-            .map_or(0.0, |t| t.saturating_duration_since(self.start).as_secs_f64());
+        report.duration_s = self.last_answer.map_or(0.0, |t| {
+            t.saturating_duration_since(self.start).as_secs_f64()
+        });
         report.rps = if report.duration_s > 0.0 {
             self.answered as f64 / report.duration_s
         } else {
@@ -812,12 +831,12 @@ mod tests {
 
     #[test]
     fn answers_are_classified() {
-        let ok = r#"{"meta":{"requestId":"req_1"},"data":{"valid":true,"code":"VALID","credits":7}}"#;
+        let ok =
+            r#"{"meta":{"requestId":"req_1"},"data":{"valid":true,"code":"VALID","credits":7}}"#;
         assert_eq!(outcome(200, ok), Outcome::Valid(Some(7)));
         let unlimited = r#"{"meta":{"requestId":"r"},"data":{"valid":true,"code":"VALID"}}"#;
         assert_eq!(outcome(200, unlimited), Outcome::Valid(None));
-        let spent =
-            r#"{"meta":{"requestId":"r"},"data":{"valid":false,"code":"USAGE_EXCEEDED","credits":0}}"#;
+        let spent = r#"{"meta":{"requestId":"r"},"data":{"valid":false,"code":"USAGE_EXCEEDED","credits":0}}"#;
         assert_eq!(outcome(200, spent), Outcome::UsageExceeded);
         let missing = r#"{"meta":{"requestId":"r"},"data":{"valid":false,"code":"NOT_FOUND"}}"#;
         assert_eq!(outcome(200, missing), Outcome::Other("NOT_FOUND".into()));
@@ -830,7 +849,10 @@ mod tests {
     #[test]
     fn request_ids_only_when_asked() {
         let ok = br#"{"meta":{"requestId":"req_1"},"data":{"valid":true,"code":"VALID"}}"#;
-        assert_eq!(classify(200, ok, true, 1).request_id.as_deref(), Some("req_1"));
+        assert_eq!(
+            classify(200, ok, true, 1).request_id.as_deref(),
+            Some("req_1")
+        );
         assert_eq!(classify(200, ok, false, 1).request_id, None);
     }
 
@@ -854,10 +876,15 @@ mod tests {
                 rng: StdRng::seed_from_u64(seed),
                 nodes: 4,
             };
-            std::iter::from_fn(move || d.next()).map(|(_, n)| n).collect::<Vec<_>>()
+            std::iter::from_fn(move || d.next())
+                .map(|(_, n)| n)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
-        assert!((0..4).all(|n| draw(7).contains(&n)), "50 draws cover 4 nodes");
+        assert!(
+            (0..4).all(|n| draw(7).contains(&n)),
+            "50 draws cover 4 nodes"
+        );
     }
 
     #[test]
@@ -881,7 +908,11 @@ mod tests {
         assert_eq!(seconds, vec![(0, 1), (1, 0), (2, 2)]);
         assert_eq!(report.timeline[2].errors, 1);
         assert_eq!(report.timeline[2].min_remaining, Some(50_000));
-        assert_eq!(report.requests, 3 + 2 + 1, "answers + not sent + unfinished");
+        assert_eq!(
+            report.requests,
+            3 + 2 + 1,
+            "answers + not sent + unfinished"
+        );
         assert_eq!(report.errors.get("not sent"), Some(&2));
         assert_eq!(report.errors.get("unfinished"), Some(&1));
         assert_eq!(report.histogram_ms.len(), PLOT_BUCKETS);

@@ -1,5 +1,8 @@
 //! `creditgate`: the binary. Parses the command line, sets up logging, and hands over to
-//! the server crate. No logic lives here.
+//! the server crate (`serve`, `root-key`), the testkit (`cluster`) or the load generator
+//! (`loadtest`). No logic lives here.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -24,6 +27,21 @@ enum Command {
     /// Manage root keys.
     #[command(subcommand)]
     RootKey(RootKeyCommand),
+    /// Start a local cluster of N nodes (child processes of this binary) with its own
+    /// Redis, Postgres and ClickHouse; print the node URLs and the root key; stop
+    /// everything on Ctrl-C.
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Root key of the cluster (default: a fresh one, printed).
+        #[arg(long, env = "CREDITGATE_ROOT_KEY", hide_env_values = true)]
+        root_key: Option<String>,
+    },
+    /// Drive nodes (--nodes, or a local --spawn N cluster) with verifications of keys with
+    /// credits; print a table, write JSON and an HTML report; exit 1 on over-spend or too
+    /// many errors.
+    Loadtest(creditgate_loadgen::loadtest::LoadtestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,9 +62,10 @@ enum RootKeyCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr; `CREDITGATE_LOG` overrides `default_filter`.
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_env("CREDITGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -79,15 +98,16 @@ async fn shutdown_signal() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            init_logging(config.log_format);
+            init_logging(config.log_format, "info,sqlx=warn");
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            creditgate_server::serve(listener, config, shutdown_signal()).await
+            creditgate_server::serve(listener, config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::RootKey(RootKeyCommand::Create {
             permissions,
@@ -95,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
             name,
             store,
         }) => {
-            init_logging(store.log_format);
+            init_logging(store.log_format, "info,sqlx=warn");
             let permissions = permissions
                 .iter()
                 .map(|p| creditgate_server::parse_permission(p))
@@ -104,7 +124,29 @@ async fn main() -> anyhow::Result<()> {
             let secret =
                 creditgate_server::create_root_key(&store, &workspace, permissions, name).await?;
             println!("{secret}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster { nodes, root_key } => {
+            init_logging(LogFormat::Pretty, "warn");
+            eprintln!("starting {nodes} node(s) with their own Redis, Postgres and ClickHouse…");
+            let cluster = creditgate_loadgen::loadtest::start_cluster(nodes, root_key).await?;
+            for node in &cluster.nodes {
+                println!("{}  {}", node.node_id, node.url);
+            }
+            println!("root key  {}", cluster.root_key);
+            println!(
+                "try: creditgate loadtest --nodes {} --root-key {}",
+                cluster.urls().join(","),
+                cluster.root_key
+            );
+            eprintln!("Ctrl-C stops the cluster");
+            shutdown_signal().await;
+            cluster.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Loadtest(args) => {
+            init_logging(LogFormat::Pretty, "warn");
+            creditgate_loadgen::loadtest::run_cli(args).await
         }
     }
 }

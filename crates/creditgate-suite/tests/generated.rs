@@ -1,0 +1,3 @@
+//! The generated matrix: one test per row of `src/cases.rs` (see `build.rs`).
+
+include!(concat!(env!("OUT_DIR"), "/generated.rs"));
