@@ -298,6 +298,15 @@ pub fn assert_spread(r: &Report, nodes: usize) {
     }
 }
 
+/// The generated test's name of a case (as `build.rs` writes it).
+pub fn plan_name(c: &Case) -> String {
+    let hundredths = format!("{:.2}", c.load).replace('.', "_");
+    format!(
+        "usagelimit_nodes{:02}_credits{:04}_cost{:02}_load{hundredths:0>5}_duration{:03}",
+        c.nodes, c.credits, c.cost, c.seconds
+    )
+}
+
 /// One generated case: paced open-loop load at the suite's rate for the case's duration.
 pub async fn run_generated(case: &Case, target: Target) {
     let scale = time_scale();
@@ -327,6 +336,14 @@ pub async fn run_generated(case: &Case, target: Target) {
         started.elapsed().as_secs_f64() >= seconds * 0.9,
         "the run was paced over {seconds} s, took {:?}",
         started.elapsed()
+    );
+    println!(
+        "SUITE-RESULT | {} | {:?} | {requests} | {} | {expected} | {:.2} | {:.1} |",
+        plan_name(case),
+        target,
+        r.valid,
+        r.latency_ms.p99,
+        started.elapsed().as_secs_f64()
     );
     let valid = assert_exact(&r, case.credits, case.cost);
     let balance = case.credits - valid * case.cost;
