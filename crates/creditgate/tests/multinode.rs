@@ -173,10 +173,29 @@ async fn changes_on_one_node_take_effect_on_every_node_within_100ms() {
     );
 }
 
+/// 24 workers spread over the nodes for `secs` seconds (cost 1, 2 ms between requests).
+fn start_load(cluster: &Cluster, key: &str, secs: u64) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(sustained(
+        cluster.urls(),
+        key.to_owned(),
+        1,
+        Duration::from_secs(secs),
+        24,
+        Duration::from_millis(2),
+    ))
+}
+
 /// Checks after a fault: never an over-spend, and once healed the balance is exact up
 /// to what can legitimately be unaccounted: credits spent by requests whose answer was
 /// lost (errors) and what the engine reported as written off.
-async fn check_after_fault(cluster: &Cluster, key_id: &str, granted: u64, seen: &Seen, what: &str) {
+async fn check_after_fault(
+    cluster: &Cluster,
+    pg: &Postgres,
+    key_id: &str,
+    granted: u64,
+    seen: &Seen,
+    what: &str,
+) {
     assert!(
         seen.valid <= granted,
         "{what}: over-spend: {} VALID of {granted}",
@@ -186,7 +205,7 @@ async fn check_after_fault(cluster: &Cluster, key_id: &str, granted: u64, seen: 
     let deadline = Instant::now() + Duration::from_secs(30);
     let remaining = loop {
         let r = cluster.nodes[0].remaining(ROOT, key_id).await;
-        let sql = cluster.sql_remaining(Postgres::shared(), key_id);
+        let sql = cluster.sql_remaining(pg, key_id);
         if let (Some(r), Some(sql)) = (r, sql) {
             if i64::try_from(r).ok() == Some(sql) || Instant::now() > deadline {
                 break r;
@@ -221,19 +240,20 @@ async fn kill9_of_a_node_mid_load() {
     let redis = RedisServer::start().expect("redis");
     let mut cluster = Cluster::start(3, Backends::on(&redis, Postgres::shared())).await;
     let (key_id, key) = cluster.key(2_000).await;
-    let load = tokio::spawn(sustained(
-        cluster.urls(),
-        key.clone(),
-        1,
-        Duration::from_secs(3),
-        24,
-        Duration::from_millis(2),
-    ));
+    let load = start_load(&cluster, &key, 3);
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.nodes[1].kill9().await;
     let seen = load.await.expect("load");
     cluster.restart_node(1).await;
-    check_after_fault(&cluster, &key_id, 2_000, &seen, "node kill -9").await;
+    check_after_fault(
+        &cluster,
+        Postgres::shared(),
+        &key_id,
+        2_000,
+        &seen,
+        "node kill -9",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,20 +261,21 @@ async fn redis_kill9_and_restart_mid_load() {
     let redis = RedisServer::start().expect("redis");
     let cluster = Cluster::start(3, Backends::on(&redis, Postgres::shared())).await;
     let (key_id, key) = cluster.key(2_000).await;
-    let load = tokio::spawn(sustained(
-        cluster.urls(),
-        key.clone(),
-        1,
-        Duration::from_secs(4),
-        24,
-        Duration::from_millis(2),
-    ));
+    let load = start_load(&cluster, &key, 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.kill9().expect("kill redis");
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart().expect("restart redis");
     let seen = load.await.expect("load");
-    check_after_fault(&cluster, &key_id, 2_000, &seen, "redis kill -9 + restart").await;
+    check_after_fault(
+        &cluster,
+        Postgres::shared(),
+        &key_id,
+        2_000,
+        &seen,
+        "redis kill -9 + restart",
+    )
+    .await;
     // Redis came back: nodes use it again without a restart.
     let v = cluster.nodes[2].verify(ROOT, &key, 0).await;
     assert_eq!(v["code"], "VALID", "{v}");
@@ -265,20 +286,21 @@ async fn redis_paused_three_seconds() {
     let redis = RedisServer::start().expect("redis");
     let cluster = Cluster::start(3, Backends::on(&redis, Postgres::shared())).await;
     let (key_id, key) = cluster.key(2_000).await;
-    let load = tokio::spawn(sustained(
-        cluster.urls(),
-        key.clone(),
-        1,
-        Duration::from_secs(5),
-        24,
-        Duration::from_millis(2),
-    ));
+    let load = start_load(&cluster, &key, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.pause().expect("pause redis");
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.resume().expect("resume redis");
     let seen = load.await.expect("load");
-    check_after_fault(&cluster, &key_id, 2_000, &seen, "redis paused 3 s").await;
+    check_after_fault(
+        &cluster,
+        Postgres::shared(),
+        &key_id,
+        2_000,
+        &seen,
+        "redis paused 3 s",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -288,50 +310,13 @@ async fn postgres_stopped_three_seconds() {
     let backends = Backends::on(&redis, &pg);
     let cluster = Cluster::start(3, backends).await;
     let (key_id, key) = cluster.key(2_000).await;
-    let load = tokio::spawn(sustained(
-        cluster.urls(),
-        key.clone(),
-        1,
-        Duration::from_secs(5),
-        24,
-        Duration::from_millis(2),
-    ));
+    let load = start_load(&cluster, &key, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     pg.stop().expect("stop postgres");
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg.start_again().expect("start postgres");
     let seen = load.await.expect("load");
-    assert!(seen.valid <= 2_000);
-    // check_after_fault reads the shared Postgres; this test has its own.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let remaining = loop {
-        if let Some(r) = cluster.nodes[0].remaining(ROOT, &key_id).await {
-            let sql = pg
-                .query(
-                    &cluster.backends.pg_db,
-                    &format!("SELECT remaining FROM keys WHERE id = '{key_id}'"),
-                )
-                .expect("query");
-            if sql.trim().parse::<u64>().ok() == Some(r) {
-                break r;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "postgres stop: the balance did not converge"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    println!(
-        "postgres stopped 3 s: VALID {}, errors {:?}, remaining {remaining}",
-        seen.valid, seen.errors
-    );
-    assert!(remaining + seen.valid <= 2_000, "credits created");
-    let missing = 2_000 - seen.valid - remaining;
-    assert!(
-        missing <= seen.error_count() + reported_lost(&cluster.logs()),
-        "{missing} credits unaccounted"
-    );
+    check_after_fault(&cluster, &pg, &key_id, 2_000, &seen, "postgres stopped 3 s").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -339,14 +324,7 @@ async fn update_credits_set_racing_a_load_on_three_nodes() {
     let redis = RedisServer::start().expect("redis");
     let cluster = Cluster::start(3, Backends::on(&redis, Postgres::shared())).await;
     let (key_id, key) = cluster.key(100_000).await;
-    let load = tokio::spawn(sustained(
-        cluster.urls(),
-        key.clone(),
-        1,
-        Duration::from_secs(3),
-        24,
-        Duration::from_millis(2),
-    ));
+    let load = start_load(&cluster, &key, 3);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let set = cluster.nodes[1]
         .ok(
