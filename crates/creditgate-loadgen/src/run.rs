@@ -709,8 +709,13 @@ impl Recorder {
                 let _ = merged.add(&slot.latency);
             }
         }
-        // Early on the window is shorter than a second.
-        let window_s = since_start.as_secs_f64().clamp(0.1, 1.0);
+        // The window spans full slots plus the current, partly filled one: divide by the
+        // time it really covers (shorter than a second early on).
+        let window_start = Duration::from_millis(oldest.saturating_mul(WINDOW_SLOT_MS));
+        let window_s = since_start
+            .saturating_sub(window_start)
+            .as_secs_f64()
+            .max(0.1);
         Progress {
             elapsed_s: since_start.as_secs_f64(),
             requests: self.report.requests,

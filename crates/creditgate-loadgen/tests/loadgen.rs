@@ -161,15 +161,27 @@ async fn open_loop_keeps_its_schedule() {
     let (tx, mut rx) = watch::channel(Progress::default());
     let updates = tokio::spawn(async move {
         let mut seen = 0_u32;
+        // Live RPS once a full one-second window lies behind the run.
+        let mut live_rps = Vec::new();
         while rx.changed().await.is_ok() {
             seen += 1;
+            let p = rx.borrow().clone();
+            if (1.2..1.9).contains(&p.elapsed_s) {
+                live_rps.push(p.rps);
+            }
         }
-        (seen, rx.borrow().clone())
+        (seen, rx.borrow().clone(), live_rps)
     });
     let began = Instant::now();
     let r = run(&plan, Some(tx)).await;
     let wall = began.elapsed();
-    let (updates, last) = updates.await.expect("progress task");
+    let (updates, last, mut live_rps) = updates.await.expect("progress task");
+    live_rps.sort_by(f64::total_cmp);
+    let live = live_rps.get(live_rps.len() / 2).copied().unwrap_or(0.0);
+    assert!(
+        (190.0..=210.0).contains(&live),
+        "live RPS at a steady 200/s reads {live} ({live_rps:?})"
+    );
     eprintln!("{} wall={wall:?} progress_updates={updates}", summary(&r));
 
     assert!((399..=401).contains(&r.requests), "requests {}", r.requests);
