@@ -194,9 +194,15 @@ fn patch_assignments(patch: &KeyPatch) -> Result<(Vec<String>, Vec<Bind>), Store
     Ok((sets, binds))
 }
 
-#[async_trait]
-impl KeyStore for SqlStore {
-    async fn ensure_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError> {
+impl SqlStore {
+    /// Inserts a root key and, if missing, its workspace (workspaces have no API of their
+    /// own: a root key brings its workspace along). With `idempotent`, a root key whose
+    /// hash already exists is left as it is; without, it is a conflict.
+    async fn write_root_key(
+        &self,
+        root: &RootKeyRecord,
+        idempotent: bool,
+    ) -> Result<(), StoreError> {
         let permissions = permissions_json(&root.permissions)?;
         let mut tx = self.begin_write().await.map_err(store_error)?;
         sqlx::query(
@@ -208,10 +214,15 @@ impl KeyStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
-        sqlx::query(
+        let on_conflict = if idempotent {
+            " ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        };
+        sqlx::query(&format!(
             "INSERT INTO root_keys (id, workspace_id, hash, name, permissions, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6){on_conflict}"
+        ))
         .bind(root.id.as_str())
         .bind(root.workspace_id.as_str())
         .bind(root.hash.as_str())
@@ -223,34 +234,16 @@ impl KeyStore for SqlStore {
         .map_err(store_error)?;
         tx.commit().await.map_err(store_error)
     }
+}
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    async fn ensure_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError> {
+        self.write_root_key(root, true).await
+    }
 
     async fn insert_root_key(&self, root: &RootKeyRecord) -> Result<(), StoreError> {
-        let permissions = permissions_json(&root.permissions)?;
-        let mut tx = self.begin_write().await.map_err(store_error)?;
-        // Workspaces have no API of their own: a root key brings its workspace along.
-        sqlx::query(
-            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, NULL, $2) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(root.workspace_id.as_str())
-        .bind(root.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
-        sqlx::query(
-            "INSERT INTO root_keys (id, workspace_id, hash, name, permissions, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(root.id.as_str())
-        .bind(root.workspace_id.as_str())
-        .bind(root.hash.as_str())
-        .bind(root.name.as_deref())
-        .bind(permissions)
-        .bind(root.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
-        tx.commit().await.map_err(store_error)
+        self.write_root_key(root, false).await
     }
 
     async fn root_key_by_hash(&self, hash: &str) -> Result<Option<RootKeyRecord>, StoreError> {
