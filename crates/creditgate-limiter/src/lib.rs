@@ -9,6 +9,7 @@ pub mod memory_hot;
 pub mod memory_ledger;
 pub mod metrics;
 pub mod ports;
+pub mod rules;
 
 pub use engine::{CreditOp, Decision, Engine, EngineConfig, EngineError, ReconcileReport};
 pub use memory_hot::MemoryHotStore;

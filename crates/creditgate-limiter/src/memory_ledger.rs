@@ -1,76 +1,38 @@
-//! `MemoryLedger`: the reference implementation of the [`Ledger`] contract, kept in
-//! process memory. The engine's model tests run on it, and the SQL ledger mirrors it
-//! method by method (the conformance suite checks both the same way).
+//! `MemoryLedger`: the [`Ledger`] contract in process memory, for the engine's model
+//! tests and the conformance suite's reference. Like the SQL ledger it only locks,
+//! loads, applies [`crate::rules`] and stores, so both run the same rules.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use creditgate_domain::{Clock, SystemClock};
 
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
     Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
 };
-
-#[derive(Debug, Clone, Default)]
-struct Row {
-    remaining: Option<u64>,
-    hot_allocated: u64,
-    generation: u64,
-    version: u64,
-    hot_epoch: Option<String>,
-    last_refill_at: Option<i64>,
-}
-
-impl Row {
-    fn state(&self) -> LedgerState {
-        LedgerState {
-            remaining: self.remaining,
-            hot_allocated: self.hot_allocated,
-            generation: self.generation,
-            version: self.version,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TransferState {
-    Pending,
-    Credited,
-    Cancelled,
-    Applied,
-    Lost,
-}
-
-#[derive(Debug, Clone)]
-struct Transfer {
-    key: String,
-    amount: u64,
-    generation: u64,
-    state: TransferState,
-    created_at_ms: i64,
-}
+use crate::rules::{self, Account, FenceState, Transfer, TransferState};
 
 #[derive(Debug, Clone)]
 struct Fence {
     pending: PendingFence,
-    done: bool,
+    state: FenceState,
     created_at_ms: i64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    rows: HashMap<String, Row>,
+    accounts: HashMap<String, Account>,
     transfers: HashMap<String, Transfer>,
     fences: HashMap<String, Fence>,
 }
 
 impl Inner {
-    /// Whether a finished `Set` fenced `key` at a generation above `generation`: credits
-    /// of that older generation were overwritten and must not come back.
+    /// Whether a finished `Set` fenced `key` at a generation above `generation`.
     fn set_since(&self, key: &str, generation: u64) -> bool {
         self.fences.values().any(|f| {
-            f.done
+            f.state == FenceState::Done
                 && f.pending.key == key
                 && f.pending.generation > generation
                 && matches!(f.pending.op, FenceOp::Set(_))
@@ -80,33 +42,30 @@ impl Inner {
     fn fence_pending(&self, key: &str) -> bool {
         self.fences
             .values()
-            .any(|f| !f.done && f.pending.key == key)
+            .any(|f| f.state == FenceState::Pending && f.pending.key == key)
     }
 
-    /// Writes off what the key had allocated to a hot-store epoch other than `epoch`.
-    fn write_off(&mut self, key: &str, epoch: &str) -> u64 {
-        let Some(row) = self.rows.get_mut(key) else {
-            return 0;
-        };
-        if row.hot_epoch.as_deref() == Some(epoch) {
-            return 0;
-        }
-        let lost = row.hot_allocated;
-        row.hot_allocated = 0;
-        row.hot_epoch = Some(epoch.to_owned());
+    /// Stores a write-off decided by the rules: the key's pending allocations are lost.
+    fn mark_lost(&mut self, key: &str) {
         for t in self.transfers.values_mut() {
             if t.key == key && t.state == TransferState::Pending {
                 t.state = TransferState::Lost;
             }
         }
-        lost
     }
 }
 
 /// The in-memory ledger.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryLedger {
     inner: Mutex<Inner>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
 }
 
 impl MemoryLedger {
@@ -114,16 +73,19 @@ impl MemoryLedger {
         Self::default()
     }
 
+    /// A ledger that stamps returns with `clock` (as the SQL ledger does).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            clock,
+        }
+    }
+
     /// Creates a key's ledger row (what `keys.createKey` does in the SQL store).
     pub fn create_key(&self, key: &str, remaining: Option<u64>, now_ms: i64) {
-        self.lock().rows.insert(
-            key.to_owned(),
-            Row {
-                remaining,
-                last_refill_at: Some(now_ms),
-                ..Row::default()
-            },
-        );
+        self.lock()
+            .accounts
+            .insert(key.to_owned(), Account::new(remaining, now_ms));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -132,74 +94,36 @@ impl MemoryLedger {
     }
 }
 
+fn no_row(key: &str) -> LedgerError {
+    LedgerError::Other(format!("no ledger row for {key}"))
+}
+
 #[async_trait]
 impl Ledger for MemoryLedger {
     async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError> {
-        Ok(self.lock().rows.get(key).map(Row::state))
+        Ok(self.lock().accounts.get(key).map(Account::state))
     }
 
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
         let mut inner = self.lock();
-        if let Some(t) = inner.transfers.get(req.transfer_id) {
-            // A retried allocation: answer what the first one did.
-            let (amount, generation) = (t.amount, t.generation);
-            let row = inner.rows.get(req.key).cloned().unwrap_or_default();
-            return Ok(AllocateOutcome::Granted {
-                amount,
-                remaining: row.remaining.unwrap_or(0),
-                generation,
-                version: row.version,
-                lost: 0,
-            });
+        if let Some(first) = inner.transfers.get(req.transfer_id) {
+            return Ok(rules::retried_allocation(
+                inner.accounts.get(req.key),
+                first,
+            ));
         }
-        let Some(row) = inner.rows.get(req.key) else {
-            return Ok(AllocateOutcome::NotFound);
-        };
-        if row.remaining.is_none() {
-            return Ok(AllocateOutcome::Unlimited);
-        }
-        let lost = inner.write_off(req.key, req.epoch);
         let fence_pending = inner.fence_pending(req.key);
-        let Some(row) = inner.rows.get_mut(req.key) else {
+        let Some(account) = inner.accounts.get_mut(req.key) else {
             return Ok(AllocateOutcome::NotFound);
         };
-        if fence_pending || req.generation.is_some_and(|g| g != row.generation) {
-            return Ok(AllocateOutcome::GenerationMoved {
-                generation: row.generation,
-            });
+        let allocation = rules::allocate(account, req, fence_pending);
+        if allocation.written_off.is_some() {
+            inner.mark_lost(req.key);
         }
-        let remaining = row.remaining.unwrap_or(0);
-        if remaining < req.need {
-            return Ok(AllocateOutcome::Insufficient {
-                remaining,
-                generation: row.generation,
-                version: row.version,
-                lost,
-            });
+        if let Some(t) = allocation.transfer {
+            inner.transfers.insert(req.transfer_id.to_owned(), t);
         }
-        let amount = req.need.max(req.chunk.min(remaining));
-        let remaining = remaining - amount;
-        row.remaining = Some(remaining);
-        row.hot_allocated = row.hot_allocated.saturating_add(amount);
-        row.version += 1;
-        let (generation, version) = (row.generation, row.version);
-        inner.transfers.insert(
-            req.transfer_id.to_owned(),
-            Transfer {
-                key: req.key.to_owned(),
-                amount,
-                generation,
-                state: TransferState::Pending,
-                created_at_ms: req.now_ms,
-            },
-        );
-        Ok(AllocateOutcome::Granted {
-            amount,
-            remaining,
-            generation,
-            version,
-            lost,
-        })
+        Ok(allocation.outcome)
     }
 
     async fn settle_allocation(
@@ -213,34 +137,12 @@ impl Ledger for MemoryLedger {
         let Some(t) = inner.transfers.get(transfer_id).cloned() else {
             return Ok(());
         };
-        if t.state != TransferState::Pending || t.key != key {
-            return Ok(());
-        }
-        if credited {
-            if let Some(row) = inner.rows.get_mut(key) {
-                if t.generation == row.generation {
-                    row.hot_allocated = row.hot_allocated.saturating_sub(spent);
-                }
-            }
-            if let Some(t) = inner.transfers.get_mut(transfer_id) {
-                t.state = TransferState::Credited;
-            }
-            return Ok(());
-        }
         let overwritten = inner.set_since(key, t.generation);
-        if let Some(row) = inner.rows.get_mut(key) {
-            if t.generation == row.generation {
-                row.hot_allocated = row.hot_allocated.saturating_sub(t.amount);
+        let account = inner.accounts.get_mut(key);
+        if let Some(state) = rules::settle(account, key, &t, credited, spent, overwritten) {
+            if let Some(t) = inner.transfers.get_mut(transfer_id) {
+                t.state = state;
             }
-            if !overwritten {
-                if let Some(r) = row.remaining.as_mut() {
-                    *r = r.saturating_add(t.amount);
-                }
-                row.version += 1;
-            }
-        }
-        if let Some(t) = inner.transfers.get_mut(transfer_id) {
-            t.state = TransferState::Cancelled;
         }
         Ok(())
     }
@@ -251,41 +153,19 @@ impl Ledger for MemoryLedger {
         transfer_id: &str,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
-        if !inner.rows.contains_key(key) {
-            return Err(LedgerError::Other(format!("no ledger row for {key}")));
-        }
         if !inner.transfers.contains_key(transfer_id) {
             let overwritten = inner.set_since(key, drained.generation);
-            if let Some(row) = inner.rows.get_mut(key) {
-                if drained.generation == row.generation {
-                    row.hot_allocated = row
-                        .hot_allocated
-                        .saturating_sub(drained.amount.saturating_add(drained.spent));
-                }
-                if !overwritten && drained.amount > 0 {
-                    if let Some(r) = row.remaining.as_mut() {
-                        *r = r.saturating_add(drained.amount);
-                    }
-                    row.version += 1;
-                }
-            }
-            inner.transfers.insert(
-                transfer_id.to_owned(),
-                Transfer {
-                    key: key.to_owned(),
-                    amount: drained.amount,
-                    generation: drained.generation,
-                    state: TransferState::Applied,
-                    created_at_ms: 0,
-                },
-            );
+            let account = inner.accounts.get_mut(key).ok_or_else(|| no_row(key))?;
+            let t = rules::return_drained(account, key, drained, overwritten, now_ms);
+            inner.transfers.insert(transfer_id.to_owned(), t);
         }
         inner
-            .rows
+            .accounts
             .get(key)
-            .map(Row::state)
-            .ok_or_else(|| LedgerError::Other(format!("no ledger row for {key}")))
+            .map(Account::state)
+            .ok_or_else(|| no_row(key))
     }
 
     async fn increment(
@@ -294,22 +174,10 @@ impl Ledger for MemoryLedger {
         amount: u64,
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError> {
-        let mut inner = self.lock();
-        let Some(row) = inner.rows.get_mut(key) else {
-            return Ok(IncrementOutcome::NotFound);
-        };
-        let Some(remaining) = row.remaining else {
-            return Ok(IncrementOutcome::Unlimited);
-        };
-        let total = remaining
-            .checked_add(row.hot_allocated)
-            .and_then(|t| t.checked_add(amount));
-        if total.is_none_or(|t| t > max) {
-            return Ok(IncrementOutcome::Overflow);
-        }
-        row.remaining = Some(remaining + amount);
-        row.version += 1;
-        Ok(IncrementOutcome::Done(row.state()))
+        Ok(match self.lock().accounts.get_mut(key) {
+            Some(account) => rules::increment(account, amount, max),
+            None => IncrementOutcome::NotFound,
+        })
     }
 
     async fn begin_fence(
@@ -323,28 +191,23 @@ impl Ledger for MemoryLedger {
         if let Some(f) = inner.fences.get(op_id) {
             return Ok(BeginFence::Begun(f.pending.clone()));
         }
-        let Some(row) = inner.rows.get_mut(key) else {
+        let Some(account) = inner.accounts.get_mut(key) else {
             return Ok(BeginFence::NotFound);
         };
-        if let FenceOp::Refill { period_start, .. } = op {
-            let done = row.last_refill_at.is_some_and(|t| t >= period_start);
-            if done || row.remaining.is_none() {
-                return Ok(BeginFence::NotDue);
-            }
-            row.last_refill_at = Some(now_ms);
-        }
-        row.generation += 1;
+        let Some(generation) = rules::begin_fence(account, op, now_ms) else {
+            return Ok(BeginFence::NotDue);
+        };
         let pending = PendingFence {
             key: key.to_owned(),
             op_id: op_id.to_owned(),
             op,
-            generation: row.generation,
+            generation,
         };
         inner.fences.insert(
             op_id.to_owned(),
             Fence {
                 pending: pending.clone(),
-                done: false,
+                state: FenceState::Pending,
                 created_at_ms: now_ms,
             },
         );
@@ -357,44 +220,28 @@ impl Ledger for MemoryLedger {
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
         let mut inner = self.lock();
-        let done = inner.fences.get(&fence.op_id).is_none_or(|f| f.done);
-        let row = inner
-            .rows
+        let pending = inner
+            .fences
+            .get(&fence.op_id)
+            .is_some_and(|f| f.state == FenceState::Pending);
+        let account = inner
+            .accounts
             .get_mut(&fence.key)
-            .ok_or_else(|| LedgerError::Other(format!("no ledger row for {}", fence.key)))?;
-        if done {
-            return Ok(row.state());
+            .ok_or_else(|| no_row(&fence.key))?;
+        if pending {
+            rules::finish_fence(account, fence.op, drained);
         }
-        let base = row.remaining.map(|r| r.saturating_add(drained.amount));
-        row.remaining = match fence.op {
-            FenceOp::Set(v) => v,
-            FenceOp::Decrement(v) => base.map(|b| b.saturating_sub(v)),
-            FenceOp::Refill { amount, .. } => base.map(|b| b.max(amount)),
-        };
-        row.hot_allocated = 0;
-        row.version += 1;
-        let state = row.state();
+        let state = account.state();
         if let Some(f) = inner.fences.get_mut(&fence.op_id) {
-            f.done = true;
+            f.state = FenceState::Done;
         }
         Ok(state)
     }
 
     async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
-        let mut inner = self.lock();
-        let Some(row) = inner.rows.get_mut(key) else {
-            return Ok(DirectSpend::NotFound);
-        };
-        let Some(remaining) = row.remaining else {
-            return Ok(DirectSpend::Unlimited);
-        };
-        if remaining < cost {
-            return Ok(DirectSpend::Exceeded { remaining });
-        }
-        row.remaining = Some(remaining - cost);
-        row.version += 1;
-        Ok(DirectSpend::Valid {
-            remaining: remaining - cost,
+        Ok(match self.lock().accounts.get_mut(key) {
+            Some(account) => rules::spend_direct(account, cost),
+            None => DirectSpend::NotFound,
         })
     }
 
@@ -421,7 +268,9 @@ impl Ledger for MemoryLedger {
                 created_at_ms: t.created_at_ms,
             })
             .collect();
-        out.sort_by_key(|a| a.created_at_ms);
+        out.sort_by(|a, b| {
+            (a.created_at_ms, &a.transfer_id).cmp(&(b.created_at_ms, &b.transfer_id))
+        });
         out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(out)
     }
@@ -437,28 +286,38 @@ impl Ledger for MemoryLedger {
             .fences
             .values()
             .filter(|f| {
-                !f.done && f.created_at_ms < older_than_ms && key.is_none_or(|k| k == f.pending.key)
+                f.state == FenceState::Pending
+                    && f.created_at_ms < older_than_ms
+                    && key.is_none_or(|k| k == f.pending.key)
             })
             .map(|f| (f.created_at_ms, f.pending.clone()))
             .collect();
-        out.sort_by_key(|a| (a.0, a.1.generation));
+        out.sort_by(|a, b| {
+            (a.0, a.1.generation, &a.1.op_id).cmp(&(b.0, b.1.generation, &b.1.op_id))
+        });
         out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(out.into_iter().map(|(_, f)| f).collect())
     }
 
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError> {
         let mut inner = self.lock();
-        let keys: Vec<String> = inner
-            .rows
+        let mut keys: Vec<String> = inner
+            .accounts
             .iter()
-            .filter(|(_, r)| r.hot_epoch.as_deref().is_some_and(|e| e != epoch))
+            .filter(|(_, a)| a.hot_epoch.as_deref().is_some_and(|e| e != epoch))
             .map(|(k, _)| k.clone())
             .collect();
+        keys.sort();
         let mut out = Vec::new();
         for key in keys {
-            let lost = inner.write_off(&key, epoch);
-            if lost > 0 {
-                out.push((key, lost));
+            let Some(account) = inner.accounts.get_mut(&key) else {
+                continue;
+            };
+            if let Some(lost) = rules::write_off(account, epoch) {
+                inner.mark_lost(&key);
+                if lost > 0 {
+                    out.push((key, lost));
+                }
             }
         }
         Ok(out)

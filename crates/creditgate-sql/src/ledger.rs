@@ -1,30 +1,27 @@
-//! The limiter's [`Ledger`] port on SQL, mirroring `MemoryLedger` (the reference
-//! implementation in `creditgate-limiter`) method by method.
+//! The limiter's [`Ledger`] port on SQL. Like every ledger adapter it only locks, loads,
+//! applies [`creditgate_limiter::rules`] and stores: the rules themselves live once, in
+//! the limiter.
 //!
 //! The ledger lives in the ledger columns of `keys` (`remaining`, `hot_allocated`,
 //! `generation`, `version`, `hot_epoch`, `last_refill_at`), the `transfers` log and
 //! the `fences` log. Every method is one transaction that first locks the key's row
 //! (`SELECT … FOR UPDATE` on Postgres; on SQLite `BEGIN IMMEDIATE` already holds the
-//! database's write lock), then reads, decides in Rust exactly as the reference does,
-//! and writes back. Every change to the transfers and fences of a key happens under
-//! that key's lock, so idempotency checks on their ids cannot race. The one exception
-//! is [`Ledger::spend_direct`]: a single conditional `UPDATE`, atomic on its own.
+//! database's write lock), then loads what the rule needs, applies it, and writes back.
+//! Every change to the transfers and fences of a key happens under that key's lock, so
+//! idempotency checks on their ids cannot race.
 
 use async_trait::async_trait;
 use creditgate_limiter::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
     Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
 };
+use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use crate::error::{from_db, ledger_error, to_db};
 use crate::{Backend, SqlStore};
-
-/// Attempts of [`Ledger::spend_direct`] when the balance changed between its
-/// conditional update and the read that explains a refusal.
-const SPEND_DIRECT_ATTEMPTS: u32 = 3;
 
 fn other(msg: String) -> LedgerError {
     LedgerError::Other(msg)
@@ -44,27 +41,29 @@ fn get_opt_u64(row: &AnyRow, column: &str) -> Result<Option<u64>, LedgerError> {
     v.map(|v| from_db(v, column).map_err(other)).transpose()
 }
 
+fn get_text<T>(row: &AnyRow, column: &str, parse: fn(&str) -> Option<T>) -> Result<T, LedgerError> {
+    let text: String = row.try_get(column).map_err(ledger_error)?;
+    parse(&text).ok_or_else(|| other(format!("corrupt ledger: {column} '{text}'")))
+}
+
 /// The ledger columns of one key, as locked at the start of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyRow {
-    remaining: Option<u64>,
-    hot_allocated: u64,
-    generation: u64,
-    version: u64,
-    hot_epoch: Option<String>,
-    last_refill_at: Option<i64>,
+    account: Account,
     deleted: bool,
 }
 
 impl KeyRow {
     fn from_row(row: &AnyRow) -> Result<Self, LedgerError> {
         Ok(Self {
-            remaining: get_opt_u64(row, "remaining")?,
-            hot_allocated: get_u64(row, "hot_allocated")?,
-            generation: get_u64(row, "generation")?,
-            version: get_u64(row, "version")?,
-            hot_epoch: row.try_get("hot_epoch").map_err(ledger_error)?,
-            last_refill_at: row.try_get("last_refill_at").map_err(ledger_error)?,
+            account: Account {
+                remaining: get_opt_u64(row, "remaining")?,
+                hot_allocated: get_u64(row, "hot_allocated")?,
+                generation: get_u64(row, "generation")?,
+                version: get_u64(row, "version")?,
+                hot_epoch: row.try_get("hot_epoch").map_err(ledger_error)?,
+                last_refill_at: row.try_get("last_refill_at").map_err(ledger_error)?,
+            },
             deleted: row
                 .try_get::<Option<i64>, _>("deleted_at")
                 .map_err(ledger_error)?
@@ -72,13 +71,9 @@ impl KeyRow {
         })
     }
 
-    fn state(&self) -> LedgerState {
-        LedgerState {
-            remaining: self.remaining,
-            hot_allocated: self.hot_allocated,
-            generation: self.generation,
-            version: self.version,
-        }
+    /// The account of a live key (deleted keys have none).
+    fn live(self) -> Option<Account> {
+        (!self.deleted).then_some(self.account)
     }
 }
 
@@ -86,15 +81,6 @@ const SELECT_KEY_ROW: &str = "SELECT remaining, hot_allocated, generation, versi
      last_refill_at, deleted_at FROM keys WHERE id = $1";
 const SELECT_KEY_ROW_FOR_UPDATE: &str = "SELECT remaining, hot_allocated, generation, version, \
      hot_epoch, last_refill_at, deleted_at FROM keys WHERE id = $1 FOR UPDATE";
-
-/// A transfer as logged.
-#[derive(Debug, Clone)]
-struct TransferRow {
-    key: String,
-    amount: u64,
-    generation: u64,
-    state: String,
-}
 
 fn fence_op(kind: &str, value: Option<i64>, period_start: Option<i64>) -> Result<FenceOp, String> {
     let amount = |v: Option<i64>| -> Result<u64, String> {
@@ -167,66 +153,81 @@ impl SqlStore {
 }
 
 /// Writes back the ledger columns of a locked row.
-async fn write_key(conn: &mut AnyConnection, key: &str, row: &KeyRow) -> Result<(), LedgerError> {
+async fn write_account(
+    conn: &mut AnyConnection,
+    key: &str,
+    a: &Account,
+) -> Result<(), LedgerError> {
     sqlx::query(
         "UPDATE keys SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
          hot_epoch = $6, last_refill_at = $7 WHERE id = $1",
     )
     .bind(key)
-    .bind(row.remaining.map(|r| db(r, "remaining")).transpose()?)
-    .bind(db(row.hot_allocated, "hot_allocated")?)
-    .bind(db(row.generation, "generation")?)
-    .bind(db(row.version, "version")?)
-    .bind(row.hot_epoch.as_deref())
-    .bind(row.last_refill_at)
+    .bind(a.remaining.map(|r| db(r, "remaining")).transpose()?)
+    .bind(db(a.hot_allocated, "hot_allocated")?)
+    .bind(db(a.generation, "generation")?)
+    .bind(db(a.version, "version")?)
+    .bind(a.hot_epoch.as_deref())
+    .bind(a.last_refill_at)
     .execute(&mut *conn)
     .await
     .map_err(ledger_error)?;
     Ok(())
 }
 
+/// Writes `after` back if the rule changed it.
+async fn store_account(
+    conn: &mut AnyConnection,
+    key: &str,
+    before: &Account,
+    after: &Account,
+) -> Result<(), LedgerError> {
+    if before != after {
+        write_account(conn, key, after).await?;
+    }
+    Ok(())
+}
+
 async fn find_transfer(
     conn: &mut AnyConnection,
     transfer_id: &str,
-) -> Result<Option<TransferRow>, LedgerError> {
-    let row = sqlx::query("SELECT key_id, amount, generation, state FROM transfers WHERE id = $1")
-        .bind(transfer_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(ledger_error)?;
+) -> Result<Option<Transfer>, LedgerError> {
+    let row = sqlx::query(
+        "SELECT key_id, kind, amount, generation, state, created_at FROM transfers WHERE id = $1",
+    )
+    .bind(transfer_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(ledger_error)?;
     row.map(|r| {
-        Ok(TransferRow {
+        Ok(Transfer {
             key: r.try_get("key_id").map_err(ledger_error)?,
+            kind: get_text(&r, "kind", TransferKind::parse)?,
             amount: get_u64(&r, "amount")?,
             generation: get_u64(&r, "generation")?,
-            state: r.try_get("state").map_err(ledger_error)?,
+            state: get_text(&r, "state", TransferState::parse)?,
+            created_at_ms: r.try_get("created_at").map_err(ledger_error)?,
         })
     })
     .transpose()
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn insert_transfer(
     conn: &mut AnyConnection,
     id: &str,
-    key: &str,
-    kind: &str,
-    amount: u64,
-    generation: u64,
-    state: &str,
-    created_at: i64,
+    t: &Transfer,
 ) -> Result<(), LedgerError> {
     sqlx::query(
         "INSERT INTO transfers (id, key_id, kind, amount, generation, state, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
-    .bind(key)
-    .bind(kind)
-    .bind(db(amount, "amount")?)
-    .bind(db(generation, "generation")?)
-    .bind(state)
-    .bind(created_at)
+    .bind(t.key.as_str())
+    .bind(t.kind.as_str())
+    .bind(db(t.amount, "amount")?)
+    .bind(db(t.generation, "generation")?)
+    .bind(t.state.as_str())
+    .bind(t.created_at_ms)
     .execute(&mut *conn)
     .await
     .map_err(ledger_error)?;
@@ -236,11 +237,23 @@ async fn insert_transfer(
 async fn set_transfer_state(
     conn: &mut AnyConnection,
     id: &str,
-    state: &str,
+    state: TransferState,
 ) -> Result<(), LedgerError> {
     sqlx::query("UPDATE transfers SET state = $2 WHERE id = $1")
         .bind(id)
-        .bind(state)
+        .bind(state.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(ledger_error)?;
+    Ok(())
+}
+
+/// Stores a write-off decided by the rules: the key's pending allocations are lost.
+async fn mark_lost(conn: &mut AnyConnection, key: &str) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE transfers SET state = $2 WHERE key_id = $1 AND state = $3")
+        .bind(key)
+        .bind(TransferState::Lost.as_str())
+        .bind(TransferState::Pending.as_str())
         .execute(&mut *conn)
         .await
         .map_err(ledger_error)?;
@@ -255,11 +268,12 @@ async fn set_since(
     generation: u64,
 ) -> Result<bool, LedgerError> {
     let row = sqlx::query(
-        "SELECT op_id FROM fences WHERE key_id = $1 AND state = 'done' AND kind = 'set' \
+        "SELECT op_id FROM fences WHERE key_id = $1 AND state = $3 AND kind = 'set' \
          AND generation > $2 LIMIT 1",
     )
     .bind(key)
     .bind(db(generation, "generation")?)
+    .bind(FenceState::Done.as_str())
     .fetch_optional(&mut *conn)
     .await
     .map_err(ledger_error)?;
@@ -267,36 +281,26 @@ async fn set_since(
 }
 
 async fn fence_pending(conn: &mut AnyConnection, key: &str) -> Result<bool, LedgerError> {
-    let row =
-        sqlx::query("SELECT op_id FROM fences WHERE key_id = $1 AND state = 'pending' LIMIT 1")
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(ledger_error)?;
+    let row = sqlx::query("SELECT op_id FROM fences WHERE key_id = $1 AND state = $2 LIMIT 1")
+        .bind(key)
+        .bind(FenceState::Pending.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(ledger_error)?;
     Ok(row.is_some())
 }
 
-/// Writes off what a locked key had allocated to a hot-store epoch other than `epoch`
-/// (its pending allocations become `lost`); returns the credits lost. The caller
-/// writes `row` back.
-async fn write_off(
+async fn fence_state(
     conn: &mut AnyConnection,
-    key: &str,
-    row: &mut KeyRow,
-    epoch: &str,
-) -> Result<u64, LedgerError> {
-    if row.hot_epoch.as_deref() == Some(epoch) {
-        return Ok(0);
-    }
-    let lost = row.hot_allocated;
-    row.hot_allocated = 0;
-    row.hot_epoch = Some(epoch.to_owned());
-    sqlx::query("UPDATE transfers SET state = 'lost' WHERE key_id = $1 AND state = 'pending'")
-        .bind(key)
-        .execute(&mut *conn)
+    op_id: &str,
+) -> Result<Option<FenceState>, LedgerError> {
+    let row = sqlx::query("SELECT state FROM fences WHERE op_id = $1")
+        .bind(op_id)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(ledger_error)?;
-    Ok(lost)
+    row.map(|r| get_text(&r, "state", FenceState::parse))
+        .transpose()
 }
 
 #[async_trait]
@@ -311,77 +315,33 @@ impl Ledger for SqlStore {
             .as_ref()
             .map(KeyRow::from_row)
             .transpose()?
-            .map(|r| r.state()))
+            .map(|r| r.account.state()))
     }
 
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let row = self.lock_key(&mut tx, req.key).await?;
-        if let Some(t) = find_transfer(&mut tx, req.transfer_id).await? {
-            // A retried allocation: answer what the first one did.
-            let (remaining, version) = row
-                .as_ref()
-                .map_or((0, 0), |r| (r.remaining.unwrap_or(0), r.version));
-            return Ok(AllocateOutcome::Granted {
-                amount: t.amount,
-                remaining,
-                generation: t.generation,
-                version,
-                lost: 0,
-            });
+        if let Some(first) = find_transfer(&mut tx, req.transfer_id).await? {
+            return Ok(rules::retried_allocation(
+                row.as_ref().map(|r| &r.account),
+                &first,
+            ));
         }
-        let Some(mut row) = row.filter(|r| !r.deleted) else {
+        let Some(before) = row.and_then(KeyRow::live) else {
             return Ok(AllocateOutcome::NotFound);
         };
-        let Some(remaining) = row.remaining else {
-            return Ok(AllocateOutcome::Unlimited);
-        };
-        let locked = row.clone();
-        let lost = write_off(&mut tx, req.key, &mut row, req.epoch).await?;
-        let outcome = if fence_pending(&mut tx, req.key).await?
-            || req.generation.is_some_and(|g| g != row.generation)
-        {
-            AllocateOutcome::GenerationMoved {
-                generation: row.generation,
-            }
-        } else if remaining < req.need {
-            AllocateOutcome::Insufficient {
-                remaining,
-                generation: row.generation,
-                version: row.version,
-                lost,
-            }
-        } else {
-            let amount = req.need.max(req.chunk.min(remaining));
-            let remaining = remaining - amount;
-            row.remaining = Some(remaining);
-            row.hot_allocated = row.hot_allocated.saturating_add(amount);
-            row.version += 1;
-            insert_transfer(
-                &mut tx,
-                req.transfer_id,
-                req.key,
-                "alloc",
-                amount,
-                row.generation,
-                "pending",
-                req.now_ms,
-            )
-            .await?;
-            AllocateOutcome::Granted {
-                amount,
-                remaining,
-                generation: row.generation,
-                version: row.version,
-                lost,
-            }
-        };
-        // The write-off stands whatever the outcome.
-        if row != locked {
-            write_key(&mut tx, req.key, &row).await?;
+        let fence_pending = fence_pending(&mut tx, req.key).await?;
+        let mut account = before.clone();
+        let allocation = rules::allocate(&mut account, req, fence_pending);
+        if allocation.written_off.is_some() {
+            mark_lost(&mut tx, req.key).await?;
         }
+        if let Some(t) = &allocation.transfer {
+            insert_transfer(&mut tx, req.transfer_id, t).await?;
+        }
+        store_account(&mut tx, req.key, &before, &account).await?;
         tx.commit().await.map_err(ledger_error)?;
-        Ok(outcome)
+        Ok(allocation.outcome)
     }
 
     async fn settle_allocation(
@@ -396,33 +356,17 @@ impl Ledger for SqlStore {
         let Some(t) = find_transfer(&mut tx, transfer_id).await? else {
             return Ok(());
         };
-        if t.state != "pending" || t.key != key {
+        let overwritten = set_since(&mut tx, key, t.generation).await?;
+        let before = row.map(|r| r.account);
+        let mut account = before.clone();
+        let Some(state) = rules::settle(account.as_mut(), key, &t, credited, spent, overwritten)
+        else {
             return Ok(());
+        };
+        if let (Some(before), Some(after)) = (&before, &account) {
+            store_account(&mut tx, key, before, after).await?;
         }
-        if credited {
-            if let Some(mut row) = row {
-                if t.generation == row.generation && spent > 0 {
-                    row.hot_allocated = row.hot_allocated.saturating_sub(spent);
-                    write_key(&mut tx, key, &row).await?;
-                }
-            }
-            set_transfer_state(&mut tx, transfer_id, "credited").await?;
-        } else {
-            let overwritten = set_since(&mut tx, key, t.generation).await?;
-            if let Some(mut row) = row {
-                if t.generation == row.generation {
-                    row.hot_allocated = row.hot_allocated.saturating_sub(t.amount);
-                }
-                if !overwritten {
-                    if let Some(r) = row.remaining.as_mut() {
-                        *r = r.saturating_add(t.amount);
-                    }
-                    row.version += 1;
-                }
-                write_key(&mut tx, key, &row).await?;
-            }
-            set_transfer_state(&mut tx, transfer_id, "cancelled").await?;
-        }
+        set_transfer_state(&mut tx, transfer_id, state).await?;
         tx.commit().await.map_err(ledger_error)
     }
 
@@ -433,37 +377,19 @@ impl Ledger for SqlStore {
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
-        let Some(mut row) = self.lock_key(&mut tx, key).await? else {
+        let Some(row) = self.lock_key(&mut tx, key).await? else {
             return Err(other(format!("no ledger row for {key}")));
         };
+        let mut account = row.account;
         if find_transfer(&mut tx, transfer_id).await?.is_none() {
             let overwritten = set_since(&mut tx, key, drained.generation).await?;
-            if drained.generation == row.generation {
-                row.hot_allocated = row
-                    .hot_allocated
-                    .saturating_sub(drained.amount.saturating_add(drained.spent));
-            }
-            if !overwritten && drained.amount > 0 {
-                if let Some(r) = row.remaining.as_mut() {
-                    *r = r.saturating_add(drained.amount);
-                }
-                row.version += 1;
-            }
-            write_key(&mut tx, key, &row).await?;
-            insert_transfer(
-                &mut tx,
-                transfer_id,
-                key,
-                "return",
-                drained.amount,
-                drained.generation,
-                "applied",
-                self.clock.now_ms(),
-            )
-            .await?;
+            let t =
+                rules::return_drained(&mut account, key, drained, overwritten, self.clock.now_ms());
+            write_account(&mut tx, key, &account).await?;
+            insert_transfer(&mut tx, transfer_id, &t).await?;
             tx.commit().await.map_err(ledger_error)?;
         }
-        Ok(row.state())
+        Ok(account.state())
     }
 
     async fn increment(
@@ -473,26 +399,16 @@ impl Ledger for SqlStore {
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
-        let Some(mut row) = self.lock_key(&mut tx, key).await? else {
+        let Some(row) = self.lock_key(&mut tx, key).await? else {
             return Ok(IncrementOutcome::NotFound);
         };
-        let Some(remaining) = row.remaining else {
-            return Ok(IncrementOutcome::Unlimited);
-        };
-        let total = remaining
-            .checked_add(row.hot_allocated)
-            .and_then(|t| t.checked_add(amount));
-        let Some(new_remaining) = remaining
-            .checked_add(amount)
-            .filter(|_| total.is_some_and(|t| t <= max))
-        else {
-            return Ok(IncrementOutcome::Overflow);
-        };
-        row.remaining = Some(new_remaining);
-        row.version += 1;
-        write_key(&mut tx, key, &row).await?;
-        tx.commit().await.map_err(ledger_error)?;
-        Ok(IncrementOutcome::Done(row.state()))
+        let mut account = row.account.clone();
+        let outcome = rules::increment(&mut account, amount, max);
+        if account != row.account {
+            write_account(&mut tx, key, &account).await?;
+            tx.commit().await.map_err(ledger_error)?;
+        }
+        Ok(outcome)
     }
 
     async fn begin_fence(
@@ -515,29 +431,26 @@ impl Ledger for SqlStore {
         if let Some(existing) = existing {
             return Ok(BeginFence::Begun(pending_fence_from_row(&existing)?));
         }
-        let Some(mut row) = row else {
+        let Some(row) = row else {
             return Ok(BeginFence::NotFound);
         };
-        if let FenceOp::Refill { period_start, .. } = op {
-            let done = row.last_refill_at.is_some_and(|t| t >= period_start);
-            if done || row.remaining.is_none() {
-                return Ok(BeginFence::NotDue);
-            }
-            row.last_refill_at = Some(now_ms);
-        }
-        row.generation += 1;
-        write_key(&mut tx, key, &row).await?;
+        let mut account = row.account;
+        let Some(generation) = rules::begin_fence(&mut account, op, now_ms) else {
+            return Ok(BeginFence::NotDue);
+        };
+        write_account(&mut tx, key, &account).await?;
         let (kind, value, period_start) = fence_columns(op)?;
         sqlx::query(
             "INSERT INTO fences (op_id, key_id, kind, value, period_start, generation, state, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)",
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(op_id)
         .bind(key)
         .bind(kind)
         .bind(value)
         .bind(period_start)
-        .bind(db(row.generation, "generation")?)
+        .bind(db(generation, "generation")?)
+        .bind(FenceState::Pending.as_str())
         .bind(now_ms)
         .execute(&mut *tx)
         .await
@@ -547,7 +460,7 @@ impl Ledger for SqlStore {
             key: key.to_owned(),
             op_id: op_id.to_owned(),
             op,
-            generation: row.generation,
+            generation,
         }))
     }
 
@@ -558,83 +471,38 @@ impl Ledger for SqlStore {
     ) -> Result<LedgerState, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let row = self.lock_key(&mut tx, &fence.key).await?;
-        let state: Option<String> = sqlx::query("SELECT state FROM fences WHERE op_id = $1")
-            .bind(fence.op_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ledger_error)?
-            .map(|r| r.try_get("state"))
-            .transpose()
-            .map_err(ledger_error)?;
-        let done = state.as_deref().is_none_or(|s| s == "done");
-        let Some(mut row) = row else {
+        let pending = fence_state(&mut tx, &fence.op_id).await? == Some(FenceState::Pending);
+        let Some(row) = row else {
             return Err(other(format!("no ledger row for {}", fence.key)));
         };
-        if done {
-            return Ok(row.state());
+        let mut account = row.account;
+        if !pending {
+            return Ok(account.state());
         }
-        let base = row.remaining.map(|r| r.saturating_add(drained.amount));
-        row.remaining = match fence.op {
-            FenceOp::Set(v) => v,
-            FenceOp::Decrement(v) => base.map(|b| b.saturating_sub(v)),
-            FenceOp::Refill { amount, .. } => base.map(|b| b.max(amount)),
-        };
-        row.hot_allocated = 0;
-        row.version += 1;
-        write_key(&mut tx, &fence.key, &row).await?;
-        sqlx::query("UPDATE fences SET state = 'done' WHERE op_id = $1")
+        rules::finish_fence(&mut account, fence.op, drained);
+        write_account(&mut tx, &fence.key, &account).await?;
+        sqlx::query("UPDATE fences SET state = $2 WHERE op_id = $1")
             .bind(fence.op_id.as_str())
+            .bind(FenceState::Done.as_str())
             .execute(&mut *tx)
             .await
             .map_err(ledger_error)?;
         tx.commit().await.map_err(ledger_error)?;
-        Ok(row.state())
+        Ok(account.state())
     }
 
     async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
-        // A cost past i64::MAX exceeds every balance; only the explaining read runs.
-        let cost_db = i64::try_from(cost).ok();
-        for _ in 0..SPEND_DIRECT_ATTEMPTS {
-            if let Some(cost_db) = cost_db {
-                let spent = sqlx::query(
-                    "UPDATE keys SET remaining = remaining - $2, version = version + 1 \
-                     WHERE id = $1 AND remaining >= $2 AND deleted_at IS NULL \
-                     RETURNING remaining",
-                )
-                .bind(key)
-                .bind(cost_db)
-                .fetch_optional(&self.write)
-                .await
-                .map_err(ledger_error)?;
-                if let Some(row) = spent {
-                    return Ok(DirectSpend::Valid {
-                        remaining: get_u64(&row, "remaining")?,
-                    });
-                }
-            }
-            // Nothing spent: say why.
-            let Some(row) = sqlx::query(SELECT_KEY_ROW)
-                .bind(key)
-                .fetch_optional(&self.write)
-                .await
-                .map_err(ledger_error)?
-            else {
-                return Ok(DirectSpend::NotFound);
-            };
-            let row = KeyRow::from_row(&row)?;
-            match row.remaining {
-                _ if row.deleted => return Ok(DirectSpend::NotFound),
-                None => return Ok(DirectSpend::Unlimited),
-                Some(remaining) if remaining < cost => {
-                    return Ok(DirectSpend::Exceeded { remaining })
-                }
-                // The balance grew since the update: try again.
-                Some(_) => {}
-            }
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let Some(before) = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live) else {
+            return Ok(DirectSpend::NotFound);
+        };
+        let mut account = before.clone();
+        let outcome = rules::spend_direct(&mut account, cost);
+        if account != before {
+            write_account(&mut tx, key, &account).await?;
+            tx.commit().await.map_err(ledger_error)?;
         }
-        Err(LedgerError::Unavailable(format!(
-            "direct spend on {key} raced with balance changes {SPEND_DIRECT_ATTEMPTS} times"
-        )))
+        Ok(outcome)
     }
 
     async fn pending_allocations(
@@ -645,12 +513,13 @@ impl Ledger for SqlStore {
     ) -> Result<Vec<PendingAllocation>, LedgerError> {
         let rows = sqlx::query(
             "SELECT id, key_id, amount, generation, created_at FROM transfers \
-             WHERE state = 'pending' AND created_at < $1 AND ($2 IS NULL OR key_id = $2) \
+             WHERE state = $4 AND created_at < $1 AND ($2 IS NULL OR key_id = $2) \
              ORDER BY created_at, id LIMIT $3",
         )
         .bind(older_than_ms)
         .bind(key)
         .bind(i64::from(limit))
+        .bind(TransferState::Pending.as_str())
         .fetch_all(&self.read)
         .await
         .map_err(ledger_error)?;
@@ -675,12 +544,13 @@ impl Ledger for SqlStore {
     ) -> Result<Vec<PendingFence>, LedgerError> {
         let rows = sqlx::query(
             "SELECT op_id, key_id, kind, value, period_start, generation FROM fences \
-             WHERE state = 'pending' AND created_at < $1 AND ($2 IS NULL OR key_id = $2) \
+             WHERE state = $4 AND created_at < $1 AND ($2 IS NULL OR key_id = $2) \
              ORDER BY created_at, generation, op_id LIMIT $3",
         )
         .bind(older_than_ms)
         .bind(key)
         .bind(i64::from(limit))
+        .bind(FenceState::Pending.as_str())
         .fetch_all(&self.read)
         .await
         .map_err(ledger_error)?;
@@ -710,13 +580,16 @@ impl Ledger for SqlStore {
             .map_err(ledger_error)?;
         let mut out = Vec::new();
         for key in ids {
-            let Some(mut row) = self.lock_key(&mut tx, &key).await? else {
+            let Some(row) = self.lock_key(&mut tx, &key).await? else {
                 continue;
             };
-            let lost = write_off(&mut tx, &key, &mut row, epoch).await?;
-            write_key(&mut tx, &key, &row).await?;
-            if lost > 0 {
-                out.push((key, lost));
+            let mut account = row.account;
+            if let Some(lost) = rules::write_off(&mut account, epoch) {
+                mark_lost(&mut tx, &key).await?;
+                write_account(&mut tx, &key, &account).await?;
+                if lost > 0 {
+                    out.push((key, lost));
+                }
             }
         }
         tx.commit().await.map_err(ledger_error)?;

@@ -1,0 +1,524 @@
+//! The ledger's rules, written once (no I/O): how an allocation is sized and granted, how
+//! a transfer is settled, cancelled, returned or written off, how a fence changes the
+//! balance, what an increment and a direct spend may do, and the states a transfer and a
+//! fence move through.
+//!
+//! Every [`Ledger`](crate::ports::Ledger) adapter does the same four things per method:
+//! lock the key's row, load what the rule needs ([`Account`], the transfer, whether a
+//! fence is pending or a `Set` overwrote an older generation), call the rule here, and
+//! store what it changed. The in-memory reference and the SQL ledger therefore run the
+//! same arithmetic, and the model test and the conformance suite exercise the code that
+//! production runs.
+
+use crate::ports::{
+    AllocateOutcome, AllocateRequest, DirectSpend, Drained, FenceOp, IncrementOutcome, LedgerState,
+};
+
+/// The ledger columns of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Account {
+    /// Credits not handed out; `None` = unlimited.
+    pub remaining: Option<u64>,
+    /// Credits handed to the hot store and not yet returned or reported spent.
+    pub hot_allocated: u64,
+    /// Bumped by every fence (set / decrement / refill).
+    pub generation: u64,
+    /// Bumped by every change of `remaining`.
+    pub version: u64,
+    /// The hot-store epoch `hot_allocated` belongs to.
+    pub hot_epoch: Option<String>,
+    /// When the last periodic refill was applied (or the key was created).
+    pub last_refill_at: Option<i64>,
+}
+
+impl Account {
+    /// A new key's account: its balance, refilled "now" (the first refill is due in the
+    /// next period).
+    pub fn new(remaining: Option<u64>, now_ms: i64) -> Self {
+        Self {
+            remaining,
+            last_refill_at: Some(now_ms),
+            ..Self::default()
+        }
+    }
+
+    pub fn state(&self) -> LedgerState {
+        LedgerState {
+            remaining: self.remaining,
+            hot_allocated: self.hot_allocated,
+            generation: self.generation,
+            version: self.version,
+        }
+    }
+
+    /// Adds `amount` back to `remaining` (a cancelled allocation or a returned balance).
+    fn give_back(&mut self, amount: u64) {
+        if let Some(r) = self.remaining.as_mut() {
+            *r = r.saturating_add(amount);
+        }
+        self.version += 1;
+    }
+}
+
+/// What a logged transfer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferKind {
+    /// Ledger → hot store.
+    Alloc,
+    /// Hot store → ledger (a drain, fence alignment or shutdown).
+    Return,
+}
+
+/// Where a logged transfer stands. Allocations start `Pending` and end `Credited`,
+/// `Cancelled` or `Lost`; returns are logged `Applied`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferState {
+    Pending,
+    Credited,
+    Cancelled,
+    Applied,
+    /// Allocated to a hot-store epoch that lost its data: written off.
+    Lost,
+}
+
+/// Where a logged fence stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceState {
+    Pending,
+    Done,
+}
+
+macro_rules! text_enum {
+    ($ty:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The value stored in the ledger's tables.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $text),+ }
+            }
+
+            /// Parses a stored value.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($ty::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(TransferKind { Alloc => "alloc", Return => "return" });
+text_enum!(TransferState {
+    Pending => "pending",
+    Credited => "credited",
+    Cancelled => "cancelled",
+    Applied => "applied",
+    Lost => "lost",
+});
+text_enum!(FenceState { Pending => "pending", Done => "done" });
+
+/// A transfer as the ledger logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub key: String,
+    pub kind: TransferKind,
+    pub amount: u64,
+    pub generation: u64,
+    pub state: TransferState,
+    pub created_at_ms: i64,
+}
+
+/// The size of a grant: at least what the spend needs, else the preferred chunk, never
+/// more than the ledger holds (so at exhaustion nothing is stranded in the hot store).
+pub fn grant_size(need: u64, chunk: u64, remaining: u64) -> u64 {
+    need.max(chunk.min(remaining))
+}
+
+/// Writes off what `account` had allocated to a hot-store epoch other than `epoch`.
+/// `None`: same epoch, nothing to do. `Some(lost)`: the account now belongs to `epoch`,
+/// and the adapter marks the key's pending allocations [`TransferState::Lost`].
+pub fn write_off(account: &mut Account, epoch: &str) -> Option<u64> {
+    if account.hot_epoch.as_deref() == Some(epoch) {
+        return None;
+    }
+    let lost = account.hot_allocated;
+    account.hot_allocated = 0;
+    account.hot_epoch = Some(epoch.to_owned());
+    Some(lost)
+}
+
+/// The answer to an allocation whose transfer id is already logged: what the first
+/// call granted (a retry never moves credits twice).
+pub fn retried_allocation(account: Option<&Account>, first: &Transfer) -> AllocateOutcome {
+    let (remaining, version) = account.map_or((0, 0), |a| (a.remaining.unwrap_or(0), a.version));
+    AllocateOutcome::Granted {
+        amount: first.amount,
+        remaining,
+        generation: first.generation,
+        version,
+        lost: 0,
+    }
+}
+
+/// What [`allocate`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub outcome: AllocateOutcome,
+    /// `Some`: the epoch changed; pending allocations of the key become `Lost`.
+    pub written_off: Option<u64>,
+    /// The transfer to log as `Pending` (only when credits moved).
+    pub transfer: Option<Transfer>,
+}
+
+/// Moves credits from `remaining` to `hot_allocated` for a live key whose transfer id is
+/// new. `fence_pending`: a fence of the key is begun and unfinished. The write-off of
+/// another epoch stands whatever the outcome.
+pub fn allocate(
+    account: &mut Account,
+    req: &AllocateRequest<'_>,
+    fence_pending: bool,
+) -> Allocation {
+    let Some(remaining) = account.remaining else {
+        return Allocation {
+            outcome: AllocateOutcome::Unlimited,
+            written_off: None,
+            transfer: None,
+        };
+    };
+    let written_off = write_off(account, req.epoch);
+    let lost = written_off.unwrap_or(0);
+    let mut transfer = None;
+    let outcome = if fence_pending || req.generation.is_some_and(|g| g != account.generation) {
+        AllocateOutcome::GenerationMoved {
+            generation: account.generation,
+        }
+    } else if remaining < req.need {
+        AllocateOutcome::Insufficient {
+            remaining,
+            generation: account.generation,
+            version: account.version,
+            lost,
+        }
+    } else {
+        let amount = grant_size(req.need, req.chunk, remaining);
+        let remaining = remaining - amount;
+        account.remaining = Some(remaining);
+        account.hot_allocated = account.hot_allocated.saturating_add(amount);
+        account.version += 1;
+        transfer = Some(Transfer {
+            key: req.key.to_owned(),
+            kind: TransferKind::Alloc,
+            amount,
+            generation: account.generation,
+            state: TransferState::Pending,
+            created_at_ms: req.now_ms,
+        });
+        AllocateOutcome::Granted {
+            amount,
+            remaining,
+            generation: account.generation,
+            version: account.version,
+            lost,
+        }
+    };
+    Allocation {
+        outcome,
+        written_off,
+        transfer,
+    }
+}
+
+/// Settles a pending allocation of `key`: credited (the spends reported with the credit
+/// leave `hot_allocated`) or cancelled (the amount goes back to `remaining` unless a
+/// `Set` fenced the key since — `overwritten`). Returns the transfer's new state, or
+/// `None` when there is nothing to do (already settled, or another key's id).
+pub fn settle(
+    account: Option<&mut Account>,
+    key: &str,
+    transfer: &Transfer,
+    credited: bool,
+    spent: u64,
+    overwritten: bool,
+) -> Option<TransferState> {
+    if transfer.state != TransferState::Pending || transfer.key != key {
+        return None;
+    }
+    if credited {
+        if let Some(a) = account {
+            if transfer.generation == a.generation {
+                a.hot_allocated = a.hot_allocated.saturating_sub(spent);
+            }
+        }
+        return Some(TransferState::Credited);
+    }
+    if let Some(a) = account {
+        if transfer.generation == a.generation {
+            a.hot_allocated = a.hot_allocated.saturating_sub(transfer.amount);
+        }
+        if !overwritten {
+            a.give_back(transfer.amount);
+        }
+    }
+    Some(TransferState::Cancelled)
+}
+
+/// Returns a drained hot balance whose transfer id is new: `remaining += amount` (unless
+/// a `Set` fenced the key after the drained generation — `overwritten`) and
+/// `hot_allocated -= amount + spent`. Returns the transfer to log as `Applied`.
+pub fn return_drained(
+    account: &mut Account,
+    key: &str,
+    drained: Drained,
+    overwritten: bool,
+    now_ms: i64,
+) -> Transfer {
+    if drained.generation == account.generation {
+        account.hot_allocated = account
+            .hot_allocated
+            .saturating_sub(drained.amount.saturating_add(drained.spent));
+    }
+    if !overwritten && drained.amount > 0 {
+        account.give_back(drained.amount);
+    }
+    Transfer {
+        key: key.to_owned(),
+        kind: TransferKind::Return,
+        amount: drained.amount,
+        generation: drained.generation,
+        state: TransferState::Applied,
+        created_at_ms: now_ms,
+    }
+}
+
+/// `remaining += amount`, refused on an unlimited key or when the key's whole balance
+/// (`remaining + hot_allocated`) would pass `max`.
+pub fn increment(account: &mut Account, amount: u64, max: u64) -> IncrementOutcome {
+    let Some(remaining) = account.remaining else {
+        return IncrementOutcome::Unlimited;
+    };
+    let total = remaining
+        .checked_add(account.hot_allocated)
+        .and_then(|t| t.checked_add(amount));
+    if total.is_none_or(|t| t > max) {
+        return IncrementOutcome::Overflow;
+    }
+    account.remaining = Some(remaining.saturating_add(amount));
+    account.version += 1;
+    IncrementOutcome::Done(account.state())
+}
+
+/// Step 1 of a fence on a key whose op id is new: bumps the generation and returns it.
+/// `None` (nothing changes): a refill already applied in its period, or a refill of an
+/// unlimited key. A refill records `now_ms` as the last refill time.
+pub fn begin_fence(account: &mut Account, op: FenceOp, now_ms: i64) -> Option<u64> {
+    if let FenceOp::Refill { period_start, .. } = op {
+        let done = account.last_refill_at.is_some_and(|t| t >= period_start);
+        if done || account.remaining.is_none() {
+            return None;
+        }
+        account.last_refill_at = Some(now_ms);
+    }
+    account.generation += 1;
+    Some(account.generation)
+}
+
+/// Step 3 of a pending fence: with what the hot store drained at the new generation,
+/// writes the new balance. Nothing is allocated to the hot store afterwards.
+pub fn finish_fence(account: &mut Account, op: FenceOp, drained: Drained) {
+    let base = account.remaining.map(|r| r.saturating_add(drained.amount));
+    account.remaining = match op {
+        FenceOp::Set(v) => v,
+        FenceOp::Decrement(v) => base.map(|b| b.saturating_sub(v)),
+        FenceOp::Refill { amount, .. } => base.map(|b| b.max(amount)),
+    };
+    account.hot_allocated = 0;
+    account.version += 1;
+}
+
+/// A spend on `remaining` alone (the hot store is unreachable): never touches credits
+/// the hot store holds.
+pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
+    let Some(remaining) = account.remaining else {
+        return DirectSpend::Unlimited;
+    };
+    if remaining < cost {
+        return DirectSpend::Exceeded { remaining };
+    }
+    account.remaining = Some(remaining - cost);
+    account.version += 1;
+    DirectSpend::Valid {
+        remaining: remaining - cost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(need: u64, chunk: u64, generation: Option<u64>) -> AllocateRequest<'static> {
+        AllocateRequest {
+            key: "k",
+            transfer_id: "t",
+            generation,
+            epoch: "e",
+            need,
+            chunk,
+            now_ms: 5,
+        }
+    }
+
+    #[test]
+    fn grants_are_sized_by_need_chunk_and_balance() {
+        assert_eq!(grant_size(3, 10, 100), 10);
+        assert_eq!(grant_size(30, 10, 100), 30);
+        assert_eq!(grant_size(0, 10, 4), 4);
+    }
+
+    #[test]
+    fn allocate_moves_credits_and_logs_a_pending_transfer() {
+        let mut a = Account::new(Some(100), 0);
+        let out = allocate(&mut a, &req(1, 10, None), false);
+        assert_eq!(
+            out.written_off,
+            Some(0),
+            "first allocation adopts the epoch"
+        );
+        assert_eq!(a.remaining, Some(90));
+        assert_eq!(a.hot_allocated, 10);
+        let t = out.transfer.expect("transfer");
+        assert_eq!(
+            (t.amount, t.state, t.kind),
+            (10, TransferState::Pending, TransferKind::Alloc)
+        );
+        assert_eq!(t.created_at_ms, 5);
+        // Insufficient and moved generations move nothing.
+        let before = a.clone();
+        let out = allocate(&mut a, &req(91, 10, None), false);
+        assert!(matches!(
+            out.outcome,
+            AllocateOutcome::Insufficient { remaining: 90, .. }
+        ));
+        assert_eq!(a, before);
+        let out = allocate(&mut a, &req(1, 10, Some(7)), false);
+        assert_eq!(
+            out.outcome,
+            AllocateOutcome::GenerationMoved { generation: 0 }
+        );
+        let out = allocate(&mut a, &req(1, 10, None), true);
+        assert_eq!(
+            out.outcome,
+            AllocateOutcome::GenerationMoved { generation: 0 }
+        );
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn a_new_epoch_writes_off_what_the_old_one_held() {
+        let mut a = Account::new(Some(100), 0);
+        allocate(&mut a, &req(1, 10, None), false);
+        let mut r = req(1, 10, None);
+        r.epoch = "e2";
+        let out = allocate(&mut a, &r, false);
+        assert_eq!(out.written_off, Some(10));
+        assert!(matches!(
+            out.outcome,
+            AllocateOutcome::Granted {
+                lost: 10,
+                amount: 10,
+                ..
+            }
+        ));
+        assert_eq!((a.remaining, a.hot_allocated), (Some(80), 10));
+    }
+
+    #[test]
+    fn settle_and_return_keep_the_partition() {
+        let mut a = Account::new(Some(100), 0);
+        let t = allocate(&mut a, &req(1, 10, None), false).transfer.unwrap();
+        // Cancel: back to remaining.
+        let mut c = a.clone();
+        assert_eq!(
+            settle(Some(&mut c), "k", &t, false, 0, false),
+            Some(TransferState::Cancelled)
+        );
+        assert_eq!((c.remaining, c.hot_allocated), (Some(100), 0));
+        // Cancel after a Set overwrote the generation: nothing comes back.
+        let mut o = a.clone();
+        settle(Some(&mut o), "k", &t, false, 0, true);
+        assert_eq!(o.remaining, Some(90));
+        // Credit with 4 spends reported; then a return of the 6 left.
+        assert_eq!(
+            settle(Some(&mut a), "k", &t, true, 4, false),
+            Some(TransferState::Credited)
+        );
+        assert_eq!(a.hot_allocated, 6);
+        let drained = Drained {
+            amount: 6,
+            spent: 0,
+            generation: 0,
+        };
+        let r = return_drained(&mut a, "k", drained, false, 9);
+        assert_eq!((a.remaining, a.hot_allocated), (Some(96), 0));
+        assert_eq!((r.state, r.created_at_ms), (TransferState::Applied, 9));
+        // Settled transfers and other keys' ids are left alone.
+        let mut done = t.clone();
+        done.state = TransferState::Credited;
+        assert_eq!(settle(Some(&mut a), "k", &done, false, 0, false), None);
+        assert_eq!(settle(Some(&mut a), "other", &t, false, 0, false), None);
+    }
+
+    #[test]
+    fn fences_refills_increments_and_direct_spends() {
+        let mut a = Account::new(Some(10), 1_000);
+        let refill = FenceOp::Refill {
+            amount: 50,
+            period_start: 500,
+        };
+        assert_eq!(
+            begin_fence(&mut a, refill, 2_000),
+            None,
+            "already refilled this period"
+        );
+        let refill = FenceOp::Refill {
+            amount: 50,
+            period_start: 1_500,
+        };
+        assert_eq!(begin_fence(&mut a, refill, 2_000), Some(1));
+        finish_fence(
+            &mut a,
+            refill,
+            Drained {
+                amount: 5,
+                spent: 0,
+                generation: 1,
+            },
+        );
+        assert_eq!(a.remaining, Some(50));
+        finish_fence(&mut a, FenceOp::Decrement(70), Drained::default());
+        assert_eq!(a.remaining, Some(0), "a decrement clamps at zero");
+        assert_eq!(increment(&mut a, 5, 10), IncrementOutcome::Done(a.state()));
+        assert_eq!(a.remaining, Some(5));
+        assert_eq!(increment(&mut a, 6, 10), IncrementOutcome::Overflow);
+        assert_eq!(
+            spend_direct(&mut a, 6),
+            DirectSpend::Exceeded { remaining: 5 }
+        );
+        assert_eq!(spend_direct(&mut a, 5), DirectSpend::Valid { remaining: 0 });
+        finish_fence(&mut a, FenceOp::Set(None), Drained::default());
+        assert_eq!(increment(&mut a, 1, 10), IncrementOutcome::Unlimited);
+        assert_eq!(spend_direct(&mut a, 1), DirectSpend::Unlimited);
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for s in [
+            TransferState::Pending,
+            TransferState::Credited,
+            TransferState::Cancelled,
+            TransferState::Applied,
+            TransferState::Lost,
+        ] {
+            assert_eq!(TransferState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(TransferKind::parse("alloc"), Some(TransferKind::Alloc));
+        assert_eq!(FenceState::parse("done"), Some(FenceState::Done));
+        assert_eq!(TransferState::parse("bogus"), None);
+    }
+}
