@@ -44,6 +44,12 @@ macro_rules! id_type {
                 Self(s.to_owned())
             }
         }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
     };
 }
 

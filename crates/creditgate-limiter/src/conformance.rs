@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use creditgate_domain::SystemClock;
+use creditgate_domain::{Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
@@ -19,11 +19,11 @@ use crate::{Decision, Engine, EngineConfig, MemoryHotStore};
 pub trait LedgerFixture: Send + Sync {
     fn ledger(&self) -> Arc<dyn Ledger>;
     /// Creates a fresh key with this balance (`None` = unlimited) and returns its id.
-    async fn create_key(&self, remaining: Option<u64>) -> String;
+    async fn create_key(&self, remaining: Option<u64>) -> KeyId;
 }
 
 fn req<'a>(
-    key: &'a str,
+    key: &'a KeyId,
     tid: &'a str,
     generation: Option<u64>,
     need: u64,
@@ -40,7 +40,15 @@ fn req<'a>(
     }
 }
 
-async fn remaining(l: &dyn Ledger, key: &str) -> Option<u64> {
+fn cost(n: u64) -> Cost {
+    Cost::new(n).expect("a test cost within bounds")
+}
+
+fn credits(n: u64) -> Credits {
+    Credits::new(n).expect("a test amount within bounds")
+}
+
+async fn remaining(l: &dyn Ledger, key: &KeyId) -> Option<u64> {
     l.state(key).await.expect("state").expect("row").remaining
 }
 
@@ -141,7 +149,7 @@ pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
         .expect("alloc");
     assert_eq!(u, AllocateOutcome::Unlimited);
     let n = l
-        .allocate(&req("key_missing", "t6", None, 1, 10))
+        .allocate(&req(&KeyId::from("key_missing"), "t6", None, 1, 10))
         .await
         .expect("alloc");
     assert_eq!(n, AllocateOutcome::NotFound);
@@ -321,7 +329,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, None);
     assert_eq!(
-        l.begin_fence("key_missing", "op5", FenceOp::Set(Some(1)), 9)
+        l.begin_fence(&KeyId::from("key_missing"), "op5", FenceOp::Set(Some(1)), 9)
             .await
             .expect("begin"),
         BeginFence::NotFound
@@ -363,7 +371,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
     );
     // Next period, above the amount: unchanged.
     let inc = l
-        .increment(&key, 5, u64::MAX >> 11)
+        .increment(&key, credits(5), u64::MAX >> 11)
         .await
         .expect("increment");
     assert!(matches!(inc, IncrementOutcome::Done(_)));
@@ -389,39 +397,43 @@ pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
     let l = f.ledger();
     let key = f.create_key(Some(5)).await;
     assert_eq!(
-        l.spend_direct(&key, 3).await.expect("spend"),
+        l.spend_direct(&key, cost(3)).await.expect("spend"),
         DirectSpend::Valid { remaining: 2 }
     );
     assert_eq!(
-        l.spend_direct(&key, 3).await.expect("spend"),
+        l.spend_direct(&key, cost(3)).await.expect("spend"),
         DirectSpend::Exceeded { remaining: 2 }
     );
     assert_eq!(
-        l.spend_direct(&key, 0).await.expect("spend"),
+        l.spend_direct(&key, cost(0)).await.expect("spend"),
         DirectSpend::Valid { remaining: 2 }
     );
     let unl = f.create_key(None).await;
     assert_eq!(
-        l.spend_direct(&unl, 3).await.expect("spend"),
+        l.spend_direct(&unl, cost(3)).await.expect("spend"),
         DirectSpend::Unlimited
     );
     assert_eq!(
-        l.spend_direct("key_missing", 3).await.expect("spend"),
+        l.spend_direct(&KeyId::from("key_missing"), cost(3))
+            .await
+            .expect("spend"),
         DirectSpend::NotFound
     );
     assert_eq!(
-        l.increment(&unl, 1, 100).await.expect("inc"),
+        l.increment(&unl, credits(1), 100).await.expect("inc"),
         IncrementOutcome::Unlimited
     );
     assert_eq!(
-        l.increment(&key, 99, 100).await.expect("inc"),
+        l.increment(&key, credits(99), 100).await.expect("inc"),
         IncrementOutcome::Overflow
     );
     assert!(
-        matches!(l.increment(&key, 98, 100).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
+        matches!(l.increment(&key, credits(98), 100).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
     );
     assert_eq!(
-        l.increment("key_missing", 1, 100).await.expect("inc"),
+        l.increment(&KeyId::from("key_missing"), credits(1), 100)
+            .await
+            .expect("inc"),
         IncrementOutcome::NotFound
     );
 }
@@ -503,7 +515,9 @@ pub async fn engine_is_exact_under_concurrency(f: &dyn LedgerFixture) {
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let (engine, key) = (engine.clone(), key.clone());
-        tasks.push(tokio::spawn(async move { engine.spend(&key, 1).await }));
+        tasks.push(tokio::spawn(
+            async move { engine.spend(&key, cost(1)).await },
+        ));
     }
     let mut seen = BTreeSet::new();
     let mut valid = 0;

@@ -14,7 +14,9 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::ports::{CreditReply, Drained, HotStore, LockToken, SpendReply, TransferFate};
+use creditgate_domain::{Cost, KeyId};
+
+use crate::ports::{Credit, CreditReply, Drained, HotStore, LockToken, SpendReply, TransferFate};
 
 /// Runs every check of the suite.
 pub async fn run_all(hot: Arc<dyn HotStore>) {
@@ -34,31 +36,42 @@ pub async fn run_all(hot: Arc<dyn HotStore>) {
     entries_holding_credits_never_expire(hot, &p).await;
 }
 
-fn key(p: &str, name: &str) -> String {
-    format!("{p}_{name}")
+fn key(p: &str, name: &str) -> KeyId {
+    KeyId::from(format!("{p}_{name}"))
+}
+
+fn cost(n: u64) -> Cost {
+    Cost::new(n).expect("a test cost within bounds")
 }
 
 async fn credit(
     hot: &dyn HotStore,
-    k: &str,
+    k: &KeyId,
     tid: &str,
     g: u64,
     amount: u64,
     u: u64,
     v: u64,
 ) -> CreditReply {
-    hot.credit(k, tid, g, amount, u, v).await.expect("credit")
+    let c = Credit {
+        transfer_id: tid,
+        generation: g,
+        amount,
+        unalloc: u,
+        version: v,
+    };
+    hot.credit(k, &c).await.expect("credit")
 }
 
-async fn spend(hot: &dyn HotStore, k: &str, cost: u64) -> SpendReply {
-    hot.spend(k, cost).await.expect("spend")
+async fn spend(hot: &dyn HotStore, k: &KeyId, cost: u64) -> SpendReply {
+    hot.spend(k, self::cost(cost)).await.expect("spend")
 }
 
-async fn unalloc(hot: &dyn HotStore, k: &str) -> Option<u64> {
+async fn unalloc(hot: &dyn HotStore, k: &KeyId) -> Option<u64> {
     hot.peek(k).await.expect("peek").expect("entry").unalloc
 }
 
-async fn bal(hot: &dyn HotStore, k: &str) -> u64 {
+async fn bal(hot: &dyn HotStore, k: &KeyId) -> u64 {
     hot.peek(k).await.expect("peek").expect("entry").bal
 }
 
@@ -218,7 +231,7 @@ pub async fn spends_are_atomic(hot: &dyn HotStore, p: &str) {
     credit(hot, &k, "t1", 0, 20, 0, 1).await;
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        tasks.push(hot.spend(&k, 1));
+        tasks.push(hot.spend(&k, cost(1)));
     }
     let mut valid = BTreeSet::new();
     let mut low = 0;

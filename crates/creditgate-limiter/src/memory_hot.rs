@@ -8,12 +8,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use creditgate_domain::{Cost, KeyId};
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::ports::{
-    CreditReply, Drained, HotEntry, HotError, HotStore, LockToken, SpendReply, TransferFate,
+    Credit, CreditReply, Drained, HotEntry, HotError, HotStore, LockToken, SpendReply, TransferFate,
 };
 
 /// Transfer ids remembered per key for idempotency.
@@ -91,8 +92,8 @@ struct HeldLock {
 #[derive(Debug)]
 struct Inner {
     epoch: String,
-    entries: HashMap<String, Entry>,
-    locks: HashMap<String, HeldLock>,
+    entries: HashMap<KeyId, Entry>,
+    locks: HashMap<KeyId, HeldLock>,
 }
 
 /// The in-process hot store.
@@ -124,7 +125,8 @@ impl MemoryHotStore {
         }
     }
 
-    /// Loses every balance and starts a new epoch, as a crashed process would.
+    /// Loses every balance and starts a new epoch, as a crashed process would (tests).
+    #[cfg(feature = "testing")]
     pub fn wipe(&self) {
         let mut inner = self.lock_inner();
         inner.epoch = new_epoch();
@@ -132,11 +134,6 @@ impl MemoryHotStore {
         inner.locks.clear();
         drop(inner);
         self.unlocked.notify_waiters();
-    }
-
-    /// Keys that currently have an entry.
-    pub fn keys(&self) -> Vec<String> {
-        self.lock_inner().entries.keys().cloned().collect()
     }
 
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -150,7 +147,8 @@ impl HotStore for MemoryHotStore {
         Ok(self.lock_inner().epoch.clone())
     }
 
-    async fn spend(&self, key: &str, cost: u64) -> Result<SpendReply, HotError> {
+    async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
+        let cost = cost.get();
         let mut inner = self.lock_inner();
         let Some(e) = inner.entries.get_mut(key) else {
             return Ok(SpendReply::Miss);
@@ -175,15 +173,14 @@ impl HotStore for MemoryHotStore {
         })
     }
 
-    async fn credit(
-        &self,
-        key: &str,
-        transfer_id: &str,
-        generation: u64,
-        amount: u64,
-        unalloc: u64,
-        version: u64,
-    ) -> Result<CreditReply, HotError> {
+    async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError> {
+        let &Credit {
+            transfer_id,
+            generation,
+            amount,
+            unalloc,
+            version,
+        } = credit;
         let mut inner = self.lock_inner();
         let e = inner
             .entries
@@ -212,7 +209,7 @@ impl HotStore for MemoryHotStore {
 
     async fn sync_unalloc(
         &self,
-        key: &str,
+        key: &KeyId,
         unalloc: Option<u64>,
         version: u64,
     ) -> Result<(), HotError> {
@@ -233,7 +230,7 @@ impl HotStore for MemoryHotStore {
 
     async fn drain(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         min_idle_ms: u64,
     ) -> Result<Drained, HotError> {
@@ -256,7 +253,7 @@ impl HotStore for MemoryHotStore {
         Ok(d)
     }
 
-    async fn fence(&self, key: &str, generation: u64) -> Result<Drained, HotError> {
+    async fn fence(&self, key: &KeyId, generation: u64) -> Result<Drained, HotError> {
         let mut inner = self.lock_inner();
         let e = inner
             .entries
@@ -281,7 +278,7 @@ impl HotStore for MemoryHotStore {
 
     async fn resolve_transfer(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         generation: u64,
     ) -> Result<TransferFate, HotError> {
@@ -299,7 +296,7 @@ impl HotStore for MemoryHotStore {
 
     async fn lock(
         &self,
-        key: &str,
+        key: &KeyId,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Option<LockToken>, HotError> {
@@ -329,7 +326,7 @@ impl HotStore for MemoryHotStore {
         Ok(None)
     }
 
-    async fn unlock(&self, key: &str, token: &LockToken) -> Result<(), HotError> {
+    async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError> {
         let mut inner = self.lock_inner();
         if inner.locks.get(key).is_some_and(|h| h.token == token.0) {
             inner.locks.remove(key);
@@ -339,7 +336,7 @@ impl HotStore for MemoryHotStore {
         Ok(())
     }
 
-    async fn peek(&self, key: &str) -> Result<Option<HotEntry>, HotError> {
+    async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError> {
         Ok(self.lock_inner().entries.get(key).map(|e| HotEntry {
             bal: e.bal,
             unalloc: e.unalloc_valid.then_some(e.unalloc),

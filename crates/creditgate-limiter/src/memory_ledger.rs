@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use creditgate_domain::{Clock, SystemClock};
+use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
@@ -23,32 +23,32 @@ struct Fence {
 
 #[derive(Debug, Default)]
 struct Inner {
-    accounts: HashMap<String, Account>,
+    accounts: HashMap<KeyId, Account>,
     transfers: HashMap<String, Transfer>,
     fences: HashMap<String, Fence>,
 }
 
 impl Inner {
     /// Whether a finished `Set` fenced `key` at a generation above `generation`.
-    fn set_since(&self, key: &str, generation: u64) -> bool {
+    fn set_since(&self, key: &KeyId, generation: u64) -> bool {
         self.fences.values().any(|f| {
             f.state == FenceState::Done
-                && f.pending.key == key
+                && f.pending.key == *key
                 && f.pending.generation > generation
                 && matches!(f.pending.op, FenceOp::Set(_))
         })
     }
 
-    fn fence_pending(&self, key: &str) -> bool {
+    fn fence_pending(&self, key: &KeyId) -> bool {
         self.fences
             .values()
-            .any(|f| f.state == FenceState::Pending && f.pending.key == key)
+            .any(|f| f.state == FenceState::Pending && f.pending.key == *key)
     }
 
     /// Stores a write-off decided by the rules: the key's pending allocations are lost.
-    fn mark_lost(&mut self, key: &str) {
+    fn mark_lost(&mut self, key: &KeyId) {
         for t in self.transfers.values_mut() {
-            if t.key == key && t.state == TransferState::Pending {
+            if t.key == *key && t.state == TransferState::Pending {
                 t.state = TransferState::Lost;
             }
         }
@@ -82,10 +82,10 @@ impl MemoryLedger {
     }
 
     /// Creates a key's ledger row (what `keys.createKey` does in the SQL store).
-    pub fn create_key(&self, key: &str, remaining: Option<u64>, now_ms: i64) {
+    pub fn create_key(&self, key: impl Into<KeyId>, remaining: Option<u64>, now_ms: i64) {
         self.lock()
             .accounts
-            .insert(key.to_owned(), Account::new(remaining, now_ms));
+            .insert(key.into(), Account::new(remaining, now_ms));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -94,13 +94,13 @@ impl MemoryLedger {
     }
 }
 
-fn no_row(key: &str) -> LedgerError {
+fn no_row(key: &KeyId) -> LedgerError {
     LedgerError::Other(format!("no ledger row for {key}"))
 }
 
 #[async_trait]
 impl Ledger for MemoryLedger {
-    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError> {
+    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
         Ok(self.lock().accounts.get(key).map(Account::state))
     }
 
@@ -128,7 +128,7 @@ impl Ledger for MemoryLedger {
 
     async fn settle_allocation(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         credited: bool,
         spent: u64,
@@ -149,7 +149,7 @@ impl Ledger for MemoryLedger {
 
     async fn return_drained(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
@@ -170,19 +170,19 @@ impl Ledger for MemoryLedger {
 
     async fn increment(
         &self,
-        key: &str,
-        amount: u64,
+        key: &KeyId,
+        amount: Credits,
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError> {
         Ok(match self.lock().accounts.get_mut(key) {
-            Some(account) => rules::increment(account, amount, max),
+            Some(account) => rules::increment(account, amount.get(), max),
             None => IncrementOutcome::NotFound,
         })
     }
 
     async fn begin_fence(
         &self,
-        key: &str,
+        key: &KeyId,
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
@@ -238,16 +238,16 @@ impl Ledger for MemoryLedger {
         Ok(state)
     }
 
-    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
+    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
         Ok(match self.lock().accounts.get_mut(key) {
-            Some(account) => rules::spend_direct(account, cost),
+            Some(account) => rules::spend_direct(account, cost.get()),
             None => DirectSpend::NotFound,
         })
     }
 
     async fn pending_allocations(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingAllocation>, LedgerError> {
@@ -258,7 +258,7 @@ impl Ledger for MemoryLedger {
             .filter(|(_, t)| {
                 t.state == TransferState::Pending
                     && t.created_at_ms < older_than_ms
-                    && key.is_none_or(|k| k == t.key)
+                    && key.is_none_or(|k| *k == t.key)
             })
             .map(|(id, t)| PendingAllocation {
                 key: t.key.clone(),
@@ -277,7 +277,7 @@ impl Ledger for MemoryLedger {
 
     async fn pending_fences(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingFence>, LedgerError> {
@@ -288,7 +288,7 @@ impl Ledger for MemoryLedger {
             .filter(|f| {
                 f.state == FenceState::Pending
                     && f.created_at_ms < older_than_ms
-                    && key.is_none_or(|k| k == f.pending.key)
+                    && key.is_none_or(|k| *k == f.pending.key)
             })
             .map(|f| (f.created_at_ms, f.pending.clone()))
             .collect();
@@ -299,9 +299,9 @@ impl Ledger for MemoryLedger {
         Ok(out.into_iter().map(|(_, f)| f).collect())
     }
 
-    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError> {
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
         let mut inner = self.lock();
-        let mut keys: Vec<String> = inner
+        let mut keys: Vec<KeyId> = inner
             .accounts
             .iter()
             .filter(|(_, a)| a.hot_epoch.as_deref().is_some_and(|e| e != epoch))

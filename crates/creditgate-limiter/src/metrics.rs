@@ -13,3 +13,6 @@ pub const ORPHANS_RESOLVED: &str = "creditgate_engine_orphans_resolved_total";
 pub const RECONCILE_ERRORS: &str = "creditgate_engine_reconcile_errors_total";
 pub const PREFETCHES: &str = "creditgate_engine_prefetches_total";
 pub const PREFETCH_DROPPED: &str = "creditgate_engine_prefetch_dropped_total";
+/// Per-key failures inside a loop over keys (label `step`: drain | repair); the loop
+/// goes on.
+pub const KEY_ERRORS: &str = "creditgate_engine_key_errors_total";

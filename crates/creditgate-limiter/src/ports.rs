@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use creditgate_domain::{Cost, Credits, KeyId};
 
 /// Failure of a hot-store call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -94,6 +95,22 @@ pub struct HotEntry {
     pub idle_ms: u64,
 }
 
+/// One credit of the hot store: a transfer from the ledger (or, with `amount` 0, a
+/// snapshot refresh) and the ledger state it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit<'a> {
+    /// The transfer's id: crediting it twice changes nothing.
+    pub transfer_id: &'a str,
+    /// The ledger generation the credits belong to.
+    pub generation: u64,
+    /// Credits added to `bal`.
+    pub amount: u64,
+    /// The ledger's `remaining` after the transfer (the snapshot).
+    pub unalloc: u64,
+    /// The ledger `version` of that snapshot.
+    pub version: u64,
+}
+
 /// Proof of holding a key's refill lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockToken(pub String);
@@ -106,26 +123,18 @@ pub trait HotStore: Send + Sync {
 
     /// `bal >= cost` (and a valid snapshot) → `bal -= cost`, `Valid`. Otherwise
     /// `Exceeded` (valid snapshot, `bal + unalloc < cost`), `Low` or `Miss`.
-    async fn spend(&self, key: &str, cost: u64) -> Result<SpendReply, HotError>;
+    async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError>;
 
-    /// Adds `amount` to `bal` (creating the entry), idempotent on `transfer_id`; refused
-    /// when the entry serves a newer `generation` or the transfer was refused. Also
+    /// Adds `credit.amount` to `bal` (creating the entry), idempotent on its transfer id;
+    /// refused when the entry serves a newer generation or the transfer was refused. Also
     /// records the ledger snapshot `unalloc` if `version` is newer than the one held.
-    async fn credit(
-        &self,
-        key: &str,
-        transfer_id: &str,
-        generation: u64,
-        amount: u64,
-        unalloc: u64,
-        version: u64,
-    ) -> Result<CreditReply, HotError>;
+    async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError>;
 
     /// Records the ledger snapshot if `version` is newer than the one held; `None`
     /// marks the snapshot unknown (before a ledger change that adds credits).
     async fn sync_unalloc(
         &self,
-        key: &str,
+        key: &KeyId,
         unalloc: Option<u64>,
         version: u64,
     ) -> Result<(), HotError>;
@@ -135,7 +144,7 @@ pub trait HotStore: Send + Sync {
     /// added to the snapshot so `bal + unalloc` stays the exact balance meanwhile.
     async fn drain(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         min_idle_ms: u64,
     ) -> Result<Drained, HotError>;
@@ -143,12 +152,12 @@ pub trait HotStore: Send + Sync {
     /// Atomically drains the balance and adopts `generation` (creating the entry if
     /// needed). Idempotent: fencing again to the same generation returns the amount the
     /// first fence drained. Older generations are ignored.
-    async fn fence(&self, key: &str, generation: u64) -> Result<Drained, HotError>;
+    async fn fence(&self, key: &KeyId, generation: u64) -> Result<Drained, HotError>;
 
     /// Resolves an allocation whose credit step may not have happened.
     async fn resolve_transfer(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         generation: u64,
     ) -> Result<TransferFate, HotError>;
@@ -157,13 +166,13 @@ pub trait HotStore: Send + Sync {
     /// release and returns `None`, so the caller retries its spend before locking again.
     async fn lock(
         &self,
-        key: &str,
+        key: &KeyId,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Option<LockToken>, HotError>;
-    async fn unlock(&self, key: &str, token: &LockToken) -> Result<(), HotError>;
+    async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError>;
 
-    async fn peek(&self, key: &str) -> Result<Option<HotEntry>, HotError>;
+    async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError>;
 
     /// Removes entries that hold nothing and have been idle for `min_idle_ms`.
     async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError>;
@@ -182,7 +191,7 @@ pub struct LedgerState {
 /// Request to move credits from the ledger to the hot store.
 #[derive(Debug, Clone)]
 pub struct AllocateRequest<'a> {
-    pub key: &'a str,
+    pub key: &'a KeyId,
     pub transfer_id: &'a str,
     /// The generation the hot store serves (`None` if it has no entry).
     pub generation: Option<u64>,
@@ -238,7 +247,7 @@ pub enum FenceOp {
 /// A fence the ledger has begun (generation bumped) and not finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingFence {
-    pub key: String,
+    pub key: KeyId,
     pub op_id: String,
     pub op: FenceOp,
     pub generation: u64,
@@ -256,7 +265,7 @@ pub enum BeginFence {
 /// An allocation recorded in the ledger whose credit step has not been confirmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingAllocation {
-    pub key: String,
+    pub key: KeyId,
     pub transfer_id: String,
     pub amount: u64,
     pub generation: u64,
@@ -274,7 +283,7 @@ pub enum DirectSpend {
 
 #[async_trait]
 pub trait Ledger: Send + Sync {
-    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError>;
+    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError>;
 
     /// One transaction: writes off allocations to another epoch (`lost`), checks the
     /// generation, and moves `max(need, min(chunk, remaining))` from `remaining` to
@@ -286,7 +295,7 @@ pub trait Ledger: Send + Sync {
     /// `remaining` unless a `Set` fenced the key since). Idempotent.
     async fn settle_allocation(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         credited: bool,
         spent: u64,
@@ -297,7 +306,7 @@ pub trait Ledger: Send + Sync {
     /// `hot_allocated -= amount + spent`. Returns the new state.
     async fn return_drained(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError>;
@@ -305,8 +314,8 @@ pub trait Ledger: Send + Sync {
     /// `remaining += amount` (fails on unlimited or overflow past `max`).
     async fn increment(
         &self,
-        key: &str,
-        amount: u64,
+        key: &KeyId,
+        amount: Credits,
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError>;
 
@@ -315,7 +324,7 @@ pub trait Ledger: Send + Sync {
     /// period or on an unlimited key; a refill records `now_ms` as the last refill time.
     async fn begin_fence(
         &self,
-        key: &str,
+        key: &KeyId,
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
@@ -331,26 +340,26 @@ pub trait Ledger: Send + Sync {
 
     /// Atomic conditional spend on `remaining` (`remaining >= cost`), used when the hot
     /// store cannot be reached. Never touches credits held by the hot store.
-    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError>;
+    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError>;
 
     /// Pending allocations created before `older_than_ms`, of one key or of all.
     async fn pending_allocations(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingAllocation>, LedgerError>;
     /// Begun, unfinished fences created before `older_than_ms`, of one key or of all.
     async fn pending_fences(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingFence>, LedgerError>;
 
     /// Writes off every allocation held by a hot-store epoch other than `epoch`;
     /// returns (key, credits lost) for each key.
-    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError>;
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,8 @@
 //! same arithmetic, and the model test and the conformance suite exercise the code that
 //! production runs.
 
+use creditgate_domain::KeyId;
+
 use crate::ports::{
     AllocateOutcome, AllocateRequest, DirectSpend, Drained, FenceOp, IncrementOutcome, LedgerState,
 };
@@ -117,7 +119,7 @@ text_enum!(FenceState { Pending => "pending", Done => "done" });
 /// A transfer as the ledger logged it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
-    pub key: String,
+    pub key: KeyId,
     pub kind: TransferKind,
     pub amount: u64,
     pub generation: u64,
@@ -231,13 +233,13 @@ pub fn allocate(
 /// `None` when there is nothing to do (already settled, or another key's id).
 pub fn settle(
     account: Option<&mut Account>,
-    key: &str,
+    key: &KeyId,
     transfer: &Transfer,
     credited: bool,
     spent: u64,
     overwritten: bool,
 ) -> Option<TransferState> {
-    if transfer.state != TransferState::Pending || transfer.key != key {
+    if transfer.state != TransferState::Pending || transfer.key != *key {
         return None;
     }
     if credited {
@@ -264,7 +266,7 @@ pub fn settle(
 /// `hot_allocated -= amount + spent`. Returns the transfer to log as `Applied`.
 pub fn return_drained(
     account: &mut Account,
-    key: &str,
+    key: &KeyId,
     drained: Drained,
     overwritten: bool,
     now_ms: i64,
@@ -352,9 +354,11 @@ pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
 mod tests {
     use super::*;
 
+    static K: std::sync::LazyLock<KeyId> = std::sync::LazyLock::new(|| KeyId::from("k"));
+
     fn req(need: u64, chunk: u64, generation: Option<u64>) -> AllocateRequest<'static> {
         AllocateRequest {
-            key: "k",
+            key: &K,
             transfer_id: "t",
             generation,
             epoch: "e",
@@ -435,17 +439,17 @@ mod tests {
         // Cancel: back to remaining.
         let mut c = a.clone();
         assert_eq!(
-            settle(Some(&mut c), "k", &t, false, 0, false),
+            settle(Some(&mut c), &K, &t, false, 0, false),
             Some(TransferState::Cancelled)
         );
         assert_eq!((c.remaining, c.hot_allocated), (Some(100), 0));
         // Cancel after a Set overwrote the generation: nothing comes back.
         let mut o = a.clone();
-        settle(Some(&mut o), "k", &t, false, 0, true);
+        settle(Some(&mut o), &K, &t, false, 0, true);
         assert_eq!(o.remaining, Some(90));
         // Credit with 4 spends reported; then a return of the 6 left.
         assert_eq!(
-            settle(Some(&mut a), "k", &t, true, 4, false),
+            settle(Some(&mut a), &K, &t, true, 4, false),
             Some(TransferState::Credited)
         );
         assert_eq!(a.hot_allocated, 6);
@@ -454,14 +458,17 @@ mod tests {
             spent: 0,
             generation: 0,
         };
-        let r = return_drained(&mut a, "k", drained, false, 9);
+        let r = return_drained(&mut a, &K, drained, false, 9);
         assert_eq!((a.remaining, a.hot_allocated), (Some(96), 0));
         assert_eq!((r.state, r.created_at_ms), (TransferState::Applied, 9));
         // Settled transfers and other keys' ids are left alone.
         let mut done = t.clone();
         done.state = TransferState::Credited;
-        assert_eq!(settle(Some(&mut a), "k", &done, false, 0, false), None);
-        assert_eq!(settle(Some(&mut a), "other", &t, false, 0, false), None);
+        assert_eq!(settle(Some(&mut a), &K, &done, false, 0, false), None);
+        assert_eq!(
+            settle(Some(&mut a), &"other".into(), &t, false, 0, false),
+            None
+        );
     }
 
     #[test]

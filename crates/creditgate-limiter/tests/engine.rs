@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use creditgate_domain::{Clock, Credits, ManualClock, Refill, RefillInterval};
+use creditgate_domain::{Clock, Cost, Credits, KeyId, ManualClock, Refill, RefillInterval};
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::*;
 use creditgate_limiter::{
@@ -17,6 +17,10 @@ use creditgate_limiter::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+fn credits(n: u64) -> Credits {
+    Credits::new(n).expect("a test amount within bounds")
+}
 
 struct MemFixture {
     ledger: Arc<MemoryLedger>,
@@ -28,9 +32,9 @@ impl LedgerFixture for MemFixture {
     fn ledger(&self) -> Arc<dyn Ledger> {
         self.ledger.clone()
     }
-    async fn create_key(&self, remaining: Option<u64>) -> String {
-        let id = format!("key_{}", self.next.fetch_add(1, Ordering::SeqCst));
-        self.ledger.create_key(&id, remaining, 0);
+    async fn create_key(&self, remaining: Option<u64>) -> KeyId {
+        let id = KeyId::from(format!("key_{}", self.next.fetch_add(1, Ordering::SeqCst)));
+        self.ledger.create_key(id.clone(), remaining, 0);
         id
     }
 }
@@ -99,7 +103,7 @@ macro_rules! faulty {
 
 #[async_trait]
 impl Ledger for FaultyLedger {
-    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError> {
+    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
         self.inner.state(key).await
     }
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
@@ -107,7 +111,7 @@ impl Ledger for FaultyLedger {
     }
     async fn settle_allocation(
         &self,
-        key: &str,
+        key: &KeyId,
         t: &str,
         credited: bool,
         spent: u64,
@@ -119,7 +123,7 @@ impl Ledger for FaultyLedger {
     }
     async fn return_drained(
         &self,
-        key: &str,
+        key: &KeyId,
         t: &str,
         d: Drained,
     ) -> Result<LedgerState, LedgerError> {
@@ -127,15 +131,15 @@ impl Ledger for FaultyLedger {
     }
     async fn increment(
         &self,
-        key: &str,
-        amount: u64,
+        key: &KeyId,
+        amount: Credits,
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError> {
         faulty!(self, self.inner.increment(key, amount, max).await)
     }
     async fn begin_fence(
         &self,
-        key: &str,
+        key: &KeyId,
         op_id: &str,
         op: FenceOp,
         now: i64,
@@ -145,12 +149,12 @@ impl Ledger for FaultyLedger {
     async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
         faulty!(self, self.inner.finish_fence(f, d).await)
     }
-    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
+    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
         faulty!(self, self.inner.spend_direct(key, cost).await)
     }
     async fn pending_allocations(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older: i64,
         limit: u32,
     ) -> Result<Vec<PendingAllocation>, LedgerError> {
@@ -158,13 +162,13 @@ impl Ledger for FaultyLedger {
     }
     async fn pending_fences(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older: i64,
         limit: u32,
     ) -> Result<Vec<PendingFence>, LedgerError> {
         self.inner.pending_fences(key, older, limit).await
     }
-    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError> {
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
         self.inner.write_off_other_epochs(epoch).await
     }
 }
@@ -205,7 +209,7 @@ struct Sim {
     hot: Arc<MemoryHotStore>,
     ledger: Arc<FaultyLedger>,
     clock: Arc<ManualClock>,
-    key: String,
+    key: KeyId,
     /// The reference model: `None` = unlimited.
     balance: Option<u64>,
     granted: u64,
@@ -229,8 +233,10 @@ impl Sim {
             calls: AtomicU64::new(0),
             fired: AtomicU64::new(0),
         });
-        let key = "key_model".to_owned();
-        ledger.inner.create_key(&key, initial, clock.now_ms());
+        let key = KeyId::from("key_model");
+        ledger
+            .inner
+            .create_key(key.clone(), initial, clock.now_ms());
         let config = EngineConfig {
             idle_return: Duration::ZERO,
             lock_wait: Duration::from_millis(1),
@@ -268,10 +274,12 @@ impl Sim {
     async fn heal(&self) {
         self.ledger.arm(None);
         self.clock.advance(60_000);
-        self.engine
+        let report = self
+            .engine
             .reconcile_once()
             .await
             .expect("reconcile after healing");
+        assert_eq!(report.key_errors, 0, "no key fails once faults are healed");
     }
 
     async fn step(&mut self, op: Op, fault: Option<Fault>, ctx: &str) {
@@ -280,7 +288,7 @@ impl Sim {
         let before = self.balance;
         let expected_after: Option<u64>;
         let result: Result<(), EngineError> = match op {
-            Op::Spend(cost) => match self.engine.spend(&self.key, cost).await {
+            Op::Spend(cost) => match self.engine.spend(&self.key, Cost::new(cost).unwrap()).await {
                 Ok(Decision::Valid { remaining }) => {
                     match self.balance {
                         None => assert_eq!(remaining, None, "{ctx}: unlimited key"),
@@ -339,12 +347,15 @@ impl Sim {
             Op::Set(v) => {
                 expected_after = v;
                 self.engine
-                    .update(&self.key, CreditOp::Set(v))
+                    .update(&self.key, CreditOp::Set(v.map(credits)))
                     .await
                     .map(|_| ())
             }
             Op::Increment(v) => {
-                let r = self.engine.update(&self.key, CreditOp::Increment(v)).await;
+                let r = self
+                    .engine
+                    .update(&self.key, CreditOp::Increment(credits(v)))
+                    .await;
                 match (before, &r) {
                     (None, Err(EngineError::Unlimited)) => {
                         self.ledger.arm(None);
@@ -361,7 +372,7 @@ impl Sim {
             Op::Decrement(v) => {
                 expected_after = before.map(|b| b.saturating_sub(v));
                 self.engine
-                    .update(&self.key, CreditOp::Decrement(v))
+                    .update(&self.key, CreditOp::Decrement(credits(v)))
                     .await
                     .map(|_| ())
             }
@@ -376,7 +387,7 @@ impl Sim {
                     .update(
                         &self.key,
                         CreditOp::Refill {
-                            amount,
+                            amount: credits(amount),
                             period_start,
                         },
                     )
@@ -538,7 +549,11 @@ async fn concurrent_spends_with_updates_conserve_credits() {
         let cost = 1 + t % 3;
         tasks.push(tokio::spawn(async move {
             for _ in 0..200 {
-                if let Decision::Valid { .. } = engine.spend("k", cost).await.expect("spend") {
+                if let Decision::Valid { .. } = engine
+                    .spend(&"k".into(), Cost::new(cost).unwrap())
+                    .await
+                    .expect("spend")
+                {
                     spent.fetch_add(cost, Ordering::SeqCst);
                 }
             }
@@ -548,7 +563,7 @@ async fn concurrent_spends_with_updates_conserve_credits() {
     for _ in 0..30 {
         let v = rng.random_range(0..50);
         engine
-            .update("k", CreditOp::Increment(v))
+            .update(&"k".into(), CreditOp::Increment(credits(v)))
             .await
             .expect("increment");
         increments += v;
@@ -559,7 +574,7 @@ async fn concurrent_spends_with_updates_conserve_credits() {
         t.await.unwrap();
     }
     engine.drain_all().await.unwrap();
-    let s = ledger.state("k").await.unwrap().unwrap();
+    let s = ledger.state(&"k".into()).await.unwrap().unwrap();
     let spent = spent.load(Ordering::SeqCst);
     assert!(
         spent <= 500 + increments,
@@ -572,4 +587,112 @@ async fn concurrent_spends_with_updates_conserve_credits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_hot_store_conforms() {
     creditgate_limiter::hot_conformance::run_all(Arc::new(MemoryHotStore::new())).await;
+}
+
+/// A hot store whose drains of one key fail (that key's Redis calls time out, say).
+struct DrainFailsFor {
+    inner: MemoryHotStore,
+    key: KeyId,
+}
+
+#[async_trait]
+impl HotStore for DrainFailsFor {
+    async fn epoch(&self) -> Result<String, HotError> {
+        self.inner.epoch().await
+    }
+    async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
+        self.inner.spend(key, cost).await
+    }
+    async fn credit(&self, key: &KeyId, c: &Credit<'_>) -> Result<CreditReply, HotError> {
+        self.inner.credit(key, c).await
+    }
+    async fn sync_unalloc(&self, key: &KeyId, u: Option<u64>, v: u64) -> Result<(), HotError> {
+        self.inner.sync_unalloc(key, u, v).await
+    }
+    async fn drain(&self, key: &KeyId, t: &str, idle: u64) -> Result<Drained, HotError> {
+        if *key == self.key {
+            return Err(HotError::Unreachable("injected".into()));
+        }
+        self.inner.drain(key, t, idle).await
+    }
+    async fn fence(&self, key: &KeyId, g: u64) -> Result<Drained, HotError> {
+        self.inner.fence(key, g).await
+    }
+    async fn resolve_transfer(
+        &self,
+        key: &KeyId,
+        t: &str,
+        g: u64,
+    ) -> Result<TransferFate, HotError> {
+        self.inner.resolve_transfer(key, t, g).await
+    }
+    async fn lock(
+        &self,
+        key: &KeyId,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Option<LockToken>, HotError> {
+        self.inner.lock(key, ttl, wait).await
+    }
+    async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError> {
+        self.inner.unlock(key, token).await
+    }
+    async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError> {
+        self.inner.peek(key).await
+    }
+    async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError> {
+        self.inner.expire_idle(min_idle_ms).await
+    }
+}
+
+/// One key whose hot-store calls fail does not strand the others: the reconciler and
+/// the shutdown drain log it, count it and go on.
+#[tokio::test]
+async fn a_failing_key_does_not_stop_the_reconciler_or_the_shutdown_drain() {
+    let (a, b) = (KeyId::from("key_a"), KeyId::from("key_b"));
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.create_key(a.clone(), Some(100), 0);
+    ledger.create_key(b.clone(), Some(100), 0);
+    let hot = Arc::new(DrainFailsFor {
+        inner: MemoryHotStore::new(),
+        key: a.clone(),
+    });
+    let engine = Engine::new(
+        hot,
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig {
+            idle_return: Duration::ZERO,
+            ..EngineConfig::default()
+        },
+    );
+    let one = Cost::new(1).unwrap();
+    for key in [&a, &b] {
+        assert!(matches!(
+            engine.spend(key, one).await.unwrap(),
+            Decision::Valid { .. }
+        ));
+    }
+    let report = engine.reconcile_once().await.expect("the pass completes");
+    assert_eq!(report.key_errors, 1, "{report:?}");
+    assert_eq!(report.drained_keys, 1, "{report:?}");
+    let remaining = |k: KeyId| {
+        let ledger = ledger.clone();
+        async move { ledger.state(&k).await.unwrap().unwrap().remaining }
+    };
+    assert_eq!(
+        remaining(b.clone()).await,
+        Some(99),
+        "b was returned exactly"
+    );
+    assert_eq!(
+        engine.balance(&a).await.unwrap(),
+        Some(99),
+        "a is still exact"
+    );
+
+    engine.spend(&b, one).await.unwrap();
+    let err = engine.drain_all().await.expect_err("a's drain fails");
+    assert!(err.to_string().contains("1 keys"), "{err}");
+    assert_eq!(remaining(b).await, Some(98), "b was drained despite a");
 }

@@ -24,8 +24,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use creditgate_domain::{Cost, KeyId};
 use creditgate_limiter::ports::{
-    CreditReply, Drained, HotEntry, HotError, HotStore, LockToken, SpendReply, TransferFate,
+    Credit, CreditReply, Drained, HotEntry, HotError, HotStore, LockToken, SpendReply, TransferFate,
 };
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -281,7 +282,7 @@ impl RedisHotStore {
 
     /// `spend` with the cost passed to the script as given, for tests of the script's
     /// own argument checks (negative, fractional, non-numeric costs are errors).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub async fn spend_raw_cost(&self, key: &str, cost: &str) -> Result<SpendReply, HotError> {
         self.spend_arg(key, cost).await
     }
@@ -400,19 +401,19 @@ impl HotStore for RedisHotStore {
         self.refresh_epoch().await
     }
 
-    async fn spend(&self, key: &str, cost: u64) -> Result<SpendReply, HotError> {
-        self.spend_arg(key, cost).await
+    async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
+        self.spend_arg(key.as_str(), cost.get()).await
     }
 
-    async fn credit(
-        &self,
-        key: &str,
-        transfer_id: &str,
-        generation: u64,
-        amount: u64,
-        unalloc: u64,
-        version: u64,
-    ) -> Result<CreditReply, HotError> {
+    async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError> {
+        let key = key.as_str();
+        let &Credit {
+            transfer_id,
+            generation,
+            amount,
+            unalloc,
+            version,
+        } = credit;
         check_key(key)?;
         let r = self
             .run_replacing(
@@ -432,10 +433,11 @@ impl HotStore for RedisHotStore {
 
     async fn sync_unalloc(
         &self,
-        key: &str,
+        key: &KeyId,
         unalloc: Option<u64>,
         version: u64,
     ) -> Result<(), HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let mut inv = self.entry_call(&self.scripts.sync_unalloc, key, None, false);
         inv.arg(u64::from(unalloc.is_some()))
@@ -447,10 +449,11 @@ impl HotStore for RedisHotStore {
 
     async fn drain(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         min_idle_ms: u64,
     ) -> Result<Drained, HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let mut inv = self.entry_call(&self.scripts.drain, key, Some(transfer_id), false);
         inv.arg(min_idle_ms.min(crate::MAX_INT));
@@ -465,7 +468,8 @@ impl HotStore for RedisHotStore {
         }
     }
 
-    async fn fence(&self, key: &str, generation: u64) -> Result<Drained, HotError> {
+    async fn fence(&self, key: &KeyId, generation: u64) -> Result<Drained, HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let r = self
             .run_replacing(&self.scripts.fence, key, None, &[generation])
@@ -482,10 +486,11 @@ impl HotStore for RedisHotStore {
 
     async fn resolve_transfer(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         generation: u64,
     ) -> Result<TransferFate, HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let r = self
             .run_replacing(&self.scripts.resolve, key, Some(transfer_id), &[generation])
@@ -499,10 +504,11 @@ impl HotStore for RedisHotStore {
 
     async fn lock(
         &self,
-        key: &str,
+        key: &KeyId,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Option<LockToken>, HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let token = random_id();
         let lock = lock_key(key);
@@ -536,7 +542,8 @@ impl HotStore for RedisHotStore {
         }
     }
 
-    async fn unlock(&self, key: &str, token: &LockToken) -> Result<(), HotError> {
+    async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let mut inv = self.scripts.unlock.prepare_invoke();
         inv.key(lock_key(key)).arg(&token.0);
@@ -544,7 +551,8 @@ impl HotStore for RedisHotStore {
         Ok(())
     }
 
-    async fn peek(&self, key: &str) -> Result<Option<HotEntry>, HotError> {
+    async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError> {
+        let key = key.as_str();
         check_key(key)?;
         let inv = self.entry_call(&self.scripts.peek, key, None, false);
         let r: Option<Vec<u64>> = self.run(&inv).await?;

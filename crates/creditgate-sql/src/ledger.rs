@@ -11,6 +11,7 @@
 //! idempotency checks on their ids cannot race.
 
 use async_trait::async_trait;
+use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
     Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
@@ -124,7 +125,7 @@ fn pending_fence_from_row(row: &AnyRow) -> Result<PendingFence, LedgerError> {
     let value: Option<i64> = row.try_get("value").map_err(ledger_error)?;
     let period_start: Option<i64> = row.try_get("period_start").map_err(ledger_error)?;
     Ok(PendingFence {
-        key: row.try_get("key_id").map_err(ledger_error)?,
+        key: KeyId::from(row.try_get::<String, _>("key_id").map_err(ledger_error)?),
         op_id: row.try_get("op_id").map_err(ledger_error)?,
         op: fence_op(&kind, value, period_start).map_err(other)?,
         generation: get_u64(row, "generation")?,
@@ -136,7 +137,7 @@ impl SqlStore {
     async fn lock_key(
         &self,
         conn: &mut AnyConnection,
-        key: &str,
+        key: &KeyId,
     ) -> Result<Option<KeyRow>, LedgerError> {
         let sql = match self.backend {
             Backend::Postgres => SELECT_KEY_ROW_FOR_UPDATE,
@@ -144,7 +145,7 @@ impl SqlStore {
             Backend::Sqlite => SELECT_KEY_ROW,
         };
         let row = sqlx::query(sql)
-            .bind(key)
+            .bind(key.as_str())
             .fetch_optional(&mut *conn)
             .await
             .map_err(ledger_error)?;
@@ -155,14 +156,14 @@ impl SqlStore {
 /// Writes back the ledger columns of a locked row.
 async fn write_account(
     conn: &mut AnyConnection,
-    key: &str,
+    key: &KeyId,
     a: &Account,
 ) -> Result<(), LedgerError> {
     sqlx::query(
         "UPDATE keys SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
          hot_epoch = $6, last_refill_at = $7 WHERE id = $1",
     )
-    .bind(key)
+    .bind(key.as_str())
     .bind(a.remaining.map(|r| db(r, "remaining")).transpose()?)
     .bind(db(a.hot_allocated, "hot_allocated")?)
     .bind(db(a.generation, "generation")?)
@@ -178,7 +179,7 @@ async fn write_account(
 /// Writes `after` back if the rule changed it.
 async fn store_account(
     conn: &mut AnyConnection,
-    key: &str,
+    key: &KeyId,
     before: &Account,
     after: &Account,
 ) -> Result<(), LedgerError> {
@@ -201,7 +202,7 @@ async fn find_transfer(
     .map_err(ledger_error)?;
     row.map(|r| {
         Ok(Transfer {
-            key: r.try_get("key_id").map_err(ledger_error)?,
+            key: KeyId::from(r.try_get::<String, _>("key_id").map_err(ledger_error)?),
             kind: get_text(&r, "kind", TransferKind::parse)?,
             amount: get_u64(&r, "amount")?,
             generation: get_u64(&r, "generation")?,
@@ -249,9 +250,9 @@ async fn set_transfer_state(
 }
 
 /// Stores a write-off decided by the rules: the key's pending allocations are lost.
-async fn mark_lost(conn: &mut AnyConnection, key: &str) -> Result<(), LedgerError> {
+async fn mark_lost(conn: &mut AnyConnection, key: &KeyId) -> Result<(), LedgerError> {
     sqlx::query("UPDATE transfers SET state = $2 WHERE key_id = $1 AND state = $3")
-        .bind(key)
+        .bind(key.as_str())
         .bind(TransferState::Lost.as_str())
         .bind(TransferState::Pending.as_str())
         .execute(&mut *conn)
@@ -264,14 +265,14 @@ async fn mark_lost(conn: &mut AnyConnection, key: &str) -> Result<(), LedgerErro
 /// of that older generation were overwritten and must not come back.
 async fn set_since(
     conn: &mut AnyConnection,
-    key: &str,
+    key: &KeyId,
     generation: u64,
 ) -> Result<bool, LedgerError> {
     let row = sqlx::query(
         "SELECT op_id FROM fences WHERE key_id = $1 AND state = $3 AND kind = 'set' \
          AND generation > $2 LIMIT 1",
     )
-    .bind(key)
+    .bind(key.as_str())
     .bind(db(generation, "generation")?)
     .bind(FenceState::Done.as_str())
     .fetch_optional(&mut *conn)
@@ -280,9 +281,9 @@ async fn set_since(
     Ok(row.is_some())
 }
 
-async fn fence_pending(conn: &mut AnyConnection, key: &str) -> Result<bool, LedgerError> {
+async fn fence_pending(conn: &mut AnyConnection, key: &KeyId) -> Result<bool, LedgerError> {
     let row = sqlx::query("SELECT op_id FROM fences WHERE key_id = $1 AND state = $2 LIMIT 1")
-        .bind(key)
+        .bind(key.as_str())
         .bind(FenceState::Pending.as_str())
         .fetch_optional(&mut *conn)
         .await
@@ -305,9 +306,9 @@ async fn fence_state(
 
 #[async_trait]
 impl Ledger for SqlStore {
-    async fn state(&self, key: &str) -> Result<Option<LedgerState>, LedgerError> {
+    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
         let row = sqlx::query(SELECT_KEY_ROW)
-            .bind(key)
+            .bind(key.as_str())
             .fetch_optional(&self.read)
             .await
             .map_err(ledger_error)?;
@@ -346,7 +347,7 @@ impl Ledger for SqlStore {
 
     async fn settle_allocation(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         credited: bool,
         spent: u64,
@@ -372,7 +373,7 @@ impl Ledger for SqlStore {
 
     async fn return_drained(
         &self,
-        key: &str,
+        key: &KeyId,
         transfer_id: &str,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
@@ -394,8 +395,8 @@ impl Ledger for SqlStore {
 
     async fn increment(
         &self,
-        key: &str,
-        amount: u64,
+        key: &KeyId,
+        amount: Credits,
         max: u64,
     ) -> Result<IncrementOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
@@ -403,7 +404,7 @@ impl Ledger for SqlStore {
             return Ok(IncrementOutcome::NotFound);
         };
         let mut account = row.account.clone();
-        let outcome = rules::increment(&mut account, amount, max);
+        let outcome = rules::increment(&mut account, amount.get(), max);
         if account != row.account {
             write_account(&mut tx, key, &account).await?;
             tx.commit().await.map_err(ledger_error)?;
@@ -413,7 +414,7 @@ impl Ledger for SqlStore {
 
     async fn begin_fence(
         &self,
-        key: &str,
+        key: &KeyId,
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
@@ -445,7 +446,7 @@ impl Ledger for SqlStore {
              created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(op_id)
-        .bind(key)
+        .bind(key.as_str())
         .bind(kind)
         .bind(value)
         .bind(period_start)
@@ -491,13 +492,13 @@ impl Ledger for SqlStore {
         Ok(account.state())
     }
 
-    async fn spend_direct(&self, key: &str, cost: u64) -> Result<DirectSpend, LedgerError> {
+    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(before) = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live) else {
             return Ok(DirectSpend::NotFound);
         };
         let mut account = before.clone();
-        let outcome = rules::spend_direct(&mut account, cost);
+        let outcome = rules::spend_direct(&mut account, cost.get());
         if account != before {
             write_account(&mut tx, key, &account).await?;
             tx.commit().await.map_err(ledger_error)?;
@@ -507,7 +508,7 @@ impl Ledger for SqlStore {
 
     async fn pending_allocations(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingAllocation>, LedgerError> {
@@ -517,7 +518,7 @@ impl Ledger for SqlStore {
              ORDER BY created_at, id LIMIT $3",
         )
         .bind(older_than_ms)
-        .bind(key)
+        .bind(key.map(KeyId::as_str))
         .bind(i64::from(limit))
         .bind(TransferState::Pending.as_str())
         .fetch_all(&self.read)
@@ -526,7 +527,7 @@ impl Ledger for SqlStore {
         rows.iter()
             .map(|r| {
                 Ok(PendingAllocation {
-                    key: r.try_get("key_id").map_err(ledger_error)?,
+                    key: KeyId::from(r.try_get::<String, _>("key_id").map_err(ledger_error)?),
                     transfer_id: r.try_get("id").map_err(ledger_error)?,
                     amount: get_u64(r, "amount")?,
                     generation: get_u64(r, "generation")?,
@@ -538,7 +539,7 @@ impl Ledger for SqlStore {
 
     async fn pending_fences(
         &self,
-        key: Option<&str>,
+        key: Option<&KeyId>,
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingFence>, LedgerError> {
@@ -548,7 +549,7 @@ impl Ledger for SqlStore {
              ORDER BY created_at, generation, op_id LIMIT $3",
         )
         .bind(older_than_ms)
-        .bind(key)
+        .bind(key.map(KeyId::as_str))
         .bind(i64::from(limit))
         .bind(FenceState::Pending.as_str())
         .fetch_all(&self.read)
@@ -557,7 +558,7 @@ impl Ledger for SqlStore {
         rows.iter().map(pending_fence_from_row).collect()
     }
 
-    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(String, u64)>, LedgerError> {
+    async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         // Locks every candidate in id order (no deadlock with another such call).
         let sql = match self.backend {
@@ -569,13 +570,13 @@ impl Ledger for SqlStore {
                 "SELECT id FROM keys WHERE hot_epoch IS NOT NULL AND hot_epoch <> $1 ORDER BY id"
             }
         };
-        let ids: Vec<String> = sqlx::query(sql)
+        let ids: Vec<KeyId> = sqlx::query(sql)
             .bind(epoch)
             .fetch_all(&mut *tx)
             .await
             .map_err(ledger_error)?
             .iter()
-            .map(|r| r.try_get("id"))
+            .map(|r| r.try_get::<String, _>("id").map(KeyId::from))
             .collect::<Result<_, _>>()
             .map_err(ledger_error)?;
         let mut out = Vec::new();

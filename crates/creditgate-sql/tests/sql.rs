@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Credits, KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission,
+    ApiId, ApiRecord, Cost, Credits, KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission,
     PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
@@ -781,7 +781,7 @@ impl LedgerFixture for Fixture {
         Arc::new(self.store.clone())
     }
 
-    async fn create_key(&self, remaining: Option<u64>) -> String {
+    async fn create_key(&self, remaining: Option<u64>) -> KeyId {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let record = create(
             &self.store,
@@ -789,7 +789,7 @@ impl LedgerFixture for Fixture {
             remaining,
         )
         .await;
-        record.id.0
+        record.id
     }
 }
 
@@ -806,9 +806,9 @@ async fn direct_spends_from_two_processes_never_overspend(db: &Db) {
     for i in 0..300 {
         let store = stores[i % 2].clone();
         let key = key.clone();
-        tasks.push(tokio::spawn(
-            async move { store.spend_direct(&key, 1).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            store.spend_direct(&key, Cost::DEFAULT).await
+        }));
     }
     let mut remainders = Vec::new();
     let mut exceeded = 0;
@@ -880,13 +880,12 @@ async fn allocations_from_two_processes_never_overspend(db: &Db) {
 async fn deleted_keys_get_no_new_credits(db: &Db) {
     let fixture = Fixture::new(db.store.clone()).await;
     let key = fixture.create_key(Some(10)).await;
-    assert!(db
-        .store
-        .delete_key(&KeyId::from(key.as_str()), 5)
-        .await
-        .expect("delete"));
+    assert!(db.store.delete_key(&key, 5).await.expect("delete"));
     assert_eq!(
-        db.store.spend_direct(&key, 1).await.expect("spend"),
+        db.store
+            .spend_direct(&key, Cost::DEFAULT)
+            .await
+            .expect("spend"),
         DirectSpend::NotFound
     );
     let req = AllocateRequest {
@@ -941,7 +940,9 @@ async fn sqlite_url_forms_open_the_same_kind_of_store() {
     mem.create_api(&a).await.expect("api");
     create(&mem, key(&a, "key_mem"), Some(3)).await;
     assert_eq!(
-        mem.spend_direct("key_mem", 1).await.expect("spend"),
+        mem.spend_direct(&KeyId::from("key_mem"), Cost::DEFAULT)
+            .await
+            .expect("spend"),
         DirectSpend::Valid { remaining: 2 }
     );
     assert!(mem

@@ -1,0 +1,151 @@
+//! Balance changes (set / increment / decrement / refill) as fences, and the repair of
+//! fences and allocations a crashed holder left half-done.
+
+use super::*;
+
+impl Engine {
+    /// Applies a balance change exactly: a spend in flight is counted either before or
+    /// after it. Returns the ledger state after the change (`NotDue` refills: unchanged).
+    #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
+    pub async fn update(&self, key: &KeyId, op: CreditOp) -> Result<LedgerState, EngineError> {
+        let deadline = Instant::now() + self.config.spend_deadline;
+        let token = loop {
+            if let Some(t) = self
+                .hot
+                .lock(key, self.config.lock_ttl, self.config.lock_wait)
+                .await?
+            {
+                break t;
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::Busy("the key's lock stayed held".into()));
+            }
+        };
+        let result = self.update_locked(key, op).await;
+        self.unlock(key, &token).await;
+        result
+    }
+
+    pub(super) async fn update_locked(
+        &self,
+        key: &KeyId,
+        op: CreditOp,
+    ) -> Result<LedgerState, EngineError> {
+        self.settle_pending(key).await?;
+        let fence_op = match op {
+            CreditOp::Increment(v) => {
+                // Mark the snapshot unknown first, so no node answers USAGE_EXCEEDED from a
+                // snapshot older than the increment.
+                self.hot.sync_unalloc(key, None, 0).await?;
+                let state = match self.ledger.increment(key, v, Credits::MAX).await? {
+                    IncrementOutcome::Done(s) => s,
+                    IncrementOutcome::Unlimited => return Err(EngineError::Unlimited),
+                    IncrementOutcome::Overflow => {
+                        return Err(EngineError::Overflow { max: Credits::MAX })
+                    }
+                    IncrementOutcome::NotFound => return Err(EngineError::NotFound),
+                };
+                self.sync(key, &state).await;
+                return Ok(state);
+            }
+            CreditOp::Set(v) => FenceOp::Set(v.map(Credits::get)),
+            CreditOp::Decrement(v) => FenceOp::Decrement(v.get()),
+            CreditOp::Refill {
+                amount,
+                period_start,
+            } => FenceOp::Refill {
+                amount: amount.get(),
+                period_start,
+            },
+        };
+        let op_id = new_id_for_transfer("fence");
+        match self
+            .ledger
+            .begin_fence(key, &op_id, fence_op, self.clock.now_ms())
+            .await?
+        {
+            BeginFence::Begun(fence) => {
+                metrics::counter!(m::FENCES).increment(1);
+                self.complete_fence(&fence).await
+            }
+            BeginFence::NotDue => self.ledger.state(key).await?.ok_or(EngineError::NotFound),
+            BeginFence::NotFound => Err(EngineError::NotFound),
+        }
+    }
+
+    /// The ledger is at a newer generation than the hot entry and no fence is pending
+    /// (it was completed elsewhere): adopt the generation, returning what the entry held.
+    pub(super) async fn align_generation(
+        &self,
+        key: &KeyId,
+        generation: u64,
+    ) -> Result<(), EngineError> {
+        if !self
+            .ledger
+            .pending_fences(Some(key), i64::MAX, 16)
+            .await?
+            .is_empty()
+        {
+            return self.settle_pending(key).await;
+        }
+        let drained = self.hot.fence(key, generation).await?;
+        self.return_to_ledger(key, &new_id_for_transfer("align"), drained)
+            .await;
+        Ok(())
+    }
+
+    /// Completes, for one key, fences begun and allocations made by holders that lost
+    /// their lock (crash, timeout). Call with the key's lock held.
+    pub(super) async fn settle_pending(&self, key: &KeyId) -> Result<(), EngineError> {
+        for fence in self.ledger.pending_fences(Some(key), i64::MAX, 16).await? {
+            self.complete_fence(&fence).await?;
+        }
+        self.resolve_orphans(key).await?;
+        Ok(())
+    }
+
+    pub(super) async fn resolve_orphans(&self, key: &KeyId) -> Result<usize, EngineError> {
+        let orphans = self
+            .ledger
+            .pending_allocations(Some(key), i64::MAX, 64)
+            .await?;
+        let mut cancelled = false;
+        for a in &orphans {
+            let fate = self
+                .hot
+                .resolve_transfer(key, &a.transfer_id, a.generation)
+                .await?;
+            let (credited, spent) = match fate {
+                TransferFate::Credited { spent } => (true, spent),
+                TransferFate::Refused => (false, 0),
+            };
+            if !credited && !cancelled {
+                // Cancelling adds credits back to the ledger: the snapshot is stale until
+                // re-synced below.
+                self.hot.sync_unalloc(key, None, 0).await?;
+                cancelled = true;
+            }
+            self.ledger
+                .settle_allocation(key, &a.transfer_id, credited, spent)
+                .await?;
+            metrics::counter!(m::ORPHANS_RESOLVED).increment(1);
+        }
+        if cancelled {
+            if let Some(state) = self.ledger.state(key).await? {
+                self.sync(key, &state).await;
+            }
+        }
+        Ok(orphans.len())
+    }
+
+    pub(super) async fn complete_fence(
+        &self,
+        fence: &PendingFence,
+    ) -> Result<LedgerState, EngineError> {
+        let drained = self.hot.fence(&fence.key, fence.generation).await?;
+        self.resolve_orphans(&fence.key).await?;
+        let state = self.ledger.finish_fence(fence, drained).await?;
+        self.sync(&fence.key, &state).await;
+        Ok(state)
+    }
+}

@@ -1,0 +1,255 @@
+//! The escrow engine (DESIGN.md §3): spends on the hot store, refills it from the ledger
+//! under a per-key lock, fences it for set / decrement / periodic refill, returns idle
+//! balances, and repairs what a crash left half-done.
+//!
+//! Over-spend is impossible by construction: each credit is held either by the ledger
+//! (`remaining`) or by the hot store (`bal`), credits move between the two only by
+//! idempotent transfers, and each owner spends only what it holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use creditgate_domain::{new_id_for_transfer, Clock, Cost, Credits, KeyId};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+mod drains;
+mod fences;
+mod prefetch;
+mod reconciler;
+mod spend;
+
+use prefetch::PREFETCH_QUEUE;
+pub use reconciler::ReconcileReport;
+
+use crate::metrics as m;
+use crate::ports::{
+    AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply, DirectSpend, Drained,
+    FenceOp, HotError, HotStore, IncrementOutcome, Ledger, LedgerError, LedgerState, LockToken,
+    PendingFence, SpendReply, TransferFate,
+};
+
+/// Tuning of the engine. Every wait has a bound.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How long a refill lock lives if its holder never releases it.
+    pub lock_ttl: Duration,
+    /// How long one verification waits for another's refill before retrying.
+    pub lock_wait: Duration,
+    /// Upper bound on one verification's time in the engine.
+    pub spend_deadline: Duration,
+    /// A key idle this long has its hot balance returned to the ledger.
+    pub idle_return: Duration,
+    /// Drained entries idle this long are removed from the hot store.
+    pub hot_expiry: Duration,
+    /// Smallest allocation, in requests of the current cost.
+    pub min_chunk_requests: u64,
+    /// Largest allocation in credits (the bound on what a lost hot store can lose).
+    pub max_chunk: u64,
+    /// Drained amounts whose ledger step failed, kept for retry (beyond: counted, logged).
+    pub max_failed_returns: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            lock_ttl: Duration::from_secs(5),
+            lock_wait: Duration::from_millis(50),
+            spend_deadline: Duration::from_secs(5),
+            idle_return: Duration::from_secs(2),
+            hot_expiry: Duration::from_secs(60),
+            min_chunk_requests: 10,
+            max_chunk: 1_000_000_000,
+            max_failed_returns: 100_000,
+        }
+    }
+}
+
+/// The decision on one spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Spent. `remaining` is the exact balance after it (`None`: unlimited).
+    Valid { remaining: Option<u64> },
+    /// Not spent; `remaining` is the exact, unchanged balance.
+    Exceeded { remaining: u64 },
+    /// No ledger row for this key.
+    NotFound,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// Neither the hot store nor the ledger could decide (fail closed).
+    #[error("backends unavailable: {0}")]
+    Unavailable(String),
+    /// The hot store may have applied the call: never retried as a second spend.
+    #[error("hot store outcome unknown: {0}")]
+    Ambiguous(String),
+    #[error("key is busy: {0}")]
+    Busy(String),
+    #[error("no ledger row for key")]
+    NotFound,
+    #[error("increment would exceed the maximum balance of {max}")]
+    Overflow { max: u64 },
+    #[error("the key has unlimited credits")]
+    Unlimited,
+    #[error("engine error: {0}")]
+    Internal(String),
+}
+
+impl From<LedgerError> for EngineError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Unavailable(s) => EngineError::Unavailable(s),
+            LedgerError::Other(s) => EngineError::Internal(s),
+        }
+    }
+}
+
+impl From<HotError> for EngineError {
+    fn from(e: HotError) -> Self {
+        match e {
+            HotError::Unreachable(s) => EngineError::Unavailable(s),
+            HotError::Ambiguous(s) => EngineError::Ambiguous(s),
+            HotError::Other(s) => EngineError::Internal(s),
+        }
+    }
+}
+
+/// A change of a key's balance through `keys.updateCredits`, `updateKey` or a refill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditOp {
+    /// New balance; `None` = unlimited.
+    Set(Option<Credits>),
+    Increment(Credits),
+    /// Subtract, clamped at zero.
+    Decrement(Credits),
+    /// Periodic refill: the balance becomes `amount` if below it, once per period
+    /// (`period_start` is the period's first millisecond).
+    Refill {
+        amount: Credits,
+        period_start: i64,
+    },
+}
+
+/// Per-key activity seen by this node: spend rate (for chunk sizing) and last use
+/// (for the idle return).
+#[derive(Debug)]
+struct Activity {
+    window_start: Instant,
+    window_credits: u64,
+    rate_per_sec: u64,
+    last_used: Instant,
+    /// A prefetch for this key is queued or running.
+    prefetching: bool,
+}
+
+pub struct Engine {
+    hot: Arc<dyn HotStore>,
+    ledger: Arc<dyn Ledger>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    activity: Mutex<HashMap<KeyId, Activity>>,
+    failed_returns: Mutex<VecDeque<(KeyId, String, Drained)>>,
+    epoch_seen: Mutex<Option<String>>,
+    prefetch_tx: mpsc::Sender<(KeyId, u64)>,
+    prefetch_rx: Mutex<Option<mpsc::Receiver<(KeyId, u64)>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// (credited, spends reported with the credit) for `settle_allocation`.
+fn settlement(reply: CreditReply) -> (bool, u64) {
+    match reply {
+        CreditReply::Credited { spent } => (true, spent),
+        CreditReply::Duplicate => (true, 0),
+        CreditReply::Refused => (false, 0),
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    pub fn new(
+        hot: Arc<dyn HotStore>,
+        ledger: Arc<dyn Ledger>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Self {
+        let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
+        Self {
+            prefetch_tx,
+            prefetch_rx: Mutex::new(Some(prefetch_rx)),
+            hot,
+            ledger,
+            clock,
+            config,
+            activity: Mutex::new(HashMap::new()),
+            failed_returns: Mutex::new(VecDeque::new()),
+            epoch_seen: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    pub fn hot(&self) -> &Arc<dyn HotStore> {
+        &self.hot
+    }
+
+    async fn unlock(&self, key: &KeyId, token: &LockToken) {
+        if let Err(e) = self.hot.unlock(key, token).await {
+            tracing::warn!(key_id = %key, error = %e, "unlock failed; the lock will expire");
+        }
+    }
+
+    fn report_lost(&self, key: &KeyId, lost: u64) {
+        if lost > 0 {
+            metrics::counter!(m::LOST_CREDITS).increment(lost);
+            tracing::error!(
+                key_id = %key,
+                lost,
+                "hot store lost its data: up to this many credits it held are written off, not re-issued"
+            );
+        }
+    }
+
+    async fn sync(&self, key: &KeyId, state: &LedgerState) {
+        if let Some(r) = state.remaining {
+            if let Err(e) = self.hot.sync_unalloc(key, Some(r), state.version).await {
+                tracing::warn!(key_id = %key, error = %e, "could not refresh the hot snapshot");
+            }
+        }
+    }
+
+    /// The exact balance now (`None`: unlimited), for `keys.getKey`.
+    pub async fn balance(&self, key: &KeyId) -> Result<Option<u64>, EngineError> {
+        let Some(state) = self.ledger.state(key).await? else {
+            return Err(EngineError::NotFound);
+        };
+        let Some(remaining) = state.remaining else {
+            return Ok(None);
+        };
+        Ok(Some(match self.hot.peek(key).await {
+            Ok(Some(e)) => match e.unalloc {
+                Some(u) if e.generation == state.generation => e.bal.saturating_add(u),
+                _ if e.generation == state.generation => e.bal.saturating_add(remaining),
+                _ => remaining,
+            },
+            _ => remaining,
+        }))
+    }
+}

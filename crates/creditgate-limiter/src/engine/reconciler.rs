@@ -1,0 +1,156 @@
+//! The reconciler (DESIGN.md §3.6): one cheap pass every few seconds on every node.
+
+use super::*;
+
+/// What one reconciler pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub drained_keys: usize,
+    pub returned_credits: u64,
+    pub retried_returns: usize,
+    pub fences_completed: usize,
+    pub orphans_resolved: usize,
+    pub lost_credits: u64,
+    pub expired_entries: usize,
+    /// Keys whose step failed this pass (logged and counted; the pass went on, the next
+    /// pass tries them again).
+    pub key_errors: usize,
+}
+
+impl Engine {
+    /// One pass of the reconciler (DESIGN.md §3.6). Cheap when there is nothing to do.
+    pub async fn reconcile_once(&self) -> Result<ReconcileReport, EngineError> {
+        let mut report = ReconcileReport::default();
+
+        // 1. A hot store that lost its data: write off what it held, once.
+        let epoch = self.hot.epoch().await?;
+        let changed = lock_map(&self.epoch_seen).as_deref() != Some(epoch.as_str());
+        if changed {
+            for (key, lost) in self.ledger.write_off_other_epochs(&epoch).await? {
+                self.report_lost(&key, lost);
+                report.lost_credits += lost;
+            }
+            *lock_map(&self.epoch_seen) = Some(epoch);
+        }
+
+        // 2. Idle balances go back to the ledger.
+        let idle: Vec<KeyId> = {
+            let map = lock_map(&self.activity);
+            map.iter()
+                .filter(|(_, a)| a.last_used.elapsed() >= self.config.idle_return)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in idle {
+            let amount = match self.drain_key(&key, self.config.idle_return).await {
+                Ok(amount) => amount,
+                Err(e) => {
+                    report.key_errors += 1;
+                    key_failed("drain", &key, &e);
+                    continue;
+                }
+            };
+            report.returned_credits += amount;
+            report.drained_keys += 1;
+            let mut map = lock_map(&self.activity);
+            if map
+                .get(&key)
+                .is_some_and(|a| a.last_used.elapsed() >= self.config.idle_return)
+            {
+                map.remove(&key);
+            }
+        }
+
+        // 3. Returns whose ledger step failed.
+        report.retried_returns = self.retry_failed_returns().await;
+
+        // 4. Fences and allocations left half-done by a holder that lost its lock.
+        let ttl_ms = i64::try_from(self.config.lock_ttl.as_millis()).unwrap_or(i64::MAX);
+        let stale = self.clock.now_ms().saturating_sub(ttl_ms.saturating_mul(2));
+        let mut keys: Vec<KeyId> = self
+            .ledger
+            .pending_fences(None, stale, 100)
+            .await?
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
+        keys.extend(
+            self.ledger
+                .pending_allocations(None, stale, 100)
+                .await?
+                .into_iter()
+                .map(|a| a.key),
+        );
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let token = match self
+                .hot
+                .lock(&key, self.config.lock_ttl, Duration::ZERO)
+                .await
+            {
+                Ok(Some(token)) => token,
+                Ok(None) => continue,
+                Err(e) => {
+                    report.key_errors += 1;
+                    key_failed("repair", &key, &e.into());
+                    continue;
+                }
+            };
+            let result = async {
+                let mut fences = 0;
+                for f in self.ledger.pending_fences(Some(&key), i64::MAX, 16).await? {
+                    self.complete_fence(&f).await?;
+                    fences += 1;
+                }
+                let orphans = self.resolve_orphans(&key).await?;
+                Ok::<_, EngineError>((fences, orphans))
+            }
+            .await;
+            self.unlock(&key, &token).await;
+            match result {
+                Ok((fences, orphans)) => {
+                    report.fences_completed += fences;
+                    report.orphans_resolved += orphans;
+                }
+                Err(e) => {
+                    report.key_errors += 1;
+                    key_failed("repair", &key, &e);
+                }
+            }
+        }
+
+        // 5. Entries that hold nothing and have been idle a long while.
+        let expiry_ms = u64::try_from(self.config.hot_expiry.as_millis()).unwrap_or(u64::MAX);
+        report.expired_entries = self.hot.expire_idle(expiry_ms).await?;
+        Ok(report)
+    }
+
+    /// Runs [`Engine::reconcile_once`] every `every` until `shutdown` resolves.
+    pub async fn run_reconciler(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile_once().await {
+                        metrics::counter!(m::RECONCILE_ERRORS).increment(1);
+                        tracing::warn!(error = %e, "reconciler pass failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One key's step failed: logged and counted; the loop goes on with the next key.
+pub(super) fn key_failed(step: &'static str, key: &KeyId, e: &EngineError) {
+    metrics::counter!(m::KEY_ERRORS, "step" => step).increment(1);
+    tracing::warn!(key_id = %key, step, error = %e, "key step failed; going on with the next key");
+}

@@ -1,0 +1,240 @@
+//! The spend path: the hot store first, then a refill from the ledger under the key's
+//! lock, or a direct ledger spend when the hot store is unreachable; chunk sizing.
+
+use super::*;
+
+impl Engine {
+    /// Spends `cost` from `key`'s balance, or says exactly why not.
+    #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
+    pub async fn spend(&self, key: &KeyId, cost: Cost) -> Result<Decision, EngineError> {
+        let deadline = Instant::now() + self.config.spend_deadline;
+        loop {
+            match self.hot.spend(key, cost).await {
+                Ok(SpendReply::Valid { remaining, bal }) => {
+                    let chunk = self.note_spend(key, cost.get());
+                    if bal.saturating_mul(2) < chunk && remaining > bal {
+                        self.request_prefetch(key, cost.get());
+                    }
+                    return Ok(Decision::Valid {
+                        remaining: Some(remaining),
+                    });
+                }
+                Ok(SpendReply::Exceeded { remaining }) => {
+                    return Ok(Decision::Exceeded { remaining });
+                }
+                Ok(SpendReply::Low { .. } | SpendReply::Miss) => {}
+                Err(HotError::Unreachable(e)) => return self.spend_direct(key, cost, &e).await,
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(decision) = self.refill_and_spend(key, cost).await? {
+                if matches!(decision, Decision::Valid { remaining: Some(_) }) {
+                    self.note_spend(key, cost.get());
+                }
+                return Ok(decision);
+            }
+            if Instant::now() >= deadline {
+                metrics::counter!(m::SPEND_TIMEOUTS).increment(1);
+                return Err(EngineError::Busy(
+                    "could not refill the hot balance in time".into(),
+                ));
+            }
+        }
+    }
+
+    /// The hot store is unreachable: one atomic conditional update on the ledger, which
+    /// never touches credits the hot store holds.
+    pub(super) async fn spend_direct(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        why: &str,
+    ) -> Result<Decision, EngineError> {
+        metrics::counter!(m::DIRECT_SPENDS).increment(1);
+        tracing::warn!(
+            key_id = %key,
+            error = why,
+            "hot store unreachable, spending on the ledger"
+        );
+        Ok(match self.ledger.spend_direct(key, cost).await? {
+            DirectSpend::Valid { remaining } => Decision::Valid {
+                remaining: Some(remaining),
+            },
+            DirectSpend::Exceeded { remaining } => Decision::Exceeded { remaining },
+            DirectSpend::Unlimited => Decision::Valid { remaining: None },
+            DirectSpend::NotFound => Decision::NotFound,
+        })
+    }
+
+    /// Under the key's lock: spend again, else move credits from the ledger and spend.
+    /// `None` when another holder had the lock (the caller retries its spend).
+    pub(super) async fn refill_and_spend(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+    ) -> Result<Option<Decision>, EngineError> {
+        let Some(token) = self
+            .hot
+            .lock(key, self.config.lock_ttl, self.config.lock_wait)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let result = self.refill_locked(key, cost).await;
+        self.unlock(key, &token).await;
+        result.map(Some)
+    }
+
+    pub(super) async fn refill_locked(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+    ) -> Result<Decision, EngineError> {
+        let started = Instant::now();
+        self.settle_pending(key).await?;
+        // Spenders on other nodes may take a fresh chunk before our own spend does (they
+        // need no lock): keep moving chunks, doubling them, until ours succeeds, the ledger
+        // runs dry, or the lock's lifetime is near.
+        let mut boost = 1u64;
+        while started.elapsed() < self.config.lock_ttl / 2 {
+            let (generation, bal) = match self.hot.spend(key, cost).await? {
+                SpendReply::Valid { remaining, .. } => {
+                    return Ok(Decision::Valid {
+                        remaining: Some(remaining),
+                    })
+                }
+                SpendReply::Exceeded { remaining } => return Ok(Decision::Exceeded { remaining }),
+                SpendReply::Low { bal, generation } => (Some(generation), bal),
+                SpendReply::Miss => (None, 0),
+            };
+            let need = cost.get().saturating_sub(bal);
+            let epoch = self.hot.epoch().await?;
+            let transfer_id = new_id_for_transfer("alloc");
+            let req = AllocateRequest {
+                key,
+                transfer_id: &transfer_id,
+                generation,
+                epoch: &epoch,
+                need,
+                chunk: self.chunk_for(key, cost.get()).saturating_mul(boost),
+                now_ms: self.clock.now_ms(),
+            };
+            boost = boost.saturating_mul(2).min(1 << 20);
+            match self.ledger.allocate(&req).await? {
+                AllocateOutcome::Granted {
+                    amount,
+                    remaining,
+                    generation,
+                    version,
+                    lost,
+                } => {
+                    self.report_lost(key, lost);
+                    metrics::counter!(m::ALLOCATIONS).increment(1);
+                    if started.elapsed() >= self.config.lock_ttl {
+                        // Our lock may have expired: leave the allocation to the reconciler.
+                        return Err(EngineError::Busy("refill took longer than the lock".into()));
+                    }
+                    let reply = self
+                        .hot
+                        .credit(
+                            key,
+                            &Credit {
+                                transfer_id: &transfer_id,
+                                generation: generation,
+                                amount: amount,
+                                unalloc: remaining,
+                                version: version,
+                            },
+                        )
+                        .await?;
+                    let (credited, spent) = settlement(reply);
+                    if let Err(e) = self
+                        .ledger
+                        .settle_allocation(key, &transfer_id, credited, spent)
+                        .await
+                    {
+                        // Left pending: the reconciler resolves it.
+                        tracing::warn!(key_id = %key, error = %e, "settling an allocation failed");
+                    }
+                }
+                AllocateOutcome::Insufficient {
+                    remaining,
+                    generation,
+                    version,
+                    lost,
+                } => {
+                    self.report_lost(key, lost);
+                    // Seed or refresh the snapshot so the next requests are answered by
+                    // the hot store alone.
+                    let seed = new_id_for_transfer("seed");
+                    self.hot
+                        .credit(
+                            key,
+                            &Credit {
+                                transfer_id: &seed,
+                                generation: generation,
+                                amount: 0,
+                                unalloc: remaining,
+                                version: version,
+                            },
+                        )
+                        .await?;
+                    return Ok(Decision::Exceeded {
+                        remaining: bal.saturating_add(remaining),
+                    });
+                }
+                AllocateOutcome::GenerationMoved { generation } => {
+                    self.align_generation(key, generation).await?;
+                }
+                AllocateOutcome::Unlimited => return Ok(Decision::Valid { remaining: None }),
+                AllocateOutcome::NotFound => return Ok(Decision::NotFound),
+            }
+        }
+        metrics::counter!(m::SPEND_TIMEOUTS).increment(1);
+        Err(EngineError::Busy(
+            "hot balance kept moving during refill".into(),
+        ))
+    }
+
+    /// Allocation size: about one second of this key's spend on this node, at least
+    /// `min_chunk_requests` requests, at most `max_chunk` (and never more than the ledger
+    /// holds, which the ledger enforces).
+    pub(super) fn chunk_for(&self, key: &KeyId, cost: u64) -> u64 {
+        let rate = lock_map(&self.activity)
+            .get(key)
+            .map_or(0, |a| a.rate_per_sec);
+        self.chunk_from_rate(rate, cost)
+    }
+
+    pub(super) fn chunk_from_rate(&self, rate: u64, cost: u64) -> u64 {
+        rate.max(cost.saturating_mul(self.config.min_chunk_requests))
+            .min(self.config.max_chunk)
+            .max(cost)
+    }
+
+    /// Records a spend; returns the chunk size this key's refills now use.
+    pub(super) fn note_spend(&self, key: &KeyId, cost: u64) -> u64 {
+        let now = Instant::now();
+        let mut map = lock_map(&self.activity);
+        let a = map.entry(key.to_owned()).or_insert_with(|| Activity {
+            window_start: now,
+            window_credits: 0,
+            rate_per_sec: 0,
+            last_used: now,
+            prefetching: false,
+        });
+        a.last_used = now;
+        a.window_credits = a.window_credits.saturating_add(cost);
+        let elapsed = now.duration_since(a.window_start);
+        if elapsed >= Duration::from_secs(1) {
+            let ms = u64::try_from(elapsed.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms;
+            a.window_start = now;
+            a.window_credits = 0;
+        }
+        let rate = a.rate_per_sec;
+        drop(map);
+        self.chunk_from_rate(rate, cost)
+    }
+}
