@@ -11,7 +11,7 @@ use creditgate_domain::{hash_secret, Action, ApiId, RootKeyRecord};
 
 use crate::context::RequestContext;
 use crate::error::ApiError;
-use crate::state::{store_error, AppState};
+use crate::state::AppState;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -64,11 +64,7 @@ impl FromRequestParts<AppState> for RootKey {
         let root = match state.roots.get(&hash).await {
             Some(r) => r,
             None => {
-                let found = state
-                    .store
-                    .root_key_by_hash(&hash)
-                    .await
-                    .map_err(store_error)?;
+                let found = state.store.root_key_by_hash(&hash).await?;
                 let Some(found) = found else {
                     return Err(ApiError::Unauthorized(
                         "the root key is invalid or was revoked".into(),

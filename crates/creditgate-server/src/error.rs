@@ -50,8 +50,13 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("the request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A backend is unavailable and nothing was done.
     #[error("{0}")]
     Unavailable(String),
+    /// A backend did not answer in time after the request was sent: the operation may
+    /// or may not have been applied.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -125,7 +130,7 @@ impl ApiError {
                 "Payload Too Large",
                 "https://unkey.com/docs/errors/unkey/application/request_too_large",
             ),
-            ApiError::Unavailable(_) => (
+            ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable",
                 "https://unkey.com/docs/errors/unkey/application/service_unavailable",
@@ -150,6 +155,13 @@ impl ApiError {
             ApiError::Unavailable(cause) => {
                 tracing::warn!(request_id, cause = %cause, "backend unavailable");
                 "A storage backend is unavailable; nothing was spent. Retry shortly.".to_owned()
+            }
+            ApiError::OutcomeUnknown(cause) => {
+                tracing::warn!(request_id, cause = %cause, "backend outcome unknown");
+                "A storage backend did not answer in time; the outcome is unknown: this request \
+                 may or may not have spent credits. Check the balance (keys.getKey) before \
+                 retrying."
+                    .to_owned()
             }
             other => other.to_string(),
         };
@@ -176,6 +188,42 @@ impl ApiError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl From<creditgate_domain::StoreError> for ApiError {
+    fn from(e: creditgate_domain::StoreError) -> Self {
+        use creditgate_domain::StoreError;
+        match e {
+            StoreError::Unavailable(s) => ApiError::Unavailable(s),
+            StoreError::Conflict(s) => ApiError::BadRequest {
+                detail: format!("conflict: {s}"),
+                errors: vec![],
+            },
+            StoreError::Backend(s) => ApiError::Internal(s),
+        }
+    }
+}
+
+impl From<creditgate_limiter::EngineError> for ApiError {
+    fn from(e: creditgate_limiter::EngineError) -> Self {
+        use creditgate_limiter::EngineError;
+        match e {
+            EngineError::Unavailable(s) | EngineError::Busy(s) => ApiError::Unavailable(s),
+            EngineError::Ambiguous(s) => ApiError::OutcomeUnknown(s),
+            EngineError::NotFound => ApiError::key_not_found(),
+            EngineError::Overflow { max } => ApiError::field(
+                "body.value",
+                format!("the balance would exceed the maximum of {max} credits"),
+                "use a smaller increment",
+            ),
+            EngineError::Unlimited => ApiError::field(
+                "body.keyId",
+                "the key has unlimited credits",
+                "use operation 'set' with a value to give it a balance first",
+            ),
+            EngineError::Internal(s) => ApiError::Internal(s),
+        }
     }
 }
 

@@ -58,7 +58,7 @@ impl AppState {
         if let Some(k) = self.keys.get(hash).await {
             return Ok(Some(k));
         }
-        let found = self.store.key_by_hash(hash).await.map_err(store_error)?;
+        let found = self.store.key_by_hash(hash).await?;
         Ok(match found {
             Some(k) => {
                 let k = Arc::new(k);
@@ -85,13 +85,10 @@ impl AppState {
             return Ok(key);
         }
         let op = creditgate_limiter::CreditOp::Refill {
-            amount: refill.amount.get(),
+            amount: refill.amount,
             period_start: refill.period_start(now),
         };
-        self.engine
-            .update(key.id.as_str(), op)
-            .await
-            .map_err(engine_error)?;
+        self.engine.update(&key.id, op).await?;
         // Applied here or by another node first: either way this period is done.
         let mut updated = (*key).clone();
         updated.last_refill_at = Some(now);
@@ -119,38 +116,5 @@ impl AppState {
                 tracing::warn!(error = %e, "cache invalidation not published");
             }
         }
-    }
-}
-
-pub fn store_error(e: creditgate_domain::StoreError) -> ApiError {
-    use creditgate_domain::StoreError;
-    match e {
-        StoreError::Unavailable(s) => ApiError::Unavailable(s),
-        StoreError::Conflict(s) => ApiError::BadRequest {
-            detail: format!("conflict: {s}"),
-            errors: vec![],
-        },
-        StoreError::Backend(s) => ApiError::Internal(s),
-    }
-}
-
-pub fn engine_error(e: creditgate_limiter::EngineError) -> ApiError {
-    use creditgate_limiter::EngineError;
-    match e {
-        EngineError::Unavailable(s) | EngineError::Ambiguous(s) | EngineError::Busy(s) => {
-            ApiError::Unavailable(s)
-        }
-        EngineError::NotFound => ApiError::key_not_found(),
-        EngineError::Overflow { max } => ApiError::field(
-            "body.value",
-            format!("the balance would exceed the maximum of {max} credits"),
-            "use a smaller increment",
-        ),
-        EngineError::Unlimited => ApiError::field(
-            "body.keyId",
-            "the key has unlimited credits",
-            "use operation 'set' with a value to give it a balance first",
-        ),
-        EngineError::Internal(s) => ApiError::Internal(s),
     }
 }

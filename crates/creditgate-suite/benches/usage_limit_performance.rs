@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use creditgate_domain::SystemClock;
+use creditgate_domain::{Cost, KeyId, SystemClock};
 use creditgate_limiter::ports::HotStore;
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore, MemoryLedger};
 use creditgate_loadgen::Admin;
@@ -29,8 +29,12 @@ fn engine_spend(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let memory = engine_on(Arc::new(MemoryHotStore::new()));
     c.bench_function("engine spend / memory hot store", |b| {
-        b.to_async(&rt)
-            .iter(|| async { memory.spend("bench", 1).await.expect("spend") })
+        b.to_async(&rt).iter(|| async {
+            memory
+                .spend(&KeyId::from("bench"), Cost::DEFAULT)
+                .await
+                .expect("spend")
+        })
     });
     let redis = RedisServer::start().expect("redis-server");
     let hot = rt
@@ -41,8 +45,12 @@ fn engine_spend(c: &mut Criterion) {
         .expect("redis hot store");
     let on_redis = engine_on(Arc::new(hot));
     c.bench_function("engine spend / redis hot store", |b| {
-        b.to_async(&rt)
-            .iter(|| async { on_redis.spend("bench", 1).await.expect("spend") })
+        b.to_async(&rt).iter(|| async {
+            on_redis
+                .spend(&KeyId::from("bench"), Cost::DEFAULT)
+                .await
+                .expect("spend")
+        })
     });
 }
 

@@ -107,10 +107,10 @@ impl Engine {
                         key,
                         &Credit {
                             transfer_id: &transfer_id,
-                            generation: generation,
-                            amount: amount,
+                            generation,
+                            amount,
                             unalloc: remaining,
-                            version: version,
+                            version,
                         },
                     )
                     .await?;

@@ -139,10 +139,10 @@ impl Engine {
                             key,
                             &Credit {
                                 transfer_id: &transfer_id,
-                                generation: generation,
-                                amount: amount,
+                                generation,
+                                amount,
                                 unalloc: remaining,
-                                version: version,
+                                version,
                             },
                         )
                         .await?;
@@ -171,10 +171,10 @@ impl Engine {
                             key,
                             &Credit {
                                 transfer_id: &seed,
-                                generation: generation,
+                                generation,
                                 amount: 0,
                                 unalloc: remaining,
-                                version: version,
+                                version,
                             },
                         )
                         .await?;

@@ -10,7 +10,7 @@ use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::routes::keys::key_data;
-use crate::state::{store_error, AppState};
+use crate::state::AppState;
 use crate::validate::Checks;
 use crate::wire::*;
 
@@ -44,7 +44,7 @@ pub async fn create_api(
         name: req.name,
         created_at: state.clock.now_ms(),
     };
-    state.store.create_api(&api).await.map_err(store_error)?;
+    state.store.create_api(&api).await?;
     Ok(ok(CreateApiData { api_id: api.id.0 }))
 }
 
@@ -60,8 +60,7 @@ async fn find_api(state: &AppState, root: &RootKey, api_id: &str) -> Result<ApiR
     state
         .store
         .get_api(root.workspace(), &ApiId::from(api_id))
-        .await
-        .map_err(store_error)?
+        .await?
         .ok_or_else(ApiError::api_not_found)
 }
 
@@ -92,12 +91,7 @@ pub async fn delete_api(
     let id = ApiId::from(req.api_id.as_str());
     root.require(Action::DeleteApi, Some(&id))?;
     find_api(&state, &root, &req.api_id).await?;
-    if !state
-        .store
-        .delete_api(root.workspace(), &id)
-        .await
-        .map_err(store_error)?
-    {
+    if !state.store.delete_api(root.workspace(), &id).await? {
         return Err(ApiError::api_not_found());
     }
     // Its keys are gone too; this node forgets every cached key at once.
@@ -145,8 +139,7 @@ pub async fn list_keys(
             req.cursor.as_deref(),
             req.external_id.as_deref(),
         )
-        .await
-        .map_err(store_error)?;
+        .await?;
     let mut data = Vec::with_capacity(page.keys.len());
     for k in &page.keys {
         data.push(key_data(&state, k).await?);

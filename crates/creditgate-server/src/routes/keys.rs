@@ -14,7 +14,7 @@ use super::ok;
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::state::{engine_error, store_error, AppState};
+use crate::state::AppState;
 use crate::validate::{is_external_id_char, is_id_char, refill_wire, Checks};
 use crate::wire::*;
 
@@ -24,11 +24,7 @@ pub async fn key_data(state: &AppState, k: &KeyRecord) -> Result<KeyData, ApiErr
         .refill_if_due(Arc::new(k.clone()), state.clock.now_ms())
         .await?;
     let credits = if k.limited {
-        let remaining = state
-            .engine
-            .balance(k.id.as_str())
-            .await
-            .map_err(engine_error)?;
+        let remaining = state.engine.balance(&k.id).await?;
         Some(KeyCreditsData {
             remaining: remaining.and_then(|r| i64::try_from(r).ok()),
             refill: k.refill.as_ref().map(refill_wire),
@@ -71,8 +67,7 @@ async fn find_key(
     let key = state
         .store
         .key_by_id(&KeyId::from(key_id))
-        .await
-        .map_err(store_error)?
+        .await?
         .filter(|k| &k.workspace_id == root.workspace())
         .ok_or_else(ApiError::key_not_found)?;
     root.require(action, Some(&key.api_id))?;
@@ -160,8 +155,7 @@ pub async fn create_key(
     let api = state
         .store
         .get_api(root.workspace(), &api_id)
-        .await
-        .map_err(store_error)?
+        .await?
         .ok_or_else(ApiError::api_not_found)?;
     let byte_length = usize::try_from(byte_length).unwrap_or(16);
     let secret = new_secret(req.prefix.as_deref(), byte_length);
@@ -187,8 +181,7 @@ pub async fn create_key(
     state
         .store
         .create_key(&NewKey { record, remaining })
-        .await
-        .map_err(store_error)?;
+        .await?;
     Ok(ok(CreateKeyData {
         key_id,
         key: secret,
@@ -248,8 +241,7 @@ pub async fn delete_key(
     let deleted = state
         .store
         .delete_key(&key.id, state.clock.now_ms())
-        .await
-        .map_err(store_error)?;
+        .await?;
     state.invalidate_key(&key.hash).await;
     if !deleted {
         return Err(ApiError::key_not_found());
@@ -271,7 +263,7 @@ pub async fn update_credits(
         _ => None,
     };
     let op = match req.operation.as_str() {
-        "set" => Some(CreditOp::Set(value.map(|v| v.get()))),
+        "set" => Some(CreditOp::Set(value)),
         "increment" | "decrement" => {
             if req.value.flatten().is_none() {
                 c.push(
@@ -282,9 +274,9 @@ pub async fn update_credits(
             }
             value.map(|v| {
                 if req.operation == "increment" {
-                    CreditOp::Increment(v.get())
+                    CreditOp::Increment(v)
                 } else {
-                    CreditOp::Decrement(v.get())
+                    CreditOp::Decrement(v)
                 }
             })
         }
@@ -314,11 +306,7 @@ pub async fn update_credits(
     }
     let record = apply_credit_op(&state, &key, op).await?;
     let remaining = match record.limited {
-        true => state
-            .engine
-            .balance(key.id.as_str())
-            .await
-            .map_err(engine_error)?,
+        true => state.engine.balance(&key.id).await?,
         false => None,
     };
     Ok(ok(KeyCreditsData {
@@ -334,11 +322,7 @@ async fn apply_credit_op(
     key: &KeyRecord,
     op: CreditOp,
 ) -> Result<KeyRecord, ApiError> {
-    state
-        .engine
-        .update(key.id.as_str(), op)
-        .await
-        .map_err(engine_error)?;
+    state.engine.update(&key.id, op).await?;
     let mut record = key.clone();
     if op == CreditOp::Set(None) && key.refill.is_some() {
         let patch = KeyPatch {
@@ -348,8 +332,7 @@ async fn apply_credit_op(
         record = state
             .store
             .update_key(&key.id, &patch, state.clock.now_ms())
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(ApiError::key_not_found)?;
     }
     record.limited = !matches!(op, CreditOp::Set(None));
@@ -419,7 +402,7 @@ pub async fn update_key(
                 Some(Some(v)) => {
                     op = c
                         .credits("body.credits.remaining", v)
-                        .map(|v| CreditOp::Set(Some(v.get())))
+                        .map(|v| CreditOp::Set(Some(v)))
                 }
             }
             let limited_after = match op {
@@ -453,8 +436,7 @@ pub async fn update_key(
         state
             .store
             .update_key(&key.id, &patch, state.clock.now_ms())
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(ApiError::key_not_found)?;
     }
     state.invalidate_key(&key.hash).await;

@@ -15,7 +15,7 @@ use crate::auth::RootKey;
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::state::{engine_error, AppState};
+use crate::state::AppState;
 use crate::telemetry::names;
 use crate::validate::{is_tag_char, Checks};
 use crate::wire::{Envelope, IdentityData, VerifyKeyData, VerifyKeyRequest};
@@ -169,8 +169,8 @@ async fn decide(
     let key = state.refill_if_due(key, now).await?;
     // Spawned so a client that hangs up cannot cancel the engine half-way.
     let engine = state.engine.clone();
-    let id = key.id.0.clone();
-    let decision = tokio::spawn(async move { engine.spend(&id, cost.get()).await })
+    let id = key.id.clone();
+    let decision = tokio::spawn(async move { engine.spend(&id, cost).await })
         .await
         .map_err(|e| ApiError::Internal(format!("verification task failed: {e}")))?;
     Ok(match decision {
@@ -192,6 +192,6 @@ async fn decide(
             metrics::counter!(names::FAIL_OPEN).increment(1);
             Verdict::without_credits(Outcome::Valid, Some(key))
         }
-        Err(e) => return Err(engine_error(e)),
+        Err(e) => return Err(e.into()),
     })
 }
