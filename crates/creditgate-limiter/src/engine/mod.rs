@@ -216,6 +216,21 @@ impl Engine {
         }
     }
 
+    /// Step 2 and 3 of a refill: credits a granted allocation to the hot store, then
+    /// marks it settled in the ledger. A failed settle leaves it pending for the
+    /// reconciler (logged); a failed credit is the caller's error.
+    async fn credit_allocation(&self, key: &KeyId, credit: &Credit<'_>) -> Result<(), EngineError> {
+        let (credited, spent) = settlement(self.hot.credit(key, credit).await?);
+        if let Err(e) = self
+            .ledger
+            .settle_allocation(key, credit.transfer_id, credited, spent)
+            .await
+        {
+            tracing::warn!(key_id = %key, error = %e, "settling an allocation failed; the reconciler resolves it");
+        }
+        Ok(())
+    }
+
     fn report_lost(&self, key: &KeyId, lost: u64) {
         if lost > 0 {
             metrics::counter!(m::LOST_CREDITS).increment(lost);

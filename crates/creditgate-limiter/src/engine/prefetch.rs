@@ -101,23 +101,14 @@ impl Engine {
             {
                 self.report_lost(key, lost);
                 metrics::counter!(m::PREFETCHES).increment(1);
-                let reply = self
-                    .hot
-                    .credit(
-                        key,
-                        &Credit {
-                            transfer_id: &transfer_id,
-                            generation,
-                            amount,
-                            unalloc: remaining,
-                            version,
-                        },
-                    )
-                    .await?;
-                let (credited, spent) = settlement(reply);
-                self.ledger
-                    .settle_allocation(key, &transfer_id, credited, spent)
-                    .await?;
+                let credit = Credit {
+                    transfer_id: &transfer_id,
+                    generation,
+                    amount,
+                    unalloc: remaining,
+                    version,
+                };
+                self.credit_allocation(key, &credit).await?;
             }
             Ok(())
         }

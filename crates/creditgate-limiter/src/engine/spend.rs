@@ -133,28 +133,14 @@ impl Engine {
                         // Our lock may have expired: leave the allocation to the reconciler.
                         return Err(EngineError::Busy("refill took longer than the lock".into()));
                     }
-                    let reply = self
-                        .hot
-                        .credit(
-                            key,
-                            &Credit {
-                                transfer_id: &transfer_id,
-                                generation,
-                                amount,
-                                unalloc: remaining,
-                                version,
-                            },
-                        )
-                        .await?;
-                    let (credited, spent) = settlement(reply);
-                    if let Err(e) = self
-                        .ledger
-                        .settle_allocation(key, &transfer_id, credited, spent)
-                        .await
-                    {
-                        // Left pending: the reconciler resolves it.
-                        tracing::warn!(key_id = %key, error = %e, "settling an allocation failed");
-                    }
+                    let credit = Credit {
+                        transfer_id: &transfer_id,
+                        generation,
+                        amount,
+                        unalloc: remaining,
+                        version,
+                    };
+                    self.credit_allocation(key, &credit).await?;
                 }
                 AllocateOutcome::Insufficient {
                     remaining,
