@@ -17,13 +17,14 @@ use creditgate_domain::{
 use creditgate_limiter::ports::{HotStore, Ledger};
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore};
 use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
+use creditgate_service::{Invalidations, Service, ServiceSettings};
 use creditgate_sql::SqlStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
 use crate::routes::{apis, keys, system, verify};
-use crate::state::{key_cache, root_cache, AppState, NodeSettings};
+use crate::state::{AppState, NodeSettings, RedisInvalidations};
 use crate::telemetry::{metrics_handle, request_middleware};
 
 /// The workspace the bootstrap root key belongs to.
@@ -104,29 +105,30 @@ impl App {
             },
         ));
         let (analytics, batcher) = Batcher::start(sink, BatcherConfig::default());
-        let state = AppState {
+        let service = Service::new(
             store,
             engine,
             analytics,
             clock,
+            ServiceSettings {
+                node_id: node_id.clone(),
+                region: config.region.clone(),
+                allow_on_backend_failure: config.on_backend_failure == BackendFailure::Allow,
+            },
+            bus.clone()
+                .map(|b| Arc::new(RedisInvalidations(b)) as Arc<dyn Invalidations>),
+        );
+        if let Some(bus) = &bus {
+            tokio::spawn(apply_invalidations(bus.subscribe(), service.clone()));
+        }
+        let state = AppState {
+            service,
             config: Arc::new(NodeSettings {
                 node_id,
-                region: config.region.clone(),
                 max_body_bytes: config.max_body_bytes,
-                allow_on_backend_failure: config.on_backend_failure == BackendFailure::Allow,
             }),
-            keys: key_cache(),
-            roots: root_cache(),
             metrics: metrics_handle(),
-            bus,
         };
-        if let Some(bus) = &state.bus {
-            tokio::spawn(apply_invalidations(
-                bus.subscribe(),
-                state.keys.clone(),
-                state.roots.clone(),
-            ));
-        }
         Ok(App {
             state,
             batcher,
@@ -156,13 +158,14 @@ impl App {
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let reconciler = tokio::spawn(state.engine.clone().run_reconciler(
+        let reconciler = tokio::spawn(state.service.engine().clone().run_reconciler(
             Duration::from_millis(config.reconcile_interval_ms),
             wait_stop(stop_rx.clone()),
         ));
         let prefetcher = tokio::spawn(
             state
-                .engine
+                .service
+                .engine()
                 .clone()
                 .run_prefetcher(wait_stop(stop_rx.clone())),
         );
@@ -178,12 +181,12 @@ impl App {
         let _ = prefetcher.await;
         let _ = upkeep.await;
         let limit = Duration::from_millis(config.shutdown_timeout_ms);
-        match tokio::time::timeout(limit, state.engine.drain_all()).await {
+        match tokio::time::timeout(limit, state.service.engine().drain_all()).await {
             Ok(Ok(returned)) => tracing::info!(returned, "hot balances returned to the ledger"),
             Ok(Err(e)) => tracing::error!(error = %e, "returning hot balances failed"),
             Err(_) => tracing::error!("returning hot balances timed out"),
         }
-        let _ = tokio::time::timeout(limit, state.analytics.flush()).await;
+        let _ = tokio::time::timeout(limit, state.service.analytics().flush()).await;
         drop(state);
         batcher.shutdown(limit).await;
         tracing::info!("shutdown complete");
@@ -205,18 +208,9 @@ fn redact(url: &str) -> String {
 
 /// Applies invalidations other nodes publish: a key hash, or `*` for everything (sent
 /// after every reconnect, since messages may have been missed meanwhile).
-async fn apply_invalidations(
-    mut rx: tokio::sync::mpsc::Receiver<String>,
-    keys: moka::future::Cache<String, Arc<creditgate_domain::KeyRecord>>,
-    roots: moka::future::Cache<String, Arc<RootKeyRecord>>,
-) {
+async fn apply_invalidations(mut rx: tokio::sync::mpsc::Receiver<String>, service: Service) {
     while let Some(msg) = rx.recv().await {
-        if msg == CacheBus::ALL {
-            keys.invalidate_all();
-            roots.invalidate_all();
-        } else {
-            keys.invalidate(&msg).await;
-        }
+        service.apply_invalidation(&msg).await;
     }
 }
 

@@ -8,9 +8,11 @@ use serde::Serialize;
 
 use crate::context::RequestId;
 
-/// One invalid field of a request.
+pub use creditgate_service::FieldError;
+
+/// One invalid field of a request, as the error body shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct FieldError {
+pub struct FieldErrorBody {
     /// Where: `body.credits.cost`, `header.Authorization`, …
     pub location: String,
     pub message: String,
@@ -18,18 +20,13 @@ pub struct FieldError {
     pub fix: Option<String>,
 }
 
-impl FieldError {
-    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
+impl From<FieldError> for FieldErrorBody {
+    fn from(e: FieldError) -> Self {
         Self {
-            location: location.into(),
-            message: message.into(),
-            fix: None,
+            location: e.location,
+            message: e.message,
+            fix: e.fix,
         }
-    }
-
-    pub fn fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = Some(fix.into());
-        self
     }
 }
 
@@ -70,11 +67,17 @@ pub enum NotFoundKind {
 
 impl ApiError {
     pub fn field(location: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        let e = FieldError::new(location, message).fix(fix);
-        ApiError::BadRequest {
-            detail: format!("{}: {}", e.location, e.message),
-            errors: vec![e],
-        }
+        Self::invalid(vec![FieldError::new(location, message).fix(fix)])
+    }
+
+    /// One 400 naming every invalid field.
+    pub fn invalid(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.location, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError::BadRequest { detail, errors }
     }
 
     pub fn key_not_found() -> Self {
@@ -166,7 +169,9 @@ impl ApiError {
             other => other.to_string(),
         };
         let errors = match self {
-            ApiError::BadRequest { errors, .. } => Some(errors),
+            ApiError::BadRequest { errors, .. } => {
+                Some(errors.into_iter().map(FieldErrorBody::from).collect())
+            }
             _ => None,
         };
         let body = ErrorEnvelope {
@@ -227,6 +232,22 @@ impl From<creditgate_limiter::EngineError> for ApiError {
     }
 }
 
+impl From<creditgate_service::ServiceError> for ApiError {
+    fn from(e: creditgate_service::ServiceError) -> Self {
+        use creditgate_service::ServiceError;
+        match e {
+            ServiceError::Invalid(errors) => ApiError::invalid(errors),
+            ServiceError::Unauthorized(s) => ApiError::Unauthorized(s),
+            ServiceError::Forbidden(s) => ApiError::Forbidden(s),
+            ServiceError::KeyNotFound => ApiError::key_not_found(),
+            ServiceError::ApiNotFound => ApiError::api_not_found(),
+            ServiceError::Engine(e) => e.into(),
+            ServiceError::Store(e) => e.into(),
+            ServiceError::Internal(s) => ApiError::Internal(s),
+        }
+    }
+}
+
 /// The error envelope.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorEnvelope {
@@ -243,7 +264,7 @@ pub struct ErrorBody {
     pub kind: &'static str,
     /// Present on 400 responses: one entry per invalid field.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub errors: Option<Vec<FieldError>>,
+    pub errors: Option<Vec<FieldErrorBody>>,
 }
 
 impl IntoResponse for ApiError {

@@ -9,10 +9,10 @@ pub mod context;
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod parse;
 pub mod routes;
 pub mod state;
 pub mod telemetry;
-pub mod validate;
 pub mod wire;
 
 pub use app::{create_root_key, router, serve, App, DEFAULT_WORKSPACE};

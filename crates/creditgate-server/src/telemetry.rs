@@ -14,13 +14,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::context::RequestContext;
 use crate::state::AppState;
 
-/// Metric names of the server (the engine's are in `creditgate_limiter::metrics`).
+/// Metric names of the HTTP layer (the service's are in `creditgate_service::metrics`, the
+/// engine's in `creditgate_limiter::metrics`).
 pub mod names {
     pub const HTTP_REQUESTS: &str = "creditgate_http_requests_total";
     pub const HTTP_SECONDS: &str = "creditgate_http_request_duration_seconds";
-    pub const VERIFICATIONS: &str = "creditgate_verifications_total";
-    pub const VERIFY_SECONDS: &str = "creditgate_verification_duration_seconds";
-    pub const FAIL_OPEN: &str = "creditgate_verifications_fail_open_total";
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -86,9 +84,9 @@ pub async fn request_middleware(
     metrics::histogram!(names::HTTP_SECONDS, "route" => route)
         .record(started.elapsed().as_secs_f64());
     if route != "/metrics" {
-        state.analytics.request(RequestEvent {
+        state.service.analytics().request(RequestEvent {
             request_id: ctx.request_id.0.clone(),
-            time: state.clock.now_ms(),
+            time: state.service.clock().now_ms(),
             workspace_id: ctx.workspace().unwrap_or_default().to_owned(),
             method,
             path,

@@ -1,0 +1,480 @@
+//! Wire → command: each request type parses (`TryFrom`) into the service's command, so
+//! every field rule exists once and a failure names the field and how to fix it. The
+//! rules that `createKey` and `updateKey` share are [`key_fields`] and [`Checks::refill`].
+
+use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, RefillInterval};
+use creditgate_limiter::CreditOp;
+use creditgate_service::{CreateKey, FieldError, ListKeys, UpdateCredits, UpdateKey, Verify};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::wire::*;
+
+/// The latest `expires` a key may have (2100-01-01).
+const MAX_EXPIRES_MS: i64 = 4_102_444_800_000;
+
+/// Collects field errors; `finish` turns them into one 400.
+#[derive(Debug, Default)]
+pub struct Checks(Vec<FieldError>);
+
+impl Checks {
+    pub fn push(&mut self, location: &str, message: impl Into<String>, fix: impl Into<String>) {
+        self.0.push(FieldError::new(location, message).fix(fix));
+    }
+
+    pub fn len(&mut self, location: &str, value: &str, min: usize, max: usize) {
+        let n = value.chars().count();
+        if n < min || n > max {
+            self.push(
+                location,
+                format!("must be {min} to {max} characters long, got {n}"),
+                format!("send between {min} and {max} characters"),
+            );
+        }
+    }
+
+    pub fn charset(&mut self, location: &str, value: &str, allowed: &str, ok: fn(char) -> bool) {
+        if !value.chars().all(ok) {
+            self.push(
+                location,
+                format!("contains characters outside {allowed}"),
+                format!("use only {allowed}"),
+            );
+        }
+    }
+
+    /// Only an absent or empty list is accepted for features creditgate does not have.
+    pub fn unsupported_list(&mut self, location: &str, value: &Option<Vec<Value>>) {
+        if value.as_ref().is_some_and(|v| !v.is_empty()) {
+            self.push(
+                location,
+                "is not supported by creditgate",
+                "omit the field or send an empty list",
+            );
+        }
+    }
+
+    /// `true` must not be sent: creditgate stores only hashes.
+    fn hashes_only(&mut self, location: &str, value: Option<bool>, cannot: &str) {
+        if value == Some(true) {
+            self.push(
+                location,
+                format!("keys are stored only as hashes and cannot be {cannot}"),
+                "omit it or send false",
+            );
+        }
+    }
+
+    pub fn credits(&mut self, location: &str, value: i64) -> Option<Credits> {
+        match Credits::from_i64(value) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.push(
+                    location,
+                    format!("{e} (got {value})"),
+                    format!("send an integer from 0 to {}", Credits::MAX),
+                );
+                None
+            }
+        }
+    }
+
+    /// A refill schedule's shape (whether the key has a balance to refill is the
+    /// service's check).
+    pub fn refill(&mut self, location: &str, wire: &RefillWire) -> Option<Refill> {
+        let Some(interval) = RefillInterval::parse(&wire.interval) else {
+            self.push(
+                &format!("{location}.interval"),
+                format!("must be 'daily' or 'monthly', got '{}'", wire.interval),
+                "send 'daily' or 'monthly'",
+            );
+            return None;
+        };
+        let amount_loc = format!("{location}.amount");
+        let amount = self.credits(&amount_loc, wire.amount)?;
+        if amount.get() == 0 {
+            self.push(&amount_loc, "must be at least 1", "send a positive amount");
+            return None;
+        }
+        match Refill::new(interval, amount, wire.refill_day) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let fix = match e {
+                    RefillError::MissingRefillDay => "add refillDay (1-31) for monthly refills",
+                    RefillError::RefillDayOutOfRange => "send a refillDay from 1 to 31",
+                    RefillError::RefillDayOnDaily => "drop refillDay, or use interval 'monthly'",
+                };
+                self.push(&format!("{location}.refillDay"), e.to_string(), fix);
+                None
+            }
+        }
+    }
+
+    /// A key id as `keys.createKey` returned it.
+    fn key_id(&mut self, value: &str) -> KeyId {
+        if value.chars().count() < 3 {
+            self.push(
+                "body.keyId",
+                "must be at least 3 characters",
+                "send the keyId returned by keys.createKey",
+            );
+        }
+        KeyId::from(value)
+    }
+
+    /// `Ok(value)` when no check failed, else one 400 naming every invalid field.
+    pub fn finish<T>(self, value: T) -> Result<T, ApiError> {
+        if self.0.is_empty() {
+            return Ok(value);
+        }
+        Err(ApiError::invalid(self.0))
+    }
+}
+
+/// Fields of a key that `createKey` sets and `updateKey` changes: one set of rules.
+struct KeyFields<'a> {
+    name: Option<&'a str>,
+    external_id: Option<&'a str>,
+    meta: Option<&'a Map<String, Value>>,
+    expires: Option<i64>,
+    roles: &'a Option<Vec<Value>>,
+    permissions: &'a Option<Vec<Value>>,
+    ratelimits: &'a Option<Vec<Value>>,
+}
+
+fn key_fields(c: &mut Checks, f: KeyFields<'_>) {
+    if let Some(n) = f.name {
+        c.len("body.name", n, 1, 200);
+    }
+    if let Some(e) = f.external_id {
+        c.len("body.externalId", e, 1, 255);
+        c.charset(
+            "body.externalId",
+            e,
+            "letters, digits, '_', '.' and '-'",
+            is_external_id_char,
+        );
+    }
+    if f.meta.is_some_and(|m| m.len() > 100) {
+        c.push(
+            "body.meta",
+            "has more than 100 properties",
+            "send at most 100 properties",
+        );
+    }
+    if let Some(x) = f.expires {
+        if !(0..=MAX_EXPIRES_MS).contains(&x) {
+            c.push(
+                "body.expires",
+                format!("must be a Unix time in milliseconds up to {MAX_EXPIRES_MS}"),
+                "send milliseconds since 1970",
+            );
+        }
+    }
+    c.unsupported_list("body.roles", f.roles);
+    c.unsupported_list("body.permissions", f.permissions);
+    c.unsupported_list("body.ratelimits", f.ratelimits);
+}
+
+impl TryFrom<VerifyKeyRequest> for Verify {
+    type Error = ApiError;
+
+    fn try_from(req: VerifyKeyRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.len("body.key", &req.key, 1, 512);
+        let raw = req.credits.as_ref().map_or(Cost::DEFAULT.get(), |c| c.cost);
+        let cost = Cost::new(raw).unwrap_or_else(|_| {
+            c.push(
+                "body.credits.cost",
+                format!("must be at most {}, got {raw}", Cost::MAX),
+                format!("send a cost from 0 to {}", Cost::MAX),
+            );
+            Cost::DEFAULT
+        });
+        let tags = req.tags.unwrap_or_default();
+        if tags.len() > 20 {
+            c.push(
+                "body.tags",
+                format!("has {} tags, at most 20 are allowed", tags.len()),
+                "send at most 20 tags",
+            );
+        }
+        for (i, t) in tags.iter().enumerate() {
+            let loc = format!("body.tags[{i}]");
+            c.len(&loc, t, 1, 128);
+            c.charset(&loc, t, "letters, digits and _=/.:-", is_tag_char);
+        }
+        if req.permissions.as_deref().is_some_and(|p| !p.is_empty()) {
+            c.push(
+                "body.permissions",
+                "permission queries are not supported by creditgate",
+                "omit permissions",
+            );
+        }
+        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        if req.migration_id.is_some() {
+            c.push(
+                "body.migrationId",
+                "key migrations are not supported by creditgate",
+                "omit migrationId",
+            );
+        }
+        c.finish(Verify {
+            secret: req.key,
+            cost,
+            tags,
+        })
+    }
+}
+
+impl TryFrom<CreateKeyRequest> for CreateKey {
+    type Error = ApiError;
+
+    fn try_from(req: CreateKeyRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.len("body.apiId", &req.api_id, 3, 255);
+        if let Some(p) = &req.prefix {
+            c.len("body.prefix", p, 1, 16);
+            c.charset("body.prefix", p, "letters, digits and '_'", is_id_char);
+        }
+        let byte_length = req.byte_length.unwrap_or(16);
+        let byte_length = match usize::try_from(byte_length) {
+            Ok(n) if (16..=255).contains(&n) => n,
+            _ => {
+                c.push(
+                    "body.byteLength",
+                    format!("must be 16 to 255, got {byte_length}"),
+                    "send a byteLength from 16 to 255",
+                );
+                16
+            }
+        };
+        key_fields(
+            &mut c,
+            KeyFields {
+                name: req.name.as_deref(),
+                external_id: req.external_id.as_deref(),
+                meta: req.meta.as_ref(),
+                expires: req.expires,
+                roles: &req.roles,
+                permissions: &req.permissions,
+                ratelimits: &req.ratelimits,
+            },
+        );
+        c.hashes_only("body.recoverable", req.recoverable, "recoverable");
+        let (remaining, refill) = match &req.credits {
+            None => (None, None),
+            Some(cw) => {
+                let remaining = match cw.remaining {
+                    Some(Some(v)) => c.credits("body.credits.remaining", v),
+                    _ => None,
+                };
+                let refill = cw
+                    .refill
+                    .as_ref()
+                    .and_then(|r| c.refill("body.credits.refill", r));
+                (remaining, refill)
+            }
+        };
+        c.finish(CreateKey {
+            api_id: ApiId::from(req.api_id),
+            prefix: req.prefix,
+            name: req.name,
+            byte_length,
+            external_id: req.external_id,
+            meta: req.meta,
+            expires: req.expires,
+            enabled: req.enabled.unwrap_or(true),
+            remaining,
+            refill,
+        })
+    }
+}
+
+impl TryFrom<UpdateKeyRequest> for UpdateKey {
+    type Error = ApiError;
+
+    fn try_from(req: UpdateKeyRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        let key_id = c.key_id(&req.key_id);
+        key_fields(
+            &mut c,
+            KeyFields {
+                name: req.name.as_ref().and_then(Option::as_deref),
+                external_id: req.external_id.as_ref().and_then(Option::as_deref),
+                meta: req.meta.as_ref().and_then(Option::as_ref),
+                expires: req.expires.flatten(),
+                roles: &req.roles,
+                permissions: &req.permissions,
+                ratelimits: &req.ratelimits,
+            },
+        );
+        // Credits: the balance (through the engine) and the refill (in the store).
+        let (remaining, refill) = match &req.credits {
+            None => (None, None),
+            // `credits: null`: unlimited, no refill.
+            Some(None) => (Some(None), Some(None)),
+            Some(Some(cw)) => {
+                let remaining = match cw.remaining {
+                    None => None,
+                    Some(None) => Some(None),
+                    Some(Some(v)) => c.credits("body.credits.remaining", v).map(Some),
+                };
+                let refill = match &cw.refill {
+                    None => None,
+                    Some(None) => Some(None),
+                    Some(Some(r)) => c.refill("body.credits.refill", r).map(Some),
+                };
+                (remaining, refill)
+            }
+        };
+        c.finish(UpdateKey {
+            key_id,
+            name: req.name,
+            external_id: req.external_id,
+            meta: req.meta,
+            expires: req.expires,
+            enabled: req.enabled,
+            remaining,
+            refill,
+        })
+    }
+}
+
+impl TryFrom<UpdateCreditsRequest> for (KeyId, UpdateCredits) {
+    type Error = ApiError;
+
+    fn try_from(req: UpdateCreditsRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        let key_id = c.key_id(&req.key_id);
+        let value = match req.value {
+            Some(Some(v)) => c.credits("body.value", v),
+            _ => None,
+        };
+        let op = match req.operation.as_str() {
+            "set" => Some(CreditOp::Set(value)),
+            "increment" | "decrement" => {
+                if req.value.flatten().is_none() {
+                    c.push(
+                        "body.value",
+                        format!("is required for {}", req.operation),
+                        "send a non-negative integer value",
+                    );
+                }
+                value.map(|v| match req.operation.as_str() {
+                    "increment" => CreditOp::Increment(v),
+                    _ => CreditOp::Decrement(v),
+                })
+            }
+            other => {
+                c.push(
+                    "body.operation",
+                    format!("must be set, increment or decrement, got '{other}'"),
+                    "send 'set', 'increment' or 'decrement'",
+                );
+                None
+            }
+        };
+        // `op` is `None` only when a check above failed.
+        let op = op.unwrap_or(CreditOp::Set(None));
+        c.finish((key_id, UpdateCredits { op }))
+    }
+}
+
+impl TryFrom<ListKeysRequest> for ListKeys {
+    type Error = ApiError;
+
+    fn try_from(req: ListKeysRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        api_id(&mut c, &req.api_id);
+        let limit = req.limit.unwrap_or(100);
+        if !(1..=100).contains(&limit) {
+            c.push(
+                "body.limit",
+                format!("must be 1 to 100, got {limit}"),
+                "send a limit from 1 to 100",
+            );
+        }
+        c.hashes_only("body.decrypt", req.decrypt, "decrypted");
+        if let Some(e) = &req.external_id {
+            c.len("body.externalId", e, 1, 255);
+        }
+        c.finish(ListKeys {
+            api_id: ApiId::from(req.api_id),
+            limit,
+            cursor: req.cursor,
+            external_id: req.external_id,
+        })
+    }
+}
+
+fn api_id(c: &mut Checks, value: &str) {
+    if value.is_empty() {
+        c.push(
+            "body.apiId",
+            "must not be empty",
+            "send the id returned by apis.createApi",
+        );
+    }
+}
+
+/// `apis.getApi` / `apis.deleteApi`.
+pub fn parse_api_id(req: ApiIdRequest) -> Result<ApiId, ApiError> {
+    let mut c = Checks::default();
+    api_id(&mut c, &req.api_id);
+    c.finish(ApiId::from(req.api_id))
+}
+
+/// `apis.createApi`: the API's name.
+pub fn parse_api_name(req: CreateApiRequest) -> Result<String, ApiError> {
+    let mut c = Checks::default();
+    c.len("body.name", &req.name, 3, 255);
+    let well_formed = req.name.starts_with(|ch: char| ch.is_ascii_alphabetic())
+        && req
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'));
+    if !well_formed {
+        c.push(
+            "body.name",
+            "must start with a letter and contain only letters, digits, '.', '_' or '-'",
+            "for example: my-api",
+        );
+    }
+    c.finish(req.name)
+}
+
+/// `keys.getKey` / `keys.deleteKey`: the key id.
+pub fn parse_key_id(key_id: &str, decrypt: Option<bool>) -> Result<KeyId, ApiError> {
+    let mut c = Checks::default();
+    c.hashes_only("body.decrypt", decrypt, "decrypted");
+    let id = c.key_id(key_id);
+    c.finish(id)
+}
+
+/// `keys.whoami`: the secret.
+pub fn parse_secret(key: String) -> Result<String, ApiError> {
+    let mut c = Checks::default();
+    c.len("body.key", &key, 1, 512);
+    c.finish(key)
+}
+
+pub fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+pub fn is_external_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+pub fn is_tag_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '=' | '/' | '.' | ':' | '-')
+}
+
+pub fn refill_wire(r: &Refill) -> RefillWire {
+    RefillWire {
+        interval: r.interval.as_str().to_owned(),
+        amount: r.amount.as_i64(),
+        refill_day: r.refill_day.map(i64::from),
+    }
+}

@@ -1,0 +1,39 @@
+//! The authenticated caller: a root key's workspace and permissions.
+
+use std::sync::Arc;
+
+use creditgate_domain::{Action, ApiId, RootKeyRecord, WorkspaceId};
+
+use crate::ServiceError;
+
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<RootKeyRecord>);
+
+impl Caller {
+    /// `Forbidden` unless the root key may do `action` on `api` (or on every API).
+    pub fn require(&self, action: Action, api: Option<&ApiId>) -> Result<(), ServiceError> {
+        if self.allows(action, api) {
+            return Ok(());
+        }
+        let scope = api.map_or("*", |a| a.as_str());
+        Err(ServiceError::Forbidden(format!(
+            "this root key lacks the permission api.{scope}.{} (or api.*.{})",
+            action.as_str(),
+            action.as_str()
+        )))
+    }
+
+    pub fn allows(&self, action: Action, api: Option<&ApiId>) -> bool {
+        self.0.permissions.allows(action, api)
+    }
+
+    pub fn workspace(&self) -> &WorkspaceId {
+        &self.0.workspace_id
+    }
+
+    /// Whether `key_workspace`/`api` is visible to this caller for `action`: keys of other
+    /// workspaces and keys it may not act on look the same (not found).
+    pub fn sees(&self, key_workspace: &WorkspaceId, action: Action, api: &ApiId) -> bool {
+        key_workspace == self.workspace() && self.allows(action, Some(api))
+    }
+}

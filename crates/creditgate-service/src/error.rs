@@ -1,0 +1,59 @@
+//! What a service call can fail with. The HTTP layer maps each variant to one row of its
+//! error table; nothing here knows about statuses.
+
+use creditgate_domain::StoreError;
+use creditgate_limiter::EngineError;
+
+/// One invalid field of a command: where, what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Where: `body.credits.cost`, `header.Authorization`, …
+    pub location: String,
+    pub message: String,
+    pub fix: Option<String>,
+}
+
+impl FieldError {
+    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            location: location.into(),
+            message: message.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The command is invalid; nothing was changed.
+    #[error("invalid request: {0:?}")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown, deleted or another workspace's key.
+    #[error("key not found")]
+    KeyNotFound,
+    /// Unknown, deleted or another workspace's API.
+    #[error("api not found")]
+    ApiNotFound,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// One invalid field.
+    pub fn field(location: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        ServiceError::Invalid(vec![FieldError::new(location, message).fix(fix)])
+    }
+}

@@ -1,0 +1,267 @@
+//! Key operations: create, read (with the exact balance), update, change credits,
+//! delete. A refill due in the current period is applied before any read or change of
+//! the balance.
+
+use std::sync::Arc;
+
+use creditgate_domain::{
+    hash_secret, new_secret, secret_start, Action, KeyId, KeyPatch, KeyRecord, NewKey, Refill,
+};
+use creditgate_limiter::CreditOp;
+
+use crate::{Caller, CreateKey, Service, ServiceError, UpdateCredits, UpdateKey};
+
+/// A key as a caller sees it: the record after any due refill, and its exact balance.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub record: KeyRecord,
+    /// `None`: unlimited.
+    pub remaining: Option<u64>,
+}
+
+/// A new key: its id and its secret (shown once, stored only as a hash).
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub key_id: KeyId,
+    pub secret: String,
+}
+
+/// A refill needs a balance to refill.
+fn refill_needs_balance(
+    refill: Option<&Refill>,
+    limited: bool,
+    location: &str,
+) -> Result<(), ServiceError> {
+    if refill.is_some() && !limited {
+        return Err(ServiceError::field(
+            location,
+            "a refill needs a balance: credits.remaining is null (unlimited)",
+            "set credits.remaining to a number, or drop the refill",
+        ));
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Applies the key's periodic refill if this is its first use in a new period, so
+    /// that every read and change of the balance sees it. The ledger applies a refill
+    /// once per period however many nodes race for it.
+    pub(crate) async fn refill_if_due(
+        &self,
+        key: Arc<KeyRecord>,
+        now: i64,
+    ) -> Result<Arc<KeyRecord>, ServiceError> {
+        let Some(refill) = key.refill else {
+            return Ok(key);
+        };
+        let last = key.last_refill_at.unwrap_or(key.created_at);
+        if !key.limited || !refill.is_due(last, now) {
+            return Ok(key);
+        }
+        let op = CreditOp::Refill {
+            amount: refill.amount,
+            period_start: refill.period_start(now),
+        };
+        self.engine.update(&key.id, op).await?;
+        // Applied here or by another node first: either way this period is done.
+        let mut updated = (*key).clone();
+        updated.last_refill_at = Some(now);
+        let updated = Arc::new(updated);
+        self.keys.insert(key.hash.clone(), updated.clone()).await;
+        Ok(updated)
+    }
+
+    /// The key with its exact balance, after any due refill.
+    pub(crate) async fn view(&self, key: Arc<KeyRecord>) -> Result<KeyView, ServiceError> {
+        let key = self.refill_if_due(key, self.clock.now_ms()).await?;
+        let remaining = match key.limited {
+            true => self.engine.balance(&key.id).await?,
+            false => None,
+        };
+        Ok(KeyView {
+            record: (*key).clone(),
+            remaining,
+        })
+    }
+
+    /// The caller's live key by id (not found for unknown, deleted or another
+    /// workspace's), after checking `action` on its API (forbidden).
+    async fn find_key(
+        &self,
+        caller: &Caller,
+        key_id: &KeyId,
+        action: Action,
+    ) -> Result<KeyRecord, ServiceError> {
+        let key = self
+            .store
+            .key_by_id(key_id)
+            .await?
+            .filter(|k| &k.workspace_id == caller.workspace())
+            .ok_or(ServiceError::KeyNotFound)?;
+        caller.require(action, Some(&key.api_id))?;
+        Ok(key)
+    }
+
+    pub async fn create_key(
+        &self,
+        caller: &Caller,
+        cmd: CreateKey,
+    ) -> Result<CreatedKey, ServiceError> {
+        caller.require(Action::CreateKey, Some(&cmd.api_id))?;
+        refill_needs_balance(
+            cmd.refill.as_ref(),
+            cmd.remaining.is_some(),
+            "body.credits.refill",
+        )?;
+        let api = self
+            .store
+            .get_api(caller.workspace(), &cmd.api_id)
+            .await?
+            .ok_or(ServiceError::ApiNotFound)?;
+        let secret = new_secret(cmd.prefix.as_deref(), cmd.byte_length);
+        let now = self.clock.now_ms();
+        let record = KeyRecord {
+            id: KeyId::generate(),
+            workspace_id: api.workspace_id,
+            api_id: api.id,
+            hash: hash_secret(&secret),
+            start: secret_start(&secret, cmd.prefix.as_deref()),
+            name: cmd.name,
+            external_id: cmd.external_id,
+            meta: cmd.meta,
+            created_at: now,
+            updated_at: None,
+            expires: cmd.expires,
+            enabled: cmd.enabled,
+            limited: cmd.remaining.is_some(),
+            refill: cmd.refill,
+            last_refill_at: Some(now),
+        };
+        let key_id = record.id.clone();
+        self.store
+            .create_key(&NewKey {
+                record,
+                remaining: cmd.remaining,
+            })
+            .await?;
+        Ok(CreatedKey { key_id, secret })
+    }
+
+    pub async fn get_key(&self, caller: &Caller, key_id: &KeyId) -> Result<KeyView, ServiceError> {
+        let key = self.find_key(caller, key_id, Action::ReadKey).await?;
+        self.view(Arc::new(key)).await
+    }
+
+    /// The key behind a secret. Unknown, foreign and unreadable keys are all not found:
+    /// existence does not leak.
+    pub async fn whoami(&self, caller: &Caller, secret: &str) -> Result<KeyView, ServiceError> {
+        let key = self
+            .key_by_hash(&hash_secret(secret))
+            .await?
+            .filter(|k| caller.sees(&k.workspace_id, Action::ReadKey, &k.api_id))
+            .ok_or(ServiceError::KeyNotFound)?;
+        self.view(key).await
+    }
+
+    pub async fn delete_key(&self, caller: &Caller, key_id: &KeyId) -> Result<(), ServiceError> {
+        let key = self.find_key(caller, key_id, Action::DeleteKey).await?;
+        let deleted = self.store.delete_key(&key.id, self.clock.now_ms()).await?;
+        self.invalidate_key(&key.hash).await;
+        if !deleted {
+            return Err(ServiceError::KeyNotFound);
+        }
+        Ok(())
+    }
+
+    /// Sets, increments or decrements the balance; returns the key as it is afterwards.
+    pub async fn update_credits(
+        &self,
+        caller: &Caller,
+        key_id: &KeyId,
+        cmd: UpdateCredits,
+    ) -> Result<KeyView, ServiceError> {
+        let key = self.find_key(caller, key_id, Action::UpdateKey).await?;
+        // A refill due in this period applies before the change, not after it.
+        let key = self
+            .refill_if_due(Arc::new(key), self.clock.now_ms())
+            .await?;
+        if !key.limited && matches!(cmd.op, CreditOp::Increment(_) | CreditOp::Decrement(_)) {
+            return Err(ServiceError::field(
+                "body.operation",
+                "the key has unlimited credits",
+                "use operation 'set' with a value to give it a balance first",
+            ));
+        }
+        let record = self.apply_credit_op(&key, cmd.op).await?;
+        let remaining = match record.limited {
+            true => self.engine.balance(&record.id).await?,
+            false => None,
+        };
+        Ok(KeyView { record, remaining })
+    }
+
+    /// Runs a balance change through the engine; a switch to unlimited also drops the
+    /// refill. Returns the key as it is afterwards.
+    async fn apply_credit_op(
+        &self,
+        key: &KeyRecord,
+        op: CreditOp,
+    ) -> Result<KeyRecord, ServiceError> {
+        self.engine.update(&key.id, op).await?;
+        let mut record = key.clone();
+        if op == CreditOp::Set(None) && key.refill.is_some() {
+            let patch = KeyPatch {
+                refill: Some(None),
+                ..KeyPatch::default()
+            };
+            record = self
+                .store
+                .update_key(&key.id, &patch, self.clock.now_ms())
+                .await?
+                .ok_or(ServiceError::KeyNotFound)?;
+        }
+        record.limited = !matches!(op, CreditOp::Set(None));
+        self.invalidate_key(&key.hash).await;
+        Ok(record)
+    }
+
+    pub async fn update_key(&self, caller: &Caller, cmd: UpdateKey) -> Result<(), ServiceError> {
+        let key = self
+            .find_key(caller, &cmd.key_id, Action::UpdateKey)
+            .await?;
+        // A refill needs a balance after the change; unlimited drops the refill.
+        let limited_after = match cmd.remaining {
+            Some(r) => r.is_some(),
+            None => key.limited,
+        };
+        refill_needs_balance(
+            cmd.refill.as_ref().and_then(Option::as_ref),
+            limited_after,
+            "body.credits.refill",
+        )?;
+        let refill = match cmd.remaining {
+            Some(None) => Some(None),
+            _ => cmd.refill,
+        };
+        let op = cmd.remaining.map(CreditOp::Set);
+        if let Some(op) = op {
+            self.apply_credit_op(&key, op).await?;
+        }
+        let patch = KeyPatch {
+            name: cmd.name,
+            external_id: cmd.external_id,
+            meta: cmd.meta,
+            expires: cmd.expires,
+            enabled: cmd.enabled,
+            refill,
+        };
+        if !patch.is_empty() {
+            self.store
+                .update_key(&key.id, &patch, self.clock.now_ms())
+                .await?
+                .ok_or(ServiceError::KeyNotFound)?;
+        }
+        self.invalidate_key(&key.hash).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The service layer: one function per operation, on domain types, between the HTTP
+//! handlers and the engine. It owns the order of checks of a verification (DESIGN §2),
+//! refill-if-due, the key and credit operations, the caches of keys and root keys and
+//! their invalidation across nodes. Handlers extract → call one function here → map.
+
+mod apis;
+mod caller;
+pub mod commands;
+mod error;
+mod keys;
+pub mod metrics;
+mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use creditgate_analytics::Analytics;
+use creditgate_domain::{hash_secret, Clock, KeyRecord, KeyStore, RootKeyRecord};
+use creditgate_limiter::Engine;
+use moka::future::Cache;
+
+pub use apis::KeyListing;
+pub use caller::Caller;
+pub use commands::{CreateKey, ListKeys, UpdateCredits, UpdateKey, Verify};
+pub use error::{FieldError, ServiceError};
+pub use keys::{CreatedKey, KeyView};
+pub use verify::Verdict;
+
+/// Entries live this long in the key caches; writes on this node invalidate at once.
+pub const CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Tells the other nodes to forget a cached key (multi-node mode): a key hash, or
+/// [`INVALIDATE_ALL`].
+#[async_trait]
+pub trait Invalidations: Send + Sync {
+    async fn publish(&self, message: &str) -> Result<(), String>;
+}
+
+/// The invalidation message that means "forget every cached key".
+pub const INVALIDATE_ALL: &str = "*";
+
+/// Settings of this node the service needs.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub node_id: String,
+    pub region: String,
+    /// Answer VALID when the backends fail (`--on-backend-failure=allow`).
+    pub allow_on_backend_failure: bool,
+}
+
+/// The ports and caches one node's operations run on.
+#[derive(Clone)]
+pub struct Service {
+    store: Arc<dyn KeyStore>,
+    engine: Arc<Engine>,
+    analytics: Analytics,
+    clock: Arc<dyn Clock>,
+    settings: Arc<ServiceSettings>,
+    /// Live keys by secret hash.
+    keys: Cache<String, Arc<KeyRecord>>,
+    /// Root keys by secret hash.
+    roots: Cache<String, Arc<RootKeyRecord>>,
+    bus: Option<Arc<dyn Invalidations>>,
+}
+
+impl Service {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        engine: Arc<Engine>,
+        analytics: Analytics,
+        clock: Arc<dyn Clock>,
+        settings: ServiceSettings,
+        bus: Option<Arc<dyn Invalidations>>,
+    ) -> Self {
+        Self {
+            store,
+            engine,
+            analytics,
+            clock,
+            settings: Arc::new(settings),
+            keys: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            roots: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            bus,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn analytics(&self) -> &Analytics {
+        &self.analytics
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// The caller behind a root-key secret, through the cache.
+    pub async fn authenticate(&self, secret: &str) -> Result<Caller, ServiceError> {
+        let hash = hash_secret(secret);
+        if let Some(root) = self.roots.get(&hash).await {
+            return Ok(Caller(root));
+        }
+        let Some(found) = self.store.root_key_by_hash(&hash).await? else {
+            return Err(ServiceError::Unauthorized(
+                "the root key is invalid or was revoked".into(),
+            ));
+        };
+        let found = Arc::new(found);
+        self.roots.insert(hash, found.clone()).await;
+        Ok(Caller(found))
+    }
+
+    /// Applies an invalidation another node published.
+    pub async fn apply_invalidation(&self, message: &str) {
+        if message == INVALIDATE_ALL {
+            self.keys.invalidate_all();
+            self.roots.invalidate_all();
+        } else {
+            self.keys.invalidate(message).await;
+        }
+    }
+
+    /// A live key by the hash of its secret, through the cache.
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<Arc<KeyRecord>>, ServiceError> {
+        if let Some(k) = self.keys.get(hash).await {
+            return Ok(Some(k));
+        }
+        let Some(found) = self.store.key_by_hash(hash).await? else {
+            return Ok(None);
+        };
+        let found = Arc::new(found);
+        self.keys.insert(hash.to_owned(), found.clone()).await;
+        Ok(Some(found))
+    }
+
+    /// Forgets a key on this node at once and tells every other node (best effort: a
+    /// node that misses it drops its whole cache when its subscription reconnects).
+    async fn invalidate_key(&self, hash: &str) {
+        self.keys.invalidate(hash).await;
+        self.publish(hash).await;
+    }
+
+    /// Forgets every cached key on every node (an API was deleted).
+    async fn invalidate_all_keys(&self) {
+        self.keys.invalidate_all();
+        self.publish(INVALIDATE_ALL).await;
+    }
+
+    async fn publish(&self, message: &str) {
+        if let Some(bus) = &self.bus {
+            if let Err(e) = bus.publish(message).await {
+                tracing::warn!(error = %e, "cache invalidation not published");
+            }
+        }
+    }
+}
