@@ -40,6 +40,8 @@ enum Event {
     Verification(VerificationEvent),
     Request(RequestEvent),
     Flush(oneshot::Sender<()>),
+    /// Write what is buffered and stop.
+    Stop,
 }
 
 /// The handle the request path holds: cheap to clone, never blocks.
@@ -86,10 +88,12 @@ impl Analytics {
     }
 }
 
-/// The background writer. Dropping every [`Analytics`] handle, then awaiting
-/// [`Batcher::shutdown`], flushes what is buffered.
+/// The background writer. [`Batcher::shutdown`] writes what is queued and stops it,
+/// whether or not every [`Analytics`] handle is gone (a request cut off at shutdown may
+/// still hold one).
 pub struct Batcher {
     task: JoinHandle<()>,
+    tx: mpsc::Sender<Event>,
 }
 
 impl Batcher {
@@ -97,12 +101,21 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(sink, config, rx, dropped.clone()));
-        (Analytics { tx, dropped }, Batcher { task })
+        let batcher = Batcher {
+            task,
+            tx: tx.clone(),
+        };
+        (Analytics { tx, dropped }, batcher)
     }
 
-    /// Waits for the writer to drain; call after dropping every handle. Bounded by `wait`.
+    /// Writes what is queued and stops the writer, bounded by `wait`.
     pub async fn shutdown(self, wait: Duration) {
-        if tokio::time::timeout(wait, self.task).await.is_err() {
+        let stopped = async {
+            // Queued behind every event sent before it, so those are written first.
+            let _ = self.tx.send(Event::Stop).await;
+            let _ = self.task.await;
+        };
+        if tokio::time::timeout(wait, stopped).await.is_err() {
             tracing::warn!("analytics flush did not finish in time; remaining rows dropped");
         }
     }
@@ -126,7 +139,7 @@ async fn run(
                     write(&*sink, &config, &mut batch, &dropped).await;
                     let _ = done.send(());
                 }
-                None => {
+                Some(Event::Stop) | None => {
                     write(&*sink, &config, &mut batch, &dropped).await;
                     return;
                 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::config::{BackendFailure, ServeConfig};
 use crate::routes::{apis, keys, system, verify};
 use crate::state::{AppState, NodeSettings, RedisInvalidations};
-use crate::telemetry::{metrics_handle, request_middleware};
+use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
 /// The workspace the bootstrap root key belongs to.
 pub const DEFAULT_WORKSPACE: &str = "ws_default";
@@ -126,8 +126,10 @@ impl App {
             config: Arc::new(NodeSettings {
                 node_id,
                 max_body_bytes: config.max_body_bytes,
+                max_in_flight: config.max_in_flight,
             }),
             metrics: metrics_handle(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         };
         Ok(App {
             state,
@@ -172,10 +174,13 @@ impl App {
         let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone(), wait_stop(stop_rx)));
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node_id = %state.config.node_id, "creditgate listening");
-        let served = axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await;
-        tracing::info!("stopped accepting; in-flight requests finished");
+        let served = serve_http(
+            listener,
+            router(state.clone()),
+            shutdown,
+            Duration::from_millis(config.drain_timeout_ms),
+        )
+        .await;
         let _ = stop_tx.send(true);
         let _ = reconciler.await;
         let _ = prefetcher.await;
@@ -191,6 +196,42 @@ impl App {
         batcher.shutdown(limit).await;
         tracing::info!("shutdown complete");
         served.context("serving HTTP")
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish for at most
+/// `drain`. Past it, shutdown goes on without them: the process exits when `serve`
+/// returns, which closes their connections (a verification already handed to the
+/// engine is not cut half-way: the engine call runs in its own task).
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let (signalled_tx, mut signalled) = watch::channel(false);
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = signalled_tx.send(true);
+    });
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    let deadline = async {
+        let _ = signalled.wait_for(|s| *s).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        served = &mut server => {
+            tracing::info!("stopped accepting; in-flight requests finished");
+            served
+        }
+        _ = deadline => {
+            tracing::warn!(
+                drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+                "in-flight requests did not finish within the drain bound; shutting down without them"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -250,6 +291,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(system::metrics))
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
+        // Inside the request middleware, so a rejection still has a request id, metrics
+        // and its analytics row.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            in_flight_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_middleware,

@@ -87,7 +87,18 @@ pub struct ServeConfig {
     #[arg(long, env = "CREDITGATE_RECONCILE_INTERVAL_MS", default_value_t = 500)]
     pub reconcile_interval_ms: u64,
 
-    /// Upper bound on the graceful shutdown, in milliseconds.
+    /// Requests this node works on at once; past it a request is answered 503 with
+    /// `Retry-After` at once and changes nothing (liveness and metrics are exempt).
+    #[arg(long, env = "CREDITGATE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// At shutdown, how long in-flight requests may take to finish before their
+    /// connections are closed, in milliseconds.
+    #[arg(long, env = "CREDITGATE_DRAIN_TIMEOUT_MS", default_value_t = 5_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Upper bound on each later shutdown step (returning hot balances, flushing
+    /// analytics), in milliseconds.
     #[arg(long, env = "CREDITGATE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
 }
@@ -109,6 +120,8 @@ impl ServeConfig {
             max_body_bytes: 256 * 1024,
             idle_return_ms: 2000,
             reconcile_interval_ms: 500,
+            max_in_flight: 4096,
+            drain_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
         }
     }

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// A backend is unavailable and nothing was done.
     #[error("{0}")]
     Unavailable(String),
+    /// The node has as many requests in flight as it takes; this one was not processed.
+    #[error("{limit} requests in flight")]
+    Overloaded { limit: usize },
     /// A backend did not answer in time after the request was sent: the operation may
     /// or may not have been applied.
     #[error("{0}")]
@@ -133,7 +136,9 @@ impl ApiError {
                 "Payload Too Large",
                 "https://unkey.com/docs/errors/unkey/application/request_too_large",
             ),
-            ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_) => (
+            ApiError::Unavailable(_)
+            | ApiError::OutcomeUnknown(_)
+            | ApiError::Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable",
                 "https://unkey.com/docs/errors/unkey/application/service_unavailable",
@@ -159,6 +164,10 @@ impl ApiError {
                 tracing::warn!(request_id, cause = %cause, "backend unavailable");
                 "A storage backend is unavailable; nothing was spent. Retry shortly.".to_owned()
             }
+            ApiError::Overloaded { limit } => format!(
+                "This node is at its limit of {limit} requests in flight; this request was not \
+                 processed and changed nothing. Retry shortly."
+            ),
             ApiError::OutcomeUnknown(cause) => {
                 tracing::warn!(request_id, cause = %cause, "backend outcome unknown");
                 "A storage backend did not answer in time; the outcome is unknown: this request \

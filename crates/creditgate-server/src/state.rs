@@ -11,6 +11,7 @@ use creditgate_service::{Invalidations, Service};
 pub struct NodeSettings {
     pub node_id: String,
     pub max_body_bytes: usize,
+    pub max_in_flight: usize,
 }
 
 #[derive(Clone)]
@@ -18,6 +19,8 @@ pub struct AppState {
     pub service: Service,
     pub config: Arc<NodeSettings>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// One permit per request in flight (`max_in_flight` in all).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Cross-node cache invalidation over Redis pub/sub (multi-node mode).

@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use creditgate_analytics::RequestEvent;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::context::RequestContext;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Metric names of the HTTP layer (the service's are in `creditgate_service::metrics`, the
@@ -19,6 +20,8 @@ use crate::state::AppState;
 pub mod names {
     pub const HTTP_REQUESTS: &str = "creditgate_http_requests_total";
     pub const HTTP_SECONDS: &str = "creditgate_http_request_duration_seconds";
+    pub const HTTP_IN_FLIGHT: &str = "creditgate_http_requests_in_flight";
+    pub const HTTP_OVERLOADED: &str = "creditgate_http_requests_rejected_overload_total";
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -61,6 +64,42 @@ const ROUTES: &[&str] = &[
     "/openapi.json",
     "/metrics",
 ];
+
+/// Keeps at most `max_in_flight` requests in the handlers: past it, 503 with
+/// `Retry-After` before anything is read or done. Liveness and metrics stay answerable.
+pub async fn in_flight_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/v2/liveness" || path == "/metrics" {
+        return next.run(req).await;
+    }
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!(names::HTTP_OVERLOADED).increment(1);
+        return ApiError::Overloaded {
+            limit: state.config.max_in_flight,
+        }
+        .into_response();
+    };
+    let _in_flight = InFlight::enter();
+    let response = next.run(req).await;
+    drop(permit);
+    response
+}
+
+/// Counts a request in the in-flight gauge until dropped (also when cancelled).
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(names::HTTP_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(names::HTTP_IN_FLIGHT).decrement(1.0);
+    }
+}
 
 pub async fn request_middleware(
     State(state): State<AppState>,

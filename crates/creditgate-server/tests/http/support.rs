@@ -431,9 +431,22 @@ impl TestApp {
         Self::start_inner(Some(clock)).await
     }
 
+    /// A node on the wall clock with some settings changed.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServeConfig)) -> TestApp {
+        Self::start_inner_with(None, configure).await
+    }
+
     async fn start_inner(clock: Option<Arc<ManualClock>>) -> TestApp {
+        Self::start_inner_with(clock, |_| {}).await
+    }
+
+    async fn start_inner_with(
+        clock: Option<Arc<ManualClock>>,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> TestApp {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut config = ServeConfig::for_data_dir(dir.path());
+        configure(&mut config);
         config.root_key = Some(creditgate_domain::new_secret(Some("cg_root"), 24));
         config.node_id = Some(NODE_ID.into());
         let http = reqwest::Client::builder()
