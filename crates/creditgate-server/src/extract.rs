@@ -6,12 +6,13 @@ use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use serde::de::DeserializeOwned;
 
-use crate::error::{ApiError, FieldError};
+use crate::error::ApiError;
+use crate::openapi;
 use crate::state::AppState;
 
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+impl<T: DeserializeOwned + utoipa::ToSchema> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
@@ -32,50 +33,88 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
         let body = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::PayloadTooLarge { limit })?;
-        parse(&body).map(ApiJson)
+        parse(&body, &T::name()).map(ApiJson)
     }
 }
 
-/// Parses a body, naming the offending field on error.
-pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// Parses a body into the request type whose OpenAPI schema is `schema`, naming the
+/// offending field on error in the document's words (never serde's).
+pub fn parse<T: DeserializeOwned>(body: &Bytes, schema: &str) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some() && first != Some(&b'{') {
+        // serde would take a JSON list as the struct's fields in order.
+        return Err(ApiError::field(
+            "body",
+            "must be a JSON object",
+            "send the fields as a JSON object, as /openapi.json documents",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
         let inner = e.into_inner();
-        let syntax = inner.is_syntax() || inner.is_eof();
-        let mut location = if syntax || path == "." || path.is_empty() {
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::field(
+                "body",
+                format!(
+                    "is not well-formed JSON (at line {}, column {})",
+                    inner.line(),
+                    inner.column()
+                ),
+                "send a well-formed JSON object",
+            );
+        }
+        // serde_path_to_error may or may not end the path with the named field.
+        let container = |name: &str| -> String {
+            if path == name {
+                String::new()
+            } else {
+                path.strip_suffix(&format!(".{name}"))
+                    .unwrap_or(&path)
+                    .to_owned()
+            }
+        };
+        let at = |name: &str| match container(name).as_str() {
+            "" => format!("body.{name}"),
+            p => format!("body.{p}.{name}"),
+        };
+        // A missing or unknown field: serde names it only in its message.
+        let text = inner.to_string();
+        let named = |marker: &str| {
+            text.strip_prefix(marker)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
+        };
+        if let Some(name) = named("missing field `") {
+            let field_path = match container(&name).as_str() {
+                "" => name.clone(),
+                p => format!("{p}.{name}"),
+            };
+            let what = openapi::describe(schema, &field_path)
+                .map(|d| format!("is required and {d}"))
+                .unwrap_or_else(|| "is required".to_owned());
+            return ApiError::field(&at(&name), what, "add the field (see /openapi.json)");
+        }
+        if let Some(name) = named("unknown field `") {
+            let known = openapi::fields(schema, &container(&name)).join(", ");
+            return ApiError::field(
+                &at(&name),
+                format!("is not a field of this request (its fields: {known})"),
+                "remove it, or check its spelling against /openapi.json",
+            );
+        }
+        let location = if path.is_empty() {
             "body".to_owned()
         } else {
             format!("body.{path}")
         };
-        // A missing or unknown field: serde names it only in the message.
-        if !syntax {
-            let text = inner.to_string();
-            for marker in ["missing field `", "unknown field `"] {
-                if let Some(rest) = text.strip_prefix(marker) {
-                    if let Some(name) = rest.split('`').next() {
-                        if !location.ends_with(&format!(".{name}")) {
-                            location = format!("{location}.{name}");
-                        }
-                    }
-                }
-            }
-        }
-        let (message, fix) = if syntax {
-            (
-                format!("invalid JSON: {inner}"),
-                "send a well-formed JSON object",
-            )
-        } else {
-            (
-                inner.to_string(),
-                "check the field's name and type against /openapi.json",
-            )
-        };
-        let err = FieldError::new(location, message).fix(fix);
-        ApiError::BadRequest {
-            detail: format!("{}: {}", err.location, err.message),
-            errors: vec![err],
-        }
+        let what = openapi::describe(schema, &path)
+            .unwrap_or_else(|| "has the wrong type or value".to_owned());
+        ApiError::field(
+            &location,
+            what,
+            "see /openapi.json for the field's type and range",
+        )
     })
 }

@@ -1,10 +1,18 @@
-//! The OpenAPI 3.1 document, generated from the handlers' own types.
+//! The OpenAPI 3.1 document: generated from the handlers' own types, then completed
+//! from two tables here — the error statuses each route can answer, and the constraints
+//! the parse functions (`parse.rs`) enforce — so that a request valid by the document
+//! is accepted and one invalid by it is rejected. The fuzz test
+//! (`tests/http/fuzz.rs`) holds the two to each other. Error messages for bodies that
+//! do not deserialize are worded from this document too ([`describe`]).
 
 use std::sync::OnceLock;
 
+use creditgate_domain::{Cost, Credits};
+use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::parse::MAX_EXPIRES_MS;
 use crate::routes::{apis, keys, system, verify};
 
 #[derive(OpenApi)]
@@ -31,13 +39,358 @@ impl Modify for RootKeyAuth {
     }
 }
 
+/// The error statuses of each root-key route, besides its 200.
+const ROUTE_ERRORS: &[(&str, &[u16])] = &[
+    ("/v2/apis.createApi", &[400, 401, 403, 413, 500, 503]),
+    ("/v2/apis.getApi", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/apis.listKeys", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/apis.deleteApi", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/keys.createKey", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/keys.getKey", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/keys.updateKey", &[400, 401, 403, 404, 413, 500, 503]),
+    (
+        "/v2/keys.updateCredits",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    ("/v2/keys.deleteKey", &[400, 401, 403, 404, 413, 500, 503]),
+    // A key the root key may not see is a NOT_FOUND verdict (200), never 403/404.
+    ("/v2/keys.verifyKey", &[400, 401, 413, 500, 503]),
+    ("/v2/keys.whoami", &[400, 401, 404, 413, 500, 503]),
+];
+
+fn status_description(status: u16) -> &'static str {
+    match status {
+        400 => "The request is invalid and changed nothing: `error.errors` names each field and how to fix it.",
+        401 => "The Authorization header is missing or malformed, or the root key is unknown or revoked.",
+        403 => "The root key lacks the permission this operation needs on this API.",
+        404 => "The key or API does not exist, was deleted, or belongs to another workspace.",
+        413 => "The body is larger than the node accepts (`--max-body-bytes`).",
+        500 => "An unexpected error; the request changed nothing it reported.",
+        503 => "A backend is unavailable and nothing was spent; or a backend did not answer in time \
+                and the outcome is unknown (the detail says which; check the balance before \
+                retrying); or the node is at its in-flight limit and the request was not \
+                processed. `Retry-After` gives the seconds to wait.",
+        _ => "",
+    }
+}
+
+const MAX_CREDITS: u64 = Credits::MAX;
+
+/// Constraints of a request property: (schema, property, what to merge into it).
+fn constraints() -> Vec<(&'static str, &'static str, Value)> {
+    let credits = json!({ "minimum": 0, "maximum": MAX_CREDITS });
+    let unsupported = json!({ "maxItems": 0, "description": "Not supported: only an absent, null or empty list is accepted." });
+    let hashes_only = json!({ "enum": [false, null], "description": "Must be false: creditgate stores only hashes." });
+    let key_id = json!({ "minLength": 3 });
+    let name = json!({ "minLength": 1, "maxLength": 200 });
+    let external_id = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.-]+$" });
+    let meta = json!({ "maxProperties": 100 });
+    let expires = json!({ "minimum": 0, "maximum": MAX_EXPIRES_MS });
+    let secret = json!({ "minLength": 1, "maxLength": 512 });
+    let api_id = json!({ "minLength": 1 });
+    vec![
+        (
+            "CreateApiRequest",
+            "name",
+            json!({ "minLength": 3, "maxLength": 255, "pattern": "^[A-Za-z][A-Za-z0-9._-]*$" }),
+        ),
+        ("ApiIdRequest", "apiId", api_id.clone()),
+        ("ListKeysRequest", "apiId", api_id),
+        (
+            "ListKeysRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": 100 }),
+        ),
+        (
+            "ListKeysRequest",
+            "externalId",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        ("ListKeysRequest", "decrypt", hashes_only.clone()),
+        (
+            "CreateKeyRequest",
+            "apiId",
+            json!({ "minLength": 3, "maxLength": 255 }),
+        ),
+        (
+            "CreateKeyRequest",
+            "prefix",
+            json!({ "minLength": 1, "maxLength": 16, "pattern": "^[A-Za-z0-9_]+$" }),
+        ),
+        ("CreateKeyRequest", "name", name.clone()),
+        (
+            "CreateKeyRequest",
+            "byteLength",
+            json!({ "minimum": 16, "maximum": 255 }),
+        ),
+        ("CreateKeyRequest", "externalId", external_id.clone()),
+        ("CreateKeyRequest", "meta", meta.clone()),
+        ("CreateKeyRequest", "expires", expires.clone()),
+        ("CreateKeyRequest", "recoverable", hashes_only.clone()),
+        ("CreateKeyRequest", "roles", unsupported.clone()),
+        ("CreateKeyRequest", "permissions", unsupported.clone()),
+        ("CreateKeyRequest", "ratelimits", unsupported.clone()),
+        ("CreditsWire", "remaining", credits.clone()),
+        (
+            "RefillWire",
+            "interval",
+            json!({ "enum": ["daily", "monthly"] }),
+        ),
+        (
+            "RefillWire",
+            "amount",
+            json!({ "minimum": 1, "maximum": MAX_CREDITS }),
+        ),
+        (
+            "RefillWire",
+            "refillDay",
+            json!({ "minimum": 1, "maximum": 31 }),
+        ),
+        ("GetKeyRequest", "keyId", key_id.clone()),
+        ("GetKeyRequest", "decrypt", hashes_only),
+        ("DeleteKeyRequest", "keyId", key_id.clone()),
+        ("UpdateKeyRequest", "keyId", key_id.clone()),
+        ("UpdateKeyRequest", "name", name),
+        ("UpdateKeyRequest", "externalId", external_id),
+        ("UpdateKeyRequest", "meta", meta),
+        ("UpdateKeyRequest", "expires", expires),
+        ("UpdateKeyRequest", "roles", unsupported.clone()),
+        ("UpdateKeyRequest", "permissions", unsupported.clone()),
+        ("UpdateKeyRequest", "ratelimits", unsupported.clone()),
+        ("UpdateCreditsWire", "remaining", credits.clone()),
+        ("UpdateCreditsRequest", "keyId", key_id),
+        (
+            "UpdateCreditsRequest",
+            "operation",
+            json!({ "enum": ["set", "increment", "decrement"] }),
+        ),
+        ("UpdateCreditsRequest", "value", credits),
+        ("VerifyKeyRequest", "key", secret.clone()),
+        (
+            "VerifyCreditsWire",
+            "cost",
+            json!({ "minimum": 0, "maximum": Cost::MAX }),
+        ),
+        (
+            "VerifyKeyRequest",
+            "tags",
+            json!({ "maxItems": 20, "items": {
+            "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_=/.:-]+$" } }),
+        ),
+        (
+            "VerifyKeyRequest",
+            "permissions",
+            json!({ "maxLength": 0, "description": "Not supported: only an absent, null or empty string is accepted." }),
+        ),
+        ("VerifyKeyRequest", "ratelimits", unsupported),
+        (
+            "VerifyKeyRequest",
+            "migrationId",
+            json!({ "type": "null", "description": "Not supported: only absent or null is accepted." }),
+        ),
+        ("WhoamiRequest", "key", secret),
+    ]
+}
+
+/// Rules between fields of one schema (JSON Schema `if`/`then`).
+fn schema_rules() -> Vec<(&'static str, Value)> {
+    vec![
+        // createKey: a refill needs a balance to refill.
+        (
+            "CreditsWire",
+            json!({
+                "required": ["remaining"],
+                "if": { "properties": { "refill": { "type": "object" } }, "required": ["refill"] },
+                "then": { "properties": { "remaining": { "type": "integer" } } }
+            }),
+        ),
+        // refillDay only with monthly, and required there.
+        (
+            "RefillWire",
+            json!({
+                "if": { "properties": { "interval": { "const": "monthly" } } },
+                "then": { "required": ["refillDay"], "properties": { "refillDay": { "type": "integer" } } },
+                "else": { "properties": { "refillDay": { "type": "null" } } }
+            }),
+        ),
+        // increment and decrement need a value.
+        (
+            "UpdateCreditsRequest",
+            json!({
+                "if": { "properties": { "operation": { "enum": ["increment", "decrement"] } } },
+                "then": { "required": ["value"], "properties": { "value": { "type": "integer" } } }
+            }),
+        ),
+    ]
+}
+
+fn merge(target: &mut Value, add: &Value) {
+    if let (Some(t), Some(a)) = (target.as_object_mut(), add.as_object()) {
+        for (k, v) in a {
+            t.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+fn complete(mut doc: Value) -> Value {
+    for (path, statuses) in ROUTE_ERRORS {
+        let Some(responses) = doc
+            .pointer_mut(&format!(
+                "/paths/{}/post/responses",
+                path.replace('/', "~1")
+            ))
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        for status in *statuses {
+            let mut response = json!({
+                "description": status_description(*status),
+                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ErrorEnvelope" } } }
+            });
+            if *status == 503 {
+                response["headers"] = json!({ "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": { "type": "integer", "minimum": 0 } } });
+            }
+            responses.insert(status.to_string(), response);
+        }
+    }
+    for (schema, property, add) in constraints() {
+        if let Some(p) = doc.pointer_mut(&format!(
+            "/components/schemas/{schema}/properties/{property}"
+        )) {
+            merge(p, &add);
+        }
+    }
+    for (schema, add) in schema_rules() {
+        if let Some(s) = doc.pointer_mut(&format!("/components/schemas/{schema}")) {
+            merge(s, &add);
+        }
+    }
+    doc
+}
+
+/// The document, completed, built once.
+pub fn document() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let generated = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+        complete(generated)
+    })
+}
+
 /// The document as JSON, rendered once.
 pub fn document_json() -> String {
-    static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    })
-    .clone()
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| document().to_string()).clone()
+}
+
+/// The schema of a request property: `path` is like `credits.cost` or `tags[0]`,
+/// starting at the request schema `root`. `None` when the document has no such field.
+fn schema_at(root: &str, path: &str) -> Option<Value> {
+    let doc = document();
+    let mut schema = doc.pointer(&format!("/components/schemas/{root}"))?.clone();
+    for segment in path.split('.').filter(|s| !s.is_empty()) {
+        let (name, indexed) = match segment.find('[') {
+            Some(i) => (&segment[..i], true),
+            None => (segment, false),
+        };
+        schema = resolve(doc, schema);
+        schema = schema.get("properties")?.get(name)?.clone();
+        if indexed {
+            schema = resolve(doc, schema).get("items")?.clone();
+        }
+    }
+    Some(resolve(doc, schema))
+}
+
+/// Follows a `$ref`, or the one non-null branch of a nullable `oneOf`.
+fn resolve(doc: &Value, schema: Value) -> Value {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let pointer = r.trim_start_matches('#');
+        return doc.pointer(pointer).cloned().unwrap_or(Value::Null);
+    }
+    if let Some(branches) = schema.get("oneOf").and_then(Value::as_array) {
+        let non_null: Vec<&Value> = branches
+            .iter()
+            .filter(|b| b.get("type") != Some(&json!("null")))
+            .collect();
+        if let [only] = non_null.as_slice() {
+            let mut resolved = resolve(doc, (*only).clone());
+            if let Some(obj) = resolved.as_object_mut() {
+                obj.insert("nullable".into(), Value::Bool(true));
+            }
+            return resolved;
+        }
+    }
+    schema
+}
+
+/// What the document allows for a request field, in words: "must be a whole number
+/// from 0 to 1000000000000". `None` when the document does not know the field.
+pub fn describe(root: &str, path: &str) -> Option<String> {
+    let schema = schema_at(root, path)?;
+    let types: Vec<&str> = match schema.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec!["object"],
+    };
+    let nullable = types.contains(&"null") || schema.get("nullable").is_some();
+    let kind = types
+        .iter()
+        .copied()
+        .find(|t| *t != "null")
+        .unwrap_or("null");
+    let mut what = match kind {
+        "integer" => {
+            let lo = schema.get("minimum").and_then(Value::as_i64);
+            let hi = schema.get("maximum").and_then(Value::as_i64);
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => format!("a whole number from {lo} to {hi}"),
+                (Some(lo), None) => format!("a whole number of at least {lo}"),
+                _ => "a whole number".to_owned(),
+            }
+        }
+        "string" => match schema.get("enum").and_then(Value::as_array) {
+            Some(values) => format!(
+                "one of {}",
+                values
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|v| format!("'{v}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "a string".to_owned(),
+        },
+        "boolean" => match schema.get("enum") {
+            Some(_) => "false".to_owned(),
+            None => "true or false".to_owned(),
+        },
+        "array" => "a list".to_owned(),
+        "null" => "null (or absent)".to_owned(),
+        _ => "a JSON object".to_owned(),
+    };
+    if nullable && kind != "null" {
+        what.push_str(", or null");
+    }
+    Some(format!("must be {what}"))
+}
+
+/// The fields a request object at `path` has (for "unknown field" messages).
+pub fn fields(root: &str, path: &str) -> Vec<String> {
+    let schema = if path.is_empty() {
+        document()
+            .pointer(&format!("/components/schemas/{root}"))
+            .cloned()
+    } else {
+        schema_at(root, path)
+    };
+    schema
+        .as_ref()
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+        .map(|p: &Map<String, Value>| p.keys().cloned().collect())
+        .unwrap_or_default()
 }

@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::wire::*;
 
 /// The latest `expires` a key may have (2100-01-01).
-const MAX_EXPIRES_MS: i64 = 4_102_444_800_000;
+pub const MAX_EXPIRES_MS: i64 = 4_102_444_800_000;
 
 /// Collects field errors; `finish` turns them into one 400.
 #[derive(Debug, Default)]
