@@ -45,6 +45,9 @@ pub enum ApiError {
     NotFound { kind: NotFoundKind, detail: String },
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// Well-formed, but the key's state does not allow it; nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     /// A backend is unavailable and nothing was done.
@@ -131,6 +134,11 @@ impl ApiError {
                 "Method Not Allowed",
                 "https://unkey.com/docs/errors/unkey/application/method_not_allowed",
             ),
+            ApiError::Conflict(_) => (
+                StatusCode::CONFLICT,
+                "Conflict",
+                "https://unkey.com/docs/errors/unkey/data/conflict",
+            ),
             ApiError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "Payload Too Large",
@@ -210,10 +218,13 @@ impl From<creditgate_domain::StoreError> for ApiError {
         use creditgate_domain::StoreError;
         match e {
             StoreError::Unavailable(s) => ApiError::Unavailable(s),
-            StoreError::Conflict(s) => ApiError::BadRequest {
-                detail: format!("conflict: {s}"),
-                errors: vec![],
-            },
+            StoreError::Conflict(cause) => {
+                // The database's own text stays in the log.
+                tracing::warn!(cause = %cause, "store conflict");
+                ApiError::Conflict(
+                    "the write conflicts with data already stored; nothing was changed".into(),
+                )
+            }
             StoreError::Backend(s) => ApiError::Internal(s),
         }
     }
@@ -226,15 +237,13 @@ impl From<creditgate_limiter::EngineError> for ApiError {
             EngineError::Unavailable(s) | EngineError::Busy(s) => ApiError::Unavailable(s),
             EngineError::Ambiguous(s) => ApiError::OutcomeUnknown(s),
             EngineError::NotFound => ApiError::key_not_found(),
-            EngineError::Overflow { max } => ApiError::field(
-                "body.value",
-                format!("the balance would exceed the maximum of {max} credits"),
-                "use a smaller increment",
-            ),
-            EngineError::Unlimited => ApiError::field(
-                "body.keyId",
-                "the key has unlimited credits",
-                "use operation 'set' with a value to give it a balance first",
+            EngineError::Overflow { max } => ApiError::Conflict(format!(
+                "the balance would exceed the maximum of {max} credits: use a smaller increment"
+            )),
+            EngineError::Unlimited => ApiError::Conflict(
+                "the key has unlimited credits: use operation 'set' with a value to give it a \
+                 balance first"
+                    .into(),
             ),
             EngineError::Internal(s) => ApiError::Internal(s),
         }
@@ -248,6 +257,7 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::Invalid(errors) => ApiError::invalid(errors),
             ServiceError::Unauthorized(s) => ApiError::Unauthorized(s),
             ServiceError::Forbidden(s) => ApiError::Forbidden(s),
+            ServiceError::Conflict(s) => ApiError::Conflict(s),
             ServiceError::KeyNotFound => ApiError::key_not_found(),
             ServiceError::ApiNotFound => ApiError::api_not_found(),
             ServiceError::Engine(e) => e.into(),

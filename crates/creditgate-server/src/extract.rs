@@ -49,22 +49,44 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes, schema: &str) -> Result<T, ApiEr
             "send the fields as a JSON object, as /openapi.json documents",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::field(
+    // The fast path takes the bytes as they are; a body with a list, or one the typed
+    // parse refuses, is first brought in line with the document (`openapi::conform`).
+    if !body.contains(&b'[') {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        if let Ok(value) = serde_path_to_error::deserialize(de) {
+            return Ok(value);
+        }
+    }
+    let mut value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(ApiError::field(
                 "body",
                 format!(
                     "is not well-formed JSON (at line {}, column {})",
-                    inner.line(),
-                    inner.column()
+                    e.line(),
+                    e.column()
                 ),
                 "send a well-formed JSON object",
-            );
+            ))
         }
+    };
+    if let Err(path) = openapi::conform(schema, &mut value) {
+        let location = if path.is_empty() {
+            "body".to_owned()
+        } else {
+            format!("body.{path}")
+        };
+        return Err(ApiError::field(
+            &location,
+            "must be a JSON object",
+            "send the fields as a JSON object, as /openapi.json documents",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = e.into_inner();
         // serde_path_to_error may or may not end the path with the named field.
         let container = |name: &str| -> String {
             if path == name {

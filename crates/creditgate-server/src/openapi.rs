@@ -45,17 +45,93 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ("/v2/apis.getApi", &[400, 401, 403, 404, 413, 500, 503]),
     ("/v2/apis.listKeys", &[400, 401, 403, 404, 413, 500, 503]),
     ("/v2/apis.deleteApi", &[400, 401, 403, 404, 413, 500, 503]),
-    ("/v2/keys.createKey", &[400, 401, 403, 404, 413, 500, 503]),
+    (
+        "/v2/keys.createKey",
+        &[400, 401, 403, 404, 409, 413, 500, 503],
+    ),
     ("/v2/keys.getKey", &[400, 401, 403, 404, 413, 500, 503]),
-    ("/v2/keys.updateKey", &[400, 401, 403, 404, 413, 500, 503]),
+    (
+        "/v2/keys.updateKey",
+        &[400, 401, 403, 404, 409, 413, 500, 503],
+    ),
     (
         "/v2/keys.updateCredits",
-        &[400, 401, 403, 404, 413, 500, 503],
+        &[400, 401, 403, 404, 409, 413, 500, 503],
     ),
     ("/v2/keys.deleteKey", &[400, 401, 403, 404, 413, 500, 503]),
     // A key the root key may not see is a NOT_FOUND verdict (200), never 403/404.
     ("/v2/keys.verifyKey", &[400, 401, 413, 500, 503]),
     ("/v2/keys.whoami", &[400, 401, 404, 413, 500, 503]),
+];
+
+/// OpenAPI links: which response values feed which requests, so that a client (and the
+/// fuzz test's stateful phase) can follow createApi → createKey → the key routes.
+/// (from operation, link name, to operation, body field, response field).
+const LINKS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "/v2/apis.createApi",
+        "CreateKey",
+        "create_key",
+        "apiId",
+        "/data/apiId",
+    ),
+    (
+        "/v2/apis.createApi",
+        "GetApi",
+        "get_api",
+        "apiId",
+        "/data/apiId",
+    ),
+    (
+        "/v2/apis.createApi",
+        "ListKeys",
+        "list_keys",
+        "apiId",
+        "/data/apiId",
+    ),
+    (
+        "/v2/apis.createApi",
+        "DeleteApi",
+        "delete_api",
+        "apiId",
+        "/data/apiId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "GetKey",
+        "get_key",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "UpdateKey",
+        "update_key",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "UpdateCredits",
+        "update_credits",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "DeleteKey",
+        "delete_key",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "VerifyKey",
+        "verify_key",
+        "key",
+        "/data/key",
+    ),
+    ("/v2/keys.createKey", "Whoami", "whoami", "key", "/data/key"),
 ];
 
 fn status_description(status: u16) -> &'static str {
@@ -64,6 +140,9 @@ fn status_description(status: u16) -> &'static str {
         401 => "The Authorization header is missing or malformed, or the root key is unknown or revoked.",
         403 => "The root key lacks the permission this operation needs on this API.",
         404 => "The key or API does not exist, was deleted, or belongs to another workspace.",
+        409 => "Well-formed, but the key's state does not allow it (a balance change on an \
+                unlimited key, an increment past 2^53 - 1, a refill without a balance); nothing \
+                was changed.",
         413 => "The body is larger than the node accepts (`--max-body-bytes`).",
         500 => "An unexpected error; the request changed nothing it reported.",
         503 => "A backend is unavailable and nothing was spent; or a backend did not answer in time \
@@ -204,6 +283,14 @@ fn schema_rules() -> Vec<(&'static str, Value)> {
                 "then": { "properties": { "remaining": { "type": "integer" } } }
             }),
         ),
+        // updateKey: a refill with `remaining: null` in the same request.
+        (
+            "UpdateCreditsWire",
+            json!({
+                "if": { "properties": { "refill": { "type": "object" } }, "required": ["refill"] },
+                "then": { "properties": { "remaining": { "type": "integer" } } }
+            }),
+        ),
         // refillDay only with monthly, and required there.
         (
             "RefillWire",
@@ -254,6 +341,16 @@ fn complete(mut doc: Value) -> Value {
                     "schema": { "type": "integer", "minimum": 0 } } });
             }
             responses.insert(status.to_string(), response);
+        }
+    }
+    for (from, name, to, field, source) in LINKS {
+        let pointer = format!("/paths/{}/post/responses/200", from.replace('/', "~1"));
+        if let Some(ok) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+            let links = ok.entry("links").or_insert_with(|| json!({}));
+            links[*name] = json!({
+                "operationId": to,
+                "requestBody": { *field: format!("$response.body#{source}") }
+            });
         }
     }
     for (schema, property, add) in constraints() {
@@ -393,4 +490,72 @@ pub fn fields(root: &str, path: &str) -> Vec<String> {
         .and_then(Value::as_object)
         .map(|p: &Map<String, Value>| p.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// Brings a request body in line with what the typed parse expects, where the document
+/// allows more than serde does: a whole float where an integer is documented (`38.0`
+/// is an integer in JSON Schema) becomes that integer. `Err(path)` names the first place
+/// where an object is documented but a list was sent (serde would take the list as the
+/// fields in order).
+pub fn conform(root: &str, value: &mut Value) -> Result<(), String> {
+    let doc = document();
+    let schema = doc
+        .pointer(&format!("/components/schemas/{root}"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    walk(doc, schema, value, "")
+}
+
+fn walk(doc: &Value, schema: Value, value: &mut Value, path: &str) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        match value {
+            Value::Array(_) => return Err(path.to_owned()),
+            Value::Object(map) => {
+                for (name, v) in map.iter_mut() {
+                    if let Some(p) = props.get(name) {
+                        let at = match path {
+                            "" => name.clone(),
+                            _ => format!("{path}.{name}"),
+                        };
+                        walk(doc, p.clone(), v, &at)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        return Ok(());
+    }
+    let integer = match schema.get("type") {
+        Some(Value::String(t)) => t == "integer",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+        _ => false,
+    };
+    if integer {
+        if let Some(whole) = value
+            .as_f64()
+            .filter(|_| value.is_f64())
+            .and_then(whole_number)
+        {
+            *value = whole;
+        }
+    }
+    if let (Some(items), Value::Array(list)) = (schema.get("items"), value) {
+        for (i, v) in list.iter_mut().enumerate() {
+            walk(doc, items.clone(), v, &format!("{path}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `38.0` → `38`, for whole floats within ±2^53 (beyond it a float is not exact).
+fn whole_number(f: f64) -> Option<Value> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if f.fract() != 0.0 || f.abs() > EXACT {
+        return None;
+    }
+    // Exact: whole and within ±2^53, so the conversion neither truncates nor wraps.
+    #[allow(clippy::cast_possible_truncation)]
+    let i = f as i64;
+    Some(Value::from(i))
 }

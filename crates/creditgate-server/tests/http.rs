@@ -12,6 +12,8 @@ mod analytics;
 mod bad_input;
 #[path = "http/exactness.rs"]
 mod exactness;
+#[path = "http/fuzz.rs"]
+mod fuzz;
 #[path = "http/limits.rs"]
 mod limits;
 #[path = "http/refill.rs"]

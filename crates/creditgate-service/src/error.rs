@@ -37,6 +37,10 @@ pub enum ServiceError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request is well-formed but the key's state does not allow it (a balance
+    /// change on an unlimited key, an increment past the maximum); nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     /// Unknown, deleted or another workspace's key.
     #[error("key not found")]
     KeyNotFound,

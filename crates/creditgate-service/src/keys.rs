@@ -26,20 +26,28 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
-/// A refill needs a balance to refill.
+/// A refill needs a balance to refill. Known from the request alone it is invalid input;
+/// known only from the stored key it is a conflict with the key's state.
 fn refill_needs_balance(
     refill: Option<&Refill>,
     limited: bool,
-    location: &str,
+    from_request: bool,
 ) -> Result<(), ServiceError> {
-    if refill.is_some() && !limited {
+    if refill.is_none() || limited {
+        return Ok(());
+    }
+    if from_request {
         return Err(ServiceError::field(
-            location,
+            "body.credits.refill",
             "a refill needs a balance: credits.remaining is null (unlimited)",
             "set credits.remaining to a number, or drop the refill",
         ));
     }
-    Ok(())
+    Err(ServiceError::Conflict(
+        "the key has unlimited credits, and a refill needs a balance: send \
+         credits.remaining with the refill"
+            .into(),
+    ))
 }
 
 impl Service {
@@ -108,11 +116,7 @@ impl Service {
         cmd: CreateKey,
     ) -> Result<CreatedKey, ServiceError> {
         caller.require(Action::CreateKey, Some(&cmd.api_id))?;
-        refill_needs_balance(
-            cmd.refill.as_ref(),
-            cmd.remaining.is_some(),
-            "body.credits.refill",
-        )?;
+        refill_needs_balance(cmd.refill.as_ref(), cmd.remaining.is_some(), true)?;
         let api = self
             .store
             .get_api(caller.workspace(), &cmd.api_id)
@@ -186,10 +190,10 @@ impl Service {
             .refill_if_due(Arc::new(key), self.clock.now_ms())
             .await?;
         if !key.limited && matches!(cmd.op, CreditOp::Increment(_) | CreditOp::Decrement(_)) {
-            return Err(ServiceError::field(
-                "body.operation",
-                "the key has unlimited credits",
-                "use operation 'set' with a value to give it a balance first",
+            return Err(ServiceError::Conflict(
+                "the key has unlimited credits: use operation 'set' with a value to give it a \
+                 balance first"
+                    .into(),
             ));
         }
         let record = self.apply_credit_op(&key, cmd.op).await?;
@@ -237,7 +241,7 @@ impl Service {
         refill_needs_balance(
             cmd.refill.as_ref().and_then(Option::as_ref),
             limited_after,
-            "body.credits.refill",
+            cmd.remaining.is_some(),
         )?;
         let refill = match cmd.remaining {
             Some(None) => Some(None),
