@@ -254,7 +254,7 @@ fn rate_for_follows_the_suite_formula() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_node_gives_transport_errors_and_the_run_ends_on_time() {
+async fn a_dead_node_gives_connect_errors_and_the_run_ends_on_time() {
     let node = TestNode::start().await;
     let (_, secret) = node.key(None).await;
     let dead = format!("http://127.0.0.1:{}", dead_port().await);
@@ -271,8 +271,9 @@ async fn a_dead_node_gives_transport_errors_and_the_run_ends_on_time() {
     eprintln!("{} wall={wall:?}", summary(&r));
 
     assert_eq!(r.requests, 100);
-    assert_eq!(r.errors.get("transport"), Some(&50));
+    assert_eq!(r.errors.get("connect"), Some(&50));
     assert_eq!(r.errors.len(), 1, "errors: {:?}", r.errors);
+    assert_eq!(r.ambiguous_count(), 0, "a refused connection spent nothing");
     assert_eq!(r.valid, 50);
     assert_eq!(r.nodes.get(&dead), Some(&50));
     assert!((r.error_rate() - 0.5).abs() < 1e-9);

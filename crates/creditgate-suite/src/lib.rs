@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use creditgate_loadgen::{run, Admin, Mode, NodeChoice, Plan, Report, Stop};
-use creditgate_testkit::{Backends, Cluster, ClusterOptions};
+use creditgate_testkit::Cluster;
 
 pub use cases::Case;
 
@@ -60,11 +60,11 @@ fn init_logging() {
 
 pub async fn setup(nodes: usize, target: Target, credits: u64) -> Result<Setup> {
     init_logging();
-    let backends = match target {
-        Target::Cluster => Backends::Shared,
-        Target::Embedded => Backends::Embedded,
+    let builder = match target {
+        Target::Cluster => Cluster::builder().shared_services(),
+        Target::Embedded => Cluster::builder().embedded(),
     };
-    let cluster = Cluster::start(ClusterOptions::new(nodes, backends)).await?;
+    let cluster = builder.nodes(nodes).start().await?;
     let admin = Admin::new(&cluster.nodes[0].url, &cluster.root_key);
     let api_id = admin.create_api("suite").await?;
     let (key_id, secret) = admin.create_key(&api_id, Some(credits)).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use creditgate_analytics::clickhouse::{ClickHouseOptions, ClickHouseSink};
 use creditgate_analytics::{Batch, Batcher, BatcherConfig, RequestEvent, Sink, VerificationEvent};
-use creditgate_testkit::{unique_name, ClickHouse, Postgres, RedisServer};
+use creditgate_testkit::{unique_name, ClickHouse, Postgres, RedisServer, Shared};
 
 /// Sends raw bytes and waits at most `timeout` for the first bytes of a reply; `None`
 /// when nothing answers (refused, or a paused server).
