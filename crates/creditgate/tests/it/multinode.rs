@@ -18,6 +18,9 @@ use crate::support::BIN;
 
 /// Bound on every node and the ledger agreeing once the load and the fault are over.
 const CONVERGENCE: Duration = Duration::from_secs(5);
+/// Credits of a fault test's key: more than its load can spend (24 workers for ≤ 5 s),
+/// so the balance after the fault is never 0 and every credit must be accounted for.
+const FAULT_CREDITS: u64 = 200_000;
 
 /// Three process nodes on the given Redis and Postgres and the shared ClickHouse.
 async fn three_nodes(redis: Provision, postgres: Provision) -> Cluster {
@@ -233,6 +236,10 @@ async fn check_after_fault(cluster: &Cluster, key_id: &str, granted: u64, r: &Re
         "{what}: credits created: remaining {remaining} + VALID {} > {granted}",
         r.valid
     );
+    assert!(
+        remaining > 0,
+        "{what}: the load spent every credit; the test checks nothing"
+    );
     let missing = granted - r.valid - remaining;
     assert!(
         missing <= ambiguous + lost,
@@ -245,27 +252,34 @@ async fn check_after_fault(cluster: &Cluster, key_id: &str, granted: u64, r: &Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_of_a_node_mid_load() {
     let mut cluster = three_nodes(Provision::Own, Provision::Shared).await;
-    let (key_id, key) = cluster.key(2_000).await;
+    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
     let load = start_load(&cluster, &key, 3);
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.nodes[1].kill9().await;
     let r = load.await.expect("load");
     cluster.restart_node(1).await.expect("restart node 1");
-    check_after_fault(&cluster, &key_id, 2_000, &r, "node kill -9").await;
+    check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "node kill -9").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_kill9_and_restart_mid_load() {
     let cluster = three_nodes(Provision::Own, Provision::Shared).await;
     let redis = cluster.redis().expect("redis");
-    let (key_id, key) = cluster.key(2_000).await;
+    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
     let load = start_load(&cluster, &key, 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.kill9().expect("kill redis");
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart().expect("restart redis");
     let r = load.await.expect("load");
-    check_after_fault(&cluster, &key_id, 2_000, &r, "redis kill -9 + restart").await;
+    check_after_fault(
+        &cluster,
+        &key_id,
+        FAULT_CREDITS,
+        &r,
+        "redis kill -9 + restart",
+    )
+    .await;
     // Redis came back: nodes use it again without a restart.
     let v = cluster.nodes[2].verify(&cluster.root_key, &key, 0).await;
     assert_eq!(v["code"], "VALID", "{v}");
@@ -275,28 +289,28 @@ async fn redis_kill9_and_restart_mid_load() {
 async fn redis_paused_three_seconds() {
     let cluster = three_nodes(Provision::Own, Provision::Shared).await;
     let redis = cluster.redis().expect("redis");
-    let (key_id, key) = cluster.key(2_000).await;
+    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
     let load = start_load(&cluster, &key, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.pause().expect("pause redis");
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.resume().expect("resume redis");
     let r = load.await.expect("load");
-    check_after_fault(&cluster, &key_id, 2_000, &r, "redis paused 3 s").await;
+    check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "redis paused 3 s").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_three_seconds() {
     let cluster = three_nodes(Provision::Own, Provision::Own).await;
     let pg = cluster.postgres().expect("postgres");
-    let (key_id, key) = cluster.key(2_000).await;
+    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
     let load = start_load(&cluster, &key, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     pg.stop().expect("stop postgres");
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg.start_again().expect("start postgres");
     let r = load.await.expect("load");
-    check_after_fault(&cluster, &key_id, 2_000, &r, "postgres stopped 3 s").await;
+    check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "postgres stopped 3 s").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
