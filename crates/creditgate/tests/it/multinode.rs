@@ -249,14 +249,25 @@ async fn check_after_fault(cluster: &Cluster, key_id: &str, granted: u64, r: &Re
     );
 }
 
+/// A key of [`FAULT_CREDITS`] under [`start_load`] for `secs` seconds, `fault` injected
+/// after 1 s; returns (key id, secret, what the load saw).
+async fn under_load<F: std::future::Future<Output = ()>>(
+    cluster: &Cluster,
+    secs: u64,
+    fault: F,
+) -> (String, String, Report) {
+    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
+    let load = start_load(cluster, &key, secs);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fault.await;
+    let r = load.await.expect("load");
+    (key_id, key, r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_of_a_node_mid_load() {
     let mut cluster = three_nodes(Provision::Own, Provision::Shared).await;
-    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
-    let load = start_load(&cluster, &key, 3);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    cluster.nodes[1].kill9().await;
-    let r = load.await.expect("load");
+    let (key_id, _, r) = under_load(&cluster, 3, cluster.nodes[1].kill9()).await;
     cluster.restart_node(1).await.expect("restart node 1");
     check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "node kill -9").await;
 }
@@ -265,13 +276,12 @@ async fn kill9_of_a_node_mid_load() {
 async fn redis_kill9_and_restart_mid_load() {
     let cluster = three_nodes(Provision::Own, Provision::Shared).await;
     let redis = cluster.redis().expect("redis");
-    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
-    let load = start_load(&cluster, &key, 4);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    redis.kill9().expect("kill redis");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.restart().expect("restart redis");
-    let r = load.await.expect("load");
+    let fault = async {
+        redis.kill9().expect("kill redis");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.restart().expect("restart redis");
+    };
+    let (key_id, key, r) = under_load(&cluster, 4, fault).await;
     check_after_fault(
         &cluster,
         &key_id,
@@ -289,13 +299,12 @@ async fn redis_kill9_and_restart_mid_load() {
 async fn redis_paused_three_seconds() {
     let cluster = three_nodes(Provision::Own, Provision::Shared).await;
     let redis = cluster.redis().expect("redis");
-    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
-    let load = start_load(&cluster, &key, 5);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    redis.pause().expect("pause redis");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    redis.resume().expect("resume redis");
-    let r = load.await.expect("load");
+    let fault = async {
+        redis.pause().expect("pause redis");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        redis.resume().expect("resume redis");
+    };
+    let (key_id, _, r) = under_load(&cluster, 5, fault).await;
     check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "redis paused 3 s").await;
 }
 
@@ -303,13 +312,12 @@ async fn redis_paused_three_seconds() {
 async fn postgres_stopped_three_seconds() {
     let cluster = three_nodes(Provision::Own, Provision::Own).await;
     let pg = cluster.postgres().expect("postgres");
-    let (key_id, key) = cluster.key(FAULT_CREDITS).await;
-    let load = start_load(&cluster, &key, 5);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    pg.stop().expect("stop postgres");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    pg.start_again().expect("start postgres");
-    let r = load.await.expect("load");
+    let fault = async {
+        pg.stop().expect("stop postgres");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        pg.start_again().expect("start postgres");
+    };
+    let (key_id, _, r) = under_load(&cluster, 5, fault).await;
     check_after_fault(&cluster, &key_id, FAULT_CREDITS, &r, "postgres stopped 3 s").await;
 }
 
