@@ -34,8 +34,9 @@ pub struct Report {
     pub usage_exceeded: u64,
     /// Other verification codes (NOT_FOUND, DISABLED, …) by code.
     pub other_outcomes: BTreeMap<String, u64>,
-    /// Failures without a verification answer, by kind (`http 503`, `timeout`,
-    /// `transport`, `dropped_by_client`, …).
+    /// Failures without a verification answer, by kind (`http 503`,
+    /// `http 503 outcome unknown`, `timeout`, `connect`, `transport`,
+    /// `dropped_by_client`, …; see [`crate::run::error_kind`]).
     pub errors: BTreeMap<String, u64>,
     /// Seconds from the first send to the last answer.
     pub duration_s: f64,
@@ -59,6 +60,16 @@ pub struct Report {
 impl Report {
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// Errors after which the request may or may not have been spent
+    /// ([`crate::run::error_kind::AMBIGUOUS`]): the only requests whose credits a run
+    /// cannot account for. Every other error spent nothing.
+    pub fn ambiguous_count(&self) -> u64 {
+        crate::run::error_kind::AMBIGUOUS
+            .iter()
+            .filter_map(|kind| self.errors.get(*kind))
+            .sum()
     }
 
     /// Errors over requests (0 when nothing was sent).

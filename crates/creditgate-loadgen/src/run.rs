@@ -41,11 +41,19 @@ pub struct Progress {
 }
 
 /// Error kinds in [`Report::errors`] that this module produces besides `http <status>`.
+/// [`AMBIGUOUS`] lists the kinds after which the request may or may not have been spent;
+/// after every other kind nothing was spent.
 pub mod error_kind {
-    /// The request did not complete within `Plan::request_timeout`.
+    /// The request did not complete within `Plan::request_timeout` (ambiguous).
     pub const TIMEOUT: &str = "timeout";
-    /// Connecting, sending or reading failed (refused, reset, …).
+    /// No connection to the node (refused, unreachable): the request never reached it.
+    pub const CONNECT: &str = "connect";
+    /// Connected, but sending or reading failed (reset, closed mid-answer): ambiguous.
     pub const TRANSPORT: &str = "transport";
+    /// HTTP 503 whose detail says the outcome is unknown (a backend did not answer in
+    /// time after the spend may have happened): ambiguous. A plain `http 503` means
+    /// nothing was spent.
+    pub const OUTCOME_UNKNOWN: &str = "http 503 outcome unknown";
     /// An HTTP 200 whose body is not a verification answer.
     pub const BAD_BODY: &str = "bad body";
     /// Open mode: `max_in_flight` requests were already in flight at the send time.
@@ -58,7 +66,13 @@ pub mod error_kind {
     pub const INVALID_PLAN: &str = "invalid plan";
     /// The HTTP client could not be built.
     pub const CLIENT_SETUP: &str = "client setup";
+
+    /// The kinds after which a request may have been spent without the client knowing.
+    pub const AMBIGUOUS: [&str; 4] = [TIMEOUT, TRANSPORT, OUTCOME_UNKNOWN, UNFINISHED];
 }
+
+/// What the server writes in the `detail` of a 503 whose outcome is unknown.
+const OUTCOME_UNKNOWN_DETAIL: &str = "the outcome is unknown";
 
 /// Largest latency the histograms hold (larger values are clamped): one hour.
 const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
@@ -436,6 +450,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn transport_kind(e: &reqwest::Error) -> &'static str {
     if e.is_timeout() {
         error_kind::TIMEOUT
+    } else if e.is_connect() {
+        error_kind::CONNECT
     } else {
         error_kind::TRANSPORT
     }
@@ -505,6 +521,14 @@ struct Envelope {
     meta: Option<Meta>,
     #[serde(default)]
     data: Option<VerifyData>,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    detail: String,
 }
 
 #[derive(Deserialize)]
@@ -532,7 +556,14 @@ fn classify(status: u16, body: &[u8], keep_request_id: bool, latency_us: u64) ->
     } else {
         None
     };
-    let outcome = if status != 200 {
+    let outcome = if status == 503
+        && parsed
+            .as_ref()
+            .and_then(|e| e.error.as_ref())
+            .is_some_and(|e| e.detail.contains(OUTCOME_UNKNOWN_DETAIL))
+    {
+        Outcome::Error(error_kind::OUTCOME_UNKNOWN.to_owned())
+    } else if status != 200 {
         Outcome::Error(format!("http {status}"))
     } else {
         match parsed.and_then(|e| e.data) {
@@ -846,6 +877,13 @@ mod tests {
         let missing = r#"{"meta":{"requestId":"r"},"data":{"valid":false,"code":"NOT_FOUND"}}"#;
         assert_eq!(outcome(200, missing), Outcome::Other("NOT_FOUND".into()));
         assert_eq!(outcome(503, "{}"), Outcome::Error("http 503".into()));
+        let unavailable = r#"{"meta":{"requestId":"r"},"error":{"title":"Service Unavailable","detail":"A storage backend is unavailable; nothing was spent.","status":503,"type":"t"}}"#;
+        assert_eq!(outcome(503, unavailable), Outcome::Error("http 503".into()));
+        let unknown = r#"{"meta":{"requestId":"r"},"error":{"title":"Service Unavailable","detail":"A storage backend did not answer in time; the outcome is unknown: this request may have been spent.","status":503,"type":"t"}}"#;
+        assert_eq!(
+            outcome(503, unknown),
+            Outcome::Error(error_kind::OUTCOME_UNKNOWN.into())
+        );
         assert_eq!(outcome(200, "nope"), Outcome::Error("bad body".into()));
         let liar = r#"{"meta":{"requestId":"r"},"data":{"valid":false,"code":"VALID"}}"#;
         assert_eq!(outcome(200, liar), Outcome::Error("bad body".into()));

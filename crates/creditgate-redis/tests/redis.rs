@@ -4,10 +4,7 @@
 //! failover), an unreachable Redis, the cache bus, and the spend latency.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use creditgate_domain::{Clock, Cost, KeyId, SystemClock};
@@ -16,149 +13,26 @@ use creditgate_limiter::ports::{
     Credit, CreditReply, Drained, HotError, HotStore, Ledger, SpendReply,
 };
 use creditgate_limiter::{Decision, Engine, EngineConfig, MemoryLedger};
+use creditgate_local::RedisServer;
 use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
 use tokio::sync::mpsc;
 
-/// A `redis-server` child process on a free loopback port, killed on drop.
-struct RedisServer {
-    port: u16,
-    extra: Vec<String>,
-    child: Option<Child>,
+/// A `redis-server` of this test (creditgate-local's launcher: free port, killed on drop).
+fn redis() -> RedisServer {
+    redis_with(Vec::new())
 }
 
-/// Ports handed out in this process, never reused by another test of it (a killed
-/// server's port must stay its own for the restart).
-static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-
-impl RedisServer {
-    fn start() -> Self {
-        Self::start_with(Vec::new())
-    }
-
-    fn start_with(extra: Vec<String>) -> Self {
-        for _ in 0..20 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            if !PORTS.lock().unwrap().insert(port) {
-                continue;
-            }
-            let mut s = Self {
-                port,
-                extra: extra.clone(),
-                child: None,
-            };
-            if s.try_spawn() {
-                return s;
-            }
-        }
-        panic!("could not start redis-server on a free port");
-    }
-
-    /// Starts `redis-server` on this port; `false` if it did not come up as our child
-    /// (e.g. another process took the port).
-    fn try_spawn(&mut self) -> bool {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.fresh_dir())
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed? scripts/install-deps)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = self.server_pid() {
-                if pid == child.id() {
-                    self.child = Some(child);
-                    return true;
-                }
-            }
-            if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// An empty data directory of this server: a replica writes the RDB it receives, and
-    /// a restarted server must not load anything.
-    fn fresh_dir(&self) -> std::path::PathBuf {
-        let dir = self.dir();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("data dir");
-        dir
-    }
-
-    fn dir(&self) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!(
-            "creditgate-redis-test-{}-{}",
-            std::process::id(),
-            self.port
-        ))
-    }
-
-    fn spawn(&mut self) {
-        assert!(
-            self.try_spawn(),
-            "redis-server did not restart on port {}",
-            self.port
-        );
-    }
-
-    /// The `process_id` of whatever Redis answers on the port.
-    fn server_pid(&self) -> Option<u32> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-        s.write_all(b"INFO server\r\n").ok()?;
-        let mut text = String::new();
-        let mut buf = [0u8; 4096];
-        while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
-            let n = s.read(&mut buf).ok()?;
-            if n == 0 {
-                return None;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        let rest = &text[text.find("process_id:")? + "process_id:".len()..];
-        rest.lines().next()?.trim().parse().ok()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    async fn raw(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .expect("url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("raw connection")
-    }
+fn redis_with(args: Vec<String>) -> RedisServer {
+    RedisServer::start_with(args).unwrap_or_else(|e| panic!("starting redis-server: {e:#}"))
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
+/// A plain connection for commands the store does not offer.
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
 }
 
 async fn store(server: &RedisServer) -> Arc<RedisHotStore> {
@@ -241,7 +115,7 @@ fn assert_exact(valid: &[u64], credits: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_conforms() {
-    let server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     hot_conformance::run_all(hot.clone()).await;
     // Twice on the same store: key names are unique per run.
@@ -250,7 +124,7 @@ async fn redis_store_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spend_script_checks_its_cost() {
-    let server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     hot.credit(&kid("k"), &cr("t", 0, 10, 0, 1))
         .await
@@ -301,12 +175,11 @@ async fn the_spend_script_checks_its_cost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicting_memory_policy_is_reported() {
-    let safe = RedisServer::start();
+    let safe = redis();
     assert_eq!(store(&safe).await.risky_eviction_policy(), None);
-    let volatile =
-        RedisServer::start_with(vec!["--maxmemory-policy".into(), "volatile-lru".into()]);
+    let volatile = redis_with(vec!["--maxmemory-policy".into(), "volatile-lru".into()]);
     assert_eq!(store(&volatile).await.risky_eviction_policy(), None);
-    let risky = RedisServer::start_with(vec!["--maxmemory-policy".into(), "allkeys-lru".into()]);
+    let risky = redis_with(vec!["--maxmemory-policy".into(), "allkeys-lru".into()]);
     assert_eq!(
         store(&risky).await.risky_eviction_policy(),
         Some("allkeys-lru")
@@ -315,7 +188,7 @@ async fn an_evicting_memory_policy_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_holding_credits_never_expire_and_empty_ones_do() {
-    let server = RedisServer::start();
+    let server = redis();
     let options = RedisOptions {
         empty_entry_ttl: Duration::from_millis(300),
         ..RedisOptions::default()
@@ -323,7 +196,7 @@ async fn entries_holding_credits_never_expire_and_empty_ones_do() {
     let hot = RedisHotStore::connect(&server.url(), options)
         .await
         .expect("connect");
-    let mut raw = server.raw().await;
+    let mut raw = raw(&server).await;
     let pttl = |k: &'static str| redis::cmd("PTTL").arg(k).to_owned();
 
     hot.credit(&kid("full"), &cr("t", 0, 5, 0, 1))
@@ -359,7 +232,7 @@ async fn entries_holding_credits_never_expire_and_empty_ones_do() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_on_redis_is_exact_under_concurrency() {
-    let server = RedisServer::start();
+    let server = redis();
     let ledger = Arc::new(MemoryLedger::new());
     let e = engine(store(&server).await, ledger.clone());
     tokio::spawn(e.clone().run_prefetcher(std::future::pending()));
@@ -377,7 +250,7 @@ async fn engine_on_redis_is_exact_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_on_redis_returns_the_exact_rest_to_the_ledger() {
-    let server = RedisServer::start();
+    let server = redis();
     let ledger = Arc::new(MemoryLedger::new());
     let e = engine(store(&server).await, ledger.clone());
     let key = new_key(&ledger, "key_rest", 100);
@@ -402,7 +275,7 @@ async fn engine_on_redis_returns_the_exact_rest_to_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_sharing_redis_are_exact() {
-    let server = RedisServer::start();
+    let server = redis();
     let ledger = Arc::new(MemoryLedger::new());
     let a = engine(store(&server).await, ledger.clone());
     let b = engine(store(&server).await, ledger.clone());
@@ -422,7 +295,7 @@ async fn two_nodes_sharing_redis_are_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_store_is_a_new_epoch_and_its_credits_are_written_off() {
-    let server = RedisServer::start();
+    let server = redis();
     let ledger = Arc::new(MemoryLedger::new());
     let hot = store(&server).await;
     let e = engine(hot.clone(), ledger.clone());
@@ -446,7 +319,7 @@ async fn a_flushed_store_is_a_new_epoch_and_its_credits_are_written_off() {
     assert_eq!(allocated, before.bal + before.spent);
     let old_epoch = hot.epoch().await.expect("epoch");
 
-    let mut raw = server.raw().await;
+    let mut raw = raw(&server).await;
     let () = redis::cmd("FLUSHALL")
         .query_async(&mut raw)
         .await
@@ -486,7 +359,7 @@ async fn a_flushed_store_is_a_new_epoch_and_its_credits_are_written_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_an_old_epoch_are_never_spent_even_when_the_data_survives() {
-    let server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     assert_eq!(
         hot.credit(&kid("k"), &cr("t1", 0, 50, 10, 1))
@@ -497,7 +370,7 @@ async fn entries_of_an_old_epoch_are_never_spent_even_when_the_data_survives() {
     let old_epoch = hot.epoch().await.expect("epoch");
 
     // The marker disappears (e.g. evicted) while the entry survives.
-    let mut raw = server.raw().await;
+    let mut raw = raw(&server).await;
     let _: i64 = redis::cmd("DEL")
         .arg("cg:epoch")
         .query_async(&mut raw)
@@ -532,7 +405,7 @@ async fn entries_of_an_old_epoch_are_never_spent_even_when_the_data_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_stale_epoch_never_replaces_an_entry_of_the_new_one() {
-    let server = RedisServer::start();
+    let server = redis();
     let a = store(&server).await;
     let b = store(&server).await;
     a.credit(&kid("k"), &cr("t1", 0, 50, 0, 1))
@@ -540,7 +413,7 @@ async fn a_node_with_a_stale_epoch_never_replaces_an_entry_of_the_new_one() {
         .expect("credit");
     let old_epoch = a.cached_epoch();
 
-    let mut raw = server.raw().await;
+    let mut raw = raw(&server).await;
     let _: i64 = redis::cmd("DEL")
         .arg("cg:epoch")
         .query_async(&mut raw)
@@ -583,17 +456,17 @@ async fn a_node_with_a_stale_epoch_never_replaces_an_entry_of_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_starts_a_new_epoch() {
-    let primary = RedisServer::start();
-    let replica = RedisServer::start_with(vec![
+    let primary = redis();
+    let replica = redis_with(vec![
         "--replicaof".into(),
         "127.0.0.1".into(),
-        primary.port.to_string(),
+        primary.port().to_string(),
     ]);
     let p = store(&primary).await;
     p.credit(&kid("k"), &cr("t", 0, 50, 10, 1))
         .await
         .expect("credit");
-    let mut raw_p = primary.raw().await;
+    let mut raw_p = raw(&primary).await;
     let mut synced = 0;
     for _ in 0..100 {
         synced = redis::cmd("WAIT")
@@ -626,7 +499,7 @@ async fn a_failover_starts_a_new_epoch() {
         "a read-only replica refuses before running"
     );
 
-    let mut raw_r = replica.raw().await;
+    let mut raw_r = raw(&replica).await;
     let () = redis::cmd("REPLICAOF")
         .arg("NO")
         .arg("ONE")
@@ -644,7 +517,7 @@ async fn a_failover_starts_a_new_epoch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
-    let mut server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     let ledger = Arc::new(MemoryLedger::new());
     let e = engine(hot.clone(), ledger.clone());
@@ -655,7 +528,7 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
     ));
     let epoch = hot.epoch().await.expect("epoch");
 
-    server.kill();
+    server.kill9().expect("kill redis");
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..3 {
         let started = Instant::now();
@@ -685,7 +558,7 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
         }
     );
 
-    server.spawn();
+    server.start_again().expect("start redis again");
     let r = hot.spend(&key, c(1)).await;
     assert_eq!(
         r.expect("the first call after the restart works"),
@@ -705,26 +578,16 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_is_ambiguous_after_the_response_timeout() {
-    let server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     hot.credit(&kid("k"), &cr("t", 0, 10, 0, 1))
         .await
         .expect("credit");
-    let pid = server.child.as_ref().expect("running").id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-
-    signal("-STOP");
+    server.pause().expect("SIGSTOP redis");
     let started = Instant::now();
     let r = hot.spend(&kid("k"), c(1)).await;
     let waited = started.elapsed();
-    signal("-CONT");
+    server.resume().expect("SIGCONT redis");
     assert!(matches!(r, Err(HotError::Ambiguous(_))), "{r:?}");
     assert!(
         waited >= Duration::from_millis(400) && waited < Duration::from_secs(1),
@@ -751,7 +614,7 @@ async fn recv_within(rx: &mut mpsc::Receiver<String>, within: Duration) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_bus_round_trip_and_star_after_restart() {
-    let mut server = RedisServer::start();
+    let server = redis();
     let publisher = CacheBus::connect(&server.url()).await.expect("bus");
     let subscriber = CacheBus::connect(&server.url()).await.expect("bus");
     let mut rx = subscriber.subscribe();
@@ -766,7 +629,7 @@ async fn cache_bus_round_trip_and_star_after_restart() {
     assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "key_2");
     assert_eq!(recv_within(&mut rx2, Duration::from_secs(5)).await, "key_2");
 
-    server.restart();
+    server.restart().expect("restart redis");
     assert_eq!(
         recv_within(&mut rx, Duration::from_secs(10)).await,
         "*",
@@ -784,7 +647,7 @@ async fn cache_bus_round_trip_and_star_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_latency() {
-    let server = RedisServer::start();
+    let server = redis();
     let hot = store(&server).await;
     hot.credit(&kid("k"), &cr("t", 0, 1_000_000, 0, 1))
         .await

@@ -10,7 +10,7 @@ use creditgate_limiter::ports::HotStore;
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore, MemoryLedger};
 use creditgate_loadgen::Admin;
 use creditgate_redis::{RedisHotStore, RedisOptions};
-use creditgate_testkit::{Backends, Cluster, ClusterOptions, RedisServer};
+use creditgate_testkit::{Cluster, RedisServer};
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 
@@ -56,14 +56,12 @@ fn engine_spend(c: &mut Criterion) {
 
 fn http_verify(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for (label, nodes, backends) in [
-        ("1 embedded node", 1, Backends::Embedded),
-        ("3 nodes", 3, Backends::Shared),
+    for (label, builder) in [
+        ("1 embedded node", Cluster::builder().embedded()),
+        ("3 nodes", Cluster::builder().nodes(3)),
     ] {
         let (cluster, secret) = rt.block_on(async {
-            let cluster = Cluster::start(ClusterOptions::new(nodes, backends))
-                .await
-                .expect("cluster");
+            let cluster = builder.start().await.expect("cluster");
             let admin = Admin::new(&cluster.nodes[0].url, &cluster.root_key);
             let api = admin.create_api("bench").await.expect("api");
             let (_, secret) = admin

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use creditgate_loadgen::{run, Admin, Mode, NodeChoice, Plan, Report, Stop};
-use creditgate_testkit::{Backends, Cluster, ClusterOptions};
+use creditgate_testkit::Cluster;
 
 pub use cases::Case;
 
@@ -60,11 +60,11 @@ fn init_logging() {
 
 pub async fn setup(nodes: usize, target: Target, credits: u64) -> Result<Setup> {
     init_logging();
-    let backends = match target {
-        Target::Cluster => Backends::Shared,
-        Target::Embedded => Backends::Embedded,
+    let builder = match target {
+        Target::Cluster => Cluster::builder().shared_services(),
+        Target::Embedded => Cluster::builder().embedded(),
     };
-    let cluster = Cluster::start(ClusterOptions::new(nodes, backends)).await?;
+    let cluster = builder.nodes(nodes).start().await?;
     let admin = Admin::new(&cluster.nodes[0].url, &cluster.root_key);
     let api_id = admin.create_api("suite").await?;
     let (key_id, secret) = admin.create_key(&api_id, Some(credits)).await?;
@@ -192,6 +192,31 @@ impl Setup {
         }
     }
 
+    /// Asserts, from the analytics the nodes wrote (ClickHouse `node_id`), that every node
+    /// served some of the key's `requests` verifications and none more than 70 %
+    /// (clusters of 2+): the spread as the servers saw it, not as the client dispatched.
+    pub async fn assert_spread(&self, nodes: usize, requests: u64) {
+        if nodes < 2 {
+            return;
+        }
+        let per_node = self
+            .cluster
+            .wait_verifications_per_node(&self.key_id, requests, Duration::from_secs(15))
+            .await;
+        println!("verifications per node_id: {per_node:?}");
+        assert_eq!(
+            per_node.len(),
+            nodes,
+            "every node served verifications: {per_node:?}"
+        );
+        for (node, n) in &per_node {
+            assert!(
+                (*n as f64) <= 0.7 * requests as f64,
+                "node {node} served {n} of {requests} verifications (> 70 %)"
+            );
+        }
+    }
+
     /// Deletes the API and stops the cluster, dropping its databases.
     pub async fn teardown(self) {
         self.admin
@@ -276,26 +301,6 @@ pub fn assert_exact(r: &Report, credits: u64, cost: u64) -> u64 {
         );
     }
     expected
-}
-
-/// Asserts every node received traffic and none more than 70 % (clusters of 2+).
-pub fn assert_spread(r: &Report, nodes: usize) {
-    if nodes < 2 {
-        return;
-    }
-    assert_eq!(
-        r.nodes.len(),
-        nodes,
-        "every node received traffic: {:?}",
-        r.nodes
-    );
-    for (node, n) in &r.nodes {
-        assert!(
-            (*n as f64) <= 0.7 * r.requests as f64,
-            "node {node} got {n} of {} requests (> 70 %)",
-            r.requests
-        );
-    }
 }
 
 /// The generated test's name of a case (as `build.rs` writes it).
@@ -384,7 +389,7 @@ pub async fn run_accuracy(
     print_metrics(name, &r, expected, credits, cost);
     assert_eq!(r.requests, requests);
     let valid = assert_exact(&r, credits, cost);
-    assert_spread(&r, nodes);
+    s.assert_spread(nodes, requests).await;
     s.assert_sql_balance(credits - valid * cost, Duration::from_secs(10))
         .await;
     s.teardown().await;

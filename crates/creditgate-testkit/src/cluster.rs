@@ -1,219 +1,262 @@
-//! An N-node creditgate cluster on real backing services: nodes run in this process
-//! (`App` on its own listener) or as child processes of the real binary (needed to
-//! `kill -9` one). Used by the multi-node suite, `creditgate loadtest --spawn` and
-//! `creditgate cluster`.
+//! [`Cluster`]: N nodes of a test on shared or own Redis, Postgres and ClickHouse
+//! ([`Cluster::builder`]), and the checks tests make on it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use creditgate_server::{App, ServeConfig};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use creditgate_local::{ClickHouse, Databases, NodeOptions, Postgres, RedisServer};
+use creditgate_server::ServeConfig;
 
-use crate::{unique_name, ClickHouse, Postgres, RedisServer};
+use crate::node::{reported_lost, Node};
+use crate::{unique_name, Shared};
 
-/// Which backing services the nodes use.
+/// Whether a backing service is the test binary's shared one or the cluster's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backends {
-    /// The embedded default: SQLite and an in-process hot store (one node only).
-    Embedded,
-    /// Redis + Postgres + ClickHouse, shared by every cluster of this process (each
-    /// cluster gets its own databases).
+pub enum Provision {
+    /// [`Shared::shared`]: started once per test binary; the cluster gets its own
+    /// databases on it.
     Shared,
-    /// Redis, Postgres and ClickHouse of its own (for tests that kill or pause them).
+    /// Started for this cluster, stopped with it: for tests that kill, stop or pause it.
     Own,
 }
 
-/// How nodes run.
+/// How the nodes run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
+    /// `App` on its own listener in the test process.
     InProcess,
-    /// Child processes of this `creditgate` binary.
-    Process {
-        binary: PathBuf,
-    },
+    /// Child processes of this `creditgate` binary (needed for `kill -9` and for the
+    /// nodes' logs).
+    Process { binary: PathBuf },
 }
 
+/// Options of [`Cluster::builder`]; defaults: 1 in-process node on shared Redis,
+/// Postgres and ClickHouse, a fresh root key.
 #[derive(Debug, Clone)]
-pub struct ClusterOptions {
-    pub nodes: usize,
-    pub backends: Backends,
-    pub kind: NodeKind,
-    pub root_key: String,
-}
-
-impl ClusterOptions {
-    pub fn new(nodes: usize, backends: Backends) -> Self {
-        Self {
-            nodes,
-            backends,
-            kind: NodeKind::InProcess,
-            root_key: format!("root_{}", unique_name("k")),
-        }
-    }
-}
-
-enum Running {
-    InProcess {
-        stop: Option<oneshot::Sender<()>>,
-        task: JoinHandle<anyhow::Result<()>>,
-    },
-    Process {
-        child: Child,
-        logs: PathBuf,
-    },
-    Stopped,
-}
-
-/// One node of a cluster.
-pub struct Node {
-    pub url: String,
-    pub node_id: String,
-    config: ServeConfig,
-    running: Running,
-}
-
-impl Node {
-    /// The node's data directory (its SQLite files on the embedded default).
-    pub fn data_dir(&self) -> &Path {
-        &self.config.data_dir
-    }
-}
-
-/// A running cluster; dropping it stops the nodes (and owned services).
-pub struct Cluster {
-    pub nodes: Vec<Node>,
-    pub root_key: String,
-    /// Postgres database name (multi-node backends).
-    pub pg_database: Option<String>,
-    /// ClickHouse database name (multi-node backends).
-    pub clickhouse_database: Option<String>,
-    redis: Option<RedisServer>,
-    postgres: Option<Postgres>,
-    clickhouse: Option<ClickHouse>,
+pub struct ClusterBuilder {
+    nodes: usize,
+    /// `None`: the embedded default (SQLite, in-process hot store), one node.
+    services: Option<[Provision; 3]>,
     kind: NodeKind,
-    data: tempfile::TempDir,
+    root_key: String,
 }
 
-impl Cluster {
-    pub async fn start(options: ClusterOptions) -> Result<Cluster> {
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// The embedded default: SQLite and an in-process hot store (one node only).
+    pub fn embedded(mut self) -> Self {
+        self.services = None;
+        self
+    }
+
+    /// Redis, Postgres and ClickHouse as given.
+    pub fn services(
+        mut self,
+        redis: Provision,
+        postgres: Provision,
+        clickhouse: Provision,
+    ) -> Self {
+        self.services = Some([redis, postgres, clickhouse]);
+        self
+    }
+
+    /// Every service shared (the default).
+    pub fn shared_services(self) -> Self {
+        self.services(Provision::Shared, Provision::Shared, Provision::Shared)
+    }
+
+    /// Nodes as child processes of `binary` (`env!("CARGO_BIN_EXE_creditgate")`).
+    pub fn process_nodes(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.kind = NodeKind::Process {
+            binary: binary.into(),
+        };
+        self
+    }
+
+    pub fn root_key(mut self, key: impl Into<String>) -> Self {
+        self.root_key = key.into();
+        self
+    }
+
+    /// Starts the services (own ones side by side), creates the cluster's databases and
+    /// starts the nodes one by one; every step is bounded.
+    pub async fn start(self) -> Result<Cluster> {
         let data = tempfile::Builder::new()
             .prefix("creditgate-cluster-")
             .tempdir()
             .context("cluster data dir")?;
+        let services = match self.services {
+            None if self.nodes != 1 => {
+                bail!("the embedded default runs one node, not {}", self.nodes)
+            }
+            None => None,
+            Some([redis, postgres, clickhouse]) => Some(
+                tokio::task::spawn_blocking(move || Services::provide(redis, postgres, clickhouse))
+                    .await
+                    .context("the service start task failed")??,
+            ),
+        };
         let mut cluster = Cluster {
             nodes: Vec::new(),
-            root_key: options.root_key.clone(),
-            pg_database: None,
-            clickhouse_database: None,
-            redis: None,
-            postgres: None,
-            clickhouse: None,
-            kind: options.kind.clone(),
+            root_key: self.root_key.clone(),
+            services,
             data,
         };
-        let base = match options.backends {
-            Backends::Embedded => {
-                if options.nodes != 1 {
-                    bail!("the embedded default runs one node, not {}", options.nodes);
-                }
-                None
-            }
-            Backends::Shared => Some(cluster.databases(
-                RedisServer::shared().url(),
-                Postgres::shared(),
-                ClickHouse::shared(),
-            )?),
-            Backends::Own => {
-                let (redis, pg, ch) = tokio::task::spawn_blocking(|| {
-                    Ok::<_, anyhow::Error>((
-                        RedisServer::start()?,
-                        Postgres::start()?,
-                        ClickHouse::start()?,
-                    ))
-                })
-                .await??;
-                let urls = cluster.databases(redis.url(), &pg, &ch)?;
-                cluster.redis = Some(redis);
-                cluster.postgres = Some(pg);
-                cluster.clickhouse = Some(ch);
-                Some(urls)
-            }
-        };
-        for i in 0..options.nodes {
+        for i in 0..self.nodes {
             let dir = cluster.data.path().join(format!("node{i}"));
             std::fs::create_dir_all(&dir)?;
-            let mut config = ServeConfig::for_data_dir(&dir);
-            config.root_key = Some(options.root_key.clone());
-            config.node_id = Some(format!("node-{i}"));
-            if let Some((redis, pg, ch)) = &base {
-                config.redis_url = Some(redis.clone());
-                config.database_url = Some(pg.clone());
-                config.clickhouse_url = Some(ch.clone());
-            }
-            let node = start_node(config, &cluster.kind, &dir).await?;
+            let node = match &self.kind {
+                NodeKind::InProcess => {
+                    let mut config = ServeConfig::for_data_dir(&dir);
+                    config.root_key = Some(self.root_key.clone());
+                    config.node_id = Some(format!("node-{i}"));
+                    if let Some(d) = cluster.databases() {
+                        config.redis_url = Some(d.urls.redis_url.clone());
+                        config.database_url = Some(d.urls.database_url.clone());
+                        config.clickhouse_url = Some(d.urls.clickhouse_url.clone());
+                    }
+                    Node::in_process(config).await?
+                }
+                NodeKind::Process { binary } => {
+                    let mut options = NodeOptions::new(binary, &dir);
+                    options.root_key = Some(self.root_key.clone());
+                    options.node_id = Some(format!("node-{i}"));
+                    options.services = cluster.databases().map(|d| d.urls.clone());
+                    Node::process(options).await?
+                }
+            };
             cluster.nodes.push(node);
         }
         Ok(cluster)
     }
+}
 
-    /// Creates this cluster's Postgres and ClickHouse databases; returns the URLs.
-    fn databases(
-        &mut self,
-        redis: String,
-        pg: &Postgres,
-        ch: &ClickHouse,
-    ) -> Result<(String, String, String)> {
-        let pg_db = unique_name("cg");
-        let pg_url = pg.create_database(&pg_db)?;
-        let ch_db = unique_name("cg");
-        let ch_url = format!("{}/?database={ch_db}", ch.url());
-        self.pg_database = Some(pg_db);
-        self.clickhouse_database = Some(ch_db);
-        Ok((redis, pg_url, ch_url))
+/// A service of a cluster: the test binary's shared one or the cluster's own.
+enum Svc<T: 'static> {
+    Shared(&'static T),
+    Own(Arc<T>),
+}
+
+impl<T> Svc<T> {
+    fn provide(p: Provision, shared: fn() -> &'static T, start: fn() -> Result<T>) -> Result<Self> {
+        Ok(match p {
+            Provision::Shared => Svc::Shared(shared()),
+            Provision::Own => Svc::Own(Arc::new(start()?)),
+        })
+    }
+}
+
+impl<T> std::ops::Deref for Svc<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Svc::Shared(t) => t,
+            Svc::Own(t) => t,
+        }
+    }
+}
+
+/// The services of a multi-node cluster and its databases on them.
+struct Services {
+    databases: Databases,
+    redis: Svc<RedisServer>,
+    postgres: Svc<Postgres>,
+    clickhouse: Svc<ClickHouse>,
+}
+
+impl Services {
+    /// Starts the own services side by side (the shared ones on first use) and creates
+    /// the cluster's databases. Blocking, bounded by the launchers.
+    fn provide(redis: Provision, postgres: Provision, clickhouse: Provision) -> Result<Self> {
+        let (redis, postgres, clickhouse) = std::thread::scope(|s| {
+            let r = s.spawn(|| Svc::provide(redis, RedisServer::shared, RedisServer::start));
+            let p = s.spawn(|| Svc::provide(postgres, Postgres::shared, Postgres::start));
+            let c = s.spawn(|| Svc::provide(clickhouse, ClickHouse::shared, ClickHouse::start));
+            let r = r
+                .join()
+                .unwrap_or_else(|_| bail!("the Redis launcher panicked"));
+            let p = p
+                .join()
+                .unwrap_or_else(|_| bail!("the Postgres launcher panicked"));
+            let c = c
+                .join()
+                .unwrap_or_else(|_| bail!("the ClickHouse launcher panicked"));
+            Ok::<_, anyhow::Error>((r?, p?, c?))
+        })?;
+        let databases = Databases::create(&redis, &postgres, &clickhouse)?;
+        Ok(Self {
+            databases,
+            redis,
+            postgres,
+            clickhouse,
+        })
+    }
+}
+
+/// A running cluster; dropping it stops the nodes and the services it owns.
+pub struct Cluster {
+    // Declared in stop order: nodes, then the owned services.
+    pub nodes: Vec<Node>,
+    pub root_key: String,
+    services: Option<Services>,
+    data: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `Cluster::builder().nodes(3).services(Own, Shared, Shared).process_nodes(BIN).start()`.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            nodes: 1,
+            services: Some([Provision::Shared; 3]),
+            kind: NodeKind::InProcess,
+            root_key: format!("root_{}", unique_name("k")),
+        }
     }
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url.clone()).collect()
     }
 
+    /// The cluster's Postgres and ClickHouse databases (`None` on the embedded default).
+    pub fn databases(&self) -> Option<&Databases> {
+        self.services.as_ref().map(|s| &s.databases)
+    }
+
     /// The Redis of this cluster (own or shared); `None` for the embedded default.
     pub fn redis(&self) -> Option<&RedisServer> {
-        match (&self.redis, self.pg_database.is_some()) {
-            (Some(r), _) => Some(r),
-            (None, true) => Some(RedisServer::shared()),
-            (None, false) => None,
-        }
+        self.services.as_ref().map(|s| &*s.redis)
     }
 
     pub fn postgres(&self) -> Option<&Postgres> {
-        match (&self.postgres, self.pg_database.is_some()) {
-            (Some(p), _) => Some(p),
-            (None, true) => Some(Postgres::shared()),
-            (None, false) => None,
-        }
+        self.services.as_ref().map(|s| &*s.postgres)
     }
 
     pub fn clickhouse(&self) -> Option<&ClickHouse> {
-        match (&self.clickhouse, self.clickhouse_database.is_some()) {
-            (Some(c), _) => Some(c),
-            (None, true) => Some(ClickHouse::shared()),
-            (None, false) => None,
-        }
+        self.services.as_ref().map(|s| &*s.clickhouse)
     }
 
-    /// `SELECT remaining FROM keys WHERE id = …` on the ledger (Postgres, or the
-    /// embedded SQLite file of node 0 through its own `sqlite3`-free path: use
-    /// `keys.getKey` there instead).
+    /// An API and a key with `credits` through node 0; returns (key id, secret).
+    pub async fn key(&self, credits: u64) -> (String, String) {
+        let api = self.nodes[0].create_api(&self.root_key, "testkit").await;
+        self.nodes[0]
+            .create_key(&self.root_key, &api, credits)
+            .await
+    }
+
+    /// `SELECT remaining FROM keys WHERE id = …` on the Postgres ledger.
     pub fn sql_remaining(&self, key_id: &str) -> Result<Option<i64>> {
-        let (Some(pg), Some(db)) = (self.postgres(), &self.pg_database) else {
+        let Some(s) = &self.services else {
             bail!("sql_remaining needs a Postgres ledger");
         };
-        let out = pg.query(
-            db,
+        let out = s.postgres.query(
+            &s.databases.postgres_database,
             &format!(
                 "SELECT remaining FROM keys WHERE id = '{}'",
                 key_id.replace('\'', "")
@@ -224,65 +267,110 @@ impl Cluster {
 
     /// A query on this cluster's ClickHouse database.
     pub fn clickhouse_query(&self, sql: &str) -> Result<String> {
-        let (Some(ch), Some(db)) = (self.clickhouse(), &self.clickhouse_database) else {
+        let Some(s) = &self.services else {
             bail!("no ClickHouse in this cluster");
         };
-        ch.query_in(Some(db), sql)
+        s.clickhouse
+            .query_in(Some(&s.databases.clickhouse_database), sql)
     }
 
-    /// Stops node `i` gracefully (in-process: shutdown and wait; process: SIGTERM).
-    pub async fn stop_node(&mut self, i: usize) -> Result<()> {
-        let node = &mut self.nodes[i];
-        match std::mem::replace(&mut node.running, Running::Stopped) {
-            Running::InProcess { stop, task } => {
-                if let Some(stop) = stop {
-                    let _ = stop.send(());
+    /// `credits.remaining` of `key_id` as every node answers `keys.getKey`, in node order.
+    pub async fn remaining_on_every_node(&self, key_id: &str) -> Vec<Option<u64>> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            out.push(node.remaining(&self.root_key, key_id).await);
+        }
+        out
+    }
+
+    /// Waits at most `bound` until every node answers the same remaining balance for
+    /// `key_id` and the ledger (Postgres) holds exactly it; returns it. Panics with the
+    /// last figures when the bound passes.
+    pub async fn assert_converged(&self, key_id: &str, bound: Duration) -> u64 {
+        let started = Instant::now();
+        loop {
+            let nodes = self.remaining_on_every_node(key_id).await;
+            let sql = self.sql_remaining(key_id).expect("reading the ledger");
+            let first = nodes.first().copied().flatten();
+            if let Some(r) = first {
+                if nodes.iter().all(|n| *n == Some(r)) && sql == i64::try_from(r).ok() {
+                    println!("converged on {r} after {:?}", started.elapsed());
+                    return r;
                 }
-                tokio::time::timeout(Duration::from_secs(20), task).await???;
             }
-            Running::Process { mut child, .. } => {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(child.id().to_string())
-                    .status();
-                wait_child(&mut child, Duration::from_secs(20))?;
-            }
-            Running::Stopped => {}
-        }
-        Ok(())
-    }
-
-    /// `kill -9` of node `i` (process nodes only).
-    pub fn kill9_node(&mut self, i: usize) -> Result<()> {
-        let node = &mut self.nodes[i];
-        match &mut node.running {
-            Running::Process { child, .. } => {
-                child.kill().context("kill -9")?;
-                let _ = child.wait();
-                node.running = Running::Stopped;
-                Ok(())
-            }
-            _ => bail!("kill -9 needs process nodes (NodeKind::Process)"),
+            assert!(
+                started.elapsed() < bound,
+                "no convergence within {bound:?}: nodes answer {nodes:?}, the ledger holds {sql:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Starts node `i` again with the same configuration (a new port).
+    /// Verification rows of `key_id` per `node_id`, from the analytics in ClickHouse: the
+    /// spread as the servers saw it.
+    pub fn verifications_per_node(&self, key_id: &str) -> Result<BTreeMap<String, u64>> {
+        let rows = self.clickhouse_query(&format!(
+            "SELECT node_id, count() FROM key_verifications WHERE key_id = '{}' GROUP BY node_id ORDER BY node_id FORMAT TabSeparated",
+            key_id.replace('\'', "")
+        ))?;
+        rows.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (node, n) = l
+                    .split_once('\t')
+                    .with_context(|| format!("unexpected row {l:?}"))?;
+                Ok((node.to_owned(), n.trim().parse().context("count")?))
+            })
+            .collect()
+    }
+
+    /// Waits at most `bound` until ClickHouse holds `total` verification rows of
+    /// `key_id`; returns them per node.
+    pub async fn wait_verifications_per_node(
+        &self,
+        key_id: &str,
+        total: u64,
+        bound: Duration,
+    ) -> BTreeMap<String, u64> {
+        let started = Instant::now();
+        loop {
+            let per_node = self
+                .verifications_per_node(key_id)
+                .expect("reading analytics");
+            let n: u64 = per_node.values().sum();
+            if n >= total || started.elapsed() >= bound {
+                assert_eq!(n, total, "verification rows in ClickHouse: {per_node:?}");
+                return per_node;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every process node's stderr.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::stderr)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Credits the nodes logged as written off (process nodes).
+    pub fn reported_lost(&self) -> u64 {
+        reported_lost(&self.logs())
+    }
+
+    /// Stops node `i` gracefully (bounded).
+    pub async fn stop_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].stop(Duration::from_secs(20)).await.map(drop)
+    }
+
+    /// Starts node `i` again with the same configuration (a new port); stops it first
+    /// when it still runs.
     pub async fn restart_node(&mut self, i: usize) -> Result<()> {
         self.stop_node(i).await?;
-        let dir = self.data.path().join(format!("node{i}"));
-        let config = self.nodes[i].config.clone();
-        self.nodes[i] = start_node(config, &self.kind, &dir).await?;
+        self.nodes[i] = self.nodes[i].start_again().await?;
         Ok(())
-    }
-
-    /// The stderr of a process node (engine reports such as written-off credits).
-    pub fn node_log(&self, i: usize) -> String {
-        match &self.nodes[i].running {
-            Running::Process { logs, .. } => {
-                std::fs::read_to_string(logs.join("stderr.log")).unwrap_or_default()
-            }
-            _ => String::new(),
-        }
     }
 
     /// Stops every node gracefully.
@@ -298,148 +386,11 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.stop_node(i).await?;
         }
-        if let (Some(pg), Some(db)) = (self.postgres(), &self.pg_database) {
-            pg.query("postgres", &format!("DROP DATABASE IF EXISTS {db}"))?;
-        }
-        if let (Some(ch), Some(db)) = (self.clickhouse(), &self.clickhouse_database) {
-            ch.query(&format!("DROP DATABASE IF EXISTS {db}"))?;
+        if let Some(s) = self.services.take() {
+            tokio::task::spawn_blocking(move || s.databases.drop_from(&s.postgres, &s.clickhouse))
+                .await
+                .context("the teardown task failed")??;
         }
         Ok(())
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        match std::mem::replace(&mut self.running, Running::Stopped) {
-            Running::InProcess { stop, task } => {
-                if let Some(stop) = stop {
-                    let _ = stop.send(());
-                }
-                task.abort();
-            }
-            Running::Process { mut child, .. } => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            Running::Stopped => {}
-        }
-    }
-}
-
-async fn start_node(config: ServeConfig, kind: &NodeKind, dir: &Path) -> Result<Node> {
-    let node_id = config.node_id.clone().unwrap_or_default();
-    match kind {
-        NodeKind::InProcess => {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}", listener.local_addr()?);
-            let app = App::build(config.clone(), node_id.clone()).await?;
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(app.serve(listener, async move {
-                let _ = stopped.await;
-            }));
-            wait_live(&url, None).await?;
-            Ok(Node {
-                url,
-                node_id,
-                config,
-                running: Running::InProcess {
-                    stop: Some(stop),
-                    task,
-                },
-            })
-        }
-        NodeKind::Process { binary } => {
-            let logs = dir.join("logs");
-            std::fs::create_dir_all(&logs)?;
-            let port = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-                l.local_addr()?.port()
-            };
-            let mut cmd = Command::new(binary);
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("CREDITGATE_") {
-                    cmd.env_remove(k);
-                }
-            }
-            cmd.arg("serve")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(&config.data_dir)
-                .arg("--node-id")
-                .arg(&node_id)
-                .env(
-                    "CREDITGATE_ROOT_KEY",
-                    config.root_key.clone().unwrap_or_default(),
-                )
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(std::fs::File::create(logs.join("stdout.log"))?)
-                .stderr(std::fs::File::create(logs.join("stderr.log"))?);
-            for (flag, value) in [
-                ("--redis-url", &config.redis_url),
-                ("--database-url", &config.database_url),
-                ("--clickhouse-url", &config.clickhouse_url),
-            ] {
-                if let Some(v) = value {
-                    cmd.arg(flag).arg(v);
-                }
-            }
-            let mut child = cmd
-                .spawn()
-                .with_context(|| format!("spawning {}", binary.display()))?;
-            let url = format!("http://127.0.0.1:{port}");
-            if let Err(e) = wait_live(&url, Some(&mut child)).await {
-                let log = std::fs::read_to_string(logs.join("stderr.log")).unwrap_or_default();
-                let _ = child.kill();
-                bail!("node {node_id} did not start: {e}\n{log}");
-            }
-            Ok(Node {
-                url,
-                node_id,
-                config,
-                running: Running::Process { child, logs },
-            })
-        }
-    }
-}
-
-async fn wait_live(url: &str, mut child: Option<&mut Child>) -> Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(c) = child.as_deref_mut() {
-            if let Some(status) = c.try_wait()? {
-                bail!("exited early with {status}");
-            }
-        }
-        if let Ok(r) = client
-            .get(format!("{url}/v2/liveness"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no liveness at {url} within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn wait_child(child: &mut Child, bound: Duration) -> Result<()> {
-    let deadline = Instant::now() + bound;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("node did not exit within {bound:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,66 +1,58 @@
-//! Real servers for tests: [`RedisServer`], [`Postgres`] and [`ClickHouse`] run as child
-//! processes on free loopback ports with temporary data directories.
+//! The test harness of creditgate, a thin layer over `creditgate-local`:
 //!
-//! - **Lifecycle**: `start()` waits until the server answers (bounded); dropping the
-//!   handle stops it and removes its directory. Errors include the tail of the server's
-//!   log. A watchdog process stops a server whose test process died without dropping it
-//!   (crash, `SIGKILL`, or a `shared()` static, which Rust never drops).
-//! - **Sharing**: `shared()` returns one `&'static` instance per test binary, started on
-//!   first use; isolate tests on it with [`unique_name`] (database names, key or table
-//!   prefixes). Tests that inject faults (`kill9`, `stop`, `pause`) start their own.
-//! - **Faults**: `kill9()`, `stop()`, `start_again()` / `restart()` on the same port,
-//!   `pause()` / `resume()` (SIGSTOP / SIGCONT) for Redis and ClickHouse.
+//! - [`Cluster::builder`]: N nodes, in this process (`App` on its own listener) or as
+//!   child processes of the real binary (needed to `kill -9` one), on the embedded
+//!   default or on Redis, Postgres and ClickHouse, each either shared by the test binary
+//!   ([`Shared`]) or the cluster's own (for tests that kill, stop or pause it); every
+//!   start retries on a taken port (the launchers do). Helpers check what the tests
+//!   assert: [`Cluster::remaining_on_every_node`], [`Cluster::verifications_per_node`]
+//!   (server side, from the analytics `node_id`), [`Cluster::reported_lost`].
+//! - [`Node`]: one node with the HTTP calls tests make (`call`, `ok`, `verify`, …).
+//! - [`Shared`]: `RedisServer::shared()` & co, one instance per test binary.
 //!
-//! Every call blocks the calling thread (bounded) and needs no async runtime, so it works
-//! from `#[test]`, `#[tokio::test]` and `OnceLock` initialisers alike.
+//! Test code: helpers panic with context instead of returning errors where a test
+//! could do nothing but unwrap.
 
-mod clickhouse;
-pub mod cluster;
-mod postgres;
-mod process;
-mod redis;
+mod cluster;
+mod node;
 
-pub use clickhouse::ClickHouse;
-pub use cluster::{Backends, Cluster, ClusterOptions, NodeKind};
-pub use postgres::Postgres;
-pub use redis::RedisServer;
+pub use cluster::{Cluster, ClusterBuilder, NodeKind, Provision};
+pub use creditgate_local::{
+    unique_name, ClickHouse, Databases, NodeOptions, NodeProcess, Postgres, RedisServer,
+    ServiceUrls,
+};
+pub use node::{reported_lost, Node};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-/// A fresh name for per-test isolation: `<prefix>_<pid>_<n>_<random>`, lower case,
-/// letters, digits and `_` only — valid as a Postgres or ClickHouse database name, a
-/// ClickHouse table prefix, or a Redis key prefix. Keep `prefix` short (Postgres
-/// truncates names at 63 bytes).
-pub fn unique_name(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let random: u16 = rand::random();
-    format!("{prefix}_{}_{n}_{random:04x}", std::process::id()).to_ascii_lowercase()
+/// One server per test binary, started on first use; never dropped (the launcher's
+/// watchdog stops it when the test binary exits). Panics with the server's log when it
+/// cannot start. Tests that kill, stop or pause a server start their own.
+pub trait Shared: Sized + 'static {
+    fn shared() -> &'static Self;
 }
 
-/// Database names are spliced into SQL: allow `[A-Za-z0-9_]` only.
-fn valid_identifier(name: &str) -> anyhow::Result<&str> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    anyhow::ensure!(
-        ok,
-        "invalid name {name:?}: use letters, digits and '_' (≤ 63)"
-    );
-    Ok(name)
+fn shared_or_panic<T>(cell: &'static OnceLock<T>, start: fn() -> anyhow::Result<T>) -> &'static T {
+    cell.get_or_init(|| start().unwrap_or_else(|e| panic!("{e:#}")))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Shared for RedisServer {
+    fn shared() -> &'static Self {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        shared_or_panic(&SHARED, RedisServer::start)
+    }
+}
 
-    #[test]
-    fn unique_names_are_distinct_and_valid_identifiers() {
-        let a = unique_name("t");
-        let b = unique_name("t");
-        assert_ne!(a, b);
-        assert!(valid_identifier(&a).is_ok(), "{a}");
-        assert!(valid_identifier("a;b").is_err());
-        assert!(valid_identifier("").is_err());
+impl Shared for Postgres {
+    fn shared() -> &'static Self {
+        static SHARED: OnceLock<Postgres> = OnceLock::new();
+        shared_or_panic(&SHARED, Postgres::start)
+    }
+}
+
+impl Shared for ClickHouse {
+    fn shared() -> &'static Self {
+        static SHARED: OnceLock<ClickHouse> = OnceLock::new();
+        shared_or_panic(&SHARED, ClickHouse::start)
     }
 }

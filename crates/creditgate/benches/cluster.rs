@@ -1,22 +1,13 @@
 //! `cargo bench -p creditgate --bench cluster`: verifications per second and p50/p99 of
 //! 3 nodes on one Redis (Postgres ledger, ClickHouse analytics) at 32 connections, for one
-//! hot key and for 1,000 keys, and the SQL writes per 1,000 verifications. The load runs
-//! in this process, on the same machine as the nodes: the figures include that contention.
+//! hot key and for 1,000 keys, and the SQL writes per 1,000 verifications. The load
+//! (the shared load generator, closed loop) runs in this process, on the same machine as
+//! the nodes: the figures include that contention.
 
-#[path = "../tests/process/node.rs"]
-#[allow(dead_code)]
-mod node;
+use std::time::Duration;
 
-#[path = "../tests/multinode/cluster.rs"]
-#[allow(dead_code)]
-mod cluster;
-
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use cluster::{Backends, Cluster, ROOT};
-use creditgate_testkit::{Postgres, RedisServer};
-use serde_json::json;
+use creditgate_loadgen::{run, Mode, NodeChoice, Plan, Report, Stop};
+use creditgate_testkit::{Cluster, Postgres, Provision};
 
 const CONNECTIONS: usize = 32;
 
@@ -28,53 +19,23 @@ fn seconds() -> u64 {
 }
 
 /// Closed-loop load: `CONNECTIONS` workers, request i to node i % 3 and key i % keys.
-async fn run(urls: &[String], keys: &[String], secs: u64) -> (f64, f64, f64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let urls = Arc::new(urls.to_vec());
-    let keys = Arc::new(keys.to_vec());
-    let mut tasks = Vec::new();
-    for w in 0..CONNECTIONS {
-        let (urls, keys) = (urls.clone(), keys.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut lat = Vec::new();
-            let mut bad = 0u64;
-            let mut i = w;
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let r = client
-                    .post(format!("{}/v2/keys.verifyKey", urls[i % urls.len()]))
-                    .bearer_auth(ROOT)
-                    .json(&json!({"key": keys[i % keys.len()], "credits": {"cost": 1}}))
-                    .send()
-                    .await;
-                let ok = match r {
-                    Ok(r) => {
-                        r.status().is_success()
-                            && r.text().await.is_ok_and(|b| b.contains("\"VALID\""))
-                    }
-                    Err(_) => false,
-                };
-                lat.push(started.elapsed());
-                bad += u64::from(!ok);
-                i += CONNECTIONS;
-            }
-            (lat, bad)
-        }));
-    }
-    let mut lat = Vec::new();
-    let mut bad = 0;
-    for t in tasks {
-        let (l, b) = t.await.expect("worker");
-        lat.extend(l);
-        bad += b;
-    }
-    lat.sort();
-    let pct = |permille: usize| {
-        let i = lat.len().saturating_sub(1) * permille / 1000;
-        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+async fn load(cluster: &Cluster, keys: &[String], secs: u64) -> Report {
+    let plan = Plan {
+        nodes: cluster.urls(),
+        root_key: cluster.root_key.clone(),
+        keys: keys.to_vec(),
+        cost: 1,
+        mode: Mode::Closed {
+            concurrency: CONNECTIONS,
+            think_time: None,
+        },
+        stop: Stop::After(Duration::from_secs(secs)),
+        node_choice: NodeChoice::RoundRobin,
+        request_timeout: Duration::from_secs(10),
+        max_in_flight: CONNECTIONS,
+        keep_request_ids: false,
     };
-    (lat.len() as f64 / secs as f64, pct(500), pct(990), bad)
+    run(&plan, None).await
 }
 
 fn sql_writes(pg: &Postgres, db: &str) -> u64 {
@@ -90,16 +51,25 @@ fn sql_writes(pg: &Postgres, db: &str) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs = seconds();
-    let redis = RedisServer::start().expect("redis");
-    let pg = Postgres::shared();
-    let cluster = Cluster::start(3, Backends::on(&redis, pg)).await;
-    let urls = cluster.urls();
-    let api = cluster.nodes[0].create_api(ROOT, "bench").await;
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .services(Provision::Own, Provision::Shared, Provision::Shared)
+        .process_nodes(env!("CARGO_BIN_EXE_creditgate"))
+        .start()
+        .await
+        .expect("cluster");
+    let pg = cluster.postgres().expect("postgres");
+    let db = cluster
+        .databases()
+        .expect("databases")
+        .postgres_database
+        .clone();
+    let node = &cluster.nodes[0];
+    let api = node.create_api(&cluster.root_key, "bench").await;
     let mut keys = Vec::new();
     for _ in 0..1000 {
         keys.push(
-            cluster.nodes[0]
-                .create_key(ROOT, &api, 1_000_000_000)
+            node.create_key(&cluster.root_key, &api, 1_000_000_000)
                 .await
                 .1,
         );
@@ -109,12 +79,15 @@ async fn main() {
     println!("|---|---|---|---|---|---|");
     for (label, set) in [("1 (hot)", &keys[..1]), ("1,000", &keys[..])] {
         // Warm every key once so the table measures steady state.
-        let _ = run(&urls, set, 1).await;
-        let before = sql_writes(pg, &cluster.backends.pg_db);
-        let (rps, p50, p99, bad) = run(&urls, set, secs).await;
-        let after = sql_writes(pg, &cluster.backends.pg_db);
-        let total = rps * secs as f64;
-        let per_k = (after.saturating_sub(before)) as f64 * 1000.0 / total.max(1.0);
-        println!("| {label} | {rps:.0} | {p50:.2} | {p99:.2} | {bad} | {per_k:.2} |");
+        let _ = load(&cluster, set, 1).await;
+        let before = sql_writes(pg, &db);
+        let r = load(&cluster, set, secs).await;
+        let after = sql_writes(pg, &db);
+        let bad = r.requests - r.valid;
+        let per_k = (after.saturating_sub(before)) as f64 * 1000.0 / (r.requests.max(1) as f64);
+        println!(
+            "| {label} | {:.0} | {:.2} | {:.2} | {bad} | {per_k:.2} |",
+            r.rps, r.latency_ms.p50, r.latency_ms.p99
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! `creditgate`: the binary. Parses the command line, sets up logging, and hands over to
-//! the server crate (`serve`, `root-key`), the testkit (`cluster`) or the load generator
-//! (`loadtest`). No logic lives here.
+//! the server crate (`serve`, `root-key`), the local-process supervisor (`cluster`,
+//! `loadtest --spawn`) or the load generator (`loadtest`). No logic lives here.
 
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use clap::{Parser, Subcommand};
+use creditgate_loadgen::loadtest::{Target, MAX_SPAWNED_NODES};
+use creditgate_local::{LocalCluster, LocalClusterOptions};
 use creditgate_server::{LogFormat, ServeConfig, DEFAULT_WORKSPACE};
 use tracing_subscriber::EnvFilter;
 
@@ -97,6 +99,34 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Starts a local `nodes`-node cluster with its own Redis, Postgres and ClickHouse; the
+/// nodes are child processes of this executable. `root_key`: default a fresh one.
+async fn start_local_cluster(
+    nodes: usize,
+    root_key: Option<String>,
+) -> anyhow::Result<LocalCluster> {
+    ensure!(
+        (1..=MAX_SPAWNED_NODES).contains(&nodes),
+        "the node count must be between 1 and {MAX_SPAWNED_NODES}, not {nodes}"
+    );
+    let binary = std::env::current_exe().context("locating the creditgate binary")?;
+    let mut options = LocalClusterOptions::new(nodes, binary);
+    if let Some(key) = root_key.filter(|k| !k.is_empty()) {
+        options.root_key = key;
+    }
+    tokio::task::spawn_blocking(move || LocalCluster::start(options))
+        .await
+        .context("the cluster start task failed")?
+        .context("starting the local cluster")
+}
+
+/// Stops the nodes gracefully (bounded), then the services.
+async fn stop_local_cluster(cluster: LocalCluster) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || cluster.shutdown())
+        .await
+        .context("the cluster stop task failed")?
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
@@ -129,24 +159,40 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Cluster { nodes, root_key } => {
             init_logging(LogFormat::Pretty, "warn");
             eprintln!("starting {nodes} node(s) with their own Redis, Postgres and ClickHouse…");
-            let cluster = creditgate_loadgen::loadtest::start_cluster(nodes, root_key).await?;
-            for node in &cluster.nodes {
-                println!("{}  {}", node.node_id, node.url);
+            let cluster = start_local_cluster(nodes, root_key).await?;
+            for node in cluster.nodes() {
+                println!("{}  {}", node.node_id().unwrap_or("node"), node.url());
             }
-            println!("root key  {}", cluster.root_key);
+            println!("root key  {}", cluster.root_key());
             println!(
                 "try: creditgate loadtest --nodes {} --root-key {}",
                 cluster.urls().join(","),
-                cluster.root_key
+                cluster.root_key()
             );
             eprintln!("Ctrl-C stops the cluster");
             shutdown_signal().await;
-            cluster.shutdown().await?;
+            stop_local_cluster(cluster).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Loadtest(args) => {
             init_logging(LogFormat::Pretty, "warn");
-            creditgate_loadgen::loadtest::run_cli(args).await
+            let Some(n) = args.spawn else {
+                let target = Target::from_args(&args)?;
+                return creditgate_loadgen::loadtest::run_cli(args, target).await;
+            };
+            eprintln!("starting a local {n}-node cluster (own Redis, Postgres, ClickHouse)…");
+            let cluster = start_local_cluster(n, args.root_key.clone()).await?;
+            let target = Target {
+                nodes: cluster.urls(),
+                root_key: cluster.root_key().to_owned(),
+                spawned: true,
+            };
+            let result = creditgate_loadgen::loadtest::run_cli(args, target).await;
+            eprintln!("stopping the local cluster…");
+            if let Err(e) = stop_local_cluster(cluster).await {
+                eprintln!("warning: stopping the local cluster: {e:#}");
+            }
+            result
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `creditgate loadtest`: options, setup, the live progress line, the final table, JSON and HTML outputs, exit status.
 //!
-//! One run: pick the nodes (`--nodes` of an existing deployment, or `--spawn N` local
-//! nodes on their own Redis, Postgres and ClickHouse), create an API and `--keys` keys of
+//! One run: take the node URLs ([`Target`]: `--nodes` of an existing deployment, or the
+//! local cluster the binary started for `--spawn N`; this crate never starts processes),
+//! create an API and `--keys` keys of
 //! `--credits` each through the public API, drive them with [`crate::run`] while a
 //! progress line redraws on stderr, read every key's balance back with `keys.getKey`,
 //! delete the API (unless `--keep`), print the table on stdout and write `--json` /
@@ -9,7 +10,6 @@
 //! `--max-error-rate`, or nothing was sent.
 
 mod args;
-mod cluster;
 mod progress;
 mod setup;
 mod summary;
@@ -25,7 +25,6 @@ pub use args::{
     LoadtestArgs, ModeArg, DEFAULT_CLOSED_CONCURRENCY, DEFAULT_OPEN_MAX_IN_FLIGHT, MAX_KEYS,
     MAX_SPAWNED_NODES,
 };
-pub use cluster::start_cluster;
 pub use progress::progress_line;
 pub use summary::{expected_valid, format_table, table_rows, Scenario, Summary};
 
@@ -38,46 +37,47 @@ use crate::{html, Report};
 /// Exit status when the run was interrupted by Ctrl-C (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
-/// Runs `creditgate loadtest`; returns the exit status (1: the run failed its checks,
-/// 130: interrupted). Setup errors are errors.
-pub async fn run_cli(args: LoadtestArgs) -> Result<ExitCode> {
+/// The nodes a run drives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Base URLs of the nodes.
+    pub nodes: Vec<String>,
+    /// A root key with permission to create APIs and keys and to verify.
+    pub root_key: String,
+    /// The nodes are a local cluster started for this run (`--spawn`).
+    pub spawned: bool,
+}
+
+impl Target {
+    /// The `--nodes` and `--root-key` of an existing deployment.
+    pub fn from_args(args: &LoadtestArgs) -> Result<Self> {
+        let nodes = args
+            .nodes
+            .iter()
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let root_key = args
+            .root_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .context("--nodes needs --root-key (or CREDITGATE_ROOT_KEY)")?;
+        Ok(Self {
+            nodes,
+            root_key,
+            spawned: false,
+        })
+    }
+}
+
+/// Runs `creditgate loadtest` against `target`; returns the exit status (1: the run
+/// failed its checks, 130: interrupted). Setup errors are errors.
+pub async fn run_cli(args: LoadtestArgs, target: Target) -> Result<ExitCode> {
     // A short random default seed is easy to type back in.
     let seed = args
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let cluster = match args.spawn {
-        Some(n) => {
-            eprintln!("starting a local {n}-node cluster (own Redis, Postgres, ClickHouse)…");
-            Some(start_cluster(n, args.root_key.clone()).await?)
-        }
-        None => None,
-    };
-    let (nodes, root_key) = match &cluster {
-        Some(c) => (c.urls(), c.root_key.clone()),
-        None => {
-            let nodes = args
-                .nodes
-                .iter()
-                .map(|u| u.trim().trim_end_matches('/').to_owned())
-                .filter(|u| !u.is_empty())
-                .collect();
-            let root = args
-                .root_key
-                .clone()
-                .filter(|k| !k.is_empty())
-                .context("--nodes needs --root-key (or CREDITGATE_ROOT_KEY)")?;
-            (nodes, root)
-        }
-    };
-
-    let result = session(&args, nodes, root_key, seed, cluster.is_some()).await;
-
-    if let Some(cluster) = cluster {
-        eprintln!("stopping the local cluster…");
-        if let Err(e) = cluster.shutdown().await {
-            eprintln!("warning: stopping the local cluster: {e:#}");
-        }
-    }
+    let result = session(&args, target.nodes, target.root_key, seed, target.spawned).await;
     match result? {
         Finished::Interrupted => Ok(ExitCode::from(EXIT_INTERRUPTED)),
         Finished::Done { passed: true } => Ok(ExitCode::SUCCESS),

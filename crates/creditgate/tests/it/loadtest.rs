@@ -4,16 +4,14 @@
 //!
 //! Every run is bounded; a failing test prints the command's stdout and stderr.
 
-#[path = "process/node.rs"]
-#[allow(dead_code)]
-mod node;
-
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use node::{run_bounded, tokio_command, Node};
+use creditgate_testkit::Node;
 use serde_json::{json, Value};
+
+use crate::support::{run_bounded, tokio_command, BIN};
 
 const ROOT: &str = "cg_root_loadtest_test_secret_0123456789";
 /// Bound on one `creditgate loadtest` run (cluster start, 10 s of load, teardown).
@@ -124,7 +122,7 @@ async fn spawned_three_node_cluster_spends_exactly_the_credits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drives_an_embedded_node_over_two_keys_and_deletes_its_api() {
     let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, data.path(), Some(ROOT)).await;
     let dir = tempfile::tempdir().unwrap();
     // 2 keys × 150 credits at cost 3: 100 verifications can pass. The rate spends all
     // 300 credits in 4 s at load 1.5: ceil(25 × 1.5) = 38/s, 152 requests, 76 per key.
@@ -171,7 +169,7 @@ async fn drives_an_embedded_node_over_two_keys_and_deletes_its_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_fails_the_run_when_no_error_is_allowed() {
     let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, data.path(), Some(ROOT)).await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
@@ -200,7 +198,7 @@ async fn a_dead_node_fails_the_run_when_no_error_is_allowed() {
     assert!(stderr.contains("FAIL: error rate"), "{stderr}");
 
     let v = json_of(&dir.path().join("out.json"));
-    assert!(u(&v["errors"], "transport") > 0, "{}", v["errors"]);
+    assert!(u(&v["errors"], "connect") > 0, "{}", v["errors"]);
     assert!(u(&v["nodes"], &dead) > 0, "{}", v["nodes"]);
     assert_eq!(v["passed"], false);
     assert_eq!(u(&v, "over_spend"), 0);

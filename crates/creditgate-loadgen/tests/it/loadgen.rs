@@ -3,44 +3,31 @@
 use std::time::{Duration, Instant};
 
 use creditgate_loadgen::{run, Admin, Mode, NodeChoice, Plan, Progress, Report, Stop};
-use creditgate_server::{App, ServeConfig};
+use creditgate_testkit::Cluster;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const ROOT_KEY: &str = "cg_root_loadgen_test_secret";
 
-/// One creditgate node on a free loopback port with its own data directory; stops on drop.
+/// One creditgate node in this process on the embedded default (the testkit's
+/// cluster of one); stops on drop.
 struct TestNode {
-    port: u16,
-    stop: Option<oneshot::Sender<()>>,
-    _data: tempfile::TempDir,
+    cluster: Cluster,
 }
 
 impl TestNode {
     async fn start() -> TestNode {
-        let data = tempfile::tempdir().expect("temp dir");
-        let config = ServeConfig {
-            root_key: Some(ROOT_KEY.into()),
-            ..ServeConfig::for_data_dir(data.path())
-        };
-        let app = App::build(config, "node-test".into())
+        let cluster = Cluster::builder()
+            .embedded()
+            .root_key(ROOT_KEY)
+            .start()
             .await
-            .expect("node builds");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("local addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(app.serve(listener, async move {
-            let _ = stopped.await;
-        }));
-        TestNode {
-            port,
-            stop: Some(stop),
-            _data: data,
-        }
+            .unwrap_or_else(|e| panic!("starting a node: {e:#}"));
+        TestNode { cluster }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.cluster.nodes[0].url.clone()
     }
 
     fn admin(&self) -> Admin {
@@ -52,14 +39,6 @@ impl TestNode {
         let admin = self.admin();
         let api = admin.create_api("loadgen_test").await.expect("createApi");
         admin.create_key(&api, credits).await.expect("createKey")
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 
@@ -218,8 +197,9 @@ async fn open_loop_keeps_its_schedule() {
 async fn round_robin_splits_exactly() {
     let node = TestNode::start().await;
     let (_, secret) = node.key(None).await;
-    let a = format!("http://127.0.0.1:{}", node.port);
-    let b = format!("http://localhost:{}", node.port);
+    // One node under two names.
+    let a = node.url();
+    let b = a.replace("127.0.0.1", "localhost");
     let mut plan = plan(
         vec![a.clone(), b.clone()],
         secret,
@@ -254,7 +234,7 @@ fn rate_for_follows_the_suite_formula() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_node_gives_transport_errors_and_the_run_ends_on_time() {
+async fn a_dead_node_gives_connect_errors_and_the_run_ends_on_time() {
     let node = TestNode::start().await;
     let (_, secret) = node.key(None).await;
     let dead = format!("http://127.0.0.1:{}", dead_port().await);
@@ -271,8 +251,9 @@ async fn a_dead_node_gives_transport_errors_and_the_run_ends_on_time() {
     eprintln!("{} wall={wall:?}", summary(&r));
 
     assert_eq!(r.requests, 100);
-    assert_eq!(r.errors.get("transport"), Some(&50));
+    assert_eq!(r.errors.get("connect"), Some(&50));
     assert_eq!(r.errors.len(), 1, "errors: {:?}", r.errors);
+    assert_eq!(r.ambiguous_count(), 0, "a refused connection spent nothing");
     assert_eq!(r.valid, 50);
     assert_eq!(r.nodes.get(&dead), Some(&50));
     assert!((r.error_rate() - 0.5).abs() < 1e-9);

@@ -2,14 +2,13 @@
 //!
 //! Binaries come from `$CREDITGATE_PG_BINDIR`, else the newest
 //! `/usr/lib/postgresql/<v>/bin` (Debian), else `PATH`. Postgres refuses to run as root,
-//! so when the tests run as root, `initdb` and `postgres` run as the `postgres` system
+//! so when run as root, `initdb` and `postgres` run as the `postgres` system
 //! user (the uid/gid are set directly, like `runuser -u postgres --` but keeping the
 //! server's pid, so signals reach the postmaster) in a directory under `/tmp` owned by it.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -25,11 +24,11 @@ const INITDB_TIMEOUT: Duration = Duration::from_secs(120);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PSQL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A Postgres server for tests: trust authentication for `postgres` on 127.0.0.1,
-/// `fsync`, `synchronous_commit` and `full_page_writes` off, stopped on drop (immediate
-/// shutdown). Every method takes `&self`, so a [`Postgres::shared`] instance works from
-/// any test; use [`Postgres::create_database`] per test for isolation, and a private
-/// instance for tests that stop or kill it.
+/// A throw-away Postgres server: trust authentication for `postgres` on 127.0.0.1,
+/// `fsync`, `synchronous_commit` and `full_page_writes` off (its data is disposable),
+/// stopped on drop (immediate shutdown). Every method takes `&self`, so one instance can
+/// be shared; use [`Postgres::create_database`] per user for isolation, and a private
+/// instance to stop or kill.
 pub struct Postgres {
     // Declared first: the process stops before its directory is removed.
     process: Supervisor,
@@ -118,13 +117,6 @@ impl Postgres {
         Ok(server)
     }
 
-    /// One server per test binary, started on first use. Panics (with the server's log)
-    /// when it cannot start.
-    pub fn shared() -> &'static Postgres {
-        static SHARED: OnceLock<Postgres> = OnceLock::new();
-        SHARED.get_or_init(|| Self::start().unwrap_or_else(|e| panic!("{e:#}")))
-    }
-
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
         self.database_url("postgres")
@@ -175,7 +167,7 @@ impl Postgres {
 
     /// Fast shutdown (SIGINT: clients are disconnected, a checkpoint is written), bounded.
     pub fn stop(&self) -> Result<()> {
-        self.process.stop_with("INT", STOP_TIMEOUT)
+        self.process.stop_with("INT", STOP_TIMEOUT).map(drop)
     }
 
     /// SIGKILL of the postmaster (a crash); backends exit when they notice.

@@ -7,28 +7,25 @@
 //! root without complaint. The binary is `$CREDITGATE_CLICKHOUSE_BIN`, else
 //! `clickhouse-server` (PATH, `/usr/sbin`, `/usr/bin`), else `clickhouse server`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
-use crate::process::{free_port, with_retries, Supervisor, STOP_TIMEOUT};
+use crate::process::{free_port, http, with_retries, Supervisor, STOP_TIMEOUT};
 use crate::valid_identifier;
 
 /// Bound on startup (until `GET /ping` answers `Ok.`).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on one HTTP request of the testkit (`query`, `ping`).
+/// Bound on one HTTP request of the launcher (`query`, `ping`).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A ClickHouse server for tests, stopped (SIGKILL) on drop. Every method takes `&self`,
-/// so a [`ClickHouse::shared`] instance works from any test; isolate tests with
+/// A throw-away ClickHouse server, stopped (SIGKILL) on drop. Every method takes `&self`,
+/// so one instance can be shared; isolate its users with
 /// [`ClickHouse::create_database`] or table prefixes, and use a private instance for
-/// tests that stop, kill or pause it.
+/// whoever stops, kills or pauses it.
 pub struct ClickHouse {
     // Declared first: the process stops before its directory is removed.
     process: Supervisor,
@@ -85,13 +82,6 @@ impl ClickHouse {
         })
     }
 
-    /// One server per test binary, started on first use. Panics (with the server's log)
-    /// when it cannot start.
-    pub fn shared() -> &'static ClickHouse {
-        static SHARED: OnceLock<ClickHouse> = OnceLock::new();
-        SHARED.get_or_init(|| Self::start().unwrap_or_else(|e| panic!("{e:#}")))
-    }
-
     /// `http://127.0.0.1:<http_port>` — what `--clickhouse-url` takes.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
@@ -125,7 +115,13 @@ impl ClickHouse {
             target.push_str("&database=");
             target.push_str(db);
         }
-        let (status, body) = http(self.http_port, "POST", &target, sql.as_bytes())?;
+        let (status, body) = http(
+            self.http_port,
+            HTTP_TIMEOUT,
+            "POST",
+            &target,
+            sql.as_bytes(),
+        )?;
         if status != 200 {
             bail!("ClickHouse answered HTTP {status}: {}", body.trim());
         }
@@ -189,7 +185,7 @@ impl ClickHouse {
             .current_dir(self.dir.path());
         self.process.spawn(&mut cmd)?;
         let ready = self.process.wait_ready(START_TIMEOUT, || {
-            let (status, body) = http(self.http_port, "GET", "/ping", b"")?;
+            let (status, body) = http(self.http_port, HTTP_TIMEOUT, "GET", "/ping", b"")?;
             if status == 200 && body.trim() == "Ok." {
                 Ok(())
             } else {
@@ -316,34 +312,4 @@ fn program() -> Result<(PathBuf, Option<&'static str>)> {
         }
     }
     bail!("no clickhouse-server binary: install the `clickhouse-server` package (scripts/install-deps) or set CREDITGATE_CLICKHOUSE_BIN")
-}
-
-/// A minimal HTTP/1.0 exchange (the reply is then never chunked and ends at close),
-/// usable from sync and async tests alike.
-fn http(port: u16, method: &str, target: &str, body: &[u8]) -> Result<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
-        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    let head = format!(
-        "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut reply = Vec::new();
-    stream
-        .read_to_end(&mut reply)
-        .context("read ClickHouse reply")?;
-    let text = String::from_utf8_lossy(&reply);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP reply: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed HTTP status line: {head:?}"))?;
-    Ok((status, body.to_owned()))
 }

@@ -1,9 +1,8 @@
-//! A `redis-server` on a free loopback port with no persistence, for tests.
+//! A `redis-server` on a free loopback port with no persistence.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,16 +12,18 @@ use crate::process::{free_port, with_retries, Supervisor, STOP_TIMEOUT};
 
 /// Bound on startup (until `PING` answers `PONG`).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Bound on one command sent by the testkit itself.
+/// Bound on one command sent by [`RedisServer::command`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `redis-server --port P --bind 127.0.0.1 --save "" --appendonly no --dir <tmp>`,
-/// stopped (SIGKILL) on drop. Every method takes `&self`, so a [`RedisServer::shared`]
-/// instance can be used from any test; tests that kill or pause it should start their own.
+/// plus any extra arguments, stopped (SIGKILL) on drop. Every method takes `&self`, so one
+/// instance can be shared by many users; whoever kills or pauses it should own it.
 pub struct RedisServer {
     // Declared first: the process stops before its directory is removed.
     process: Supervisor,
     port: u16,
+    /// Extra `redis-server` arguments (`--maxmemory-policy allkeys-lru`, `--replicaof …`).
+    extra_args: Vec<String>,
     dir: TempDir,
 }
 
@@ -39,6 +40,11 @@ impl std::fmt::Debug for RedisServer {
 impl RedisServer {
     /// Starts a server and waits (≤ 15 s) until it answers `PING`.
     pub fn start() -> Result<Self> {
+        Self::start_with(Vec::new())
+    }
+
+    /// [`RedisServer::start`] with extra `redis-server` arguments.
+    pub fn start_with(extra_args: Vec<String>) -> Result<Self> {
         with_retries("redis-server", || {
             let dir = tempfile::Builder::new()
                 .prefix("creditgate-redis-")
@@ -55,18 +61,12 @@ impl RedisServer {
             let server = Self {
                 process,
                 port: free_port()?,
+                extra_args: extra_args.clone(),
                 dir,
             };
             server.launch()?;
             Ok(server)
         })
-    }
-
-    /// One server per test binary, started on first use. Panics (with the server's log)
-    /// when it cannot start.
-    pub fn shared() -> &'static RedisServer {
-        static SHARED: OnceLock<RedisServer> = OnceLock::new();
-        SHARED.get_or_init(|| Self::start().unwrap_or_else(|e| panic!("{e:#}")))
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -137,7 +137,13 @@ impl RedisServer {
         self.process.log_tail()
     }
 
+    /// Starts the server on its port with an empty data set (a replica may have written
+    /// an RDB file, which a restarted server must not load).
     fn launch(&self) -> Result<()> {
+        let dump = self.dir.path().join("dump.rdb");
+        if dump.exists() {
+            std::fs::remove_file(&dump).with_context(|| format!("remove {}", dump.display()))?;
+        }
         let port = self.port.to_string();
         self.process.spawn(
             Command::new("redis-server")
@@ -147,6 +153,7 @@ impl RedisServer {
                 .arg(self.dir.path())
                 .arg("--logfile")
                 .arg(self.dir.path().join("redis.log"))
+                .args(&self.extra_args)
                 .current_dir(self.dir.path()),
         )?;
         self.process.wait_ready(START_TIMEOUT, || {

@@ -1,6 +1,6 @@
 //! Accuracy and decrement tests: concurrent workers (closed loop, a little jitter) on
 //! 1–5 nodes; exact success counts (no tolerance), exact lowest remaining, every node
-//! received traffic and none more than 70 %, SQL balance exact within 10 s.
+//! served verifications and none more than 70 % (from the analytics `node_id`), SQL balance exact within 10 s.
 
 use std::time::Duration;
 

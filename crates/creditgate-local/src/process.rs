@@ -1,11 +1,11 @@
 //! Child processes of the launchers: spawning with logs to files, a watchdog that stops
-//! them when the test process dies (statics are never dropped), signals, bounded waits,
-//! free ports and log tails for error messages.
+//! them when the parent process dies (a crash, `SIGKILL`, or a static that Rust never
+//! drops), signals, bounded waits, free ports, port retry and log tails for errors.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -18,8 +18,8 @@ const LOG_TAIL_BYTES: u64 = 4_000;
 /// How long a graceful stop may take before SIGKILL.
 pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Runs after the test process is gone: signals the server, waits a little, SIGKILLs it and
-/// removes its directory. Exits quietly when the server stops first (stopped by the test).
+/// Runs after the parent process is gone: signals the server, waits a little, SIGKILLs it and
+/// removes its directory. Exits quietly when the server stops first (stopped by its owner).
 const WATCHDOG: &str = r#"
 t=$1; s=$2; sig=$3; d=$4
 while kill -0 "$t" 2>/dev/null && kill -0 "$s" 2>/dev/null; do sleep 0.5; done
@@ -160,11 +160,13 @@ struct Running {
 }
 
 /// One server process at a time (it can be killed and started again), its logs and the
-/// directory the watchdog removes if the test process dies first.
+/// directory the watchdog removes if the parent process dies first.
 pub(crate) struct Supervisor {
     name: &'static str,
-    /// Where stdout and stderr go.
+    /// Where stdout goes.
     stdout_log: PathBuf,
+    /// Where stderr goes (`None`: into the stdout log).
+    stderr_log: Option<PathBuf>,
     /// Every log file whose tail goes into errors.
     logs: Vec<PathBuf>,
     dir: PathBuf,
@@ -189,6 +191,7 @@ impl Supervisor {
         Self {
             name,
             stdout_log,
+            stderr_log: None,
             logs,
             dir: dir.to_owned(),
             stop_signal,
@@ -197,23 +200,39 @@ impl Supervisor {
         }
     }
 
-    /// Spawns `cmd` with stdin closed and output appended to the log; stops a previous
+    /// Sends stderr to its own file (also quoted in errors) instead of the stdout log.
+    pub(crate) fn with_stderr_log(mut self, path: PathBuf) -> Self {
+        self.logs.insert(0, path.clone());
+        self.stderr_log = Some(path);
+        self
+    }
+
+    /// Spawns `cmd` with stdin closed and output appended to the log(s); stops a previous
     /// process first.
     pub(crate) fn spawn(&self, cmd: &mut Command) -> Result<()> {
         self.kill9()?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.stdout_log)
-            .with_context(|| format!("open {}", self.stdout_log.display()))?;
+        let open = |path: &Path| {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("open {}", path.display()))
+        };
+        let stdout = open(&self.stdout_log)?;
+        let stderr = match &self.stderr_log {
+            Some(path) => open(path)?,
+            None => stdout
+                .try_clone()
+                .context("duplicate the log file handle")?,
+        };
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("spawn {} ({:?})", self.name, cmd.get_program()))?;
         let watchdog = Command::new("sh")
-            .args(["-c", WATCHDOG, "creditgate-testkit-watchdog"])
+            .args(["-c", WATCHDOG, "creditgate-local-watchdog"])
             .arg(std::process::id().to_string())
             .arg(child.id().to_string())
             .arg(self.stop_signal)
@@ -225,7 +244,7 @@ impl Supervisor {
         let watchdog = match watchdog {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(error = %e, server = self.name, "no watchdog: the server may outlive a crashed test");
+                tracing::warn!(error = %e, server = self.name, "no watchdog: the server may outlive a crashed parent");
                 None
             }
         };
@@ -306,13 +325,15 @@ impl Supervisor {
 
     /// Graceful stop with the server's stop signal; see [`Supervisor::stop_with`].
     pub(crate) fn stop(&self, timeout: Duration) -> Result<()> {
-        self.stop_with(self.stop_signal, timeout)
+        self.stop_with(self.stop_signal, timeout).map(drop)
     }
 
     /// `signal` (after SIGCONT, in case it is paused), wait ≤ `timeout`, then SIGKILL.
-    pub(crate) fn stop_with(&self, signal: &str, timeout: Duration) -> Result<()> {
+    /// Returns the exit status of a process that exited in time, `None` when it had to
+    /// be killed or was not running.
+    pub(crate) fn stop_with(&self, signal: &str, timeout: Duration) -> Result<Option<ExitStatus>> {
         let Some(mut r) = lock(&self.running).take() else {
-            return Ok(());
+            return Ok(None);
         };
         stop_watchdog(r.watchdog.take());
         let pid = r.child.id();
@@ -320,8 +341,8 @@ impl Supervisor {
         let _ = send_signal(pid, signal);
         let deadline = Instant::now() + timeout;
         loop {
-            if r.child.try_wait()?.is_some() {
-                return Ok(());
+            if let Some(status) = r.child.try_wait()? {
+                return Ok(Some(status));
             }
             if Instant::now() >= deadline {
                 tracing::warn!(
@@ -331,7 +352,7 @@ impl Supervisor {
                 );
                 let _ = r.child.kill();
                 r.child.wait()?;
-                return Ok(());
+                return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -426,4 +447,40 @@ pub(crate) fn with_retries<T>(what: &str, mut attempt: impl FnMut() -> Result<T>
     Err(last
         .unwrap_or_else(|| anyhow!("no attempt"))
         .context(format!("{what}: {ATTEMPTS} attempts failed")))
+}
+
+/// A minimal HTTP/1.0 exchange (the reply is then never chunked and ends at close),
+/// usable from sync and async code alike; every step is bounded by `timeout`.
+pub(crate) fn http(
+    port: u16,
+    timeout: Duration,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> Result<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let head = format!(
+        "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .with_context(|| format!("read the reply of 127.0.0.1:{port}"))?;
+    let text = String::from_utf8_lossy(&reply);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP reply: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("malformed HTTP status line: {head:?}"))?;
+    Ok((status, body.to_owned()))
 }

@@ -4,14 +4,13 @@
 //!
 //! Every wait is bounded; a failing test prints the node's stdout and stderr.
 
-#[path = "process/node.rs"]
-mod node;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use node::{run_bounded, sql_count, sql_key_balance, tokio_command, Node, NodeOptions, BIN};
+use creditgate_testkit::Node;
 use serde_json::{json, Value};
+
+use crate::support::{run_bounded, sql_count, sql_key_balance, tokio_command, BIN};
 
 const ROOT: &str = "cg_root_process_test_secret_0123456789";
 
@@ -24,7 +23,7 @@ fn credits_of(v: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_restart_keeps_exact_balance() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start(dir.path(), Some(ROOT)).await;
+    let mut node = Node::embedded(BIN, dir.path(), Some(ROOT)).await;
     let api = node.create_api(ROOT, "graceful").await;
     let (key_id, key) = node.create_key(ROOT, &api, 100).await;
 
@@ -56,7 +55,7 @@ async fn graceful_restart_keeps_exact_balance() {
     );
     assert_eq!(hot, 0, "nothing may stay allocated to a stopped hot store");
 
-    let node = Node::start(dir.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, dir.path(), Some(ROOT)).await;
     assert_eq!(node.remaining(ROOT, &key_id).await, Some(63));
     let v = node.verify(ROOT, &key, 1).await;
     assert_eq!(v["code"], "VALID", "{v}");
@@ -88,7 +87,7 @@ async fn kill9_loses_at_most_one_chunk_and_never_gives_credits_back() {
     const MAX_CHUNK: u64 = 100;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start(dir.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, dir.path(), Some(ROOT)).await;
     let api = node.create_api(ROOT, "kill9").await;
     let (key_id, key) = node.create_key(ROOT, &api, GRANTED).await;
     for i in 1..=SPENT {
@@ -102,12 +101,11 @@ async fn kill9_loses_at_most_one_chunk_and_never_gives_credits_back() {
     let (sql_remaining, hot) = sql_key_balance(dir.path(), &key_id).await;
     eprintln!("after kill -9: sql remaining={sql_remaining:?} hot_allocated={hot}");
 
-    let node = Node::start_with(
+    let node = Node::embedded_with(
+        BIN,
         dir.path(),
-        NodeOptions {
-            root_key: Some(ROOT.into()),
-            args: vec!["--log-format".into(), "json".into()],
-        },
+        Some(ROOT),
+        vec!["--log-format".into(), "json".into()],
     )
     .await;
     let r = node
@@ -207,7 +205,7 @@ async fn bootstrap_root_key_is_idempotent_and_generated_once() {
     let data = dir.path().join("data");
 
     // First start, no root key configured: one is generated and printed.
-    let mut node = Node::start(&data, None).await;
+    let mut node = Node::embedded(BIN, &data, None).await;
     let out = node.stdout();
     let secret = generated_secret(&out)
         .unwrap_or_else(|| panic!("no generated root key on stdout: {out:?}"));
@@ -228,7 +226,7 @@ async fn bootstrap_root_key_is_idempotent_and_generated_once() {
     drop(node);
 
     // Second start, still no root key: nothing new is generated, the old one works.
-    let mut node = Node::start(&data, None).await;
+    let mut node = Node::embedded(BIN, &data, None).await;
     let out = node.stdout();
     assert!(
         !out.contains("Generated a root key"),
@@ -244,7 +242,7 @@ async fn bootstrap_root_key_is_idempotent_and_generated_once() {
     let data2 = dir.path().join("data2");
     let x = "cg_root_configured_XXXXXXXXXXXXXXXX";
     for round in 1..=2 {
-        let mut node = Node::start(&data2, Some(x)).await;
+        let mut node = Node::embedded(BIN, &data2, Some(x)).await;
         let out = node.stdout();
         assert!(
             !out.contains("Generated a root key"),
@@ -256,7 +254,7 @@ async fn bootstrap_root_key_is_idempotent_and_generated_once() {
     assert_eq!(sql_count(&data2, "SELECT COUNT(*) FROM root_keys").await, 1);
 
     // The configured key added to a dir that already has a generated one: both work.
-    let node = Node::start(&data, Some(x)).await;
+    let node = Node::embedded(BIN, &data, Some(x)).await;
     assert!(!node.stdout().contains("Generated a root key"));
     node.create_api(x, "configured-on-old-dir").await;
     node.create_api(&secret, "generated-still-works").await;
@@ -265,7 +263,7 @@ async fn bootstrap_root_key_is_idempotent_and_generated_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_key_create_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, dir.path(), Some(ROOT)).await;
     let api = node.create_api(ROOT, "cli").await;
     let (_key_id, key) = node.create_key(ROOT, &api, 10).await;
 
@@ -380,7 +378,7 @@ async fn sdk_compat() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), Some(ROOT)).await;
+    let node = Node::embedded(BIN, dir.path(), Some(ROOT)).await;
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg("compat.mjs")
         .current_dir(&sdk_dir)

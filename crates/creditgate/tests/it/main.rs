@@ -1,0 +1,8 @@
+//! The binary's integration tests, one test binary: the real `creditgate` as child
+//! processes (embedded default, restarts, CLI, SDK), `creditgate loadtest`, and the
+//! multi-node tests with faults.
+
+mod loadtest;
+mod multinode;
+mod process;
+mod support;
