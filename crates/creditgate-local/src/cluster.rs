@@ -95,9 +95,14 @@ impl Databases {
 
     /// Drops both databases; both are tried even when the first fails.
     pub fn drop_from(&self, postgres: &Postgres, clickhouse: &ClickHouse) -> Result<()> {
+        // A stopped node's pool closes its connections in the background: FORCE ends
+        // any still open instead of failing on them.
         let pg = postgres.query(
             "postgres",
-            &format!("DROP DATABASE IF EXISTS \"{}\"", self.postgres_database),
+            &format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.postgres_database
+            ),
         );
         let ch = clickhouse.query(&format!(
             "DROP DATABASE IF EXISTS `{}`",

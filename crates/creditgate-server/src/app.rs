@@ -17,7 +17,7 @@ use creditgate_domain::{
 use creditgate_limiter::ports::{HotStore, Ledger};
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore};
 use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
-use creditgate_service::{Invalidations, Service, ServiceSettings};
+use creditgate_service::{Caches, Invalidations, Service, ServiceSettings};
 use creditgate_sql::SqlStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -119,7 +119,7 @@ impl App {
                 .map(|b| Arc::new(RedisInvalidations(b)) as Arc<dyn Invalidations>),
         );
         if let Some(bus) = &bus {
-            tokio::spawn(apply_invalidations(bus.subscribe(), service.clone()));
+            tokio::spawn(apply_invalidations(bus.subscribe(), service.caches()));
         }
         let state = AppState {
             service,
@@ -249,9 +249,9 @@ fn redact(url: &str) -> String {
 
 /// Applies invalidations other nodes publish: a key hash, or `*` for everything (sent
 /// after every reconnect, since messages may have been missed meanwhile).
-async fn apply_invalidations(mut rx: tokio::sync::mpsc::Receiver<String>, service: Service) {
+async fn apply_invalidations(mut rx: tokio::sync::mpsc::Receiver<String>, caches: Caches) {
     while let Some(msg) = rx.recv().await {
-        service.apply_invalidation(&msg).await;
+        caches.apply(&msg).await;
     }
 }
 

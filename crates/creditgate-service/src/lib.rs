@@ -64,6 +64,27 @@ pub struct Service {
     bus: Option<Arc<dyn Invalidations>>,
 }
 
+/// This node's key caches, for the task that applies other nodes' invalidations (it
+/// holds only the caches, so it keeps no store or pool alive).
+#[derive(Clone)]
+pub struct Caches {
+    keys: Cache<String, Arc<KeyRecord>>,
+    roots: Cache<String, Arc<RootKeyRecord>>,
+}
+
+impl Caches {
+    /// Applies an invalidation another node published: a key hash, or
+    /// [`INVALIDATE_ALL`].
+    pub async fn apply(&self, message: &str) {
+        if message == INVALIDATE_ALL {
+            self.keys.invalidate_all();
+            self.roots.invalidate_all();
+        } else {
+            self.keys.invalidate(message).await;
+        }
+    }
+}
+
 impl Service {
     pub fn new(
         store: Arc<dyn KeyStore>,
@@ -123,13 +144,11 @@ impl Service {
         Ok(Caller(found))
     }
 
-    /// Applies an invalidation another node published.
-    pub async fn apply_invalidation(&self, message: &str) {
-        if message == INVALIDATE_ALL {
-            self.keys.invalidate_all();
-            self.roots.invalidate_all();
-        } else {
-            self.keys.invalidate(message).await;
+    /// The key caches, for applying other nodes' invalidations.
+    pub fn caches(&self) -> Caches {
+        Caches {
+            keys: self.keys.clone(),
+            roots: self.roots.clone(),
         }
     }
 
