@@ -20,6 +20,7 @@
 //! `empty_entry_ttl` after their last write, so [`HotStore::expire_idle`] has nothing to
 //! scan and returns 0.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -80,6 +81,10 @@ pub struct RedisHotStore {
     risky_eviction_policy: Option<String>,
     empty_ttl_ms: u64,
     mark_ttl_ms: u64,
+    clock: RedisClock,
+    /// How long after it is sent a spend may still be applied: a little less than the
+    /// response timeout, after which the caller no longer waits for the answer.
+    spend_window: Duration,
 }
 
 impl std::fmt::Debug for RedisHotStore {
@@ -93,6 +98,54 @@ impl std::fmt::Debug for RedisHotStore {
 }
 
 /// A duration as script argument: whole milliseconds in `1..=MAX_INT`.
+/// Redis's clock as this node sees it, so that a spend can carry a deadline in Redis's
+/// own milliseconds. Each `TIME` sample taken around a call gives `offset = redis −
+/// (sent + received) / 2`, on a monotonic local clock; samples whose round trip is too
+/// long to be precise are ignored.
+#[derive(Debug)]
+struct RedisClock {
+    origin: std::time::Instant,
+    /// Redis milliseconds minus local milliseconds since `origin`; `i64::MIN`: unknown.
+    offset_ms: AtomicI64,
+}
+
+/// A `TIME` sample whose round trip took longer than this does not move the offset.
+const MAX_SAMPLE_RTT_MS: i64 = 50;
+
+impl RedisClock {
+    fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            offset_ms: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    fn local_ms(&self) -> i64 {
+        i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn observe(&self, sent: i64, received: i64, (secs, micros): (i64, i64)) {
+        if received.saturating_sub(sent) > MAX_SAMPLE_RTT_MS {
+            return;
+        }
+        let redis_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let offset = redis_ms.saturating_sub(sent.saturating_add(received) / 2);
+        self.offset_ms.store(offset, Ordering::Relaxed);
+    }
+
+    /// Redis's `TIME` in milliseconds `after` from now, or 0 (no deadline) while the
+    /// offset is unknown.
+    fn deadline(&self, after: Duration) -> u64 {
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        if offset == i64::MIN {
+            return 0;
+        }
+        let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        let at = self.local_ms().saturating_add(offset).saturating_add(after);
+        u64::try_from(at).unwrap_or(0)
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
@@ -184,6 +237,8 @@ impl RedisHotStore {
             refresh: tokio::sync::Mutex::new(()),
             empty_ttl_ms: millis(options.empty_entry_ttl),
             mark_ttl_ms: millis(options.mark_ttl),
+            clock: RedisClock::new(),
+            spend_window: options.response_timeout.mul_f64(0.8),
         };
         store
             .refresh_epoch()
@@ -209,10 +264,13 @@ impl RedisHotStore {
         let read = || {
             let mut p = redis::pipe();
             p.cmd("GET").arg(EPOCH_KEY).cmd("INFO").arg("replication");
+            p.cmd("TIME");
             p
         };
-        let (mut marker, mut info): (Option<String>, String) =
+        let sent = self.clock.local_ms();
+        let (mut marker, mut info, time): (Option<String>, String, (i64, i64)) =
             self.query_pipe(&mut conn, &read()).await?;
+        self.clock.observe(sent, self.clock.local_ms(), time);
         if marker.is_none() {
             // Missing: a new store, or one that lost its data. Create it (first writer
             // wins) and read back whichever marker won.
@@ -223,7 +281,11 @@ impl RedisHotStore {
                 .arg("NX")
                 .ignore();
             p.cmd("GET").arg(EPOCH_KEY).cmd("INFO").arg("replication");
-            (marker, info) = self.query_pipe(&mut conn, &p).await?;
+            p.cmd("TIME");
+            let sent = self.clock.local_ms();
+            let time;
+            (marker, info, time) = self.query_pipe(&mut conn, &p).await?;
+            self.clock.observe(sent, self.clock.local_ms(), time);
         }
         let marker = marker.ok_or_else(|| HotError::Other("epoch marker vanished".into()))?;
         let replid = master_replid(&info)
@@ -295,6 +357,7 @@ impl RedisHotStore {
         check_key(key)?;
         let mut inv = self.entry_call(&self.scripts.spend, key, None, false);
         inv.arg(cost);
+        inv.arg(self.clock.deadline(self.spend_window));
         let r: Vec<u64> = self.run(&inv).await?;
         match r.as_slice() {
             [0] => Ok(SpendReply::Miss),
@@ -309,6 +372,13 @@ impl RedisHotStore {
                 bal: *bal,
                 generation: *generation,
             }),
+            // It reached Redis after its deadline and did nothing.
+            [4] => {
+                metrics::counter!(m::SPENDS_TOO_LATE).increment(1);
+                Err(HotError::Unreachable(
+                    "the spend reached Redis after its deadline; nothing was spent".into(),
+                ))
+            }
             _ => Err(unexpected("spend", &r)),
         }
     }

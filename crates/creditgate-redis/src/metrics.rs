@@ -10,3 +10,6 @@ pub const BUS_SUBSCRIBES: &str = "creditgate_cache_bus_subscribes_total";
 pub const BUS_DROPPED: &str = "creditgate_cache_bus_dropped_total";
 /// Invalidations that could not be published.
 pub const BUS_PUBLISH_ERRORS: &str = "creditgate_cache_bus_publish_errors_total";
+/// Spends that reached Redis after their deadline and did nothing (the caller had
+/// stopped waiting for them).
+pub const SPENDS_TOO_LATE: &str = "creditgate_redis_spends_too_late_total";

@@ -97,11 +97,17 @@ local function mark_set(value)
 end
 "#;
 
-/// ARGV[5]: cost.
+/// ARGV[5]: cost; ARGV[6]: deadline, in Redis `TIME` milliseconds (0: none).
 /// Returns `{0}` miss, `{1, remaining, bal}` valid, `{2, remaining}` exceeded,
-/// `{3, bal, generation}` low.
+/// `{3, bal, generation}` low, `{4}` too late (nothing done).
+///
+/// The deadline makes a late delivery a no-op: a spend whose caller has stopped waiting
+/// (and answered that it does not know the outcome) cannot be applied when a link that
+/// held its bytes heals.
 const SPEND: &str = r#"
 local cost = uint(5, 'cost')
+local deadline = uint(6, 'deadline')
+if deadline > 0 and now_ms() > deadline then return {4} end
 local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
 if v[1] ~= EPOCH then return {0} end
 local bal = tonumber(v[2]) or 0
