@@ -59,6 +59,7 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     fences(f).await;
     refill_once_per_period(f).await;
     direct_spend_and_increment(f).await;
+    direct_spend_never_refuses_while_the_hot_store_holds_credits(f).await;
     epochs_and_orphans(f).await;
     engine_is_exact_under_concurrency(f).await;
 }
@@ -391,6 +392,40 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         .await
         .expect("finish");
     assert_eq!(s.remaining, Some(15));
+}
+
+/// The ledger's part alone cannot refuse a spend while the hot store holds more of the
+/// key's credits: the answer is undecided and nothing is spent.
+pub async fn direct_spend_never_refuses_while_the_hot_store_holds_credits(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(10)).await;
+    let granted = l
+        .allocate(&req(&key, "hot-1", None, 6, 6))
+        .await
+        .expect("allocate");
+    assert!(
+        matches!(
+            granted,
+            AllocateOutcome::Granted {
+                amount: 6,
+                remaining: 4,
+                ..
+            }
+        ),
+        "{granted:?}"
+    );
+    assert_eq!(
+        l.spend_direct(&key, cost(5)).await.expect("spend"),
+        DirectSpend::Undecided {
+            remaining: 4,
+            hot_allocated: 6
+        }
+    );
+    assert_eq!(remaining(&*l, &key).await, Some(4), "nothing was spent");
+    assert_eq!(
+        l.spend_direct(&key, cost(4)).await.expect("spend"),
+        DirectSpend::Valid { remaining: 0 }
+    );
 }
 
 pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {

@@ -16,3 +16,14 @@ pub const PREFETCH_DROPPED: &str = "creditgate_engine_prefetch_dropped_total";
 /// Per-key failures inside a loop over keys (label `step`: drain | repair); the loop
 /// goes on.
 pub const KEY_ERRORS: &str = "creditgate_engine_key_errors_total";
+/// Spends whose outcome is unknown (the hot store did not answer in time after the
+/// call was sent), and the credits they asked for: `granted − spent − remaining` is
+/// explained by these and `creditgate_engine_lost_credits_total`.
+pub const OUTCOME_UNKNOWN: &str = "creditgate_engine_outcome_unknown_total";
+pub const OUTCOME_UNKNOWN_CREDITS: &str = "creditgate_engine_outcome_unknown_credits_total";
+/// Times the hot-store breaker opened (repeated timeouts: spends go to the ledger).
+pub const BREAKER_OPENED: &str = "creditgate_engine_breaker_opened_total";
+/// 1 while the breaker is open.
+pub const BREAKER_OPEN: &str = "creditgate_engine_breaker_open";
+/// Direct spends the ledger could not decide (credits held by the unreachable hot store).
+pub const DIRECT_UNDECIDED: &str = "creditgate_engine_direct_undecided_total";

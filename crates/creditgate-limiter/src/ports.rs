@@ -275,8 +275,20 @@ pub struct PendingAllocation {
 /// Result of a direct spend on the ledger (hot store unreachable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirectSpend {
-    Valid { remaining: u64 },
-    Exceeded { remaining: u64 },
+    Valid {
+        remaining: u64,
+    },
+    /// The whole balance cannot cover the cost (nothing is held by the hot store).
+    Exceeded {
+        remaining: u64,
+    },
+    /// The ledger's part cannot cover the cost, but the hot store holds
+    /// `hot_allocated` more of the key's credits: whether the balance covers it is not
+    /// known while the hot store cannot be asked. Nothing was spent.
+    Undecided {
+        remaining: u64,
+        hot_allocated: u64,
+    },
     Unlimited,
     NotFound,
 }

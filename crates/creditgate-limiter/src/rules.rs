@@ -341,6 +341,12 @@ pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
         return DirectSpend::Unlimited;
     };
     if remaining < cost {
+        if account.hot_allocated > 0 {
+            return DirectSpend::Undecided {
+                remaining,
+                hot_allocated: account.hot_allocated,
+            };
+        }
         return DirectSpend::Exceeded { remaining };
     }
     account.remaining = Some(remaining - cost);
@@ -508,6 +514,17 @@ mod tests {
             DirectSpend::Exceeded { remaining: 5 }
         );
         assert_eq!(spend_direct(&mut a, 5), DirectSpend::Valid { remaining: 0 });
+        a.hot_allocated = 4;
+        assert_eq!(
+            spend_direct(&mut a, 1),
+            DirectSpend::Undecided {
+                remaining: 0,
+                hot_allocated: 4
+            },
+            "with credits in the hot store, the ledger alone cannot refuse"
+        );
+        assert_eq!(a.remaining, Some(0), "nothing was spent");
+        a.hot_allocated = 0;
         finish_fence(&mut a, FenceOp::Set(None), Drained::default());
         assert_eq!(increment(&mut a, 1, 10), IncrementOutcome::Unlimited);
         assert_eq!(spend_direct(&mut a, 1), DirectSpend::Unlimited);

@@ -144,9 +144,13 @@ impl ApiError {
                 "Payload Too Large",
                 "https://unkey.com/docs/errors/unkey/application/request_too_large",
             ),
-            ApiError::Unavailable(_)
-            | ApiError::OutcomeUnknown(_)
-            | ApiError::Overloaded { .. } => (
+            // Its own type: a client must not take it for "nothing was done".
+            ApiError::OutcomeUnknown(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "https://unkey.com/docs/errors/unkey/application/service_unavailable#outcome-unknown",
+            ),
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable",
                 "https://unkey.com/docs/errors/unkey/application/service_unavailable",

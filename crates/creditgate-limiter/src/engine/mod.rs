@@ -39,6 +39,11 @@ pub struct EngineConfig {
     pub lock_wait: Duration,
     /// Upper bound on one verification's time in the engine.
     pub spend_deadline: Duration,
+    /// This many hot-store timeouts in a row open the breaker: spends go to the ledger
+    /// (`spend_direct`) without asking the hot store.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one spend probes the hot store again.
+    pub breaker_cooldown: Duration,
     /// A key idle this long has its hot balance returned to the ledger.
     pub idle_return: Duration,
     /// Drained entries idle this long are removed from the hot store.
@@ -57,6 +62,8 @@ impl Default for EngineConfig {
             lock_ttl: Duration::from_secs(5),
             lock_wait: Duration::from_millis(50),
             spend_deadline: Duration::from_secs(5),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(1),
             idle_return: Duration::from_secs(2),
             hot_expiry: Duration::from_secs(60),
             min_chunk_requests: 10,
@@ -154,6 +161,64 @@ pub struct Engine {
     epoch_seen: Mutex<Option<String>>,
     prefetch_tx: mpsc::Sender<(KeyId, u64)>,
     prefetch_rx: Mutex<Option<mpsc::Receiver<(KeyId, u64)>>>,
+    breaker: Breaker,
+}
+
+/// Opens after `threshold` hot-store timeouts in a row; while open, spends skip the hot
+/// store (a node cut off from it keeps answering from the ledger instead of waiting out
+/// a timeout per request). After `cooldown` one spend probes; a success closes it.
+#[derive(Debug, Default)]
+struct Breaker {
+    timeouts_in_a_row: std::sync::atomic::AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    /// Whether a spend should skip the hot store. Once the cooldown has passed, one
+    /// caller is let through to probe (and the cooldown starts again for the others).
+    fn skip(&self, cooldown: Duration) -> bool {
+        let mut open = lock_map(&self.open_until);
+        match *open {
+            None => false,
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *open = Some(Instant::now() + cooldown);
+                false
+            }
+        }
+    }
+
+    fn success(&self) {
+        use std::sync::atomic::Ordering;
+        if self.timeouts_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+            let mut open = lock_map(&self.open_until);
+            if open.take().is_some() {
+                metrics::gauge!(m::BREAKER_OPEN).set(0.0);
+                tracing::info!("the hot store answers again; breaker closed");
+            }
+        }
+    }
+
+    fn timeout(&self, config: &EngineConfig) {
+        use std::sync::atomic::Ordering;
+        let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < config.breaker_threshold.max(1) {
+            return;
+        }
+        let mut open = lock_map(&self.open_until);
+        let was_open = open.is_some();
+        *open = Some(Instant::now() + config.breaker_cooldown);
+        if !was_open {
+            metrics::counter!(m::BREAKER_OPENED).increment(1);
+            metrics::gauge!(m::BREAKER_OPEN).set(1.0);
+            tracing::warn!(
+                timeouts = n,
+                cooldown_ms =
+                    u64::try_from(config.breaker_cooldown.as_millis()).unwrap_or(u64::MAX),
+                "the hot store keeps timing out; breaker open: spending on the ledger"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -195,6 +260,7 @@ impl Engine {
             activity: Mutex::new(HashMap::new()),
             failed_returns: Mutex::new(VecDeque::new()),
             epoch_seen: Mutex::new(None),
+            breaker: Breaker::default(),
         }
     }
 

@@ -9,7 +9,11 @@ impl Engine {
     pub async fn spend(&self, key: &KeyId, cost: Cost) -> Result<Decision, EngineError> {
         let deadline = Instant::now() + self.config.spend_deadline;
         loop {
-            match self.hot.spend(key, cost).await {
+            if self.breaker.skip(self.config.breaker_cooldown) {
+                return self.spend_direct(key, cost, None).await;
+            }
+            let reply = self.hot_spend(key, cost).await;
+            match reply {
                 Ok(SpendReply::Valid { remaining, bal }) => {
                     let chunk = self.note_spend(key, cost.get());
                     if bal.saturating_mul(2) < chunk && remaining > bal {
@@ -23,7 +27,9 @@ impl Engine {
                     return Ok(Decision::Exceeded { remaining });
                 }
                 Ok(SpendReply::Low { .. } | SpendReply::Miss) => {}
-                Err(HotError::Unreachable(e)) => return self.spend_direct(key, cost, &e).await,
+                Err(HotError::Unreachable(e)) => {
+                    return self.spend_direct(key, cost, Some(&e)).await
+                }
                 Err(e) => return Err(e.into()),
             }
             if let Some(decision) = self.refill_and_spend(key, cost).await? {
@@ -41,25 +47,61 @@ impl Engine {
         }
     }
 
-    /// The hot store is unreachable: one atomic conditional update on the ledger, which
-    /// never touches credits the hot store holds.
+    /// `HotStore::spend`, feeding the breaker; a timeout is counted and logged as a spend
+    /// of unknown outcome.
+    pub(super) async fn hot_spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
+        let reply = self.hot.spend(key, cost).await;
+        match &reply {
+            Ok(_) => self.breaker.success(),
+            Err(HotError::Ambiguous(why)) => {
+                metrics::counter!(m::OUTCOME_UNKNOWN).increment(1);
+                metrics::counter!(m::OUTCOME_UNKNOWN_CREDITS).increment(cost.get());
+                tracing::warn!(
+                    key_id = %key,
+                    cost = cost.get(),
+                    error = %why,
+                    "spend outcome unknown: the hot store did not answer in time"
+                );
+                self.breaker.timeout(&self.config);
+            }
+            Err(_) => {}
+        }
+        reply
+    }
+
+    /// The hot store is unreachable (`why`) or the breaker is open (`None`: the breaker
+    /// logged it once): one atomic conditional update on the ledger, which never touches
+    /// credits the hot store holds.
     pub(super) async fn spend_direct(
         &self,
         key: &KeyId,
         cost: Cost,
-        why: &str,
+        why: Option<&str>,
     ) -> Result<Decision, EngineError> {
         metrics::counter!(m::DIRECT_SPENDS).increment(1);
-        tracing::warn!(
-            key_id = %key,
-            error = why,
-            "hot store unreachable, spending on the ledger"
-        );
+        if let Some(why) = why {
+            tracing::warn!(
+                key_id = %key,
+                error = why,
+                "hot store unreachable, spending on the ledger"
+            );
+        }
         Ok(match self.ledger.spend_direct(key, cost).await? {
             DirectSpend::Valid { remaining } => Decision::Valid {
                 remaining: Some(remaining),
             },
             DirectSpend::Exceeded { remaining } => Decision::Exceeded { remaining },
+            // Refusing would claim the balance cannot cover it; it may.
+            DirectSpend::Undecided {
+                remaining,
+                hot_allocated,
+            } => {
+                metrics::counter!(m::DIRECT_UNDECIDED).increment(1);
+                return Err(EngineError::Unavailable(format!(
+                    "the ledger holds {remaining} credits of the key, less than the cost, and \
+                     the unreachable hot store holds {hot_allocated} more; nothing was spent"
+                )));
+            }
             DirectSpend::Unlimited => Decision::Valid { remaining: None },
             DirectSpend::NotFound => Decision::NotFound,
         })
@@ -96,7 +138,7 @@ impl Engine {
         // runs dry, or the lock's lifetime is near.
         let mut boost = 1u64;
         while started.elapsed() < self.config.lock_ttl / 2 {
-            let (generation, bal) = match self.hot.spend(key, cost).await? {
+            let (generation, bal) = match self.hot_spend(key, cost).await? {
                 SpendReply::Valid { remaining, .. } => {
                     return Ok(Decision::Valid {
                         remaining: Some(remaining),
