@@ -11,6 +11,7 @@ use creditgate_local::{ClickHouse, Databases, NodeOptions, Postgres, RedisServer
 use creditgate_server::ServeConfig;
 
 use crate::node::{reported_lost, Node};
+use crate::proxy::TcpProxy;
 use crate::{unique_name, Shared};
 
 /// Whether a backing service is the test binary's shared one or the cluster's own.
@@ -42,6 +43,8 @@ pub struct ClusterBuilder {
     services: Option<[Provision; 3]>,
     kind: NodeKind,
     root_key: String,
+    /// Nodes that reach Redis through their own [`TcpProxy`].
+    proxied: Vec<usize>,
 }
 
 impl ClusterBuilder {
@@ -80,6 +83,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Node `i` reaches Redis through a [`TcpProxy`] ([`Cluster::redis_proxy`]).
+    pub fn redis_through_proxy(mut self, i: usize) -> Self {
+        self.proxied.push(i);
+        self
+    }
+
     pub fn root_key(mut self, key: impl Into<String>) -> Self {
         self.root_key = key.into();
         self
@@ -108,8 +117,21 @@ impl ClusterBuilder {
             root_key: self.root_key.clone(),
             services,
             data,
+            proxies: BTreeMap::new(),
         };
         for i in 0..self.nodes {
+            let redis_url = match (cluster.databases(), self.proxied.contains(&i)) {
+                (Some(d), true) => {
+                    let url = d.urls.redis_url.clone();
+                    let target = redis_addr(&url)?;
+                    let proxy = TcpProxy::start(target).await?;
+                    let proxied = url.replacen(&target.to_string(), &proxy.addr().to_string(), 1);
+                    cluster.proxies.insert(i, proxy);
+                    Some(proxied)
+                }
+                (Some(d), false) => Some(d.urls.redis_url.clone()),
+                (None, _) => None,
+            };
             let dir = cluster.data.path().join(format!("node{i}"));
             std::fs::create_dir_all(&dir)?;
             let node = match &self.kind {
@@ -118,7 +140,7 @@ impl ClusterBuilder {
                     config.root_key = Some(self.root_key.clone());
                     config.node_id = Some(format!("node-{i}"));
                     if let Some(d) = cluster.databases() {
-                        config.redis_url = Some(d.urls.redis_url.clone());
+                        config.redis_url = redis_url.clone();
                         config.database_url = Some(d.urls.database_url.clone());
                         config.clickhouse_url = Some(d.urls.clickhouse_url.clone());
                     }
@@ -128,7 +150,13 @@ impl ClusterBuilder {
                     let mut options = NodeOptions::new(binary, &dir);
                     options.root_key = Some(self.root_key.clone());
                     options.node_id = Some(format!("node-{i}"));
-                    options.services = cluster.databases().map(|d| d.urls.clone());
+                    options.services = cluster.databases().map(|d| {
+                        let mut urls = d.urls.clone();
+                        if let Some(u) = &redis_url {
+                            urls.redis_url = u.clone();
+                        }
+                        urls
+                    });
                     Node::process(options).await?
                 }
             };
@@ -136,6 +164,17 @@ impl ClusterBuilder {
         }
         Ok(cluster)
     }
+}
+
+/// `127.0.0.1:port` of a `redis://127.0.0.1:port[/db]` URL.
+fn redis_addr(url: &str) -> Result<std::net::SocketAddr> {
+    let rest = url
+        .strip_prefix("redis://")
+        .with_context(|| format!("not a redis:// URL: {url}"))?;
+    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+    hostport
+        .parse()
+        .with_context(|| format!("the address of {url}"))
 }
 
 /// A service of a cluster: the test binary's shared one or the cluster's own.
@@ -205,6 +244,8 @@ pub struct Cluster {
     // Declared in stop order: nodes, then the owned services.
     pub nodes: Vec<Node>,
     pub root_key: String,
+    /// Proxies between nodes and Redis, by node index.
+    proxies: BTreeMap<usize, TcpProxy>,
     services: Option<Services>,
     data: tempfile::TempDir,
 }
@@ -217,7 +258,15 @@ impl Cluster {
             services: Some([Provision::Shared; 3]),
             kind: NodeKind::InProcess,
             root_key: format!("root_{}", unique_name("k")),
+            proxied: Vec::new(),
         }
+    }
+
+    /// The proxy between node `i` and Redis ([`ClusterBuilder::redis_through_proxy`]).
+    pub fn redis_proxy(&self, i: usize) -> &TcpProxy {
+        self.proxies
+            .get(&i)
+            .unwrap_or_else(|| panic!("node {i} reaches Redis directly"))
     }
 
     pub fn urls(&self) -> Vec<String> {

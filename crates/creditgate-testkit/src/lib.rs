@@ -9,12 +9,15 @@
 //!   (server side, from the analytics `node_id`), [`Cluster::reported_lost`].
 //! - [`Node`]: one node with the HTTP calls tests make (`call`, `ok`, `verify`, …).
 //! - [`Shared`]: `RedisServer::shared()` & co, one instance per test binary.
+//! - [`TcpProxy`]: a proxy that can black-hole a link and deliver what it held on heal
+//!   ([`ClusterBuilder::redis_through_proxy`] puts one between a node and Redis).
 //!
 //! Test code: helpers panic with context instead of returning errors where a test
 //! could do nothing but unwrap.
 
 mod cluster;
 mod node;
+mod proxy;
 
 pub use cluster::{Cluster, ClusterBuilder, NodeKind, Provision};
 pub use creditgate_local::{
@@ -22,6 +25,7 @@ pub use creditgate_local::{
     ServiceUrls,
 };
 pub use node::{reported_lost, Node};
+pub use proxy::{ProxyMode, TcpProxy};
 
 use std::sync::OnceLock;
 

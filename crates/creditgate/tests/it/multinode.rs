@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use creditgate_loadgen::{run, Mode, NodeChoice, Plan, Report, Stop};
-use creditgate_testkit::{Cluster, Provision};
+use creditgate_testkit::{Cluster, Provision, ProxyMode};
 use serde_json::json;
 
 use crate::support::BIN;
@@ -355,4 +355,115 @@ async fn update_credits_set_racing_a_load_on_three_nodes() {
         50 - remaining,
         "spends after the set"
     );
+}
+
+/// A counter summed over its label sets in a node's `/metrics` (0 when absent).
+async fn node_metric(url: &str, name: &str) -> u64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("{url}/metrics: {e}"))
+        .text()
+        .await
+        .expect("metrics text");
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Counters of whole credits and events.
+    format!("{total:.0}").parse().unwrap_or(0)
+}
+
+/// Node 0 reaches Redis through a proxy that black-holes the link for 3 s — holding
+/// the bytes and delivering them when the link heals, as TCP does after a partition —
+/// while all three nodes take load on a 3,000-credit key at cost 3.
+///
+/// No spend whose caller stopped waiting may apply when the held bytes arrive (the
+/// spend script's deadline), so every missing credit is one a node reported as of
+/// unknown outcome; and node 0 keeps deciding from the ledger (the breaker) instead of
+/// answering 503 after a timeout per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_redis_keeps_deciding_and_no_late_spend_applies() {
+    const GRANTED: u64 = 3_000;
+    const COST: u64 = 3;
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .services(Provision::Own, Provision::Shared, Provision::Shared)
+        .process_nodes(BIN)
+        .redis_through_proxy(0)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
+    let (key_id, key) = cluster.key(GRANTED).await;
+    let urls = cluster.urls();
+    // About 40 verifications/s per load: 6 s spend at most ~1,500 of the 3,000 credits,
+    // so the key is never exhausted and every answer has to be decided on its merits.
+    let load = |nodes: Vec<String>| {
+        let mut plan = plan(
+            &cluster,
+            &key,
+            Mode::Closed {
+                concurrency: 4,
+                think_time: Some((Duration::from_millis(100), Duration::from_millis(100))),
+            },
+            Stop::After(Duration::from_secs(6)),
+        );
+        plan.nodes = nodes;
+        plan.cost = COST;
+        tokio::spawn(async move { run(&plan, None).await })
+    };
+    let on_a = load(vec![urls[0].clone()]);
+    let on_bc = load(vec![urls[1].clone(), urls[2].clone()]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let proxy = cluster.redis_proxy(0);
+    proxy.set(ProxyMode::BlackHole);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set(ProxyMode::Pass);
+    let a = on_a.await.expect("load on node 0");
+    let bc = on_bc.await.expect("load on nodes 1, 2");
+    println!("node 0 (cut off 3 s): {}", summary(&a));
+    println!("nodes 1, 2: {}", summary(&bc));
+
+    let remaining = cluster.assert_converged(&key_id, CONVERGENCE).await;
+    let spent_valid = COST * (a.valid + bc.valid);
+    assert!(
+        spent_valid + remaining <= GRANTED,
+        "over-spent: {spent_valid} spent by VALID answers + {remaining} left > {GRANTED}"
+    );
+    let missing = GRANTED - spent_valid - remaining;
+    let mut unknown = 0;
+    for url in &urls {
+        unknown += node_metric(url, "creditgate_engine_outcome_unknown_credits_total").await;
+    }
+    let lost = cluster.reported_lost();
+    println!("missing {missing}, reported of unknown outcome {unknown}, written off {lost}");
+    assert!(
+        missing <= unknown + lost,
+        "{missing} credits are gone without a VALID answer, but only {unknown} were reported \
+         of unknown outcome and {lost} written off"
+    );
+    assert_eq!(
+        a.other_outcomes,
+        BTreeMap::new(),
+        "node 0 answered only VALID, USAGE_EXCEEDED or errors"
+    );
+    assert_eq!(
+        a.usage_exceeded,
+        0,
+        "the key was never exhausted: {}",
+        summary(&a)
+    );
+    // Node 0 kept deciding: after a few timeouts the breaker sent its spends to the
+    // ledger, so only those few (and the probes) are not VALID.
+    assert!(
+        node_metric(&urls[0], "creditgate_engine_breaker_opened_total").await >= 1,
+        "the breaker of node 0 never opened"
+    );
+    assert!(
+        a.valid * 10 >= a.requests * 8,
+        "node 0 answered VALID to fewer than 80 % of its requests: {}",
+        summary(&a)
+    );
+    assert!(bc.errors.is_empty(), "nodes 1, 2: {}", summary(&bc));
 }
