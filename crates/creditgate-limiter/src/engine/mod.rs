@@ -50,6 +50,11 @@ pub struct EngineConfig {
     pub hot_expiry: Duration,
     /// Smallest allocation, in requests of the current cost.
     pub min_chunk_requests: u64,
+    /// An allocation covers this many seconds of the key's recent spend rate, so a key
+    /// at a modest rate is refilled from the ledger every few seconds, not every second
+    /// (each refill is a ledger transaction). What a lost hot store can lose per key is
+    /// at most one chunk: this many seconds of its spend, capped by `max_chunk`.
+    pub chunk_seconds: u64,
     /// Largest allocation in credits (the bound on what a lost hot store can lose).
     pub max_chunk: u64,
     /// Drained amounts whose ledger step failed, kept for retry (beyond: counted, logged).
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             idle_return: Duration::from_secs(2),
             hot_expiry: Duration::from_secs(60),
             min_chunk_requests: 10,
+            chunk_seconds: 5,
             max_chunk: 1_000_000_000,
             max_failed_returns: 100_000,
         }

@@ -234,7 +234,8 @@ impl Engine {
     }
 
     pub(super) fn chunk_from_rate(&self, rate: u64, cost: u64) -> u64 {
-        rate.max(cost.saturating_mul(self.config.min_chunk_requests))
+        rate.saturating_mul(self.config.chunk_seconds.max(1))
+            .max(cost.saturating_mul(self.config.min_chunk_requests))
             .min(self.config.max_chunk)
             .max(cost)
     }
