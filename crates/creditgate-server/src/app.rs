@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
 use crate::routes::{apis, keys, system, verify};
-use crate::state::{AppState, NodeSettings, RedisInvalidations};
+use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
 /// The workspace the bootstrap root key belongs to.
@@ -121,16 +121,16 @@ impl App {
         if let Some(bus) = &bus {
             tokio::spawn(apply_invalidations(bus.subscribe(), service.caches()));
         }
-        let state = AppState {
+        let state = AppState::new(Shared {
             service,
-            config: Arc::new(NodeSettings {
+            config: NodeSettings {
                 node_id,
                 max_body_bytes: config.max_body_bytes,
                 max_in_flight: config.max_in_flight,
-            }),
+            },
             metrics: metrics_handle(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
-        };
+        });
         Ok(App {
             state,
             batcher,

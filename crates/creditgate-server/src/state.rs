@@ -14,10 +14,29 @@ pub struct NodeSettings {
     pub max_in_flight: usize,
 }
 
+/// What every handler shares, behind one `Arc`: axum clones the state for each
+/// extractor and middleware of every request, and a clone must be one reference count,
+/// not one per field (the caches alone are several).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub service: Service,
-    pub config: Arc<NodeSettings>,
+    pub config: NodeSettings,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// One permit per request in flight (`max_in_flight` in all).
     pub in_flight: Arc<tokio::sync::Semaphore>,
