@@ -10,7 +10,7 @@ use creditgate_domain::{Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
-    Ledger,
+    Ledger, Settlement,
 };
 use crate::{Decision, Engine, EngineConfig, MemoryHotStore};
 
@@ -55,6 +55,7 @@ async fn remaining(l: &dyn Ledger, key: &KeyId) -> Option<u64> {
 /// Runs every check of the suite.
 pub async fn run_all(f: &dyn LedgerFixture) {
     allocate_and_settle(f).await;
+    group_commit_answers_each_item_as_alone(f).await;
     drain_returns_are_idempotent(f).await;
     fences(f).await;
     refill_once_per_period(f).await;
@@ -160,6 +161,97 @@ pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
         .await
         .expect("alloc");
     assert_eq!(g, AllocateOutcome::GenerationMoved { generation: 0 });
+}
+
+/// `allocate_many`, `settle_many` and `return_many` give each item the answer it would
+/// get alone (retries included), and one failing item does not sink the others.
+pub async fn group_commit_answers_each_item_as_alone(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let a = f.create_key(Some(100)).await;
+    let b = f.create_key(Some(100)).await;
+    let unl = f.create_key(None).await;
+    let missing = KeyId::from("key_missing_from_batch");
+    l.allocate(&req(&a, "gc-a0", None, 1, 10))
+        .await
+        .expect("alloc");
+    let out = l
+        .allocate_many(&[
+            req(&a, "gc-a1", Some(0), 1, 30),
+            req(&b, "gc-b1", None, 1, 200),
+            req(&unl, "gc-u1", None, 1, 10),
+            req(&missing, "gc-m1", None, 1, 10),
+            req(&a, "gc-a0", None, 1, 10),
+        ])
+        .await;
+    let out: Vec<AllocateOutcome> = out.into_iter().map(|o| o.expect("batch item")).collect();
+    assert!(
+        matches!(
+            out[..],
+            [
+                AllocateOutcome::Granted {
+                    amount: 30,
+                    remaining: 60,
+                    ..
+                },
+                AllocateOutcome::Granted {
+                    amount: 100,
+                    remaining: 0,
+                    ..
+                },
+                AllocateOutcome::Unlimited,
+                AllocateOutcome::NotFound,
+                AllocateOutcome::Granted { amount: 10, .. },
+            ]
+        ),
+        "batch answers: {out:?}"
+    );
+    let settled = l
+        .settle_many(&[
+            Settlement {
+                key: &a,
+                transfer_id: "gc-a1",
+                credited: true,
+                spent: 5,
+            },
+            Settlement {
+                key: &b,
+                transfer_id: "gc-b1",
+                credited: false,
+                spent: 0,
+            },
+        ])
+        .await;
+    assert!(settled.iter().all(Result::is_ok), "{settled:?}");
+    let sa = l.state(&a).await.expect("state").expect("row");
+    assert_eq!(
+        (sa.remaining, sa.hot_allocated),
+        (Some(60), 35),
+        "a: 10 + 30 allocated, 5 reported spent"
+    );
+    assert_eq!(
+        remaining(&*l, &b).await,
+        Some(100),
+        "b's cancelled allocation came back"
+    );
+    let back = Drained {
+        amount: 20,
+        spent: 5,
+        generation: 0,
+    };
+    for round in 0..2 {
+        let r = l
+            .return_many(&[(&missing, "gc-r0", back), (&a, "gc-r1", back)])
+            .await;
+        assert!(r[0].is_err(), "a key without a row is an error: {r:?}");
+        let s = r[1]
+            .as_ref()
+            .expect("a's return is applied despite the other");
+        assert_eq!(
+            (s.remaining, s.hot_allocated),
+            (Some(80), 10),
+            "round {round}: returned once"
+        );
+    }
 }
 
 pub async fn drain_returns_are_idempotent(f: &dyn LedgerFixture) {

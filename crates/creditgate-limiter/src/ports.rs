@@ -272,6 +272,15 @@ pub struct PendingAllocation {
     pub created_at_ms: i64,
 }
 
+/// One settlement of an allocation, for [`Ledger::settle_many`].
+#[derive(Debug, Clone)]
+pub struct Settlement<'a> {
+    pub key: &'a KeyId,
+    pub transfer_id: &'a str,
+    pub credited: bool,
+    pub spent: u64,
+}
+
 /// Result of a direct spend on the ledger (hot store unreachable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DirectSpend {
@@ -302,6 +311,32 @@ pub trait Ledger: Send + Sync {
     /// `hot_allocated` if `remaining >= need`, logging the transfer as pending.
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError>;
 
+    /// Group commit: the allocations of several keys, each exactly as [`Ledger::allocate`]
+    /// would do it, in as few transactions as the ledger can (a SQL ledger: one). One
+    /// result per request, in order. The default runs them one by one.
+    async fn allocate_many(
+        &self,
+        reqs: &[AllocateRequest<'_>],
+    ) -> Vec<Result<AllocateOutcome, LedgerError>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            out.push(self.allocate(req).await);
+        }
+        out
+    }
+
+    /// Group commit of [`Ledger::settle_allocation`]s, as [`Ledger::allocate_many`].
+    async fn settle_many(&self, items: &[Settlement<'_>]) -> Vec<Result<(), LedgerError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for s in items {
+            out.push(
+                self.settle_allocation(s.key, s.transfer_id, s.credited, s.spent)
+                    .await,
+            );
+        }
+        out
+    }
+
     /// Marks an allocation credited (`true`; `hot_allocated -= spent`, the spends the
     /// hot store reported with the credit) or cancels it (`false`: the amount goes back to
     /// `remaining` unless a `Set` fenced the key since). Idempotent.
@@ -322,6 +357,18 @@ pub trait Ledger: Send + Sync {
         transfer_id: &str,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError>;
+
+    /// Group commit of [`Ledger::return_drained`]s, as [`Ledger::allocate_many`].
+    async fn return_many(
+        &self,
+        items: &[(&KeyId, &str, Drained)],
+    ) -> Vec<Result<LedgerState, LedgerError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (key, transfer_id, drained) in items {
+            out.push(self.return_drained(key, transfer_id, *drained).await);
+        }
+        out
+    }
 
     /// `remaining += amount` (fails on unlimited or overflow past `max`).
     async fn increment(

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
-    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
+    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -153,6 +153,116 @@ impl SqlStore {
     }
 }
 
+impl SqlStore {
+    /// [`Ledger::allocate`] inside the write transaction `conn`.
+    async fn allocate_in(
+        &self,
+        conn: &mut AnyConnection,
+        req: &AllocateRequest<'_>,
+    ) -> Result<AllocateOutcome, LedgerError> {
+        let row = self.lock_key(conn, req.key).await?;
+        if let Some(first) = find_transfer(conn, req.transfer_id).await? {
+            return Ok(rules::retried_allocation(
+                row.as_ref().map(|r| &r.account),
+                &first,
+            ));
+        }
+        let Some(before) = row.and_then(KeyRow::live) else {
+            return Ok(AllocateOutcome::NotFound);
+        };
+        let fence_pending = fence_pending(conn, req.key).await?;
+        let mut account = before.clone();
+        let allocation = rules::allocate(&mut account, req, fence_pending);
+        if allocation.written_off.is_some() {
+            mark_lost(conn, req.key).await?;
+        }
+        if let Some(t) = &allocation.transfer {
+            insert_transfer(conn, req.transfer_id, t).await?;
+        }
+        store_account(conn, req.key, &before, &account).await?;
+        Ok(allocation.outcome)
+    }
+
+    /// [`Ledger::settle_allocation`] inside the write transaction `conn`.
+    async fn settle_in(
+        &self,
+        conn: &mut AnyConnection,
+        key: &KeyId,
+        transfer_id: &str,
+        credited: bool,
+        spent: u64,
+    ) -> Result<(), LedgerError> {
+        let row = self.lock_key(conn, key).await?;
+        let Some(t) = find_transfer(conn, transfer_id).await? else {
+            return Ok(());
+        };
+        let overwritten = set_since(conn, key, t.generation).await?;
+        let before = row.map(|r| r.account);
+        let mut account = before.clone();
+        let Some(state) = rules::settle(account.as_mut(), key, &t, credited, spent, overwritten)
+        else {
+            return Ok(());
+        };
+        if let (Some(before), Some(after)) = (&before, &account) {
+            store_account(conn, key, before, after).await?;
+        }
+        set_transfer_state(conn, transfer_id, state).await
+    }
+
+    /// [`Ledger::return_drained`] inside the write transaction `conn`.
+    async fn return_in(
+        &self,
+        conn: &mut AnyConnection,
+        key: &KeyId,
+        transfer_id: &str,
+        drained: Drained,
+    ) -> Result<LedgerState, LedgerError> {
+        let Some(row) = self.lock_key(conn, key).await? else {
+            return Err(other(format!("no ledger row for {key}")));
+        };
+        let mut account = row.account;
+        if find_transfer(conn, transfer_id).await?.is_none() {
+            let overwritten = set_since(conn, key, drained.generation).await?;
+            let t =
+                rules::return_drained(&mut account, key, drained, overwritten, self.clock.now_ms());
+            write_account(conn, key, &account).await?;
+            insert_transfer(conn, transfer_id, &t).await?;
+        }
+        Ok(account.state())
+    }
+}
+
+/// Indices of a batch's items sorted by key, so that every batch (on every node) locks
+/// key rows in the same order and two batches cannot deadlock on Postgres.
+fn key_order<'a>(keys: impl Iterator<Item = &'a KeyId>) -> Vec<usize> {
+    let keys: Vec<&KeyId> = keys.collect();
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| keys[a].as_str().cmp(keys[b].as_str()));
+    order
+}
+
+fn missing() -> LedgerError {
+    other("a batch item had no result".to_owned())
+}
+
+/// Commits a ledger write transaction, counting it.
+async fn commit(tx: sqlx::Transaction<'static, sqlx::Any>) -> Result<(), LedgerError> {
+    tx.commit().await.map_err(ledger_error)?;
+    metrics::counter!(TRANSACTIONS).increment(1);
+    Ok(())
+}
+
+/// Ledger write transactions committed.
+pub const TRANSACTIONS: &str = "creditgate_ledger_transactions_total";
+/// Rows the ledger inserted or updated (keys, transfers, fences): the figure the escrow
+/// keeps far below one per verification.
+pub const ROW_WRITES: &str = "creditgate_ledger_row_writes_total";
+
+/// Counts the rows a ledger statement wrote.
+fn wrote(result: sqlx::any::AnyQueryResult) {
+    metrics::counter!(ROW_WRITES).increment(result.rows_affected());
+}
+
 /// Writes back the ledger columns of a locked row.
 async fn write_account(
     conn: &mut AnyConnection,
@@ -172,7 +282,8 @@ async fn write_account(
     .bind(a.last_refill_at)
     .execute(&mut *conn)
     .await
-    .map_err(ledger_error)?;
+    .map_err(ledger_error)
+    .map(wrote)?;
     Ok(())
 }
 
@@ -231,7 +342,8 @@ async fn insert_transfer(
     .bind(t.created_at_ms)
     .execute(&mut *conn)
     .await
-    .map_err(ledger_error)?;
+    .map_err(ledger_error)
+    .map(wrote)?;
     Ok(())
 }
 
@@ -245,7 +357,8 @@ async fn set_transfer_state(
         .bind(state.as_str())
         .execute(&mut *conn)
         .await
-        .map_err(ledger_error)?;
+        .map_err(ledger_error)
+        .map(wrote)?;
     Ok(())
 }
 
@@ -257,7 +370,8 @@ async fn mark_lost(conn: &mut AnyConnection, key: &KeyId) -> Result<(), LedgerEr
         .bind(TransferState::Pending.as_str())
         .execute(&mut *conn)
         .await
-        .map_err(ledger_error)?;
+        .map_err(ledger_error)
+        .map(wrote)?;
     Ok(())
 }
 
@@ -321,28 +435,38 @@ impl Ledger for SqlStore {
 
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
-        let row = self.lock_key(&mut tx, req.key).await?;
-        if let Some(first) = find_transfer(&mut tx, req.transfer_id).await? {
-            return Ok(rules::retried_allocation(
-                row.as_ref().map(|r| &r.account),
-                &first,
-            ));
-        }
-        let Some(before) = row.and_then(KeyRow::live) else {
-            return Ok(AllocateOutcome::NotFound);
+        let outcome = self.allocate_in(&mut tx, req).await?;
+        commit(tx).await?;
+        Ok(outcome)
+    }
+
+    async fn allocate_many(
+        &self,
+        reqs: &[AllocateRequest<'_>],
+    ) -> Vec<Result<AllocateOutcome, LedgerError>> {
+        let order = key_order(reqs.iter().map(|r| r.key));
+        let batch = async {
+            let mut tx = self.begin_write().await.map_err(ledger_error)?;
+            let mut out = vec![None; reqs.len()];
+            for &i in &order {
+                out[i] = Some(self.allocate_in(&mut tx, &reqs[i]).await?);
+            }
+            commit(tx).await?;
+            Ok::<_, LedgerError>(out)
         };
-        let fence_pending = fence_pending(&mut tx, req.key).await?;
-        let mut account = before.clone();
-        let allocation = rules::allocate(&mut account, req, fence_pending);
-        if allocation.written_off.is_some() {
-            mark_lost(&mut tx, req.key).await?;
+        match batch.await {
+            Ok(out) => out.into_iter().map(|o| o.ok_or_else(missing)).collect(),
+            // One failing step rolled the whole batch back: run them one by one, so each
+            // gets its own answer.
+            Err(_) if reqs.len() > 1 => {
+                let mut out = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    out.push(self.allocate(req).await);
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
         }
-        if let Some(t) = &allocation.transfer {
-            insert_transfer(&mut tx, req.transfer_id, t).await?;
-        }
-        store_account(&mut tx, req.key, &before, &account).await?;
-        tx.commit().await.map_err(ledger_error)?;
-        Ok(allocation.outcome)
     }
 
     async fn settle_allocation(
@@ -353,22 +477,36 @@ impl Ledger for SqlStore {
         spent: u64,
     ) -> Result<(), LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
-        let row = self.lock_key(&mut tx, key).await?;
-        let Some(t) = find_transfer(&mut tx, transfer_id).await? else {
-            return Ok(());
+        self.settle_in(&mut tx, key, transfer_id, credited, spent)
+            .await?;
+        commit(tx).await
+    }
+
+    async fn settle_many(&self, items: &[Settlement<'_>]) -> Vec<Result<(), LedgerError>> {
+        let order = key_order(items.iter().map(|s| s.key));
+        let batch = async {
+            let mut tx = self.begin_write().await.map_err(ledger_error)?;
+            for &i in &order {
+                let s = &items[i];
+                self.settle_in(&mut tx, s.key, s.transfer_id, s.credited, s.spent)
+                    .await?;
+            }
+            commit(tx).await
         };
-        let overwritten = set_since(&mut tx, key, t.generation).await?;
-        let before = row.map(|r| r.account);
-        let mut account = before.clone();
-        let Some(state) = rules::settle(account.as_mut(), key, &t, credited, spent, overwritten)
-        else {
-            return Ok(());
-        };
-        if let (Some(before), Some(after)) = (&before, &account) {
-            store_account(&mut tx, key, before, after).await?;
+        match batch.await {
+            Ok(()) => items.iter().map(|_| Ok(())).collect(),
+            Err(_) if items.len() > 1 => {
+                let mut out = Vec::with_capacity(items.len());
+                for s in items {
+                    out.push(
+                        self.settle_allocation(s.key, s.transfer_id, s.credited, s.spent)
+                            .await,
+                    );
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
         }
-        set_transfer_state(&mut tx, transfer_id, state).await?;
-        tx.commit().await.map_err(ledger_error)
     }
 
     async fn return_drained(
@@ -378,19 +516,37 @@ impl Ledger for SqlStore {
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
-        let Some(row) = self.lock_key(&mut tx, key).await? else {
-            return Err(other(format!("no ledger row for {key}")));
+        let state = self.return_in(&mut tx, key, transfer_id, drained).await?;
+        commit(tx).await?;
+        Ok(state)
+    }
+
+    async fn return_many(
+        &self,
+        items: &[(&KeyId, &str, Drained)],
+    ) -> Vec<Result<LedgerState, LedgerError>> {
+        let order = key_order(items.iter().map(|(k, _, _)| *k));
+        let batch = async {
+            let mut tx = self.begin_write().await.map_err(ledger_error)?;
+            let mut out = vec![None; items.len()];
+            for &i in &order {
+                let (key, transfer_id, drained) = items[i];
+                out[i] = Some(self.return_in(&mut tx, key, transfer_id, drained).await?);
+            }
+            commit(tx).await?;
+            Ok::<_, LedgerError>(out)
         };
-        let mut account = row.account;
-        if find_transfer(&mut tx, transfer_id).await?.is_none() {
-            let overwritten = set_since(&mut tx, key, drained.generation).await?;
-            let t =
-                rules::return_drained(&mut account, key, drained, overwritten, self.clock.now_ms());
-            write_account(&mut tx, key, &account).await?;
-            insert_transfer(&mut tx, transfer_id, &t).await?;
-            tx.commit().await.map_err(ledger_error)?;
+        match batch.await {
+            Ok(out) => out.into_iter().map(|o| o.ok_or_else(missing)).collect(),
+            Err(_) if items.len() > 1 => {
+                let mut out = Vec::with_capacity(items.len());
+                for (key, transfer_id, drained) in items {
+                    out.push(self.return_drained(key, transfer_id, *drained).await);
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
         }
-        Ok(account.state())
     }
 
     async fn increment(
@@ -407,7 +563,7 @@ impl Ledger for SqlStore {
         let outcome = rules::increment(&mut account, amount.get(), max);
         if account != row.account {
             write_account(&mut tx, key, &account).await?;
-            tx.commit().await.map_err(ledger_error)?;
+            commit(tx).await?;
         }
         Ok(outcome)
     }
@@ -455,8 +611,9 @@ impl Ledger for SqlStore {
         .bind(now_ms)
         .execute(&mut *tx)
         .await
-        .map_err(ledger_error)?;
-        tx.commit().await.map_err(ledger_error)?;
+        .map_err(ledger_error)
+        .map(wrote)?;
+        commit(tx).await?;
         Ok(BeginFence::Begun(PendingFence {
             key: key.to_owned(),
             op_id: op_id.to_owned(),
@@ -487,8 +644,9 @@ impl Ledger for SqlStore {
             .bind(FenceState::Done.as_str())
             .execute(&mut *tx)
             .await
-            .map_err(ledger_error)?;
-        tx.commit().await.map_err(ledger_error)?;
+            .map_err(ledger_error)
+            .map(wrote)?;
+        commit(tx).await?;
         Ok(account.state())
     }
 
@@ -501,7 +659,7 @@ impl Ledger for SqlStore {
         let outcome = rules::spend_direct(&mut account, cost.get());
         if account != before {
             write_account(&mut tx, key, &account).await?;
-            tx.commit().await.map_err(ledger_error)?;
+            commit(tx).await?;
         }
         Ok(outcome)
     }
@@ -593,7 +751,7 @@ impl Ledger for SqlStore {
                 }
             }
         }
-        tx.commit().await.map_err(ledger_error)?;
+        commit(tx).await?;
         Ok(out)
     }
 }

@@ -3,38 +3,88 @@
 
 use super::*;
 
+/// Keys returned to the ledger in one transaction.
+const DRAIN_BATCH: usize = 256;
+
 impl Engine {
-    /// Returns one key's hot balance to the ledger if it has been idle `min_idle`.
-    pub(super) async fn drain_key(
+    /// Returns the hot balances of `keys` idle for `min_idle` to the ledger: each is
+    /// drained under its lock, then all of them go back in one ledger call (group
+    /// commit). One result per key, in order: the credits returned.
+    pub(super) async fn drain_keys(
         &self,
-        key: &KeyId,
+        keys: &[KeyId],
         min_idle: Duration,
-    ) -> Result<u64, EngineError> {
-        let Some(token) = self
-            .hot
-            .lock(key, self.config.lock_ttl, Duration::ZERO)
-            .await?
-        else {
-            return Ok(0);
-        };
+    ) -> Vec<Result<u64, EngineError>> {
+        let mut results = Vec::with_capacity(keys.len());
+        // Bounded batches, so no lock is held for long.
+        for batch in keys.chunks(DRAIN_BATCH) {
+            results.extend(self.drain_batch(batch, min_idle).await);
+        }
+        results
+    }
+
+    async fn drain_batch(
+        &self,
+        keys: &[KeyId],
+        min_idle: Duration,
+    ) -> Vec<Result<u64, EngineError>> {
         let min_idle_ms = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
-        let transfer_id = new_id_for_transfer("drain");
-        let result = self.hot.drain(key, &transfer_id, min_idle_ms).await;
-        let out = match result {
-            Ok(d) if d.amount > 0 || d.spent > 0 => {
-                self.return_to_ledger(key, &transfer_id, d).await;
-                Ok(d.amount)
+        let mut results: Vec<Result<u64, EngineError>> = Vec::with_capacity(keys.len());
+        // (index into keys, lock, transfer id, what was drained)
+        let mut drained: Vec<(usize, LockToken, String, Drained)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            results.push(Ok(0));
+            let token = match self
+                .hot
+                .lock(key, self.config.lock_ttl, Duration::ZERO)
+                .await
+            {
+                Ok(Some(token)) => token,
+                Ok(None) => continue,
+                Err(e) => {
+                    results[i] = Err(e.into());
+                    continue;
+                }
+            };
+            let transfer_id = new_id_for_transfer("drain");
+            match self.hot.drain(key, &transfer_id, min_idle_ms).await {
+                Ok(d) if d.amount > 0 || d.spent > 0 => drained.push((i, token, transfer_id, d)),
+                Ok(_) => self.unlock(key, &token).await,
+                Err(e) => {
+                    results[i] = Err(e.into());
+                    self.unlock(key, &token).await;
+                }
             }
-            Ok(_) => Ok(0),
-            Err(e) => Err(e.into()),
-        };
-        self.unlock(key, &token).await;
-        out
+        }
+        let items: Vec<(&KeyId, &str, Drained)> = drained
+            .iter()
+            .map(|(i, _, id, d)| (&keys[*i], id.as_str(), *d))
+            .collect();
+        let returned = self.ledger.return_many(&items).await;
+        for ((i, token, transfer_id, d), result) in drained.iter().zip(returned) {
+            let key = &keys[*i];
+            self.returned(key, transfer_id, *d, result).await;
+            results[*i] = Ok(d.amount);
+            self.unlock(key, token).await;
+        }
+        results
     }
 
     /// Ledger step of a drain; on failure the amount is queued for retry.
     pub(super) async fn return_to_ledger(&self, key: &KeyId, transfer_id: &str, d: Drained) {
-        match self.ledger.return_drained(key, transfer_id, d).await {
+        let result = self.ledger.return_drained(key, transfer_id, d).await;
+        self.returned(key, transfer_id, d, result).await;
+    }
+
+    /// After the ledger step of a drain: refresh the snapshot, or queue it for retry.
+    async fn returned(
+        &self,
+        key: &KeyId,
+        transfer_id: &str,
+        d: Drained,
+        result: Result<LedgerState, LedgerError>,
+    ) {
+        match result {
             Ok(state) => {
                 metrics::counter!(m::RETURNED_CREDITS).increment(d.amount);
                 self.sync(key, &state).await;
@@ -65,8 +115,9 @@ impl Engine {
         let keys: Vec<KeyId> = lock_map(&self.activity).keys().cloned().collect();
         let mut total = 0;
         let mut failed = 0usize;
-        for key in keys {
-            match self.drain_key(&key, Duration::ZERO).await {
+        let results = self.drain_keys(&keys, Duration::ZERO).await;
+        for (key, result) in keys.into_iter().zip(results) {
+            match result {
                 Ok(amount) => {
                     total += amount;
                     lock_map(&self.activity).remove(&key);

@@ -27,7 +27,7 @@ use crate::metrics as m;
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply, DirectSpend, Drained,
     FenceOp, HotError, HotStore, IncrementOutcome, Ledger, LedgerError, LedgerState, LockToken,
-    PendingFence, SpendReply, TransferFate,
+    PendingFence, Settlement, SpendReply, TransferFate,
 };
 
 /// Tuning of the engine. Every wait has a bound.
@@ -50,11 +50,19 @@ pub struct EngineConfig {
     pub hot_expiry: Duration,
     /// Smallest allocation, in requests of the current cost.
     pub min_chunk_requests: u64,
-    /// An allocation covers this many seconds of the key's recent spend rate, so a key
-    /// at a modest rate is refilled from the ledger every few seconds, not every second
-    /// (each refill is a ledger transaction). What a lost hot store can lose per key is
-    /// at most one chunk: this many seconds of its spend, capped by `max_chunk`.
+    /// An allocation covers at least this many seconds of the key's recent spend rate,
+    /// so a key at a modest rate is refilled from the ledger every few seconds, not
+    /// every second.
     pub chunk_seconds: u64,
+    /// The ledger's budget of refills per second on this node: with many active keys a
+    /// chunk covers more seconds (`active keys / budget`, between `chunk_seconds` and
+    /// `max_chunk_seconds`), so the refills of all keys together stay near the budget.
+    pub refill_budget_per_sec: u64,
+    /// Most seconds of spend one chunk covers. With `max_chunk` this is the bound on
+    /// what a lost hot store can lose per key: about one chunk, i.e. at most
+    /// `max(min_chunk_requests × cost, max_chunk_seconds × its spend rate)`, and never
+    /// more than `max_chunk`.
+    pub max_chunk_seconds: u64,
     /// Largest allocation in credits (the bound on what a lost hot store can lose).
     pub max_chunk: u64,
     /// Drained amounts whose ledger step failed, kept for retry (beyond: counted, logged).
@@ -73,6 +81,8 @@ impl Default for EngineConfig {
             hot_expiry: Duration::from_secs(60),
             min_chunk_requests: 10,
             chunk_seconds: 5,
+            refill_budget_per_sec: 100,
+            max_chunk_seconds: 30,
             max_chunk: 1_000_000_000,
             max_failed_returns: 100_000,
         }

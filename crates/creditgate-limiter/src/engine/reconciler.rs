@@ -41,8 +41,9 @@ impl Engine {
                 .map(|(k, _)| k.clone())
                 .collect()
         };
-        for key in idle {
-            let amount = match self.drain_key(&key, self.config.idle_return).await {
+        let results = self.drain_keys(&idle, self.config.idle_return).await;
+        for (key, result) in idle.into_iter().zip(results) {
+            let amount = match result {
                 Ok(amount) => amount,
                 Err(e) => {
                     report.key_errors += 1;

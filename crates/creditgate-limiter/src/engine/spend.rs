@@ -223,18 +223,27 @@ impl Engine {
         ))
     }
 
-    /// Allocation size: about one second of this key's spend on this node, at least
+    /// Allocation size: a few seconds of this key's spend on this node (more seconds
+    /// when many keys are active, see [`EngineConfig::refill_budget_per_sec`]), at least
     /// `min_chunk_requests` requests, at most `max_chunk` (and never more than the ledger
     /// holds, which the ledger enforces).
     pub(super) fn chunk_for(&self, key: &KeyId, cost: u64) -> u64 {
-        let rate = lock_map(&self.activity)
-            .get(key)
-            .map_or(0, |a| a.rate_per_sec);
-        self.chunk_from_rate(rate, cost)
+        let map = lock_map(&self.activity);
+        let rate = map.get(key).map_or(0, |a| a.rate_per_sec);
+        let active = map.len();
+        drop(map);
+        self.chunk_from_rate(rate, cost, active)
     }
 
-    pub(super) fn chunk_from_rate(&self, rate: u64, cost: u64) -> u64 {
-        rate.saturating_mul(self.config.chunk_seconds.max(1))
+    /// Seconds of spend a chunk covers with `active` keys on this node.
+    pub(super) fn chunk_seconds(&self, active: usize) -> u64 {
+        let c = &self.config;
+        let by_load = u64::try_from(active).unwrap_or(u64::MAX) / c.refill_budget_per_sec.max(1);
+        by_load.min(c.max_chunk_seconds).max(c.chunk_seconds).max(1)
+    }
+
+    pub(super) fn chunk_from_rate(&self, rate: u64, cost: u64, active: usize) -> u64 {
+        rate.saturating_mul(self.chunk_seconds(active))
             .max(cost.saturating_mul(self.config.min_chunk_requests))
             .min(self.config.max_chunk)
             .max(cost)
@@ -263,7 +272,8 @@ impl Engine {
             a.window_credits = 0;
         }
         let rate = a.rate_per_sec;
+        let active = map.len();
         drop(map);
-        self.chunk_from_rate(rate, cost)
+        self.chunk_from_rate(rate, cost, active)
     }
 }
