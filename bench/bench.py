@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""creditgate's performance table, measured on this machine (see bench/run).
+
+1. `../shared/bench/side-by-side.sh` for 1 and 1,000 keys: the HTTP ceiling (hyper
+   hello), the Node peer, creditgate embedded and one node on Redis, in one run each.
+2. Three nodes on Redis + Postgres + ClickHouse (`creditgate cluster`), one wrk per
+   node at the same total connections, right after; its ratio is to the ceiling of (1).
+3. Ledger load: SQL row writes and transactions per 1,000 verifications, embedded and on
+   the 3 nodes, from the nodes' own /metrics counters.
+4. A repeatable figure: callgrind instructions of the creditgate process per
+   verification (embedded, one hot key), which does not depend on the machine's load.
+
+Every load loop is bounded in time; every process started here is stopped at the end.
+"""
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench")).resolve()
+BIN = str(ROOT / "target" / "release" / "creditgate")
+DURATION = int(os.environ.get("DURATION", "10"))
+CONNS = int(os.environ.get("CONNS", "32"))
+REPEAT = os.environ.get("REPEAT", "1")
+ROOT_KEY = "bench_root_" + str(os.getpid())
+CREDITS = 10**12
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url, secs=60):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/v2/liveness", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"bench: {url} did not come up in {secs}s")
+
+
+def call(url, route, body):
+    req = urllib.request.Request(
+        f"{url}/v2/{route}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer " + ROOT_KEY, "Content-Type": "application/json"},
+    )
+    return json.load(urllib.request.urlopen(req, timeout=30))["data"]
+
+
+def make_keys(url, n, path):
+    api = call(url, "apis.createApi", {"name": "bench"})["apiId"]
+    keys = [
+        call(url, "keys.createKey", {"apiId": api, "credits": {"remaining": CREDITS}})["key"]
+        for _ in range(n)
+    ]
+    Path(path).write_text("\n".join(keys) + "\n")
+    return keys
+
+
+def metrics(url):
+    """The counters of one node's /metrics that the figures need (summed over labels)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    out = {}
+    for name in (
+        "creditgate_verifications_total",
+        "creditgate_ledger_row_writes_total",
+        "creditgate_ledger_transactions_total",
+    ):
+        out[name] = sum(
+            float(m.group(1))
+            for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        )
+    return out
+
+
+def side_by_side(keys):
+    log(f"side-by-side, {keys} key(s) ({DURATION}s per target, x{REPEAT})")
+    env = dict(os.environ, KEYS=str(keys), BIN=BIN, REPEAT=REPEAT, DURATION=str(DURATION),
+               CONNS=str(CONNS))
+    out = subprocess.run(["bash", str(SHARED / "side-by-side.sh")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=3600)
+    sys.stderr.write(out.stdout)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"bench: side-by-side.sh failed ({out.returncode})")
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in ("hello", "node-rlf", "cg-embedded", "cg-redis"):
+            p99s = [float(x) for x in cells[4].split()]
+            rows[cells[0]] = {"rps": float(cells[2]), "p99": sorted(p99s)[len(p99s) // 2]}
+    return rows
+
+
+class Proc:
+    """A child process stopped (SIGINT, then SIGKILL) when the bench ends."""
+
+    all = []
+
+    def __init__(self, args, **kw):
+        self.p = subprocess.Popen(args, start_new_session=True, **kw)
+        Proc.all.append(self)
+
+    def stop(self):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGINT)
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+
+
+def serve_embedded(tmp, prefix=()):
+    port = free_port()
+    data = Path(tmp) / f"embedded-{port}"
+    data.mkdir()
+    env = dict(os.environ, CREDITGATE_LOG="warn", CREDITGATE_ROOT_KEY=ROOT_KEY)
+    proc = Proc([*prefix, BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data)],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(data / "log", "w"))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def delta(after, before, name):
+    return after[name] - before[name]
+
+
+def ledger_load(urls, keys_file, conns):
+    """Row writes / transactions per 1,000 verifications over one wrk run per node."""
+    wrk_all(urls, keys_file, conns, 3)
+    before = [metrics(u) for u in urls]
+    res = wrk_all(urls, keys_file, conns, DURATION)
+    time.sleep(0.5)
+    after = [metrics(u) for u in urls]
+    sums = {k: sum(delta(a, b, k) for a, b in zip(after, before)) for k in after[0]}
+    v = max(sums["creditgate_verifications_total"], 1)
+    return res, {
+        "verifications": v,
+        "rows_per_1000": 1000 * sums["creditgate_ledger_row_writes_total"] / v,
+        "tx_per_1000": 1000 * sums["creditgate_ledger_transactions_total"] / v,
+    }
+
+
+def wrk_all(urls, keys_file, conns, secs):
+    """One wrk per node at once, `conns` connections in all; summed rate, worst p99."""
+    each = max(1, conns // len(urls))
+    env = dict(os.environ, KEYS_FILE=keys_file, ROOT_KEY=ROOT_KEY)
+    procs = [
+        subprocess.Popen(
+            ["wrk", "-t1", f"-c{each}", f"-d{secs}s", "-s", str(SHARED / "load" / "verify-file.lua"), u],
+            env=env, stdout=subprocess.PIPE, text=True)
+        for u in urls
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=secs + 60)
+        line = next((l for l in out.splitlines() if l.startswith("WRKRESULT")), "")
+        results.append({k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line)})
+    return {
+        "rps": sum(r.get("rps", 0) for r in results),
+        "p99": max(r.get("p99_ms", 0) for r in results),
+        "non2xx": sum(r.get("non2xx", 0) for r in results),
+    }
+
+
+def embedded_ledger_load(tmp, keys):
+    log(f"ledger load, embedded, {keys} keys")
+    proc, url = serve_embedded(tmp)
+    wait_up(url)
+    keys_file = str(Path(tmp) / f"emb-{keys}.keys")
+    make_keys(url, keys, keys_file)
+    res, load = ledger_load([url], keys_file, CONNS)
+    proc.stop()
+    return res, load
+
+
+def three_nodes(tmp, keys):
+    log(f"3 nodes on Redis + Postgres + ClickHouse, {keys} key(s)")
+    out_path = Path(tmp) / f"cluster-{keys}.out"
+    proc = Proc([BIN, "cluster", "--nodes", "3", "--root-key", ROOT_KEY],
+                stdout=open(out_path, "w"), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    urls = None
+    while time.time() < deadline and urls is None:
+        m = re.search(r"--nodes (\S+)", out_path.read_text())
+        if m:
+            urls = m.group(1).split(",")
+        elif proc.p.poll() is not None:
+            raise SystemExit("bench: creditgate cluster exited; run scripts/install-deps")
+        else:
+            time.sleep(0.5)
+    if urls is None:
+        raise SystemExit("bench: the local cluster did not start in 180s")
+    for u in urls:
+        wait_up(u)
+    keys_file = str(Path(tmp) / f"cluster-{keys}.keys")
+    make_keys(urls[0], keys, keys_file)
+    res, load = ledger_load(urls, keys_file, CONNS)
+    proc.stop()
+    return res, load
+
+
+def callgrind(tmp, requests=2000):
+    """Instructions of the creditgate process per verification, embedded, one hot key."""
+    log(f"callgrind: {requests} verifications on one embedded node under valgrind")
+    out = Path(tmp) / "callgrind.out"
+    proc, url = serve_embedded(
+        tmp, ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no"))
+    wait_up(url, secs=180)
+    key = make_keys(url, 1, str(Path(tmp) / "cg.keys"))[0]
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"key": key, "credits": {"cost": 1}})
+    headers = {"Authorization": "Bearer " + ROOT_KEY, "Content-Type": "application/json"}
+
+    def verify(n):
+        for _ in range(n):
+            conn.request("POST", "/v2/keys.verifyKey", body, headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status != 200 or b'"VALID"' not in data:
+                raise SystemExit(f"bench: verification failed under callgrind: {r.status} {data!r}")
+
+    verify(500)  # warm: first refill, caches, lazy statics
+    subprocess.run(["callgrind_control", "--zero", str(proc.p.pid)], check=True,
+                   capture_output=True, timeout=60)
+    verify(requests)
+    subprocess.run(["callgrind_control", "--dump", str(proc.p.pid)], check=True,
+                   capture_output=True, timeout=60)
+    conn.close()
+    proc.stop()
+    dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    # The dump callgrind_control asked for holds the measured part only.
+    for d in dumps:
+        text = d.read_text(errors="replace")
+        if "\ndesc: Trigger: dump" in text:
+            total = next(int(l.split()[1]) for l in text.splitlines()
+                         if l.startswith("summary:"))
+            return total / requests
+    raise SystemExit("bench: no callgrind dump of the measured part")
+
+
+def need(tool, package):
+    if shutil.which(tool) is None:
+        log(f"installing {package}")
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False,
+                       capture_output=True)
+    if shutil.which(tool) is None:
+        raise SystemExit(f"bench: needs {tool} (apt-get install -y {package})")
+
+
+def main():
+    quick = "--quick" in sys.argv
+    need("wrk", "wrk")
+    need("valgrind", "valgrind")
+    if not Path(BIN).exists():
+        raise SystemExit("bench: build first: cargo build --release")
+    tmp = tempfile.mkdtemp(prefix="cg-bench.")
+    try:
+        sbs = {k: side_by_side(k) for k in (1, 1000)}
+        three = {k: three_nodes(tmp, k) for k in (1, 1000)} if not quick else {}
+        emb_load = embedded_ledger_load(tmp, 1000)
+        instr = callgrind(tmp)
+    finally:
+        for p in Proc.all:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def cell(rps, p99, k):
+        ceiling = sbs[k].get("hello", {}).get("rps", 0) or 1
+        return f"{rps / ceiling:.2f} ({rps:,.0f}/s, p99 {p99:.1f} ms)"
+
+    names = [("hello", "HTTP ceiling (hyper hello)"),
+             ("node-rlf", "Node + rate-limiter-flexible on Redis"),
+             ("cg-embedded", "creditgate embedded"),
+             ("cg-redis", "creditgate, one node on Redis")]
+    print()
+    print(f"keys.verifyKey, wrk 1 thread, {CONNS} connections, {DURATION} s, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print()
+    print("| target | 1 hot key | 1,000 keys |")
+    print("|---|---|---|")
+    for t, label in names:
+        if all(t in sbs[k] for k in (1, 1000)):
+            print(f"| {label} | " + " | ".join(
+                cell(sbs[k][t]["rps"], sbs[k][t]["p99"], k) for k in (1, 1000)) + " |")
+    if three:
+        print("| creditgate, 3 nodes on Redis + Postgres | " + " | ".join(
+            cell(three[k][0]["rps"], three[k][0]["p99"], k) for k in (1, 1000)) + " |")
+    print()
+    print(f"callgrind: {instr:,.0f} instructions of the creditgate process per verification "
+          "(embedded, one hot key, 2,000 verifications after 500 warm-up)")
+    res, load = emb_load
+    print(f"ledger, embedded, 1,000 keys: {load['rows_per_1000']:.1f} SQL row writes and "
+          f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "
+          f"({load['verifications']:,.0f} verifications, {res['rps']:,.0f}/s)")
+    for k, (res, load) in three.items():
+        print(f"ledger, 3 nodes, {k:,} key(s): {load['rows_per_1000']:.1f} SQL row writes and "
+              f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "
+              f"({load['verifications']:,.0f} verifications, {res['rps']:,.0f}/s, "
+              f"non-2xx {res['non2xx']:.0f})")
+
+
+if __name__ == "__main__":
+    main()
