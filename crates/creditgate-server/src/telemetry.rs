@@ -2,13 +2,15 @@
 //! middleware that opens the request context, times the request, counts it, and emits
 //! its analytics row.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use creditgate_analytics::RequestEvent;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::context::RequestContext;
@@ -44,6 +46,32 @@ pub fn metrics_handle() -> PrometheusHandle {
             }
             handle
         })
+        .clone()
+}
+
+/// The request counter and duration histogram of `(route, status)`, looked up in the
+/// recorder once per pair (a bounded set: known routes × statuses) instead of once per
+/// request. Handles are taken after the server installed the recorder.
+fn route_metrics(route: &'static str, status: u16) -> (Counter, Histogram) {
+    type Handles = HashMap<(&'static str, u16), (Counter, Histogram)>;
+    static CACHE: OnceLock<RwLock<Handles>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(h) = cache
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(route, status))
+    {
+        return h.clone();
+    }
+    let handles = (
+        metrics::counter!(names::HTTP_REQUESTS, "route" => route, "status" => status.to_string()),
+        metrics::histogram!(names::HTTP_SECONDS, "route" => route),
+    );
+    cache
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((route, status))
+        .or_insert(handles)
         .clone()
 }
 
@@ -117,11 +145,9 @@ pub async fn request_middleware(
         .copied()
         .find(|r| *r == path)
         .unwrap_or("other");
-    let status_label = status.to_string();
-    metrics::counter!(names::HTTP_REQUESTS, "route" => route, "status" => status_label)
-        .increment(1);
-    metrics::histogram!(names::HTTP_SECONDS, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let (count, seconds) = route_metrics(route, status);
+    count.increment(1);
+    seconds.record(started.elapsed().as_secs_f64());
     if route != "/metrics" {
         state.service.analytics().request(RequestEvent {
             request_id: ctx.request_id.0.clone(),

@@ -45,8 +45,8 @@ impl Service {
         let started = Instant::now();
         let verdict = self.decide(caller, &cmd.secret, cmd.cost).await?;
         let elapsed = started.elapsed();
-        metrics::counter!(names::VERIFICATIONS, "outcome" => verdict.outcome.as_str()).increment(1);
-        metrics::histogram!(names::VERIFY_SECONDS).record(elapsed.as_secs_f64());
+        names::verifications(verdict.outcome).increment(1);
+        names::verify_seconds().record(elapsed.as_secs_f64());
         let key = verdict.key.as_deref();
         self.analytics.verification(VerificationEvent {
             request_id,

@@ -54,14 +54,16 @@ pub struct EngineConfig {
     /// so a key at a modest rate is refilled from the ledger every few seconds, not
     /// every second.
     pub chunk_seconds: u64,
-    /// The ledger's budget of refills per second on this node: with many active keys a
-    /// chunk covers more seconds (`active keys / budget`, between `chunk_seconds` and
-    /// `max_chunk_seconds`), so the refills of all keys together stay near the budget.
+    /// The ledger's budget of refills per second on this node. Past
+    /// `refill_budget_per_sec × chunk_seconds` active keys, chunks grow by the load
+    /// factor `active keys / (refill_budget_per_sec × chunk_seconds)` (at most
+    /// `max_chunk_seconds / chunk_seconds`), in seconds and in minimum requests, so the
+    /// refills of all keys together stay near the budget.
     pub refill_budget_per_sec: u64,
-    /// Most seconds of spend one chunk covers. With `max_chunk` this is the bound on
-    /// what a lost hot store can lose per key: about one chunk, i.e. at most
-    /// `max(min_chunk_requests × cost, max_chunk_seconds × its spend rate)`, and never
-    /// more than `max_chunk`.
+    /// Most seconds of spend one chunk covers. This is the bound on what a lost hot
+    /// store can lose per key: about one chunk, i.e. at most `max(min_chunk_requests ×
+    /// cost, chunk_seconds × its spend rate) × max_chunk_seconds / chunk_seconds`, and
+    /// never more than `max_chunk`.
     pub max_chunk_seconds: u64,
     /// Largest allocation in credits (the bound on what a lost hot store can lose).
     pub max_chunk: u64,
@@ -81,7 +83,7 @@ impl Default for EngineConfig {
             hot_expiry: Duration::from_secs(60),
             min_chunk_requests: 10,
             chunk_seconds: 5,
-            refill_budget_per_sec: 100,
+            refill_budget_per_sec: 20,
             max_chunk_seconds: 30,
             max_chunk: 1_000_000_000,
             max_failed_returns: 100_000,

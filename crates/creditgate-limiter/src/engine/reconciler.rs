@@ -34,14 +34,20 @@ impl Engine {
         }
 
         // 2. Idle balances go back to the ledger.
-        let idle: Vec<KeyId> = {
+        // With many active keys each return (and the refill after it) is ledger load:
+        // a key counts as idle after `idle_return × load factor`.
+        let (idle, idle_return): (Vec<KeyId>, Duration) = {
             let map = lock_map(&self.activity);
-            map.iter()
-                .filter(|(_, a)| a.last_used.elapsed() >= self.config.idle_return)
+            let factor = u32::try_from(self.load_factor(map.len())).unwrap_or(u32::MAX);
+            let idle_return = self.config.idle_return.saturating_mul(factor);
+            let idle = map
+                .iter()
+                .filter(|(_, a)| a.last_used.elapsed() >= idle_return)
                 .map(|(k, _)| k.clone())
-                .collect()
+                .collect();
+            (idle, idle_return)
         };
-        let results = self.drain_keys(&idle, self.config.idle_return).await;
+        let results = self.drain_keys(&idle, idle_return).await;
         for (key, result) in idle.into_iter().zip(results) {
             let amount = match result {
                 Ok(amount) => amount,
@@ -56,7 +62,7 @@ impl Engine {
             let mut map = lock_map(&self.activity);
             if map
                 .get(&key)
-                .is_some_and(|a| a.last_used.elapsed() >= self.config.idle_return)
+                .is_some_and(|a| a.last_used.elapsed() >= idle_return)
             {
                 map.remove(&key);
             }

@@ -235,17 +235,32 @@ impl Engine {
         self.chunk_from_rate(rate, cost, active)
     }
 
-    /// Seconds of spend a chunk covers with `active` keys on this node.
-    pub(super) fn chunk_seconds(&self, active: usize) -> u64 {
+    /// How much more a chunk covers because `active` keys share the ledger: 1 up to
+    /// `refill_budget_per_sec × chunk_seconds` active keys, growing with them, at most
+    /// `max_chunk_seconds / chunk_seconds`.
+    pub(super) fn load_factor(&self, active: usize) -> u64 {
         let c = &self.config;
-        let by_load = u64::try_from(active).unwrap_or(u64::MAX) / c.refill_budget_per_sec.max(1);
-        by_load.min(c.max_chunk_seconds).max(c.chunk_seconds).max(1)
+        let per_factor = c
+            .refill_budget_per_sec
+            .saturating_mul(c.chunk_seconds)
+            .max(1);
+        let most = (c.max_chunk_seconds / c.chunk_seconds.max(1)).max(1);
+        (u64::try_from(active).unwrap_or(u64::MAX) / per_factor).clamp(1, most)
     }
 
+    /// A chunk covers `chunk_seconds × load factor` seconds of the key's spend rate on
+    /// this node and at least `min_chunk_requests × load factor` requests (the minimum
+    /// matters where several nodes share one hot balance: each sees only its part of
+    /// the rate), at most `max_chunk`.
     pub(super) fn chunk_from_rate(&self, rate: u64, cost: u64, active: usize) -> u64 {
-        rate.saturating_mul(self.chunk_seconds(active))
-            .max(cost.saturating_mul(self.config.min_chunk_requests))
-            .min(self.config.max_chunk)
+        let c = &self.config;
+        let load = self.load_factor(active);
+        rate.saturating_mul(c.chunk_seconds.max(1).saturating_mul(load))
+            .max(
+                cost.saturating_mul(c.min_chunk_requests)
+                    .saturating_mul(load),
+            )
+            .min(c.max_chunk)
             .max(cost)
     }
 
