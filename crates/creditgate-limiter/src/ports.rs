@@ -318,23 +318,12 @@ pub trait Ledger: Send + Sync {
         &self,
         reqs: &[AllocateRequest<'_>],
     ) -> Vec<Result<AllocateOutcome, LedgerError>> {
-        let mut out = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            out.push(self.allocate(req).await);
-        }
-        out
+        allocate_each(self, reqs).await
     }
 
     /// Group commit of [`Ledger::settle_allocation`]s, as [`Ledger::allocate_many`].
     async fn settle_many(&self, items: &[Settlement<'_>]) -> Vec<Result<(), LedgerError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for s in items {
-            out.push(
-                self.settle_allocation(s.key, s.transfer_id, s.credited, s.spent)
-                    .await,
-            );
-        }
-        out
+        settle_each(self, items).await
     }
 
     /// Marks an allocation credited (`true`; `hot_allocated -= spent`, the spends the
@@ -363,11 +352,7 @@ pub trait Ledger: Send + Sync {
         &self,
         items: &[(&KeyId, &str, Drained)],
     ) -> Vec<Result<LedgerState, LedgerError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (key, transfer_id, drained) in items {
-            out.push(self.return_drained(key, transfer_id, *drained).await);
-        }
-        out
+        return_each(self, items).await
     }
 
     /// `remaining += amount` (fails on unlimited or overflow past `max`).
@@ -419,6 +404,47 @@ pub trait Ledger: Send + Sync {
     /// Writes off every allocation held by a hot-store epoch other than `epoch`;
     /// returns (key, credits lost) for each key.
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError>;
+}
+
+/// [`Ledger::allocate_many`] one transaction per item (the default, and a SQL batch's
+/// fallback when one item failed).
+pub async fn allocate_each<L: Ledger + ?Sized>(
+    ledger: &L,
+    reqs: &[AllocateRequest<'_>],
+) -> Vec<Result<AllocateOutcome, LedgerError>> {
+    let mut out = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        out.push(ledger.allocate(req).await);
+    }
+    out
+}
+
+/// [`Ledger::settle_many`] one transaction per item.
+pub async fn settle_each<L: Ledger + ?Sized>(
+    ledger: &L,
+    items: &[Settlement<'_>],
+) -> Vec<Result<(), LedgerError>> {
+    let mut out = Vec::with_capacity(items.len());
+    for s in items {
+        out.push(
+            ledger
+                .settle_allocation(s.key, s.transfer_id, s.credited, s.spent)
+                .await,
+        );
+    }
+    out
+}
+
+/// [`Ledger::return_many`] one transaction per item.
+pub async fn return_each<L: Ledger + ?Sized>(
+    ledger: &L,
+    items: &[(&KeyId, &str, Drained)],
+) -> Vec<Result<LedgerState, LedgerError>> {
+    let mut out = Vec::with_capacity(items.len());
+    for (key, transfer_id, drained) in items {
+        out.push(ledger.return_drained(key, transfer_id, *drained).await);
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,8 +13,9 @@
 use async_trait::async_trait;
 use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
-    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence, Settlement,
+    allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
+    DirectSpend, Drained, FenceOp, IncrementOutcome, Ledger, LedgerError, LedgerState,
+    PendingAllocation, PendingFence, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -458,13 +459,7 @@ impl Ledger for SqlStore {
             Ok(out) => out.into_iter().map(|o| o.ok_or_else(missing)).collect(),
             // One failing step rolled the whole batch back: run them one by one, so each
             // gets its own answer.
-            Err(_) if reqs.len() > 1 => {
-                let mut out = Vec::with_capacity(reqs.len());
-                for req in reqs {
-                    out.push(self.allocate(req).await);
-                }
-                out
-            }
+            Err(_) if reqs.len() > 1 => allocate_each(self, reqs).await,
             Err(e) => vec![Err(e)],
         }
     }
@@ -495,16 +490,7 @@ impl Ledger for SqlStore {
         };
         match batch.await {
             Ok(()) => items.iter().map(|_| Ok(())).collect(),
-            Err(_) if items.len() > 1 => {
-                let mut out = Vec::with_capacity(items.len());
-                for s in items {
-                    out.push(
-                        self.settle_allocation(s.key, s.transfer_id, s.credited, s.spent)
-                            .await,
-                    );
-                }
-                out
-            }
+            Err(_) if items.len() > 1 => settle_each(self, items).await,
             Err(e) => vec![Err(e)],
         }
     }
@@ -538,13 +524,7 @@ impl Ledger for SqlStore {
         };
         match batch.await {
             Ok(out) => out.into_iter().map(|o| o.ok_or_else(missing)).collect(),
-            Err(_) if items.len() > 1 => {
-                let mut out = Vec::with_capacity(items.len());
-                for (key, transfer_id, drained) in items {
-                    out.push(self.return_drained(key, transfer_id, *drained).await);
-                }
-                out
-            }
+            Err(_) if items.len() > 1 => return_each(self, items).await,
             Err(e) => vec![Err(e)],
         }
     }
