@@ -147,6 +147,10 @@ impl HotStore for MemoryHotStore {
         Ok(self.lock_inner().epoch.clone())
     }
 
+    fn spend_never_suspends(&self) -> bool {
+        true
+    }
+
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
         let cost = cost.get();
         let mut inner = self.lock_inner();

@@ -121,6 +121,12 @@ pub trait HotStore: Send + Sync {
     /// failover). Balances credited under another epoch are never spent again.
     async fn epoch(&self) -> Result<String, HotError>;
 
+    /// Whether `spend` completes without ever suspending (an in-process store): then a
+    /// caller's cancellation can never cut it half-way.
+    fn spend_never_suspends(&self) -> bool {
+        false
+    }
+
     /// `bal >= cost` (and a valid snapshot) → `bal -= cost`, `Valid`. Otherwise
     /// `Exceeded` (valid snapshot, `bal + unalloc < cost`), `Low` or `Miss`.
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError>;

@@ -96,12 +96,19 @@ impl Service {
             }
             Err(e) => return Err(e),
         };
-        // Spawned so a client that hangs up cannot cancel the engine half-way.
-        let engine = self.engine.clone();
-        let id = key.id.clone();
-        let decision = tokio::spawn(async move { engine.spend(&id, cost).await })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?;
+        // An in-process hot store decides most spends in one step that cannot be cut
+        // half-way; anything else is spawned so a client that hangs up cannot cancel the
+        // engine half-way.
+        let decision = match self.engine.spend_uncancellable_fast(&key.id, cost).await {
+            Some(decision) => Ok(decision),
+            None => {
+                let engine = self.engine.clone();
+                let id = key.id.clone();
+                tokio::spawn(async move { engine.spend(&id, cost).await })
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?
+            }
+        };
         match decision {
             Ok(Decision::Valid { remaining }) => Ok(Verdict {
                 outcome: Outcome::Valid,

@@ -14,19 +14,11 @@ impl Engine {
             }
             let reply = self.hot_spend(key, cost).await;
             match reply {
-                Ok(SpendReply::Valid { remaining, bal }) => {
-                    let chunk = self.note_spend(key, cost.get());
-                    if bal.saturating_mul(2) < chunk && remaining > bal {
-                        self.request_prefetch(key, cost.get());
+                Ok(r) => {
+                    if let Some(decision) = self.hot_decision(key, cost, r) {
+                        return Ok(decision);
                     }
-                    return Ok(Decision::Valid {
-                        remaining: Some(remaining),
-                    });
                 }
-                Ok(SpendReply::Exceeded { remaining }) => {
-                    return Ok(Decision::Exceeded { remaining });
-                }
-                Ok(SpendReply::Low { .. } | SpendReply::Miss) => {}
                 Err(HotError::Unreachable(e)) => {
                     return self.spend_direct(key, cost, Some(&e)).await
                 }
@@ -45,6 +37,36 @@ impl Engine {
                 ));
             }
         }
+    }
+
+    /// The decision a hot-store reply settles alone (`None`: a refill is needed), with
+    /// the bookkeeping of a spend.
+    fn hot_decision(&self, key: &KeyId, cost: Cost, reply: SpendReply) -> Option<Decision> {
+        match reply {
+            SpendReply::Valid { remaining, bal } => {
+                let chunk = self.note_spend(key, cost.get());
+                if bal.saturating_mul(2) < chunk && remaining > bal {
+                    self.request_prefetch(key, cost.get());
+                }
+                Some(Decision::Valid {
+                    remaining: Some(remaining),
+                })
+            }
+            SpendReply::Exceeded { remaining } => Some(Decision::Exceeded { remaining }),
+            SpendReply::Low { .. } | SpendReply::Miss => None,
+        }
+    }
+
+    /// The spend's fast path, only where it cannot be cut half-way by cancellation: on a
+    /// hot store whose spend never suspends, one hot-store step. `None` when that does
+    /// not decide (a refill, the breaker, an error): the caller then runs [`Engine::spend`]
+    /// where cancellation cannot reach it.
+    pub async fn spend_uncancellable_fast(&self, key: &KeyId, cost: Cost) -> Option<Decision> {
+        if !self.hot.spend_never_suspends() || self.breaker.skip(self.config.breaker_cooldown) {
+            return None;
+        }
+        let reply = self.hot_spend(key, cost).await.ok()?;
+        self.hot_decision(key, cost, reply)
     }
 
     /// `HotStore::spend`, feeding the breaker; a timeout is counted and logged as a spend
