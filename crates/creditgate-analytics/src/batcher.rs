@@ -1,10 +1,17 @@
 //! The bounded, non-blocking batcher between the request path and a [`Sink`].
+//!
+//! The request path appends an event to a shared buffer under a short lock and wakes
+//! nobody, unless the buffer just reached a full batch. The writer task wakes every
+//! `flush_interval`, at a full batch, or when asked to flush or stop; then it takes the
+//! whole buffer in one swap. (An earlier version sent each event through a channel,
+//! which woke the writer task once per event: about 76,000 task wake-ups a second at
+//! 38,000 verifications a second, for rows that are written once a second anyway.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::{Batch, RequestEvent, Sink, VerificationEvent};
@@ -12,7 +19,7 @@ use crate::{Batch, RequestEvent, Sink, VerificationEvent};
 /// Tuning of the batcher; every queue and retry has a bound.
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
-    /// Events the channel holds before `try_send` drops (counted).
+    /// Events the buffer holds before further events are dropped (counted).
     pub capacity: usize,
     /// Flush at this many rows…
     pub batch_size: usize,
@@ -36,19 +43,38 @@ impl Default for BatcherConfig {
     }
 }
 
-enum Event {
-    Verification(VerificationEvent),
-    Request(RequestEvent),
+enum Control {
     Flush(oneshot::Sender<()>),
     /// Write what is buffered and stop.
     Stop,
 }
 
+/// What the request path and the writer share.
+struct Shared {
+    buffer: Mutex<Batch>,
+    /// Wakes the writer when the buffer holds a full batch.
+    full: Notify,
+    capacity: usize,
+    batch_size: usize,
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn buffer(&self) -> MutexGuard<'_, Batch> {
+        // A panic while holding the lock cannot leave a batch half-pushed: keep going.
+        self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Batch {
+        std::mem::take(&mut *self.buffer())
+    }
+}
+
 /// The handle the request path holds: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Analytics {
-    tx: mpsc::Sender<Event>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    control: mpsc::Sender<Control>,
 }
 
 impl std::fmt::Debug for Analytics {
@@ -59,60 +85,80 @@ impl std::fmt::Debug for Analytics {
 
 impl Analytics {
     pub fn verification(&self, e: VerificationEvent) {
-        self.offer(Event::Verification(e));
+        self.offer(|b| b.verifications.push(e));
     }
 
     pub fn request(&self, e: RequestEvent) {
-        self.offer(Event::Request(e));
+        self.offer(|b| b.requests.push(e));
     }
 
-    fn offer(&self, e: Event) {
-        if self.tx.try_send(e).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("creditgate_analytics_dropped_total", "reason" => "queue_full")
-                .increment(1);
+    fn offer(&self, push: impl FnOnce(&mut Batch)) {
+        let shared = &*self.shared;
+        let len = {
+            let mut buffer = shared.buffer();
+            let len = buffer.len();
+            if len >= shared.capacity {
+                None
+            } else {
+                push(&mut buffer);
+                Some(len + 1)
+            }
+        };
+        match len {
+            None => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("creditgate_analytics_dropped_total", "reason" => "queue_full")
+                    .increment(1);
+            }
+            Some(n) if n == shared.batch_size => shared.full.notify_one(),
+            Some(_) => {}
         }
     }
 
-    /// Events dropped because the queue was full or a batch failed every attempt.
+    /// Events dropped because the buffer was full or a batch failed every attempt.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits until everything offered before this call has been written (or dropped).
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Event::Flush(tx)).await.is_ok() {
+        if self.control.send(Control::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
 }
 
-/// The background writer. [`Batcher::shutdown`] writes what is queued and stops it,
+/// The background writer. [`Batcher::shutdown`] writes what is buffered and stops it,
 /// whether or not every [`Analytics`] handle is gone (a request cut off at shutdown may
 /// still hold one).
 pub struct Batcher {
     task: JoinHandle<()>,
-    tx: mpsc::Sender<Event>,
+    control: mpsc::Sender<Control>,
 }
 
 impl Batcher {
     pub fn start(sink: Arc<dyn Sink>, config: BatcherConfig) -> (Analytics, Batcher) {
-        let (tx, rx) = mpsc::channel(config.capacity.max(1));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run(sink, config, rx, dropped.clone()));
+        let shared = Arc::new(Shared {
+            buffer: Mutex::new(Batch::default()),
+            full: Notify::new(),
+            capacity: config.capacity.max(1),
+            batch_size: config.batch_size.max(1),
+            dropped: AtomicU64::new(0),
+        });
+        let (control, rx) = mpsc::channel(64);
+        let task = tokio::spawn(run(sink, config, shared.clone(), rx));
         let batcher = Batcher {
             task,
-            tx: tx.clone(),
+            control: control.clone(),
         };
-        (Analytics { tx, dropped }, batcher)
+        (Analytics { shared, control }, batcher)
     }
 
-    /// Writes what is queued and stops the writer, bounded by `wait`.
+    /// Writes what is buffered and stops the writer, bounded by `wait`.
     pub async fn shutdown(self, wait: Duration) {
         let stopped = async {
-            // Queued behind every event sent before it, so those are written first.
-            let _ = self.tx.send(Event::Stop).await;
+            let _ = self.control.send(Control::Stop).await;
             let _ = self.task.await;
         };
         if tokio::time::timeout(wait, stopped).await.is_err() {
@@ -124,35 +170,47 @@ impl Batcher {
 async fn run(
     sink: Arc<dyn Sink>,
     config: BatcherConfig,
-    mut rx: mpsc::Receiver<Event>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    mut control: mpsc::Receiver<Control>,
 ) {
-    let mut batch = Batch::default();
     let mut tick = tokio::time::interval(config.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(Event::Verification(v)) => batch.verifications.push(v),
-                Some(Event::Request(r)) => batch.requests.push(r),
-                Some(Event::Flush(done)) => {
-                    write(&*sink, &config, &mut batch, &dropped).await;
-                    let _ = done.send(());
-                }
-                Some(Event::Stop) | None => {
-                    write(&*sink, &config, &mut batch, &dropped).await;
+        let done = tokio::select! {
+            c = control.recv() => match c {
+                Some(Control::Flush(done)) => Some(done),
+                Some(Control::Stop) | None => {
+                    write(&*sink, &config, shared.take(), &shared.dropped).await;
                     return;
                 }
             },
-            _ = tick.tick() => write(&*sink, &config, &mut batch, &dropped).await,
-        }
-        if batch.len() >= config.batch_size {
-            write(&*sink, &config, &mut batch, &dropped).await;
+            _ = shared.full.notified() => None,
+            _ = tick.tick() => None,
+        };
+        // Everything offered before a flush request is in the buffer by now: the
+        // request was sent after the offer returned.
+        write(&*sink, &config, shared.take(), &shared.dropped).await;
+        if let Some(done) = done {
+            let _ = done.send(());
         }
     }
 }
 
-async fn write(sink: &dyn Sink, config: &BatcherConfig, batch: &mut Batch, dropped: &AtomicU64) {
+/// Writes `batch` in sink writes of at most `batch_size` rows each.
+async fn write(sink: &dyn Sink, config: &BatcherConfig, mut batch: Batch, dropped: &AtomicU64) {
+    let size = config.batch_size.max(1);
+    while batch.len() > size {
+        let verifications = batch.verifications.len().min(size);
+        let part = Batch {
+            verifications: batch.verifications.drain(..verifications).collect(),
+            requests: batch.requests.drain(..size - verifications).collect(),
+        };
+        write_one(sink, config, part, dropped).await;
+    }
+    write_one(sink, config, batch, dropped).await;
+}
+
+async fn write_one(sink: &dyn Sink, config: &BatcherConfig, batch: Batch, dropped: &AtomicU64) {
     if batch.is_empty() {
         return;
     }
@@ -160,13 +218,12 @@ async fn write(sink: &dyn Sink, config: &BatcherConfig, batch: &mut Batch, dropp
     let mut delay = config.retry_backoff;
     for attempt in 1..=config.max_attempts.max(1) {
         let started = std::time::Instant::now();
-        match sink.write(batch).await {
+        match sink.write(&batch).await {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
                 metrics::histogram!("creditgate_analytics_write_seconds").record(secs);
                 tracing::debug!(rows, write_ms = secs * 1000.0, "analytics batch written");
                 metrics::counter!("creditgate_analytics_written_total").increment(rows as u64);
-                *batch = Batch::default();
                 return;
             }
             Err(e) => {
@@ -182,7 +239,6 @@ async fn write(sink: &dyn Sink, config: &BatcherConfig, batch: &mut Batch, dropp
     dropped.fetch_add(rows as u64, Ordering::Relaxed);
     metrics::counter!("creditgate_analytics_dropped_total", "reason" => "write_failed")
         .increment(rows as u64);
-    *batch = Batch::default();
 }
 
 #[cfg(test)]
@@ -212,7 +268,7 @@ mod tests {
 
     fn req(i: usize) -> RequestEvent {
         RequestEvent {
-            request_id: format!("req_{i}"),
+            request_id: format!("req_{i}").into(),
             time: 0,
             workspace_id: "ws".into(),
             method: "POST".into(),
@@ -241,7 +297,7 @@ mod tests {
         let batches = sink.batches.lock().unwrap();
         let rows: Vec<String> = batches
             .iter()
-            .flat_map(|b| b.requests.iter().map(|r| r.request_id.clone()))
+            .flat_map(|b| b.requests.iter().map(|r| r.request_id.to_string()))
             .collect();
         assert_eq!(rows, (0..7).map(|i| format!("req_{i}")).collect::<Vec<_>>());
         assert!(batches.iter().all(|b| b.len() <= 3));
@@ -255,7 +311,7 @@ mod tests {
             ..BatcherConfig::default()
         };
         let (analytics, batcher) = Batcher::start(sink.clone(), config);
-        // The writer task has not run yet: the channel holds 2, the rest are dropped.
+        // The writer task has not run yet: the buffer holds 2, the rest are dropped.
         for i in 0..5 {
             analytics.request(req(i));
         }

@@ -9,21 +9,27 @@ pub mod clickhouse;
 
 pub use batcher::{Analytics, Batcher, BatcherConfig};
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::Serialize;
 
-/// One row of `key_verifications`.
+/// One row of `key_verifications`. The strings are shared (`Arc<str>`) or static: an
+/// event is built on every verification, and a clone of a shared id is a reference
+/// count where a `String` was an allocation, a copy and a free on another thread.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VerificationEvent {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Unix ms.
     pub time: i64,
-    pub workspace_id: String,
-    pub api_id: String,
-    pub key_id: String,
-    pub node_id: String,
-    pub region: String,
-    pub outcome: String,
+    pub workspace_id: Arc<str>,
+    /// Empty when the key was not found.
+    pub api_id: Arc<str>,
+    pub key_id: Arc<str>,
+    pub node_id: Arc<str>,
+    pub region: Arc<str>,
+    pub outcome: &'static str,
     pub cost: u64,
     pub spent_credits: u64,
     /// Balance after the decision; `None` for unlimited or unknown keys.
@@ -35,14 +41,15 @@ pub struct VerificationEvent {
 /// One row of `api_requests`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestEvent {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub time: i64,
-    pub workspace_id: String,
-    pub method: String,
-    pub path: String,
+    /// Empty when the request had no valid root key.
+    pub workspace_id: Arc<str>,
+    pub method: Cow<'static, str>,
+    pub path: Cow<'static, str>,
     pub status: u16,
     pub latency_us: u64,
-    pub node_id: String,
+    pub node_id: Arc<str>,
 }
 
 /// A batch handed to a sink.

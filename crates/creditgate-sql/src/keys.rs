@@ -61,9 +61,9 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         None => None,
     };
     Ok(KeyRecord {
-        id: KeyId(get_text("id")?),
-        workspace_id: WorkspaceId(get_text("workspace_id")?),
-        api_id: ApiId(get_text("api_id")?),
+        id: KeyId::from(get_text("id")?),
+        workspace_id: WorkspaceId::from(get_text("workspace_id")?),
+        api_id: ApiId::from(get_text("api_id")?),
         hash: get_text("hash")?,
         start: get_text("start")?,
         name: get_opt_text("name")?,
@@ -81,8 +81,11 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
 
 fn api_from_row(row: &AnyRow) -> Result<ApiRecord, StoreError> {
     Ok(ApiRecord {
-        id: ApiId(row.try_get("id").map_err(store_error)?),
-        workspace_id: WorkspaceId(row.try_get("workspace_id").map_err(store_error)?),
+        id: ApiId::from(row.try_get::<String, _>("id").map_err(store_error)?),
+        workspace_id: WorkspaceId::from(
+            row.try_get::<String, _>("workspace_id")
+                .map_err(store_error)?,
+        ),
         name: row.try_get("name").map_err(store_error)?,
         created_at: row.try_get("created_at").map_err(store_error)?,
     })
@@ -106,8 +109,11 @@ fn root_key_from_row(row: &AnyRow) -> Result<RootKeyRecord, StoreError> {
         })
         .collect();
     Ok(RootKeyRecord {
-        id: RootKeyId(id),
-        workspace_id: WorkspaceId(row.try_get("workspace_id").map_err(store_error)?),
+        id: RootKeyId::from(id),
+        workspace_id: WorkspaceId::from(
+            row.try_get::<String, _>("workspace_id")
+                .map_err(store_error)?,
+        ),
         hash: row.try_get("hash").map_err(store_error)?,
         name: row.try_get("name").map_err(store_error)?,
         permissions: PermissionSet(permissions),
@@ -407,7 +413,7 @@ impl KeyStore for SqlStore {
             .map(key_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         let cursor = if more {
-            keys.last().map(|k| k.id.0.clone())
+            keys.last().map(|k| k.id.0.to_string())
         } else {
             None
         };

@@ -462,10 +462,14 @@ async fn list_keys_paginates_by_id(db: &Db) {
             .expect("list");
         pages += 1;
         assert!(keys.len() <= 2);
-        seen.extend(keys.iter().map(|k| k.id.0.clone()));
+        seen.extend(keys.iter().map(|k| k.id.0.to_string()));
         match next {
             Some(c) => {
-                assert_eq!(Some(&c), keys.last().map(|k| &k.id.0), "cursor = last id");
+                assert_eq!(
+                    Some(c.as_str()),
+                    keys.last().map(|k| k.id.as_str()),
+                    "cursor = last id"
+                );
                 cursor = Some(c);
             }
             None => break,
@@ -658,14 +662,14 @@ fn verification(i: usize) -> VerificationEvent {
     // Every other one exceeded; every third one of an unlimited key.
     let valid = matches!(i % 2, 0);
     VerificationEvent {
-        request_id: format!("req_v{i}"),
+        request_id: format!("req_v{i}").into(),
         time: 1_700_000_000_000,
-        workspace_id: "ws_1".to_owned(),
-        api_id: "api_1".to_owned(),
-        key_id: format!("key_{}", i % 7),
-        node_id: "node-a".to_owned(),
-        region: "local".to_owned(),
-        outcome: if valid { "VALID" } else { "USAGE_EXCEEDED" }.to_owned(),
+        workspace_id: "ws_1".into(),
+        api_id: "api_1".into(),
+        key_id: format!("key_{}", i % 7).into(),
+        node_id: "node-a".into(),
+        region: "local".into(),
+        outcome: if valid { "VALID" } else { "USAGE_EXCEEDED" },
         cost: 2,
         spent_credits: if valid { 2 } else { 0 },
         remaining: match i % 3 {
@@ -679,14 +683,14 @@ fn verification(i: usize) -> VerificationEvent {
 
 fn request(i: usize) -> RequestEvent {
     RequestEvent {
-        request_id: format!("req_r{i}"),
+        request_id: format!("req_r{i}").into(),
         time: 1_700_000_000_001,
-        workspace_id: "ws_1".to_owned(),
-        method: "POST".to_owned(),
-        path: "/v2/keys.verifyKey".to_owned(),
+        workspace_id: "ws_1".into(),
+        method: "POST".into(),
+        path: "/v2/keys.verifyKey".into(),
         status: 200,
         latency_us: u64::MAX,
-        node_id: "node-a".to_owned(),
+        node_id: "node-a".into(),
     }
 }
 
