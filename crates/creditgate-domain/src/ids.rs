@@ -1,5 +1,7 @@
 //! Identifiers: `ws_…`, `api_…`, `key_…`, `rk_…`, random base58 like Unkey's.
 
+use std::sync::Arc;
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -15,17 +17,24 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", random_base58(12))
 }
 
+/// An id is an `Arc<str>`: the request path copies ids into engine calls, analytics
+/// rows and responses many times a second, and a clone is a reference count.
 macro_rules! id_type {
     ($name:ident, $prefix:literal) => {
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(pub String);
+        pub struct $name(pub Arc<str>);
 
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
             pub fn generate() -> Self {
-                Self(new_id($prefix))
+                Self(new_id($prefix).into())
+            }
+
+            /// The shared string (a reference count, no copy).
+            pub fn shared(&self) -> Arc<str> {
+                self.0.clone()
             }
 
             pub fn as_str(&self) -> &str {
@@ -41,13 +50,13 @@ macro_rules! id_type {
 
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
-                Self(s.to_owned())
+                Self(s.into())
             }
         }
 
         impl From<String> for $name {
             fn from(s: String) -> Self {
-                Self(s)
+                Self(s.into())
             }
         }
     };

@@ -73,7 +73,7 @@ impl Permission {
         let action = Action::parse(action).ok_or_else(err)?;
         let api = match scope {
             "*" => None,
-            id if !id.is_empty() => Some(ApiId(id.to_owned())),
+            id if !id.is_empty() => Some(ApiId(id.into())),
             _ => return Err(err()),
         };
         Ok(Self { api, action })

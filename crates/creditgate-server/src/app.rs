@@ -111,8 +111,8 @@ impl App {
             analytics,
             clock,
             ServiceSettings {
-                node_id: node_id.clone(),
-                region: config.region.clone(),
+                node_id: node_id.as_str().into(),
+                region: config.region.as_str().into(),
                 allow_on_backend_failure: config.on_backend_failure == BackendFailure::Allow,
             },
             bus.clone()
@@ -124,7 +124,7 @@ impl App {
         let state = AppState::new(Shared {
             service,
             config: NodeSettings {
-                node_id,
+                node_id: node_id.into(),
                 max_body_bytes: config.max_body_bytes,
                 max_in_flight: config.max_in_flight,
             },

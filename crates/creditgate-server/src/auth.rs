@@ -35,7 +35,7 @@ impl FromRequestParts<AppState> for RootKey {
             ));
         }
         let caller = state.service.authenticate(token).await?;
-        RequestContext::set_workspace(caller.workspace().as_str());
+        RequestContext::set_workspace(caller.workspace().shared());
         Ok(RootKey(caller))
     }
 }

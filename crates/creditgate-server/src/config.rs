@@ -101,6 +101,10 @@ pub struct ServeConfig {
     /// analytics), in milliseconds.
     #[arg(long, env = "CREDITGATE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+
+    /// Tokio worker threads that serve requests (default: the number of CPUs).
+    #[arg(long, env = "CREDITGATE_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 impl ServeConfig {
@@ -123,6 +127,7 @@ impl ServeConfig {
             max_in_flight: 4096,
             drain_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
+            workers: None,
         }
     }
 

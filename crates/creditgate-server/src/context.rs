@@ -14,7 +14,7 @@ tokio::task_local! {
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: RequestId,
-    workspace: Arc<OnceLock<String>>,
+    workspace: Arc<OnceLock<Arc<str>>>,
 }
 
 impl RequestContext {
@@ -30,13 +30,13 @@ impl RequestContext {
         CONTEXT.scope(self, f).await
     }
 
-    pub fn workspace(&self) -> Option<&str> {
-        self.workspace.get().map(String::as_str)
+    pub fn workspace(&self) -> Option<&Arc<str>> {
+        self.workspace.get()
     }
 
     /// Records the caller's workspace (first write wins).
-    pub fn set_workspace(workspace: &str) {
-        let _ = CONTEXT.try_with(|c| c.workspace.set(workspace.to_owned()));
+    pub fn set_workspace(workspace: Arc<str>) {
+        let _ = CONTEXT.try_with(|c| c.workspace.set(workspace));
     }
 }
 
@@ -48,18 +48,18 @@ impl Default for RequestContext {
 
 /// A request id: `req_<base58>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub Arc<str>);
 
 impl RequestId {
     pub fn new() -> Self {
-        Self(new_id("req"))
+        Self(new_id("req").into())
     }
 
-    /// The current request's id, or a fresh one outside a request.
-    pub fn current() -> String {
+    /// The current request's id (shared), or a fresh one outside a request.
+    pub fn current() -> Arc<str> {
         CONTEXT
             .try_with(|c| c.request_id.0.clone())
-            .unwrap_or_else(|_| new_id("req"))
+            .unwrap_or_else(|_| new_id("req").into())
     }
 }
 

@@ -197,7 +197,7 @@ impl ApiError {
         };
         let body = ErrorEnvelope {
             meta: crate::wire::Meta {
-                request_id: request_id.to_owned(),
+                request_id: request_id.into(),
             },
             error: ErrorBody {
                 title,

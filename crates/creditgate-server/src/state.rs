@@ -9,7 +9,7 @@ use creditgate_service::{Invalidations, Service};
 /// Read-only node settings the HTTP layer needs.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
-    pub node_id: String,
+    pub node_id: Arc<str>,
     pub max_body_bytes: usize,
     pub max_in_flight: usize,
 }

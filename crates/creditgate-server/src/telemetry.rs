@@ -2,15 +2,17 @@
 //! middleware that opens the request context, times the request, counts it, and emits
 //! its analytics row.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use creditgate_analytics::RequestEvent;
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::context::RequestContext;
@@ -116,17 +118,36 @@ pub async fn in_flight_limit(State(state): State<AppState>, req: Request, next: 
 /// Counts a request in the in-flight gauge until dropped (also when cancelled).
 struct InFlight;
 
+/// The in-flight gauge's handle, looked up once.
+fn in_flight_gauge() -> &'static Gauge {
+    static GAUGE: OnceLock<Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!(names::HTTP_IN_FLIGHT))
+}
+
 impl InFlight {
     fn enter() -> Self {
-        metrics::gauge!(names::HTTP_IN_FLIGHT).increment(1.0);
+        in_flight_gauge().increment(1.0);
         InFlight
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(names::HTTP_IN_FLIGHT).decrement(1.0);
+        in_flight_gauge().decrement(1.0);
     }
+}
+
+fn static_method(m: &Method) -> Option<&'static str> {
+    Some(match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => return None,
+    })
 }
 
 pub async fn request_middleware(
@@ -136,15 +157,17 @@ pub async fn request_middleware(
 ) -> Response {
     let started = Instant::now();
     let ctx = RequestContext::new();
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
+    // Known routes and methods are static strings: no copy per request.
+    let known = ROUTES.iter().copied().find(|r| *r == req.uri().path());
+    let path: Cow<'static, str> = match known {
+        Some(route) => Cow::Borrowed(route),
+        None => Cow::Owned(req.uri().path().to_owned()),
+    };
+    let method = static_method(req.method())
+        .map_or_else(|| Cow::Owned(req.method().to_string()), Cow::Borrowed);
     let response = ctx.clone().scope(next.run(req)).await;
     let status = response.status().as_u16();
-    let route = ROUTES
-        .iter()
-        .copied()
-        .find(|r| *r == path)
-        .unwrap_or("other");
+    let route = known.unwrap_or("other");
     let (count, seconds) = route_metrics(route, status);
     count.increment(1);
     seconds.record(started.elapsed().as_secs_f64());
@@ -152,7 +175,7 @@ pub async fn request_middleware(
         state.service.analytics().request(RequestEvent {
             request_id: ctx.request_id.0.clone(),
             time: state.service.clock().now_ms(),
-            workspace_id: ctx.workspace().unwrap_or_default().to_owned(),
+            workspace_id: ctx.workspace().cloned().unwrap_or_else(|| "".into()),
             method,
             path,
             status,

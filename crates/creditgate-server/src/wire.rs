@@ -2,6 +2,8 @@
 //! OpenAPI document is generated from them. Requests reject unknown fields; responses
 //! omit absent optional fields (the official SDK rejects `null` for them).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -10,7 +12,8 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Meta {
-    pub request_id: String,
+    #[schema(value_type = String)]
+    pub request_id: Arc<str>,
 }
 
 /// The success envelope.
@@ -289,9 +292,11 @@ pub struct VerifyKeyRequest {
 pub struct VerifyKeyData {
     pub valid: bool,
     /// VALID, NOT_FOUND, DISABLED, EXPIRED, USAGE_EXCEEDED, …
-    pub code: String,
+    #[schema(value_type = String)]
+    pub code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub key_id: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -43,8 +43,8 @@ pub const INVALIDATE_ALL: &str = "*";
 /// Settings of this node the service needs.
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
-    pub node_id: String,
-    pub region: String,
+    pub node_id: Arc<str>,
+    pub region: Arc<str>,
     /// Answer VALID when the backends fail (`--on-backend-failure=allow`).
     pub allow_on_backend_failure: bool,
 }

@@ -40,7 +40,7 @@ impl Service {
         &self,
         caller: &Caller,
         cmd: Verify,
-        request_id: String,
+        request_id: Arc<str>,
     ) -> Result<Verdict, ServiceError> {
         let started = Instant::now();
         let verdict = self.decide(caller, &cmd.secret, cmd.cost).await?;
@@ -51,12 +51,12 @@ impl Service {
         self.analytics.verification(VerificationEvent {
             request_id,
             time: self.clock.now_ms(),
-            workspace_id: caller.workspace().0.clone(),
-            api_id: key.map(|k| k.api_id.0.clone()).unwrap_or_default(),
-            key_id: key.map(|k| k.id.0.clone()).unwrap_or_default(),
+            workspace_id: caller.workspace().shared(),
+            api_id: key.map_or_else(|| "".into(), |k| k.api_id.shared()),
+            key_id: key.map_or_else(|| "".into(), |k| k.id.shared()),
             node_id: self.settings.node_id.clone(),
             region: self.settings.region.clone(),
-            outcome: verdict.outcome.as_str().to_owned(),
+            outcome: verdict.outcome.as_str(),
             cost: cmd.cost.get(),
             spent_credits: verdict.spent,
             remaining: verdict.remaining,
@@ -96,11 +96,11 @@ impl Service {
             }
             Err(e) => return Err(e),
         };
-        // An in-process hot store decides most spends in one step that cannot be cut
-        // half-way; anything else is spawned so a client that hangs up cannot cancel the
-        // engine half-way.
-        let decision = match self.engine.spend_uncancellable_fast(&key.id, cost).await {
-            Some(decision) => Ok(decision),
+        // The hot store decides most spends in one step that cancellation cannot cut
+        // half-way; anything else (a refill) is spawned so a client that hangs up cannot
+        // cancel the engine half-way.
+        let decision = match self.engine.spend_fast(&key.id, cost).await {
+            Some(decision) => decision,
             None => {
                 let engine = self.engine.clone();
                 let id = key.id.clone();

@@ -127,9 +127,28 @@ async fn stop_local_cluster(cluster: LocalCluster) -> anyhow::Result<()> {
         .context("the cluster stop task failed")?
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    let workers = match &cli.command {
+        Command::Serve(config) => config.workers,
+        _ => None,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        ensure!(
+            (1..=256).contains(&n),
+            "--workers must be between 1 and 256, not {n}"
+        );
+        runtime.worker_threads(n);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(config) => {
             init_logging(config.log_format, "info,sqlx=warn");

@@ -25,7 +25,9 @@ pub async fn create_api(
 ) -> Result<Json<Envelope<CreateApiData>>, ApiError> {
     let name = parse_api_name(req)?;
     let id = state.service.create_api(&caller, name).await?;
-    Ok(ok(CreateApiData { api_id: id.0 }))
+    Ok(ok(CreateApiData {
+        api_id: id.0.to_string(),
+    }))
 }
 
 #[utoipa::path(post, path = "/v2/apis.getApi", tag = "apis", request_body = ApiIdRequest,
@@ -38,7 +40,7 @@ pub async fn get_api(
 ) -> Result<Json<Envelope<GetApiData>>, ApiError> {
     let api = state.service.get_api(&caller, &parse_api_id(req)?).await?;
     Ok(ok(GetApiData {
-        id: api.id.0,
+        id: api.id.0.to_string(),
         name: api.name,
     }))
 }

@@ -27,7 +27,7 @@ pub fn key_data(v: KeyView) -> KeyData {
     let identity = identity(&v.record);
     let k = v.record;
     KeyData {
-        key_id: k.id.0,
+        key_id: k.id.0.to_string(),
         start: k.start,
         enabled: k.enabled,
         name: k.name,
@@ -53,7 +53,7 @@ pub async fn create_key(
         .create_key(&caller, CreateKey::try_from(req)?)
         .await?;
     Ok(ok(CreateKeyData {
-        key_id: created.key_id.0,
+        key_id: created.key_id.0.to_string(),
         key: created.secret,
     }))
 }

@@ -30,8 +30,8 @@ pub async fn verify_key(
     let key = verdict.key.as_deref();
     Ok(ok(VerifyKeyData {
         valid: verdict.outcome == Outcome::Valid,
-        code: verdict.outcome.as_str().to_owned(),
-        key_id: key.map(|k| k.id.0.clone()),
+        code: verdict.outcome.as_str(),
+        key_id: key.map(|k| k.id.shared()),
         name: key.and_then(|k| k.name.clone()),
         meta: key.and_then(|k| k.meta.clone()),
         expires: key.and_then(|k| k.expires),
