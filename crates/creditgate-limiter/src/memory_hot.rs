@@ -147,7 +147,7 @@ impl HotStore for MemoryHotStore {
         Ok(self.lock_inner().epoch.clone())
     }
 
-    fn spend_never_suspends(&self) -> bool {
+    fn spend_survives_cancellation(&self) -> bool {
         true
     }
 

@@ -121,9 +121,11 @@ pub trait HotStore: Send + Sync {
     /// failover). Balances credited under another epoch are never spent again.
     async fn epoch(&self) -> Result<String, HotError>;
 
-    /// Whether `spend` completes without ever suspending (an in-process store): then a
-    /// caller's cancellation can never cut it half-way.
-    fn spend_never_suspends(&self) -> bool {
+    /// Whether a `spend` that was polled once is applied whole or not at all even when
+    /// its caller stops waiting (drops the future): it never suspends (an in-process
+    /// store), or it hands the call to a task of its own. Then the engine runs a spend
+    /// the hot store decides in the caller's task, without a task of its own.
+    fn spend_survives_cancellation(&self) -> bool {
         false
     }
 

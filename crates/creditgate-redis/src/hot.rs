@@ -20,7 +20,7 @@
 //! `empty_entry_ttl` after their last write, so [`HotStore::expire_idle`] has nothing to
 //! scan and returns 0.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use creditgate_limiter::ports::{
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ProtocolVersion, ScriptInvocation};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::{classify, not_sent, RedisError};
@@ -75,7 +76,7 @@ impl Default for RedisOptions {
 pub struct RedisHotStore {
     conn: ConnectionManager,
     scripts: Scripts,
-    epoch: RwLock<Arc<str>>,
+    epoch: Arc<RwLock<Arc<str>>>,
     /// Serializes epoch refreshes, so a slow read never overwrites a newer one.
     refresh: tokio::sync::Mutex<()>,
     risky_eviction_policy: Option<String>,
@@ -85,6 +86,8 @@ pub struct RedisHotStore {
     /// How long after it is sent a spend may still be applied: a little less than the
     /// response timeout, after which the caller no longer waits for the answer.
     spend_window: Duration,
+    /// Concurrent spends, sent to Redis together.
+    spends: SpendBatcher,
 }
 
 impl std::fmt::Debug for RedisHotStore {
@@ -229,11 +232,20 @@ impl RedisHotStore {
                 .map_err(|e| RedisError::Connect(format!("loading a script: {e}")))?;
         }
         let risky_eviction_policy = check_eviction_policy(&mut conn).await;
+        let epoch = Arc::new(RwLock::new(Arc::from("")));
+        let spends = SpendBatcher::start(SpendCaller {
+            conn: conn.clone(),
+            script: scripts.spend_many.clone(),
+            epoch: epoch.clone(),
+            empty_ttl_ms: millis(options.empty_entry_ttl),
+            mark_ttl_ms: millis(options.mark_ttl),
+        });
         let store = Self {
+            spends,
             risky_eviction_policy,
             conn,
             scripts,
-            epoch: RwLock::new(Arc::from("")),
+            epoch,
             refresh: tokio::sync::Mutex::new(()),
             empty_ttl_ms: millis(options.empty_entry_ttl),
             mark_ttl_ms: millis(options.mark_ttl),
@@ -251,6 +263,15 @@ impl RedisHotStore {
     /// (anything but `noeviction` / `volatile-*`), for health reports.
     pub fn risky_eviction_policy(&self) -> Option<&str> {
         self.risky_eviction_policy.as_deref()
+    }
+
+    /// Batched spend calls made so far and the spends they carried.
+    pub fn spend_batches(&self) -> (u64, u64) {
+        let q = &self.spends.queue;
+        (
+            q.calls.load(Ordering::Relaxed),
+            q.spends.load(Ordering::Relaxed),
+        )
     }
 
     /// The epoch the scripts currently run under (refreshed by [`HotStore::epoch`]).
@@ -332,55 +353,19 @@ impl RedisHotStore {
     }
 
     fn fail(&self, e: &redis::RedisError) -> HotError {
-        let err = classify(e);
-        let kind = match err {
-            HotError::Unreachable(_) => "unreachable",
-            HotError::Ambiguous(_) => "ambiguous",
-            HotError::Other(_) => "other",
-        };
-        metrics::counter!(m::ERRORS, "kind" => kind).increment(1);
-        err
+        fail(e)
     }
 
-    /// `spend` with the cost passed to the script as given, for tests of the script's
-    /// own argument checks (negative, fractional, non-numeric costs are errors).
+    /// `spend` with the cost passed to the batch script as given, for tests of the
+    /// script's own argument checks (negative, fractional, non-numeric costs are errors).
     #[cfg(feature = "testing")]
     pub async fn spend_raw_cost(&self, key: &str, cost: &str) -> Result<SpendReply, HotError> {
-        self.spend_arg(key, cost).await
-    }
-
-    async fn spend_arg(
-        &self,
-        key: &str,
-        cost: impl redis::ToRedisArgs,
-    ) -> Result<SpendReply, HotError> {
         check_key(key)?;
-        let mut inv = self.entry_call(&self.scripts.spend, key, None, false);
+        let mut inv = self.entry_call(&self.scripts.spend_many, key, None, false);
         inv.arg(cost);
         inv.arg(self.clock.deadline(self.spend_window));
         let r: Vec<u64> = self.run(&inv).await?;
-        match r.as_slice() {
-            [0] => Ok(SpendReply::Miss),
-            [1, remaining, bal] => Ok(SpendReply::Valid {
-                remaining: *remaining,
-                bal: *bal,
-            }),
-            [2, remaining] => Ok(SpendReply::Exceeded {
-                remaining: *remaining,
-            }),
-            [3, bal, generation] => Ok(SpendReply::Low {
-                bal: *bal,
-                generation: *generation,
-            }),
-            // It reached Redis after its deadline and did nothing.
-            [4] => {
-                metrics::counter!(m::SPENDS_TOO_LATE).increment(1);
-                Err(HotError::Unreachable(
-                    "the spend reached Redis after its deadline; nothing was spent".into(),
-                ))
-            }
-            _ => Err(unexpected("spend", &r)),
-        }
+        spend_reply(&r)
     }
 
     /// An entry-script invocation with the common arguments (cached epoch, TTLs,
@@ -439,6 +424,191 @@ impl RedisHotStore {
     }
 }
 
+/// Counts a failed call by kind and classifies it.
+fn fail(e: &redis::RedisError) -> HotError {
+    let err = classify(e);
+    let kind = match err {
+        HotError::Unreachable(_) => "unreachable",
+        HotError::Ambiguous(_) => "ambiguous",
+        HotError::Other(_) => "other",
+    };
+    metrics::counter!(m::ERRORS, "kind" => kind).increment(1);
+    err
+}
+
+/// Most spends one batch carries (one script call, `KEYS` of this many entries).
+const MAX_SPEND_BATCH: usize = 128;
+/// Batches in flight at once; spends arriving meanwhile wait for the next batch.
+const MAX_SPEND_BATCHES_IN_FLIGHT: usize = 2;
+
+/// One caller's spend, waiting for its batch.
+struct PendingSpend {
+    entry: String,
+    cost: u64,
+    deadline: u64,
+    reply: oneshot::Sender<Result<SpendReply, HotError>>,
+}
+
+/// Spends of concurrent callers, sent to Redis together: one script call (`SPEND_MANY`)
+/// for what queued while earlier batches were in flight. A lone spend goes at once; under
+/// load, each round trip carries many, which saves Redis most of its per-call work and
+/// this node most of the client's. Each item's reply is exactly what the one-key
+/// `spend_one` would answer, in the order the items were queued.
+struct SpendBatcher {
+    queue: Arc<SpendQueue>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct SpendQueue {
+    pending: std::sync::Mutex<Vec<PendingSpend>>,
+    wake: tokio::sync::Notify,
+    /// Batch calls made and spends they carried.
+    calls: AtomicU64,
+    spends: AtomicU64,
+}
+
+impl SpendQueue {
+    fn take(&self, max: usize) -> Vec<PendingSpend> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = pending.len().min(max);
+        pending.drain(..n).collect()
+    }
+}
+
+/// What a batch call needs of the store.
+#[derive(Clone)]
+struct SpendCaller {
+    conn: ConnectionManager,
+    script: redis::Script,
+    epoch: Arc<RwLock<Arc<str>>>,
+    empty_ttl_ms: u64,
+    mark_ttl_ms: u64,
+}
+
+impl SpendBatcher {
+    fn start(caller: SpendCaller) -> Self {
+        let queue = Arc::new(SpendQueue::default());
+        let driver = tokio::spawn(Self::drive(queue.clone(), caller));
+        Self { queue, driver }
+    }
+
+    async fn spend(&self, entry: String, cost: u64, deadline: u64) -> Result<SpendReply, HotError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(PendingSpend {
+                entry,
+                cost,
+                deadline,
+                reply,
+            });
+        self.queue.wake.notify_one();
+        answer.await.unwrap_or_else(|_| {
+            Err(HotError::Ambiguous(
+                "the hot store stopped with the spend queued or in flight".into(),
+            ))
+        })
+    }
+
+    async fn drive(queue: Arc<SpendQueue>, caller: SpendCaller) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SPEND_BATCHES_IN_FLIGHT));
+        loop {
+            queue.wake.notified().await;
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let batch = queue.take(MAX_SPEND_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                queue.calls.fetch_add(1, Ordering::Relaxed);
+                queue
+                    .spends
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let caller = caller.clone();
+                tokio::spawn(async move {
+                    caller.run(batch).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+}
+
+impl Drop for SpendBatcher {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl SpendCaller {
+    async fn run(&self, batch: Vec<PendingSpend>) {
+        metrics::histogram!(m::SPEND_BATCH_SIZE).record(batch.len() as f64);
+        let epoch = self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut inv = self.script.prepare_invoke();
+        for item in &batch {
+            inv.key(item.entry.as_str());
+        }
+        inv.arg(&*epoch)
+            .arg(self.empty_ttl_ms)
+            .arg(self.mark_ttl_ms)
+            .arg(0u8);
+        for item in &batch {
+            inv.arg(item.cost).arg(item.deadline);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<u64>, HotError> = match inv.invoke_async(&mut conn).await {
+            Err(e) if not_sent(&e) => inv.invoke_async(&mut conn).await.map_err(|e| fail(&e)),
+            r => r.map_err(|e| fail(&e)),
+        };
+        let replies = reply.and_then(|r| {
+            if r.len() == 3 * batch.len() {
+                Ok(r)
+            } else {
+                Err(HotError::Other(format!(
+                    "unexpected reply to a batch of {} spends: {} numbers",
+                    batch.len(),
+                    r.len()
+                )))
+            }
+        });
+        match replies {
+            Ok(r) => {
+                for (item, reply) in batch.into_iter().zip(r.chunks_exact(3)) {
+                    let _ = item.reply.send(spend_reply(reply));
+                }
+            }
+            Err(e) => {
+                for item in batch {
+                    let _ = item.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One item's reply: the numbers of `spend_one` reply, zero-padded to three.
+fn spend_reply(r: &[u64]) -> Result<SpendReply, HotError> {
+    match *r {
+        [0, _, _] => Ok(SpendReply::Miss),
+        [1, remaining, bal] => Ok(SpendReply::Valid { remaining, bal }),
+        [2, remaining, _] => Ok(SpendReply::Exceeded { remaining }),
+        [3, bal, generation] => Ok(SpendReply::Low { bal, generation }),
+        // It reached Redis after its deadline and did nothing.
+        [4, _, _] => {
+            metrics::counter!(m::SPENDS_TOO_LATE).increment(1);
+            Err(HotError::Unreachable(
+                "the spend reached Redis after its deadline; nothing was spent".into(),
+            ))
+        }
+        _ => Err(unexpected("spend", r)),
+    }
+}
+
 /// Keys holding credits have no TTL; a policy that evicts such keys under memory
 /// pressure (`allkeys-*`) would silently lose balances. Returns such a policy (warned
 /// about), `None` when safe or unreadable (`CONFIG` may be disabled on managed Redis).
@@ -471,8 +641,18 @@ impl HotStore for RedisHotStore {
         self.refresh_epoch().await
     }
 
+    /// Once queued, a spend is run by the batcher whether or not its caller still waits.
+    fn spend_survives_cancellation(&self) -> bool {
+        true
+    }
+
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
-        self.spend_arg(key.as_str(), cost.get()).await
+        let key = key.as_str();
+        check_key(key)?;
+        let deadline = self.clock.deadline(self.spend_window);
+        self.spends
+            .spend(entry_key(key), cost.get(), deadline)
+            .await
     }
 
     async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError> {

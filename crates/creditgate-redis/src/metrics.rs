@@ -13,3 +13,5 @@ pub const BUS_PUBLISH_ERRORS: &str = "creditgate_cache_bus_publish_errors_total"
 /// Spends that reached Redis after their deadline and did nothing (the caller had
 /// stopped waiting for them).
 pub const SPENDS_TOO_LATE: &str = "creditgate_redis_spends_too_late_total";
+/// Spends per batched script call (`SPEND_MANY`).
+pub const SPEND_BATCH_SIZE: &str = "creditgate_redis_spend_batch_size";

@@ -97,35 +97,58 @@ local function mark_set(value)
 end
 "#;
 
-/// ARGV[5]: cost; ARGV[6]: deadline, in Redis `TIME` milliseconds (0: none).
-/// Returns `{0}` miss, `{1, remaining, bal}` valid, `{2, remaining}` exceeded,
+/// The spend of one entry (`E`): `cost`; `deadline` in Redis `TIME` milliseconds (0:
+/// none). Returns `{0}` miss, `{1, remaining, bal}` valid, `{2, remaining}` exceeded,
 /// `{3, bal, generation}` low, `{4}` too late (nothing done).
 ///
 /// The deadline makes a late delivery a no-op: a spend whose caller has stopped waiting
 /// (and answered that it does not know the outcome) cannot be applied when a link that
 /// held its bytes heals.
-const SPEND: &str = r#"
-local cost = uint(5, 'cost')
-local deadline = uint(6, 'deadline')
-if deadline > 0 and now_ms() > deadline then return {4} end
-local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
-if v[1] ~= EPOCH then return {0} end
-local bal = tonumber(v[2]) or 0
-local unalloc = tonumber(v[3]) or 0
-local uvalid = tonumber(v[4]) == 1
-local gen = tonumber(v[5]) or 0
-local spent = tonumber(v[6]) or 0
--- Only a valid snapshot lets the hot store state the exact remaining balance.
-if bal >= cost and uvalid then
-  bal = bal - cost
-  spent = math.min(spent + cost, MAXN)
-  redis.call('HSET', E, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now_ms()))
-  expiry({bal = bal, spent = spent})
-  return {1, math.min(bal + unalloc, MAXN), bal}
+const SPEND_ONE: &str = r#"
+local function spend_one(cost, deadline, now)
+  if deadline > 0 and now > deadline then return {4} end
+  local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
+  if v[1] ~= EPOCH then return {0} end
+  local bal = tonumber(v[2]) or 0
+  local unalloc = tonumber(v[3]) or 0
+  local uvalid = tonumber(v[4]) == 1
+  local gen = tonumber(v[5]) or 0
+  local spent = tonumber(v[6]) or 0
+  -- Only a valid snapshot lets the hot store state the exact remaining balance.
+  if bal >= cost and uvalid then
+    bal = bal - cost
+    spent = math.min(spent + cost, MAXN)
+    redis.call('HSET', E, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now))
+    expiry({bal = bal, spent = spent})
+    return {1, math.min(bal + unalloc, MAXN), bal}
+  end
+  local total = math.min(bal + unalloc, MAXN)
+  if uvalid and total < cost then return {2, total} end
+  return {3, bal, gen}
 end
-local total = math.min(bal + unalloc, MAXN)
-if uvalid and total < cost then return {2, total} end
-return {3, bal, gen}
+"#;
+
+/// The spends of several callers in one call: `KEYS[i]` is the entry of item `i`,
+/// `ARGV[3 + 2i]` its cost and `ARGV[4 + 2i]` its deadline (see [`SPEND_ONE`]). Every
+/// argument is checked before anything is written, so a bad one fails the whole call
+/// with nothing spent. Returns three numbers per item, in order: `spend_one`'s reply
+/// padded with zeros. A key may appear more than once; its spends apply in order.
+const SPEND_MANY: &str = r#"
+local n = #KEYS
+local items = {}
+for i = 1, n do
+  items[i] = {uint(3 + 2 * i, 'cost'), uint(4 + 2 * i, 'deadline')}
+end
+local now = now_ms()
+local out = {}
+for i = 1, n do
+  E = KEYS[i]
+  local r = spend_one(items[i][1], items[i][2], now)
+  out[3 * i - 2] = r[1]
+  out[3 * i - 1] = r[2] or 0
+  out[3 * i] = r[3] or 0
+end
+return out
 "#;
 
 /// KEYS[2]: mark. ARGV[5..8]: generation, amount, unalloc, version.
@@ -259,7 +282,7 @@ return 0
 /// The scripts, hashed once; `invoke_async` calls them by SHA (`EVALSHA`, loading on
 /// `NOSCRIPT`, e.g. after a Redis restart).
 pub(crate) struct Scripts {
-    pub spend: redis::Script,
+    pub spend_many: redis::Script,
     pub credit: redis::Script,
     pub sync_unalloc: redis::Script,
     pub drain: redis::Script,
@@ -274,7 +297,7 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         let entry = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
         Self {
-            spend: entry(SPEND),
+            spend_many: entry(&format!("{SPEND_ONE}{SPEND_MANY}")),
             credit: entry(CREDIT),
             sync_unalloc: entry(SYNC_UNALLOC),
             drain: entry(DRAIN),
@@ -288,7 +311,7 @@ impl Scripts {
 
     pub(crate) fn all(&self) -> [&redis::Script; 9] {
         [
-            &self.spend,
+            &self.spend_many,
             &self.credit,
             &self.sync_unalloc,
             &self.drain,

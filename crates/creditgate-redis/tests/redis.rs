@@ -230,6 +230,64 @@ async fn entries_holding_credits_never_expire_and_empty_ones_do() {
     assert_eq!(hot.expire_idle(0).await.expect("expire_idle"), 0);
 }
 
+/// Concurrent spends of one node go to Redis in batches, and each still gets the answer
+/// it would get alone: per key, one VALID per credit with every balance answered once,
+/// the rest EXCEEDED; a key with no entry misses; balances end exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_spends_answer_each_as_alone() {
+    let server = redis();
+    let hot = store(&server).await;
+    let keys: Vec<KeyId> = (0..10).map(|i| kid(&format!("batch_{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let t = format!("t{i}");
+        hot.credit(k, &cr(&t, 0, 50, 0, 1)).await.expect("credit");
+    }
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let hot = hot.clone();
+        let key = keys[i % keys.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            (key.clone(), hot.spend(&key, c(2)).await)
+        }));
+    }
+    let missing = {
+        let hot = hot.clone();
+        tokio::spawn(async move { hot.spend(&kid("batch_none"), c(1)).await })
+    };
+    let mut valid: std::collections::BTreeMap<KeyId, Vec<u64>> = Default::default();
+    let mut exceeded = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (k, Ok(SpendReply::Valid { remaining, bal })) => {
+                assert_eq!(remaining, bal, "no snapshot beyond the hot balance");
+                valid.entry(k).or_default().push(remaining);
+            }
+            // The credit carried the whole balance (nothing unallocated): past it the
+            // spend is refused with the exact balance.
+            (_, Ok(SpendReply::Exceeded { remaining: 0 })) => exceeded += 1,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert!(matches!(missing.await.expect("task"), Ok(SpendReply::Miss)));
+    assert_eq!(exceeded, 400 - 250);
+    for k in &keys {
+        let seen: BTreeSet<u64> = valid[k].iter().copied().collect();
+        assert_eq!(
+            seen,
+            (0..25).map(|i| i * 2).collect::<BTreeSet<u64>>(),
+            "{k}"
+        );
+        let entry = hot.peek(k).await.expect("peek").expect("entry");
+        assert_eq!((entry.bal, entry.spent), (0, 50));
+    }
+    let (calls, spends) = hot.spend_batches();
+    assert_eq!(spends, 401);
+    assert!(
+        calls < spends,
+        "concurrent spends share calls: {calls} calls for {spends}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_on_redis_is_exact_under_concurrency() {
     let server = redis();

@@ -18,19 +18,18 @@ fn shared_instances_are_started_once() {
 
 fn verification(i: u64, remaining: Option<u64>) -> VerificationEvent {
     VerificationEvent {
-        request_id: format!("req_v{i}"),
+        request_id: format!("req_v{i}").into(),
         time: 1_700_000_000_000 + i64::try_from(i).unwrap(),
         workspace_id: "ws_1".into(),
         api_id: "api_1".into(),
-        key_id: format!("key_{i}"),
+        key_id: format!("key_{i}").into(),
         node_id: "node_a".into(),
         region: "local".into(),
         outcome: if remaining.is_some() {
             "VALID"
         } else {
             "NOT_FOUND"
-        }
-        .into(),
+        },
         cost: 1,
         spent_credits: u64::from(remaining.is_some()),
         remaining,
@@ -41,7 +40,7 @@ fn verification(i: u64, remaining: Option<u64>) -> VerificationEvent {
 
 fn request(i: u64) -> RequestEvent {
     RequestEvent {
-        request_id: format!("req_r{i}"),
+        request_id: format!("req_r{i}").into(),
         time: 1_700_000_000_000,
         workspace_id: "ws_1".into(),
         method: "POST".into(),
