@@ -167,6 +167,13 @@ struct Activity {
     last_used: Instant,
     /// A prefetch for this key is queued or running.
     prefetching: bool,
+    /// Credits this node spent from the key since its last credit of the key's hot
+    /// balance…
+    own_since_report: u64,
+    /// …and how many times that the whole hot store spent in the same window, as the
+    /// last credit reported (1 on a node of its own; about N where N nodes share the
+    /// key evenly). Chunks cover the key's rate on every node, not only this one's.
+    share: u64,
 }
 
 pub struct Engine {
@@ -305,6 +312,9 @@ impl Engine {
     /// reconciler (logged); a failed credit is the caller's error.
     async fn credit_allocation(&self, key: &KeyId, credit: &Credit<'_>) -> Result<(), EngineError> {
         let (credited, spent) = settlement(self.hot.credit(key, credit).await?);
+        if credited {
+            self.note_report(key, spent);
+        }
         if let Err(e) = self
             .ledger
             .settle_allocation(key, credit.transfer_id, credited, spent)

@@ -207,6 +207,9 @@ impl Engine {
             match self.hot.credit(req.key, &credit).await {
                 Ok(reply) => {
                     let (credited, spent) = settlement(reply);
+                    if credited {
+                        self.note_report(&req.key, spent);
+                    }
                     settlements.push(Settlement {
                         key: req.key,
                         transfer_id: req.transfer_id,

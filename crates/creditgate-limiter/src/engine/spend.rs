@@ -57,16 +57,27 @@ impl Engine {
         }
     }
 
-    /// The spend's fast path, only where it cannot be cut half-way by cancellation: on a
-    /// hot store whose spend never suspends, one hot-store step. `None` when that does
-    /// not decide (a refill, the breaker, an error): the caller then runs [`Engine::spend`]
-    /// where cancellation cannot reach it.
-    pub async fn spend_uncancellable_fast(&self, key: &KeyId, cost: Cost) -> Option<Decision> {
-        if !self.hot.spend_never_suspends() || self.breaker.skip(self.config.breaker_cooldown) {
+    /// The spend's fast path, only where cancellation cannot cut it half-way (a hot store
+    /// whose spend survives cancellation): one hot-store step, decided as
+    /// [`Engine::spend`] decides it. `None` when that step does not decide and nothing
+    /// was spent (a refill is due, the store is unreachable, the breaker is open): the
+    /// caller then runs [`Engine::spend`] where cancellation cannot reach it.
+    pub async fn spend_fast(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+    ) -> Option<Result<Decision, EngineError>> {
+        if !self.hot.spend_survives_cancellation()
+            || self.breaker.skip(self.config.breaker_cooldown)
+        {
             return None;
         }
-        let reply = self.hot_spend(key, cost).await.ok()?;
-        self.hot_decision(key, cost, reply)
+        match self.hot_spend(key, cost).await {
+            Ok(reply) => self.hot_decision(key, cost, reply).map(Ok),
+            Err(HotError::Unreachable(_)) => None,
+            // The outcome is unknown or the script failed: never tried again.
+            Err(e) => Some(Err(e.into())),
+        }
     }
 
     /// `HotStore::spend`, feeding the breaker; a timeout is counted and logged as a spend
@@ -251,7 +262,9 @@ impl Engine {
     /// holds, which the ledger enforces).
     pub(super) fn chunk_for(&self, key: &KeyId, cost: u64) -> u64 {
         let map = lock_map(&self.activity);
-        let rate = map.get(key).map_or(0, |a| a.rate_per_sec);
+        let rate = map
+            .get(key)
+            .map_or(0, |a| a.rate_per_sec.saturating_mul(a.share));
         let active = map.len();
         drop(map);
         self.chunk_from_rate(rate, cost, active)
@@ -296,9 +309,12 @@ impl Engine {
             rate_per_sec: 0,
             last_used: now,
             prefetching: false,
+            own_since_report: 0,
+            share: 1,
         });
         a.last_used = now;
         a.window_credits = a.window_credits.saturating_add(cost);
+        a.own_since_report = a.own_since_report.saturating_add(cost);
         let elapsed = now.duration_since(a.window_start);
         if elapsed >= Duration::from_secs(1) {
             let ms = u64::try_from(elapsed.as_millis())
@@ -308,9 +324,44 @@ impl Engine {
             a.window_start = now;
             a.window_credits = 0;
         }
-        let rate = a.rate_per_sec;
+        let rate = a.rate_per_sec.saturating_mul(a.share);
         let active = map.len();
         drop(map);
         self.chunk_from_rate(rate, cost, active)
+    }
+
+    /// A credit of this node reported `spent`: what the whole hot store spent from the
+    /// key since the last report (by any node). Against what this node spent since its
+    /// own last credit, that is how many nodes' worth of rate the key has. When another
+    /// node reported in between, `spent` covers less than this node's window and the
+    /// factor comes out low: chunks err on the small side, never past the bound.
+    pub(super) fn note_report(&self, key: &KeyId, spent: u64) {
+        let mut map = lock_map(&self.activity);
+        if let Some(a) = map.get_mut(key) {
+            a.share = share_factor(spent, a.own_since_report).unwrap_or(a.share);
+            a.own_since_report = 0;
+        }
+    }
+}
+
+/// Most nodes' worth of rate one node's chunks cover (see [`Engine::note_report`]).
+pub(super) const MAX_SHARE: u64 = 16;
+
+/// `spent / own`, 1 to [`MAX_SHARE`]; `None` without own spends to compare with.
+fn share_factor(spent: u64, own: u64) -> Option<u64> {
+    (own > 0).then(|| (spent / own).clamp(1, MAX_SHARE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_is_the_stores_spend_over_this_nodes() {
+        assert_eq!(share_factor(300, 100), Some(3), "three nodes alike");
+        assert_eq!(share_factor(100, 100), Some(1), "alone");
+        assert_eq!(share_factor(40, 100), Some(1), "another node reported meanwhile");
+        assert_eq!(share_factor(u64::MAX, 1), Some(MAX_SHARE));
+        assert_eq!(share_factor(50, 0), None, "nothing to compare with");
     }
 }
