@@ -360,7 +360,11 @@ mod tests {
     fn the_share_is_the_stores_spend_over_this_nodes() {
         assert_eq!(share_factor(300, 100), Some(3), "three nodes alike");
         assert_eq!(share_factor(100, 100), Some(1), "alone");
-        assert_eq!(share_factor(40, 100), Some(1), "another node reported meanwhile");
+        assert_eq!(
+            share_factor(40, 100),
+            Some(1),
+            "another node reported meanwhile"
+        );
         assert_eq!(share_factor(u64::MAX, 1), Some(MAX_SHARE));
         assert_eq!(share_factor(50, 0), None, "nothing to compare with");
     }
