@@ -208,7 +208,7 @@ impl Engine {
                 Ok(reply) => {
                     let (credited, spent) = settlement(reply);
                     if credited {
-                        self.note_report(&req.key, spent);
+                        self.note_report(req.key, spent);
                     }
                     settlements.push(Settlement {
                         key: req.key,
