@@ -34,12 +34,10 @@ pub struct BatcherConfig {
 impl Default for BatcherConfig {
     fn default() -> Self {
         Self {
-            // A batch is one transaction: on SQLite each rewrites every index page its
-            // rows touch (with 1,000 active keys about one page per key), so fewer,
-            // larger batches cost far less per row. About one batch a second at 50,000
-            // rows a second; at most 200,000 rows (some 40 MB) wait.
-            capacity: 200_000,
-            batch_size: 50_000,
+            // 50,000-row batches (fewer SQLite index-page rewrites on many keys) measured
+            // within the noise: -8% CPU per verification on 1,000 keys, +5% on one.
+            capacity: 100_000,
+            batch_size: 10_000,
             flush_interval: Duration::from_secs(1),
             max_attempts: 5,
             retry_backoff: Duration::from_millis(100),
