@@ -333,27 +333,17 @@ impl RedisHotStore {
         p: &redis::Pipeline,
     ) -> Result<T, HotError> {
         match p.query_async(conn).await {
-            Err(e) if not_sent(&e) => p.query_async(conn).await.map_err(|e| self.fail(&e)),
-            r => r.map_err(|e| self.fail(&e)),
+            Err(e) if not_sent(&e) => p.query_async(conn).await.map_err(|e| fail(&e)),
+            r => r.map_err(|e| fail(&e)),
         }
     }
 
-    /// Runs one script. A call that certainly did not leave (refused connection, a
-    /// reconnect that had failed before this call) is tried once more, since the
-    /// manager has started a fresh connection attempt; an ambiguous one never is.
+    /// Runs one script on the store's connection (see [`invoke`]).
     async fn run<T: redis::FromRedisValue>(
         &self,
         inv: &ScriptInvocation<'_>,
     ) -> Result<T, HotError> {
-        let mut conn = self.conn.clone();
-        match inv.invoke_async(&mut conn).await {
-            Err(e) if not_sent(&e) => inv.invoke_async(&mut conn).await.map_err(|e| self.fail(&e)),
-            r => r.map_err(|e| self.fail(&e)),
-        }
-    }
-
-    fn fail(&self, e: &redis::RedisError) -> HotError {
-        fail(e)
+        invoke(&self.conn, inv).await
     }
 
     /// `spend` with the cost passed to the batch script as given, for tests of the
@@ -382,10 +372,13 @@ impl RedisHotStore {
         if let Some(transfer_id) = mark {
             inv.key(mark_key(key, transfer_id));
         }
-        inv.arg(&*self.cached_epoch())
-            .arg(self.empty_ttl_ms)
-            .arg(self.mark_ttl_ms)
-            .arg(u8::from(overwrite));
+        common_args(
+            &mut inv,
+            &self.cached_epoch(),
+            self.empty_ttl_ms,
+            self.mark_ttl_ms,
+            overwrite,
+        );
         inv
     }
 
@@ -421,6 +414,20 @@ impl RedisHotStore {
         Err(HotError::Other(
             "an entry of another epoch was not replaced".into(),
         ))
+    }
+}
+
+/// Runs one script. A call that certainly did not leave (refused connection, a reconnect
+/// that had failed before this call) is tried once more, since the manager has started a
+/// fresh connection attempt; an ambiguous one never is.
+async fn invoke<T: redis::FromRedisValue>(
+    conn: &ConnectionManager,
+    inv: &ScriptInvocation<'_>,
+) -> Result<T, HotError> {
+    let mut conn = conn.clone();
+    match inv.invoke_async(&mut conn).await {
+        Err(e) if not_sent(&e) => inv.invoke_async(&mut conn).await.map_err(|e| fail(&e)),
+        r => r.map_err(|e| fail(&e)),
     }
 }
 
@@ -553,18 +560,11 @@ impl SpendCaller {
         for item in &batch {
             inv.key(item.entry.as_str());
         }
-        inv.arg(&*epoch)
-            .arg(self.empty_ttl_ms)
-            .arg(self.mark_ttl_ms)
-            .arg(0u8);
+        common_args(&mut inv, &epoch, self.empty_ttl_ms, self.mark_ttl_ms, false);
         for item in &batch {
             inv.arg(item.cost).arg(item.deadline);
         }
-        let mut conn = self.conn.clone();
-        let reply: Result<Vec<u64>, HotError> = match inv.invoke_async(&mut conn).await {
-            Err(e) if not_sent(&e) => inv.invoke_async(&mut conn).await.map_err(|e| fail(&e)),
-            r => r.map_err(|e| fail(&e)),
-        };
+        let reply: Result<Vec<u64>, HotError> = invoke(&self.conn, &inv).await;
         let replies = reply.and_then(|r| {
             if r.len() == 3 * batch.len() {
                 Ok(r)
@@ -589,6 +589,20 @@ impl SpendCaller {
             }
         }
     }
+}
+
+/// `ARGV[1..4]` of every entry script: the cached epoch, the TTLs, `overwrite`.
+fn common_args(
+    inv: &mut ScriptInvocation<'_>,
+    epoch: &str,
+    empty_ttl_ms: u64,
+    mark_ttl_ms: u64,
+    overwrite: bool,
+) {
+    inv.arg(epoch)
+        .arg(empty_ttl_ms)
+        .arg(mark_ttl_ms)
+        .arg(u8::from(overwrite));
 }
 
 /// One item's reply: the numbers of `spend_one` reply, zero-padded to three.
