@@ -233,13 +233,16 @@ impl RedisHotStore {
         }
         let risky_eviction_policy = check_eviction_policy(&mut conn).await;
         let epoch = Arc::new(RwLock::new(Arc::from("")));
-        let spends = SpendBatcher::start(SpendCaller {
-            conn: conn.clone(),
-            script: scripts.spend_many.clone(),
-            epoch: epoch.clone(),
-            empty_ttl_ms: millis(options.empty_entry_ttl),
-            mark_ttl_ms: millis(options.mark_ttl),
-        });
+        let spends = SpendBatcher::start(
+            SpendCaller {
+                conn: conn.clone(),
+                script: scripts.spend_many.clone(),
+                epoch: epoch.clone(),
+                empty_ttl_ms: millis(options.empty_entry_ttl),
+                mark_ttl_ms: millis(options.mark_ttl),
+            },
+            options.response_timeout,
+        );
         let store = Self {
             spends,
             risky_eviction_policy,
@@ -464,6 +467,10 @@ struct PendingSpend {
 struct SpendBatcher {
     queue: Arc<SpendQueue>,
     driver: tokio::task::JoinHandle<()>,
+    /// How long a caller waits for its answer, queued or in flight, as for a single
+    /// call; past it the outcome is unknown (a spend sent later is past its deadline in
+    /// Redis and does nothing).
+    response_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -494,10 +501,14 @@ struct SpendCaller {
 }
 
 impl SpendBatcher {
-    fn start(caller: SpendCaller) -> Self {
+    fn start(caller: SpendCaller, response_timeout: Duration) -> Self {
         let queue = Arc::new(SpendQueue::default());
         let driver = tokio::spawn(Self::drive(queue.clone(), caller));
-        Self { queue, driver }
+        Self {
+            queue,
+            driver,
+            response_timeout,
+        }
     }
 
     async fn spend(&self, entry: String, cost: u64, deadline: u64) -> Result<SpendReply, HotError> {
@@ -513,11 +524,18 @@ impl SpendBatcher {
                 reply,
             });
         self.queue.wake.notify_one();
-        answer.await.unwrap_or_else(|_| {
-            Err(HotError::Ambiguous(
+        match tokio::time::timeout(self.response_timeout, answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(HotError::Ambiguous(
                 "the hot store stopped with the spend queued or in flight".into(),
-            ))
-        })
+            )),
+            Err(_) => {
+                metrics::counter!(m::ERRORS, "kind" => "ambiguous").increment(1);
+                Err(HotError::Ambiguous(
+                    "no answer from Redis within the response timeout".into(),
+                ))
+            }
+        }
     }
 
     async fn drive(queue: Arc<SpendQueue>, caller: SpendCaller) {
