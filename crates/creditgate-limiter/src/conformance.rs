@@ -6,13 +6,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use creditgate_domain::{Cost, Credits, KeyId, SystemClock};
+use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
-    Ledger, Settlement,
+    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, HoldClose,
+    HoldOutcome, HoldState, IncrementOutcome, Ledger, ReserveRequest, Settlement,
 };
-use crate::{Decision, Engine, EngineConfig, MemoryHotStore};
+use crate::{Decision, Engine, EngineConfig, HoldAnswer, MemoryHotStore};
 
 /// What a backend provides to the suite.
 #[async_trait]
@@ -63,6 +63,8 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     direct_spend_never_refuses_while_the_hot_store_holds_credits(f).await;
     epochs_and_orphans(f).await;
     engine_is_exact_under_concurrency(f).await;
+    holds_close_exactly_once(f).await;
+    concurrent_reserves_and_settles_conserve_credits(f).await;
 }
 
 pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
@@ -665,4 +667,219 @@ pub async fn engine_is_exact_under_concurrency(f: &dyn LedgerFixture) {
     engine.drain_all().await.expect("drain");
     let s = f.ledger().state(&key).await.expect("state").expect("row");
     assert_eq!((s.remaining, s.hot_allocated), (Some(0), 0));
+}
+
+fn reserve_req<'a>(key: &'a KeyId, hold_id: &'a str, amount: u64) -> ReserveRequest<'a> {
+    ReserveRequest {
+        key,
+        hold_id,
+        amount,
+        now_ms: 1_000,
+        expires_at_ms: 61_000,
+    }
+}
+
+/// The hold and the key's `(remaining, held)` of a hold outcome.
+fn hold_of(o: HoldOutcome) -> (crate::ports::Hold, bool, (Option<u64>, u64)) {
+    match o {
+        HoldOutcome::Hold {
+            hold,
+            changed,
+            state,
+        } => {
+            let s = state.expect("the key's state");
+            (hold, changed, (s.remaining, s.held))
+        }
+        other => panic!("expected a hold, got {other:?}"),
+    }
+}
+
+pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(100)).await;
+    let hold_id = format!("hold_{key}");
+    let (h, changed, books) = hold_of(l.reserve(&reserve_req(&key, &hold_id, 30)).await.unwrap());
+    assert!(changed && h.funded && h.state == HoldState::Open);
+    assert_eq!(
+        (h.amount, h.created_at_ms, h.expires_at_ms),
+        (30, 1_000, 61_000)
+    );
+    assert_eq!(
+        books,
+        (Some(70), 30),
+        "moved out of remaining into the hold"
+    );
+    let (again, changed, books) =
+        hold_of(l.reserve(&reserve_req(&key, &hold_id, 99)).await.unwrap());
+    assert!(!changed, "a reserve with a known id changes nothing");
+    assert_eq!((again.amount, books), (30, (Some(70), 30)));
+    assert_eq!(
+        l.hold(&hold_id).await.unwrap(),
+        Some(h.clone()),
+        "read back"
+    );
+    assert_eq!(
+        l.reserve(&reserve_req(&key, "hold_big", 71)).await.unwrap(),
+        HoldOutcome::Short {
+            remaining: 70,
+            hot_allocated: 0
+        }
+    );
+    assert_eq!(
+        l.hold("hold_big").await.unwrap(),
+        None,
+        "a refused reserve leaves none"
+    );
+    let other = f.create_key(Some(5)).await;
+    assert_eq!(
+        l.close_hold(&other, &hold_id, HoldClose::Release, 2_000)
+            .await
+            .unwrap(),
+        HoldOutcome::NotFound,
+        "another key's hold"
+    );
+    // Above the hold and the balance: refused, nothing moves.
+    assert_eq!(
+        l.close_hold(&key, &hold_id, HoldClose::Settle(101), 2_000)
+            .await
+            .unwrap(),
+        HoldOutcome::Short {
+            remaining: 70,
+            hot_allocated: 0
+        }
+    );
+    let (settled, changed, books) = hold_of(
+        l.close_hold(&key, &hold_id, HoldClose::Settle(12), 2_000)
+            .await
+            .unwrap(),
+    );
+    assert!(changed);
+    assert_eq!(
+        (settled.state, settled.cost, settled.closed_at_ms),
+        (HoldState::Settled, Some(12), Some(2_000))
+    );
+    assert_eq!(books, (Some(88), 0), "the 18 not spent are back");
+    let (same, changed, books) = hold_of(
+        l.close_hold(&key, &hold_id, HoldClose::Release, 3_000)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        !changed && same == settled && books == (Some(88), 0),
+        "closed once"
+    );
+
+    // Expiry: not before its time, then each due hold once.
+    let (a, b) = (format!("hold_a_{key}"), format!("hold_b_{key}"));
+    l.reserve(&reserve_req(&key, &a, 10)).await.unwrap();
+    l.reserve(&ReserveRequest {
+        expires_at_ms: 90_000,
+        ..reserve_req(&key, &b, 20)
+    })
+    .await
+    .unwrap();
+    assert_eq!(l.keys_with_due_holds(60_999, 10).await.unwrap(), vec![]);
+    assert_eq!(
+        l.keys_with_due_holds(61_000, 10).await.unwrap(),
+        vec![key.clone()]
+    );
+    let (expired, state) = l.expire_holds(&key, 61_000, 10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (expired[0].id.as_str(), expired[0].state),
+        (a.as_str(), HoldState::Expired)
+    );
+    let state = state.expect("state");
+    assert_eq!((state.remaining, state.held), (Some(68), 20));
+    let (again, _) = l.expire_holds(&key, 61_000, 10).await.unwrap();
+    assert!(again.is_empty(), "expired once");
+    // A settle once the time is up finds the hold expired.
+    let (late, changed, books) = hold_of(
+        l.close_hold(&key, &b, HoldClose::Settle(5), 90_000)
+            .await
+            .unwrap(),
+    );
+    assert!(changed);
+    assert_eq!(
+        (late.state, late.cost, books),
+        (HoldState::Expired, None, (Some(88), 0))
+    );
+
+    // Unlimited keys get unfunded holds.
+    let free = f.create_key(None).await;
+    let fid = format!("hold_{free}");
+    let (h, _, books) = hold_of(l.reserve(&reserve_req(&free, &fid, 50)).await.unwrap());
+    assert!(!h.funded);
+    assert_eq!(books, (None, 0));
+    let (h, _, _) = hold_of(
+        l.close_hold(&free, &fid, HoldClose::Settle(70), 2_000)
+            .await
+            .unwrap(),
+    );
+    assert_eq!((h.state, h.cost), (HoldState::Settled, Some(70)));
+}
+
+/// 40 concurrent reserves of 10 on a balance of 200 that the hot store partly holds:
+/// exactly 20 succeed; settling at random costs and releasing leaves the balance exact.
+pub async fn concurrent_reserves_and_settles_conserve_credits(f: &dyn LedgerFixture) {
+    let key = f.create_key(Some(200)).await;
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        f.ledger(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    ));
+    // Some of the balance moves to the hot store first.
+    assert!(matches!(
+        engine.spend(&key, cost(0)).await.unwrap(),
+        Decision::Valid { .. }
+    ));
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let (engine, key) = (engine.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("hold_{key}_{i}");
+            let now = SystemClock.now_ms();
+            let req = ReserveRequest {
+                key: &key,
+                hold_id: &id,
+                amount: 10,
+                now_ms: now,
+                expires_at_ms: now + 60_000,
+            };
+            let reserved = engine.reserve(&req).await.expect("reserve");
+            let HoldAnswer::Hold { .. } = reserved else {
+                assert!(
+                    matches!(reserved, HoldAnswer::Exceeded { .. }),
+                    "{reserved:?}"
+                );
+                return (false, 0);
+            };
+            let close = if i % 3 == 0 {
+                HoldClose::Release
+            } else {
+                HoldClose::Settle(i % 11)
+            };
+            match engine.close_hold(&key, &id, close).await.expect("close") {
+                HoldAnswer::Hold { hold, .. } => (true, hold.cost.unwrap_or(0)),
+                other => panic!("closing a hold of 10 with at most 10: {other:?}"),
+            }
+        }));
+    }
+    let (mut made, mut spent) = (0, 0);
+    for t in tasks {
+        let (m, s) = t.await.expect("task");
+        made += u64::from(m);
+        spent += s;
+    }
+    assert!(
+        made >= 20,
+        "the balance covers at least 20 holds of 10: {made}"
+    );
+    engine.drain_all().await.expect("drain");
+    let s = f.ledger().state(&key).await.expect("state").expect("row");
+    assert_eq!(
+        (s.remaining, s.held, s.hot_allocated),
+        (Some(200 - spent), 0, 0)
+    );
 }

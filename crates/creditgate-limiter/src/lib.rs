@@ -14,7 +14,10 @@ pub mod metrics;
 pub mod ports;
 pub mod rules;
 
-pub use engine::{CreditOp, Decision, Engine, EngineConfig, EngineError, ReconcileReport};
+pub use engine::{
+    CreditOp, Decision, Engine, EngineConfig, EngineError, ExpiryObserver, HoldAnswer,
+    ReconcileReport,
+};
 pub use memory_hot::MemoryHotStore;
 #[cfg(feature = "testing")]
 pub use memory_ledger::MemoryLedger;

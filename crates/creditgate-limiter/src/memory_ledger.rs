@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, IncrementOutcome,
-    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
+    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, Hold, HoldClose,
+    HoldOutcome, HoldState, IncrementOutcome, Ledger, LedgerError, LedgerState, PendingAllocation,
+    PendingFence, ReserveRequest,
 };
 use crate::rules::{self, Account, FenceState, Transfer, TransferState};
 
@@ -26,6 +27,7 @@ struct Inner {
     accounts: HashMap<KeyId, Account>,
     transfers: HashMap<String, Transfer>,
     fences: HashMap<String, Fence>,
+    holds: HashMap<String, Hold>,
 }
 
 impl Inner {
@@ -321,5 +323,113 @@ impl Ledger for MemoryLedger {
             }
         }
         Ok(out)
+    }
+
+    async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(account) = inner.accounts.get_mut(req.key) else {
+            return Ok(HoldOutcome::NotFound);
+        };
+        if let Some(first) = inner.holds.get(req.hold_id) {
+            return Ok(HoldOutcome::Hold {
+                hold: first.clone(),
+                changed: false,
+                state: Some(account.state()),
+            });
+        }
+        match rules::reserve(account, req) {
+            Ok(hold) => {
+                inner.holds.insert(hold.id.clone(), hold.clone());
+                Ok(HoldOutcome::Hold {
+                    hold,
+                    changed: true,
+                    state: Some(account.state()),
+                })
+            }
+            Err(short) => Ok(short.into()),
+        }
+    }
+
+    async fn close_hold(
+        &self,
+        key: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+    ) -> Result<HoldOutcome, LedgerError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(stored) = inner.holds.get_mut(hold_id).filter(|h| h.key == *key) else {
+            return Ok(HoldOutcome::NotFound);
+        };
+        let mut account = inner.accounts.get_mut(key);
+        let mut hold = stored.clone();
+        match rules::close_hold(account.as_deref_mut(), &mut hold, close, now_ms) {
+            Ok(changed) => {
+                *stored = hold.clone();
+                Ok(HoldOutcome::Hold {
+                    hold,
+                    changed,
+                    state: account.map(|a| a.state()),
+                })
+            }
+            Err(short) => Ok(short.into()),
+        }
+    }
+
+    async fn expire_holds(
+        &self,
+        key: &KeyId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<(Vec<Hold>, Option<LedgerState>), LedgerError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut account = inner.accounts.get_mut(key);
+        let mut due: Vec<&mut Hold> = inner
+            .holds
+            .values_mut()
+            .filter(|h| h.key == *key && h.state == HoldState::Open && h.expires_at_ms <= now_ms)
+            .collect();
+        due.sort_by(|a, b| (a.expires_at_ms, &a.id).cmp(&(b.expires_at_ms, &b.id)));
+        due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let mut out = Vec::with_capacity(due.len());
+        for hold in due {
+            if rules::close_hold(account.as_deref_mut(), hold, HoldClose::Expire, now_ms)
+                == Ok(true)
+            {
+                out.push(hold.clone());
+            }
+        }
+        Ok((out, account.map(|a| a.state())))
+    }
+
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, LedgerError> {
+        Ok(self.lock().holds.get(hold_id).cloned())
+    }
+
+    async fn keys_with_due_holds(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyId>, LedgerError> {
+        let inner = self.lock();
+        let mut due: Vec<&Hold> = inner
+            .holds
+            .values()
+            .filter(|h| h.state == HoldState::Open && h.expires_at_ms <= now_ms)
+            .collect();
+        due.sort_by(|a, b| (a.expires_at_ms, &a.id).cmp(&(b.expires_at_ms, &b.id)));
+        let mut keys: Vec<KeyId> = Vec::new();
+        for h in due {
+            if keys.len() >= usize::try_from(limit).unwrap_or(usize::MAX) {
+                break;
+            }
+            if !keys.contains(&h.key) {
+                keys.push(h.key.clone());
+            }
+        }
+        Ok(keys)
     }
 }

@@ -2,6 +2,8 @@
 
 pub const ALLOCATIONS: &str = "creditgate_engine_allocations_total";
 pub const FENCES: &str = "creditgate_engine_fences_total";
+/// Holds the reconciler expired (their credits returned).
+pub const HOLDS_EXPIRED: &str = "creditgate_engine_holds_expired_total";
 pub const DIRECT_SPENDS: &str = "creditgate_engine_direct_spends_total";
 pub const SPEND_TIMEOUTS: &str = "creditgate_engine_spend_timeouts_total";
 pub const LOST_CREDITS: &str = "creditgate_engine_lost_credits_total";

@@ -194,6 +194,76 @@ pub struct LedgerState {
     pub hot_allocated: u64,
     pub generation: u64,
     pub version: u64,
+    /// Credits in open holds (outside `remaining`, not spent).
+    pub held: u64,
+}
+
+/// Where a hold stands. It leaves `Open` exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    Open,
+    Settled,
+    Released,
+    Expired,
+}
+
+/// Credits moved out of a key's balance before the work, to be settled (spent up to a
+/// cost, the rest returned), released or expired exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub id: String,
+    pub key: KeyId,
+    pub amount: u64,
+    /// Whether `amount` left the balance (`false`: the key was unlimited at the reserve,
+    /// and the hold only records the cost).
+    pub funded: bool,
+    pub state: HoldState,
+    /// What the settle spent.
+    pub cost: Option<u64>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub closed_at_ms: Option<i64>,
+}
+
+/// Request to move `amount` of a key's balance into a new hold.
+#[derive(Debug, Clone)]
+pub struct ReserveRequest<'a> {
+    pub key: &'a KeyId,
+    /// The hold's id: a reserve with an id that exists changes nothing.
+    pub hold_id: &'a str,
+    pub amount: u64,
+    pub now_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// How an open hold is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldClose {
+    /// Spend `cost` (more than the hold only if the balance covers the difference) and
+    /// return the rest.
+    Settle(u64),
+    /// Return it all.
+    Release,
+    /// Return it all, once its time is up.
+    Expire,
+}
+
+/// Result of a hold call on the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// The hold as it is after the call, and the key's ledger state (`None`: the key was
+    /// deleted). `changed`: this call made or closed it (else it was made or closed
+    /// before, and nothing changed).
+    Hold {
+        hold: Hold,
+        changed: bool,
+        state: Option<LedgerState>,
+    },
+    /// The ledger's `remaining` cannot cover what the call needs, and the hot store holds
+    /// `hot_allocated` more of the key's credits. Nothing changed.
+    Short { remaining: u64, hot_allocated: u64 },
+    /// No such key (reserve) or hold (close) for this key.
+    NotFound,
 }
 
 /// Request to move credits from the ledger to the hot store.
@@ -412,6 +482,36 @@ pub trait Ledger: Send + Sync {
     /// Writes off every allocation held by a hot-store epoch other than `epoch`;
     /// returns (key, credits lost) for each key.
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError>;
+
+    /// One transaction: moves `amount` from `remaining` into a new open hold (on an
+    /// unlimited key: an unfunded hold). Idempotent on the hold id.
+    async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError>;
+
+    /// One transaction: closes an open hold of `key` as `close` says. A hold whose time
+    /// is up is expired instead of settled or released; a closed hold stays as it is.
+    async fn close_hold(
+        &self,
+        key: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+    ) -> Result<HoldOutcome, LedgerError>;
+
+    /// One transaction: expires up to `limit` open holds of `key` whose time is up;
+    /// returns them and the key's state after.
+    async fn expire_holds(
+        &self,
+        key: &KeyId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<(Vec<Hold>, Option<LedgerState>), LedgerError>;
+
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, LedgerError>;
+
+    /// Keys with open holds whose time was up at `now_ms` (at most `limit`, soonest
+    /// first, each key once).
+    async fn keys_with_due_holds(&self, now_ms: i64, limit: u32)
+        -> Result<Vec<KeyId>, LedgerError>;
 }
 
 /// [`Ledger::allocate_many`] one transaction per item (the default, and a SQL batch's

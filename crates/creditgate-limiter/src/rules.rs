@@ -13,7 +13,8 @@
 use creditgate_domain::KeyId;
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, DirectSpend, Drained, FenceOp, IncrementOutcome, LedgerState,
+    AllocateOutcome, AllocateRequest, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome,
+    HoldState, IncrementOutcome, LedgerState, ReserveRequest,
 };
 
 /// The ledger columns of one key.
@@ -31,6 +32,8 @@ pub struct Account {
     pub hot_epoch: Option<String>,
     /// When the last periodic refill was applied (or the key was created).
     pub last_refill_at: Option<i64>,
+    /// Credits in open holds: out of `remaining`, not spent.
+    pub held: u64,
 }
 
 impl Account {
@@ -50,6 +53,7 @@ impl Account {
             hot_allocated: self.hot_allocated,
             generation: self.generation,
             version: self.version,
+            held: self.held,
         }
     }
 
@@ -115,6 +119,12 @@ text_enum!(TransferState {
     Lost => "lost",
 });
 text_enum!(FenceState { Pending => "pending", Done => "done" });
+text_enum!(HoldState {
+    Open => "open",
+    Settled => "settled",
+    Released => "released",
+    Expired => "expired",
+});
 
 /// A transfer as the ledger logged it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,13 +300,14 @@ pub fn return_drained(
 }
 
 /// `remaining += amount`, refused on an unlimited key or when the key's whole balance
-/// (`remaining + hot_allocated`) would pass `max`.
+/// (`remaining + hot_allocated + held`) would pass `max`.
 pub fn increment(account: &mut Account, amount: u64, max: u64) -> IncrementOutcome {
     let Some(remaining) = account.remaining else {
         return IncrementOutcome::Unlimited;
     };
     let total = remaining
         .checked_add(account.hot_allocated)
+        .and_then(|t| t.checked_add(account.held))
         .and_then(|t| t.checked_add(amount));
     if total.is_none_or(|t| t > max) {
         return IncrementOutcome::Overflow;
@@ -354,6 +365,108 @@ pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
     DirectSpend::Valid {
         remaining: remaining - cost,
     }
+}
+
+/// The ledger's `remaining` cannot cover what a hold call needs (the hot store holds
+/// `hot_allocated` more); nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Short {
+    pub remaining: u64,
+    pub hot_allocated: u64,
+}
+
+impl Short {
+    fn of(account: &Account, remaining: u64) -> Self {
+        Self {
+            remaining,
+            hot_allocated: account.hot_allocated,
+        }
+    }
+}
+
+impl From<Short> for HoldOutcome {
+    fn from(s: Short) -> Self {
+        HoldOutcome::Short {
+            remaining: s.remaining,
+            hot_allocated: s.hot_allocated,
+        }
+    }
+}
+
+/// A new hold of `req.amount` on a live key whose hold id is new: moved out of
+/// `remaining` if it covers it (`Short` otherwise, nothing changes); on an unlimited key
+/// an unfunded hold that moves nothing.
+pub fn reserve(account: &mut Account, req: &ReserveRequest<'_>) -> Result<Hold, Short> {
+    let funded = match account.remaining {
+        None => false,
+        Some(r) if r >= req.amount => {
+            account.remaining = Some(r - req.amount);
+            account.held = account.held.saturating_add(req.amount);
+            account.version += 1;
+            true
+        }
+        Some(r) => return Err(Short::of(account, r)),
+    };
+    Ok(Hold {
+        id: req.hold_id.to_owned(),
+        key: req.key.to_owned(),
+        amount: req.amount,
+        funded,
+        state: HoldState::Open,
+        cost: None,
+        created_at_ms: req.now_ms,
+        expires_at_ms: req.expires_at_ms,
+        closed_at_ms: None,
+    })
+}
+
+/// Closes an open hold (`account`: its key's, `None` once the key is deleted).
+/// `Ok(true)`: closed now. `Ok(false)`: nothing to do — closed before, or an expiry
+/// before its time. A settle or release once the time is up expires the hold instead.
+/// A settle above a funded hold spends the difference from `remaining` only if it covers
+/// it (`Short` otherwise: the hold stays open); every other close returns what was not
+/// spent to `remaining` as it is then. Unfunded holds (reserved while the key was
+/// unlimited) only record the cost.
+pub fn close_hold(
+    account: Option<&mut Account>,
+    hold: &mut Hold,
+    close: HoldClose,
+    now_ms: i64,
+) -> Result<bool, Short> {
+    if hold.state != HoldState::Open {
+        return Ok(false);
+    }
+    let due = now_ms >= hold.expires_at_ms;
+    let close = match close {
+        HoldClose::Expire if !due => return Ok(false),
+        _ if due => HoldClose::Expire,
+        c => c,
+    };
+    if let (true, Some(a)) = (hold.funded, account) {
+        let back = match close {
+            HoldClose::Settle(cost) if cost > hold.amount => {
+                let extra = cost - hold.amount;
+                if let Some(r) = a.remaining {
+                    if r < extra {
+                        return Err(Short::of(a, r));
+                    }
+                    a.remaining = Some(r - extra);
+                }
+                0
+            }
+            HoldClose::Settle(cost) => hold.amount - cost,
+            HoldClose::Release | HoldClose::Expire => hold.amount,
+        };
+        a.held = a.held.saturating_sub(hold.amount);
+        a.give_back(back);
+    }
+    (hold.state, hold.cost) = match close {
+        HoldClose::Settle(cost) => (HoldState::Settled, Some(cost)),
+        HoldClose::Release => (HoldState::Released, None),
+        HoldClose::Expire => (HoldState::Expired, None),
+    };
+    hold.closed_at_ms = Some(now_ms);
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -528,6 +641,86 @@ mod tests {
         finish_fence(&mut a, FenceOp::Set(None), Drained::default());
         assert_eq!(increment(&mut a, 1, 10), IncrementOutcome::Unlimited);
         assert_eq!(spend_direct(&mut a, 1), DirectSpend::Unlimited);
+    }
+
+    #[test]
+    fn holds_move_credits_out_and_back_once() {
+        let mut a = Account::new(Some(100), 0);
+        let req = ReserveRequest {
+            key: &K,
+            hold_id: "h",
+            amount: 30,
+            now_ms: 0,
+            expires_at_ms: 1_000,
+        };
+        let h = reserve(&mut a, &req).expect("covered");
+        assert_eq!((a.remaining, a.held, h.funded), (Some(70), 30, true));
+        let close = |cost: HoldClose, at: i64| {
+            let (mut hold, mut account) = (h.clone(), a.clone());
+            let r = close_hold(Some(&mut account), &mut hold, cost, at);
+            (r, hold, account)
+        };
+        let (r, s, b) = close(HoldClose::Settle(10), 5);
+        assert_eq!(r, Ok(true));
+        assert_eq!(
+            (b.remaining, b.held, s.state, s.cost),
+            (Some(90), 0, HoldState::Settled, Some(10)),
+            "the 20 not spent come back"
+        );
+        let (mut s2, mut b2) = (s.clone(), b.clone());
+        assert_eq!(
+            close_hold(Some(&mut b2), &mut s2, HoldClose::Release, 6),
+            Ok(false),
+            "closed once"
+        );
+        assert_eq!((s2, b2), (s, b));
+        let (r, _, b) = close(HoldClose::Settle(100), 5);
+        assert_eq!(
+            (r, b.remaining),
+            (Ok(true), Some(0)),
+            "70 more from the balance"
+        );
+        let (r, s, b) = close(HoldClose::Settle(101), 5);
+        assert!(matches!(r, Err(Short { remaining: 70, .. })));
+        assert_eq!((s.state, b), (HoldState::Open, a.clone()), "nothing moved");
+        let (r, s, _) = close(HoldClose::Expire, 999);
+        assert_eq!(
+            (r, s.state),
+            (Ok(false), HoldState::Open),
+            "not before its time"
+        );
+        let (r, s, b) = close(HoldClose::Settle(1), 1_000);
+        assert_eq!(
+            (r, s.state, s.cost, b.remaining, b.held),
+            (Ok(true), HoldState::Expired, None, Some(100), 0),
+            "a settle once the time is up finds it expired"
+        );
+        let mut hold = h.clone();
+        assert_eq!(
+            close_hold(None, &mut hold, HoldClose::Release, 5),
+            Ok(true),
+            "the hold of a deleted key still closes"
+        );
+        assert_eq!(hold.state, HoldState::Released);
+        let big = ReserveRequest {
+            amount: 71,
+            ..req.clone()
+        };
+        assert_eq!(
+            reserve(&mut a.clone(), &big),
+            Err(Short {
+                remaining: 70,
+                hot_allocated: 0
+            })
+        );
+        let mut unlimited = Account::new(None, 0);
+        let u = reserve(&mut unlimited, &big).expect("unlimited");
+        assert!(!u.funded);
+        assert_eq!((unlimited.remaining, unlimited.held), (None, 0));
+        assert_eq!(
+            HoldState::parse(HoldState::Expired.as_str()),
+            Some(HoldState::Expired)
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
-    DirectSpend, Drained, FenceOp, IncrementOutcome, Ledger, LedgerError, LedgerState,
-    PendingAllocation, PendingFence, Settlement,
+    DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState, IncrementOutcome,
+    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence, ReserveRequest, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -65,6 +65,7 @@ impl KeyRow {
                 version: get_u64(row, "version")?,
                 hot_epoch: row.try_get("hot_epoch").map_err(ledger_error)?,
                 last_refill_at: row.try_get("last_refill_at").map_err(ledger_error)?,
+                held: get_u64(row, "held")?,
             },
             deleted: row
                 .try_get::<Option<i64>, _>("deleted_at")
@@ -80,9 +81,9 @@ impl KeyRow {
 }
 
 const SELECT_KEY_ROW: &str = "SELECT remaining, hot_allocated, generation, version, hot_epoch, \
-     last_refill_at, deleted_at FROM keys WHERE id = $1";
+     last_refill_at, held, deleted_at FROM keys WHERE id = $1";
 const SELECT_KEY_ROW_FOR_UPDATE: &str = "SELECT remaining, hot_allocated, generation, version, \
-     hot_epoch, last_refill_at, deleted_at FROM keys WHERE id = $1 FOR UPDATE";
+     hot_epoch, last_refill_at, held, deleted_at FROM keys WHERE id = $1 FOR UPDATE";
 
 fn fence_op(kind: &str, value: Option<i64>, period_start: Option<i64>) -> Result<FenceOp, String> {
     let amount = |v: Option<i64>| -> Result<u64, String> {
@@ -272,7 +273,7 @@ async fn write_account(
 ) -> Result<(), LedgerError> {
     sqlx::query(
         "UPDATE keys SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
-         hot_epoch = $6, last_refill_at = $7 WHERE id = $1",
+         hot_epoch = $6, last_refill_at = $7, held = $8 WHERE id = $1",
     )
     .bind(key.as_str())
     .bind(a.remaining.map(|r| db(r, "remaining")).transpose()?)
@@ -281,6 +282,7 @@ async fn write_account(
     .bind(db(a.version, "version")?)
     .bind(a.hot_epoch.as_deref())
     .bind(a.last_refill_at)
+    .bind(db(a.held, "held")?)
     .execute(&mut *conn)
     .await
     .map_err(ledger_error)
@@ -417,6 +419,66 @@ async fn fence_state(
         .map_err(ledger_error)?;
     row.map(|r| get_text(&r, "state", FenceState::parse))
         .transpose()
+}
+
+const HOLD_COLUMNS: &str =
+    "id, key_id, amount, funded, state, cost, created_at, expires_at, closed_at";
+
+fn hold_from_row(row: &AnyRow) -> Result<Hold, LedgerError> {
+    Ok(Hold {
+        id: row.try_get("id").map_err(ledger_error)?,
+        key: KeyId::from(row.try_get::<String, _>("key_id").map_err(ledger_error)?),
+        amount: get_u64(row, "amount")?,
+        funded: row.try_get::<i64, _>("funded").map_err(ledger_error)? != 0,
+        state: get_text(row, "state", HoldState::parse)?,
+        cost: get_opt_u64(row, "cost")?,
+        created_at_ms: row.try_get("created_at").map_err(ledger_error)?,
+        expires_at_ms: row.try_get("expires_at").map_err(ledger_error)?,
+        closed_at_ms: row.try_get("closed_at").map_err(ledger_error)?,
+    })
+}
+
+async fn find_hold(conn: &mut AnyConnection, hold_id: &str) -> Result<Option<Hold>, LedgerError> {
+    let row = sqlx::query(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
+        .bind(hold_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(ledger_error)?;
+    row.as_ref().map(hold_from_row).transpose()
+}
+
+async fn insert_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), LedgerError> {
+    sqlx::query(&format!(
+        "INSERT INTO holds ({HOLD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    ))
+    .bind(h.id.as_str())
+    .bind(h.key.as_str())
+    .bind(db(h.amount, "amount")?)
+    .bind(i64::from(h.funded))
+    .bind(h.state.as_str())
+    .bind(h.cost.map(|c| db(c, "cost")).transpose()?)
+    .bind(h.created_at_ms)
+    .bind(h.expires_at_ms)
+    .bind(h.closed_at_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(ledger_error)
+    .map(wrote)?;
+    Ok(())
+}
+
+/// Stores a hold the rules closed.
+async fn store_closed_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE holds SET state = $2, cost = $3, closed_at = $4 WHERE id = $1")
+        .bind(h.id.as_str())
+        .bind(h.state.as_str())
+        .bind(h.cost.map(|c| db(c, "cost")).transpose()?)
+        .bind(h.closed_at_ms)
+        .execute(&mut *conn)
+        .await
+        .map_err(ledger_error)
+        .map(wrote)?;
+    Ok(())
 }
 
 #[async_trait]
@@ -733,6 +795,139 @@ impl Ledger for SqlStore {
         }
         commit(tx).await?;
         Ok(out)
+    }
+
+    async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let Some(before) = self
+            .lock_key(&mut tx, req.key)
+            .await?
+            .and_then(KeyRow::live)
+        else {
+            return Ok(HoldOutcome::NotFound);
+        };
+        if let Some(first) = find_hold(&mut tx, req.hold_id).await? {
+            return Ok(HoldOutcome::Hold {
+                hold: first,
+                changed: false,
+                state: Some(before.state()),
+            });
+        }
+        let mut account = before.clone();
+        let hold = match rules::reserve(&mut account, req) {
+            Ok(hold) => hold,
+            Err(short) => return Ok(short.into()),
+        };
+        insert_hold(&mut tx, &hold).await?;
+        store_account(&mut tx, req.key, &before, &account).await?;
+        commit(tx).await?;
+        Ok(HoldOutcome::Hold {
+            hold,
+            changed: true,
+            state: Some(account.state()),
+        })
+    }
+
+    async fn close_hold(
+        &self,
+        key: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+    ) -> Result<HoldOutcome, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let before = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live);
+        let Some(mut hold) = find_hold(&mut tx, hold_id).await?.filter(|h| h.key == *key) else {
+            return Ok(HoldOutcome::NotFound);
+        };
+        let mut account = before.clone();
+        let changed = match rules::close_hold(account.as_mut(), &mut hold, close, now_ms) {
+            Ok(changed) => changed,
+            Err(short) => return Ok(short.into()),
+        };
+        if changed {
+            store_closed_hold(&mut tx, &hold).await?;
+            if let (Some(before), Some(after)) = (&before, &account) {
+                store_account(&mut tx, key, before, after).await?;
+            }
+            commit(tx).await?;
+        }
+        Ok(HoldOutcome::Hold {
+            hold,
+            changed,
+            state: account.map(|a| a.state()),
+        })
+    }
+
+    async fn expire_holds(
+        &self,
+        key: &KeyId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<(Vec<Hold>, Option<LedgerState>), LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let before = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live);
+        let rows = sqlx::query(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE key_id = $1 AND state = $2 \
+             AND expires_at <= $3 ORDER BY expires_at, id LIMIT $4"
+        ))
+        .bind(key.as_str())
+        .bind(HoldState::Open.as_str())
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(ledger_error)?;
+        let mut account = before.clone();
+        let mut expired = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut hold = hold_from_row(row)?;
+            if rules::close_hold(account.as_mut(), &mut hold, HoldClose::Expire, now_ms) == Ok(true)
+            {
+                store_closed_hold(&mut tx, &hold).await?;
+                expired.push(hold);
+            }
+        }
+        if !expired.is_empty() {
+            if let (Some(before), Some(after)) = (&before, &account) {
+                store_account(&mut tx, key, before, after).await?;
+            }
+            commit(tx).await?;
+        }
+        Ok((expired, account.map(|a| a.state())))
+    }
+
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, LedgerError> {
+        let row = sqlx::query(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1"))
+            .bind(hold_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(ledger_error)?;
+        row.as_ref().map(hold_from_row).transpose()
+    }
+
+    async fn keys_with_due_holds(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyId>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT key_id, MIN(expires_at) AS due FROM holds WHERE state = $1 \
+             AND expires_at <= $2 GROUP BY key_id ORDER BY due, key_id LIMIT $3",
+        )
+        .bind(HoldState::Open.as_str())
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(ledger_error)?;
+        rows.iter()
+            .map(|r| {
+                r.try_get::<String, _>("key_id")
+                    .map(KeyId::from)
+                    .map_err(ledger_error)
+            })
+            .collect()
     }
 }
 

@@ -89,22 +89,31 @@ impl Engine {
                 metrics::counter!(m::RETURNED_CREDITS).increment(d.amount);
                 self.sync(key, &state).await;
             }
-            Err(e) => {
-                tracing::warn!(key_id = %key, amount = d.amount, error = %e, "return failed; will retry");
-                let mut q = lock_map(&self.failed_returns);
-                if q.len() >= self.config.max_failed_returns {
-                    metrics::counter!(m::RETURNS_DROPPED).increment(1);
-                    tracing::error!(
-                        key_id = %key,
-                        amount = d.amount,
-                        "return queue full: credits stay out of the ledger"
-                    );
-                } else {
-                    q.push_back((key.to_owned(), transfer_id.to_owned(), d));
-                }
-                metrics::gauge!(m::RETURNS_QUEUED).set(q.len() as f64);
-            }
+            Err(e) => self.queue_failed_return(key, transfer_id, d, &e),
         }
+    }
+
+    /// A drained amount whose ledger step failed, kept for the reconciler to retry.
+    pub(super) fn queue_failed_return(
+        &self,
+        key: &KeyId,
+        transfer_id: &str,
+        d: Drained,
+        e: &LedgerError,
+    ) {
+        tracing::warn!(key_id = %key, amount = d.amount, error = %e, "return failed; will retry");
+        let mut q = lock_map(&self.failed_returns);
+        if q.len() >= self.config.max_failed_returns {
+            metrics::counter!(m::RETURNS_DROPPED).increment(1);
+            tracing::error!(
+                key_id = %key,
+                amount = d.amount,
+                "return queue full: credits stay out of the ledger"
+            );
+        } else {
+            q.push_back((key.to_owned(), transfer_id.to_owned(), d));
+        }
+        metrics::gauge!(m::RETURNS_QUEUED).set(q.len() as f64);
     }
 
     /// Returns every hot balance this node touched (shutdown). A key whose drain fails

@@ -8,19 +8,7 @@ impl Engine {
     /// after it. Returns the ledger state after the change (`NotDue` refills: unchanged).
     #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
     pub async fn update(&self, key: &KeyId, op: CreditOp) -> Result<LedgerState, EngineError> {
-        let deadline = Instant::now() + self.config.spend_deadline;
-        let token = loop {
-            if let Some(t) = self
-                .hot
-                .lock(key, self.config.lock_ttl, self.config.lock_wait)
-                .await?
-            {
-                break t;
-            }
-            if Instant::now() >= deadline {
-                return Err(EngineError::Busy("the key's lock stayed held".into()));
-            }
-        };
+        let token = self.lock_waiting(key).await?;
         let result = self.update_locked(key, op).await;
         self.unlock(key, &token).await;
         result

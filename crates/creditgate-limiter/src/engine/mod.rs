@@ -16,18 +16,21 @@ use tokio::time::Instant;
 
 mod drains;
 mod fences;
+mod holds;
 mod prefetch;
 mod reconciler;
 mod spend;
 
+pub use holds::HoldAnswer;
 use prefetch::PREFETCH_QUEUE;
 pub use reconciler::ReconcileReport;
 
 use crate::metrics as m;
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply, DirectSpend, Drained,
-    FenceOp, HotError, HotStore, IncrementOutcome, Ledger, LedgerError, LedgerState, LockToken,
-    PendingFence, Settlement, SpendReply, TransferFate,
+    FenceOp, Hold, HoldClose, HoldOutcome, HotError, HotStore, IncrementOutcome, Ledger,
+    LedgerError, LedgerState, LockToken, PendingFence, ReserveRequest, Settlement, SpendReply,
+    TransferFate,
 };
 
 /// Tuning of the engine. Every wait has a bound.
@@ -187,7 +190,12 @@ pub struct Engine {
     prefetch_tx: mpsc::Sender<(KeyId, u64)>,
     prefetch_rx: Mutex<Option<mpsc::Receiver<(KeyId, u64)>>>,
     breaker: Breaker,
+    /// Told of the holds each reconciler pass expired (analytics, once set).
+    on_expired: std::sync::OnceLock<ExpiryObserver>,
 }
+
+/// Receives the holds a reconciler pass expired.
+pub type ExpiryObserver = Box<dyn Fn(Vec<Hold>) + Send + Sync>;
 
 /// Opens after `threshold` hot-store timeouts in a row; while open, spends skip the hot
 /// store (a node cut off from it keeps answering from the ledger instead of waiting out
@@ -286,7 +294,13 @@ impl Engine {
             failed_returns: Mutex::new(VecDeque::new()),
             epoch_seen: Mutex::new(None),
             breaker: Breaker::default(),
+            on_expired: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets who is told of expired holds (once; later calls are ignored).
+    pub fn observe_expiries(&self, observer: ExpiryObserver) {
+        let _ = self.on_expired.set(observer);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -299,6 +313,23 @@ impl Engine {
 
     pub fn hot(&self) -> &Arc<dyn HotStore> {
         &self.hot
+    }
+
+    /// Takes the key's lock, waiting for other holders up to the spend deadline.
+    async fn lock_waiting(&self, key: &KeyId) -> Result<LockToken, EngineError> {
+        let deadline = Instant::now() + self.config.spend_deadline;
+        loop {
+            if let Some(t) = self
+                .hot
+                .lock(key, self.config.lock_ttl, self.config.lock_wait)
+                .await?
+            {
+                return Ok(t);
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::Busy("the key's lock stayed held".into()));
+            }
+        }
     }
 
     async fn unlock(&self, key: &KeyId, token: &LockToken) {

@@ -12,6 +12,8 @@ pub struct ReconcileReport {
     pub orphans_resolved: usize,
     pub lost_credits: u64,
     pub expired_entries: usize,
+    /// Holds whose time was up, expired (their credits returned).
+    pub expired_holds: usize,
     /// Keys whose step failed this pass (logged and counted; the pass went on, the next
     /// pass tries them again).
     pub key_errors: usize,
@@ -127,7 +129,10 @@ impl Engine {
             }
         }
 
-        // 5. Entries that hold nothing and have been idle a long while.
+        // 5. Holds whose time is up return their credits.
+        report.expired_holds = self.expire_due_holds().await?;
+
+        // 6. Entries that hold nothing and have been idle a long while.
         let expiry_ms = u64::try_from(self.config.hot_expiry.as_millis()).unwrap_or(u64::MAX);
         report.expired_entries = self.hot.expire_idle(expiry_ms).await?;
         Ok(report)

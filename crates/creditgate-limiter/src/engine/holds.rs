@@ -1,0 +1,207 @@
+//! Holds (DESIGN.md §6): a hold is one more owner in the escrow's partition. The
+//! ledger owns it: reserve, settle, release and expiry are each one ledger transaction,
+//! under the key's lock, so a hold survives the loss of the hot store and of the node
+//! that made it. Credits the ledger's part cannot cover are first drained back from the
+//! hot store.
+//!
+//! Around each step the hot snapshot is marked unknown (spends that need it then wait
+//! for the key's lock) and synced again after, so no spend states a balance that a
+//! hold's move has made false, and the answer's balance is exact.
+
+use super::*;
+
+/// The engine's answer to a hold call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldAnswer {
+    /// The hold after the call. `changed`: this call made or closed it (else it had
+    /// been, and nothing changed). `remaining`: the exact balance outside holds after it
+    /// (`None`: unlimited, or the key was deleted).
+    Hold {
+        hold: Hold,
+        changed: bool,
+        remaining: Option<u64>,
+    },
+    /// The balance cannot cover it: nothing moved, and `remaining` is the exact balance.
+    Exceeded { remaining: u64 },
+    /// No such key (reserve) or no such hold of this key (close).
+    NotFound,
+}
+
+/// Most open holds one reconciler pass expires per key, and keys per pass.
+const EXPIRE_BATCH: u32 = 1_000;
+/// Keys whose holds one pass expires at once.
+const EXPIRE_CONCURRENCY: usize = 32;
+
+#[derive(Debug, Clone, Copy)]
+enum HoldCall<'a> {
+    Reserve(&'a ReserveRequest<'a>),
+    Close { hold_id: &'a str, close: HoldClose },
+}
+
+impl Engine {
+    /// Moves `req.amount` of the key's balance into a new hold, if the balance covers it.
+    /// Idempotent on the hold id: a second reserve answers the first hold.
+    #[tracing::instrument(level = "debug", skip(self), fields(key_id = %req.key))]
+    pub async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldAnswer, EngineError> {
+        self.hold_call(req.key, HoldCall::Reserve(req)).await
+    }
+
+    /// Settles, releases or (its time being up) expires an open hold of `key`, once: a
+    /// closed hold is answered as it is.
+    #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
+    pub async fn close_hold(
+        &self,
+        key: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+    ) -> Result<HoldAnswer, EngineError> {
+        self.hold_call(key, HoldCall::Close { hold_id, close })
+            .await
+    }
+
+    async fn hold_call(&self, key: &KeyId, call: HoldCall<'_>) -> Result<HoldAnswer, EngineError> {
+        let token = self.lock_waiting(key).await?;
+        let result = self.hold_locked(key, call).await;
+        self.unlock(key, &token).await;
+        result
+    }
+
+    async fn hold_locked(
+        &self,
+        key: &KeyId,
+        call: HoldCall<'_>,
+    ) -> Result<HoldAnswer, EngineError> {
+        self.settle_pending(key).await?;
+        // The ledger's part is about to change: spends that would state it wait for us.
+        self.hot.sync_unalloc(key, None, 0).await?;
+        let mut drained = false;
+        loop {
+            let outcome = match call {
+                HoldCall::Reserve(req) => self.ledger.reserve(req).await?,
+                HoldCall::Close { hold_id, close } => {
+                    self.ledger
+                        .close_hold(key, hold_id, close, self.clock.now_ms())
+                        .await?
+                }
+            };
+            match outcome {
+                HoldOutcome::Short { hot_allocated, .. } if hot_allocated > 0 && !drained => {
+                    self.drain_for_hold(key).await?;
+                    drained = true;
+                }
+                HoldOutcome::Short { .. } | HoldOutcome::NotFound => {
+                    let remaining = match self.ledger.state(key).await? {
+                        Some(state) => self.exact_and_sync(key, &state).await?,
+                        None => None,
+                    };
+                    return Ok(match (outcome, remaining) {
+                        (HoldOutcome::Short { .. }, Some(remaining)) => {
+                            HoldAnswer::Exceeded { remaining }
+                        }
+                        _ => HoldAnswer::NotFound,
+                    });
+                }
+                HoldOutcome::Hold {
+                    hold,
+                    changed,
+                    state,
+                } => {
+                    let remaining = match state {
+                        Some(state) => self.exact_and_sync(key, &state).await?,
+                        None => None,
+                    };
+                    return Ok(HoldAnswer::Hold {
+                        hold,
+                        changed,
+                        remaining,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Under the key's lock with the snapshot unknown (so no spend completes on the hot
+    /// store, and no refill moves credits): the exact balance outside holds, `remaining
+    /// + bal`; then the snapshot is synced again.
+    async fn exact_and_sync(
+        &self,
+        key: &KeyId,
+        state: &LedgerState,
+    ) -> Result<Option<u64>, EngineError> {
+        let Some(remaining) = state.remaining else {
+            return Ok(None);
+        };
+        let bal = match self.hot.peek(key).await? {
+            Some(e) if e.generation == state.generation => e.bal,
+            _ => 0,
+        };
+        self.sync(key, state).await;
+        Ok(Some(remaining.saturating_add(bal)))
+    }
+
+    /// The whole hot balance back to the ledger, so a hold can use it; the snapshot
+    /// stays unknown. A failed ledger step is queued for retry and fails the call (the
+    /// credits are not lost, but the ledger cannot use them yet).
+    async fn drain_for_hold(&self, key: &KeyId) -> Result<(), EngineError> {
+        let transfer_id = new_id_for_transfer("holddrain");
+        let drained = self.hot.drain(key, &transfer_id, 0).await?;
+        match self.ledger.return_drained(key, &transfer_id, drained).await {
+            Ok(_) => {
+                metrics::counter!(m::RETURNED_CREDITS).increment(drained.amount);
+                Ok(())
+            }
+            Err(e) => {
+                self.queue_failed_return(key, &transfer_id, drained, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Reconciler step: expires the open holds whose time is up, key by key under each
+    /// key's lock (a key locked elsewhere is left to the next pass, or the other node).
+    /// Tells the expiry observer; returns how many expired.
+    pub(super) async fn expire_due_holds(&self) -> Result<usize, EngineError> {
+        let now = self.clock.now_ms();
+        let keys = self.ledger.keys_with_due_holds(now, EXPIRE_BATCH).await?;
+        let mut expired = Vec::new();
+        for chunk in keys.chunks(EXPIRE_CONCURRENCY) {
+            let results =
+                futures_util::future::join_all(chunk.iter().map(|k| self.expire_key(k, now))).await;
+            for (key, result) in chunk.iter().zip(results) {
+                match result {
+                    Ok(holds) => expired.extend(holds),
+                    Err(e) => reconciler::key_failed("expire holds", key, &e),
+                }
+            }
+        }
+        let count = expired.len();
+        if count > 0 {
+            metrics::counter!(m::HOLDS_EXPIRED).increment(u64::try_from(count).unwrap_or(0));
+            if let Some(observer) = self.on_expired.get() {
+                observer(expired);
+            }
+        }
+        Ok(count)
+    }
+
+    async fn expire_key(&self, key: &KeyId, now_ms: i64) -> Result<Vec<Hold>, EngineError> {
+        let Some(token) = self
+            .hot
+            .lock(key, self.config.lock_ttl, Duration::ZERO)
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let result = async {
+            self.hot.sync_unalloc(key, None, 0).await?;
+            let (holds, state) = self.ledger.expire_holds(key, now_ms, EXPIRE_BATCH).await?;
+            if let Some(state) = state {
+                self.sync(key, &state).await;
+            }
+            Ok(holds)
+        }
+        .await;
+        self.unlock(key, &token).await;
+        result
+    }
+}
