@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
-use crate::routes::{apis, keys, system, verify};
+use crate::routes::{apis, holds, keys, system, verify};
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
@@ -286,6 +286,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.deleteKey", post(keys::delete_key))
         .route("/v2/keys.whoami", post(keys::whoami))
         .route("/v2/keys.verifyKey", post(verify::verify_key))
+        .route("/v2/keys.reserveCredits", post(holds::reserve_credits))
+        .route("/v2/keys.settleCredits", post(holds::settle_credits))
+        .route("/v2/keys.releaseCredits", post(holds::release_credits))
+        .route("/v2/keys.getHold", post(holds::get_hold))
         .route("/v2/liveness", get(system::liveness))
         .route("/openapi.json", get(system::openapi))
         .route("/metrics", get(system::metrics))

@@ -45,6 +45,9 @@ pub enum ApiError {
     NotFound { kind: NotFoundKind, detail: String },
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The hold was closed otherwise, or expired: nothing was changed.
+    #[error("the hold is already {state}: nothing was changed")]
+    HoldClosed { state: &'static str },
     /// Well-formed, but the key's state does not allow it; nothing was changed.
     #[error("{0}")]
     Conflict(String),
@@ -68,6 +71,7 @@ pub enum ApiError {
 pub enum NotFoundKind {
     Key,
     Api,
+    Hold,
     Route,
 }
 
@@ -124,6 +128,7 @@ impl ApiError {
                 match kind {
                     NotFoundKind::Key => "https://unkey.com/docs/errors/unkey/data/key_not_found",
                     NotFoundKind::Api => "https://unkey.com/docs/errors/unkey/data/api_not_found",
+                    NotFoundKind::Hold => "https://creditgate.dev/docs/errors/data/hold_not_found",
                     NotFoundKind::Route => {
                         "https://unkey.com/docs/errors/unkey/application/route_not_found"
                     }
@@ -138,6 +143,15 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "Conflict",
                 "https://unkey.com/docs/errors/unkey/data/conflict",
+            ),
+            ApiError::HoldClosed { state } => (
+                StatusCode::CONFLICT,
+                "Conflict",
+                match *state {
+                    "settled" => "https://creditgate.dev/docs/errors/data/hold_settled",
+                    "released" => "https://creditgate.dev/docs/errors/data/hold_released",
+                    _ => "https://creditgate.dev/docs/errors/data/hold_expired",
+                },
             ),
             ApiError::PayloadTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -264,6 +278,15 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::Conflict(s) => ApiError::Conflict(s),
             ServiceError::KeyNotFound => ApiError::key_not_found(),
             ServiceError::ApiNotFound => ApiError::api_not_found(),
+            ServiceError::HoldNotFound => ApiError::NotFound {
+                kind: NotFoundKind::Hold,
+                detail: "The requested hold does not exist, or belongs to a key this root key \
+                         may not verify."
+                    .into(),
+            },
+            ServiceError::HoldClosed(state) => ApiError::HoldClosed {
+                state: state.as_str(),
+            },
             ServiceError::Engine(e) => e.into(),
             ServiceError::Store(e) => e.into(),
             ServiceError::Internal(s) => ApiError::Internal(s),

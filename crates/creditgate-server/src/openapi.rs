@@ -8,12 +8,13 @@
 use std::sync::OnceLock;
 
 use creditgate_domain::{Cost, Credits};
+use creditgate_service::MAX_HOLD_TTL_MS;
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::MAX_EXPIRES_MS;
-use crate::routes::{apis, keys, system, verify};
+use crate::routes::{apis, holds, keys, system, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,7 +22,8 @@ use crate::routes::{apis, keys, system, verify};
     paths(
         apis::create_api, apis::get_api, apis::list_keys, apis::delete_api,
         keys::create_key, keys::get_key, keys::update_key, keys::update_credits,
-        keys::delete_key, keys::whoami, verify::verify_key, system::liveness,
+        keys::delete_key, keys::whoami, verify::verify_key, holds::reserve_credits,
+        holds::settle_credits, holds::release_credits, holds::get_hold, system::liveness,
     ),
     modifiers(&RootKeyAuth)
 )]
@@ -62,6 +64,17 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     // A key the root key may not see is a NOT_FOUND verdict (200), never 403/404.
     ("/v2/keys.verifyKey", &[400, 401, 413, 500, 503]),
     ("/v2/keys.whoami", &[400, 401, 404, 413, 500, 503]),
+    // As verifyKey: a key the root key may not see is a NOT_FOUND verdict.
+    ("/v2/keys.reserveCredits", &[400, 401, 413, 500, 503]),
+    (
+        "/v2/keys.settleCredits",
+        &[400, 401, 404, 409, 413, 500, 503],
+    ),
+    (
+        "/v2/keys.releaseCredits",
+        &[400, 401, 404, 409, 413, 500, 503],
+    ),
+    ("/v2/keys.getHold", &[400, 401, 404, 413, 500, 503]),
 ];
 
 /// OpenAPI links: which response values feed which requests, so that a client (and the
@@ -132,6 +145,34 @@ const LINKS: &[(&str, &str, &str, &str, &str)] = &[
         "/data/key",
     ),
     ("/v2/keys.createKey", "Whoami", "whoami", "key", "/data/key"),
+    (
+        "/v2/keys.createKey",
+        "ReserveCredits",
+        "reserve_credits",
+        "key",
+        "/data/key",
+    ),
+    (
+        "/v2/keys.reserveCredits",
+        "SettleCredits",
+        "settle_credits",
+        "holdId",
+        "/data/holdId",
+    ),
+    (
+        "/v2/keys.reserveCredits",
+        "ReleaseCredits",
+        "release_credits",
+        "holdId",
+        "/data/holdId",
+    ),
+    (
+        "/v2/keys.reserveCredits",
+        "GetHold",
+        "get_hold",
+        "holdId",
+        "/data/holdId",
+    ),
 ];
 
 fn status_description(status: u16) -> &'static str {
@@ -167,6 +208,8 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     let expires = json!({ "minimum": 0, "maximum": MAX_EXPIRES_MS });
     let secret = json!({ "minLength": 1, "maxLength": 512 });
     let api_id = json!({ "minLength": 1 });
+    let cost = json!({ "minimum": 0, "maximum": Cost::MAX });
+    let hold_id = json!({ "maxLength": 64, "pattern": "^hold_[A-Za-z0-9]+$" });
     vec![
         (
             "CreateApiRequest",
@@ -245,11 +288,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("UpdateCreditsRequest", "value", credits),
         ("VerifyKeyRequest", "key", secret.clone()),
-        (
-            "VerifyCreditsWire",
-            "cost",
-            json!({ "minimum": 0, "maximum": Cost::MAX }),
-        ),
+        ("VerifyCreditsWire", "cost", cost.clone()),
         (
             "VerifyKeyRequest",
             "tags",
@@ -267,7 +306,17 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             "migrationId",
             json!({ "type": "null", "description": "Not supported: only absent or null is accepted." }),
         ),
-        ("WhoamiRequest", "key", secret),
+        ("WhoamiRequest", "key", secret.clone()),
+        ("ReserveCreditsRequest", "key", secret),
+        ("ReserveCreditsRequest", "amount", cost.clone()),
+        (
+            "ReserveCreditsRequest",
+            "ttlMs",
+            json!({ "minimum": 1, "maximum": MAX_HOLD_TTL_MS }),
+        ),
+        ("SettleCreditsRequest", "holdId", hold_id.clone()),
+        ("SettleCreditsRequest", "cost", cost.clone()),
+        ("HoldIdRequest", "holdId", hold_id),
     ]
 }
 

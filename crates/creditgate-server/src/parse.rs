@@ -4,7 +4,10 @@
 
 use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, RefillInterval};
 use creditgate_limiter::CreditOp;
-use creditgate_service::{CreateKey, FieldError, ListKeys, UpdateCredits, UpdateKey, Verify};
+use creditgate_service::{
+    CreateKey, FieldError, ListKeys, Reserve, UpdateCredits, UpdateKey, Verify,
+    DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
+};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -110,6 +113,29 @@ impl Checks {
         }
     }
 
+    /// Credits one request spends or holds: 0..=10^12.
+    pub fn cost(&mut self, location: &str, raw: u64) -> Cost {
+        Cost::new(raw).unwrap_or_else(|_| {
+            self.push(
+                location,
+                format!("must be at most {}, got {raw}", Cost::MAX),
+                format!("send a number from 0 to {}", Cost::MAX),
+            );
+            Cost::DEFAULT
+        })
+    }
+
+    fn hold_id(&mut self, value: &str) {
+        let body = value.strip_prefix("hold_").unwrap_or("");
+        if body.is_empty() || value.len() > 64 || !body.chars().all(|c| c.is_ascii_alphanumeric()) {
+            self.push(
+                "body.holdId",
+                "must be a hold id: 'hold_' then letters and digits, at most 64 characters",
+                "send the holdId returned by keys.reserveCredits",
+            );
+        }
+    }
+
     /// A key id as `keys.createKey` returned it.
     fn key_id(&mut self, value: &str) -> KeyId {
         if value.chars().count() < 3 {
@@ -183,14 +209,7 @@ impl TryFrom<VerifyKeyRequest> for Verify {
         let mut c = Checks::default();
         c.len("body.key", &req.key, 1, 512);
         let raw = req.credits.as_ref().map_or(Cost::DEFAULT.get(), |c| c.cost);
-        let cost = Cost::new(raw).unwrap_or_else(|_| {
-            c.push(
-                "body.credits.cost",
-                format!("must be at most {}, got {raw}", Cost::MAX),
-                format!("send a cost from 0 to {}", Cost::MAX),
-            );
-            Cost::DEFAULT
-        });
+        let cost = c.cost("body.credits.cost", raw);
         let tags = req.tags.unwrap_or_default();
         if tags.len() > 20 {
             c.push(
@@ -450,6 +469,48 @@ pub fn parse_key_id(key_id: &str, decrypt: Option<bool>) -> Result<KeyId, ApiErr
     c.hashes_only("body.decrypt", decrypt, "decrypted");
     let id = c.key_id(key_id);
     c.finish(id)
+}
+
+impl TryFrom<ReserveCreditsRequest> for Reserve {
+    type Error = ApiError;
+
+    fn try_from(req: ReserveCreditsRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.len("body.key", &req.key, 1, 512);
+        let amount = c.cost("body.amount", req.amount);
+        let ttl = req.ttl_ms.unwrap_or(DEFAULT_HOLD_TTL_MS.unsigned_abs());
+        let ttl_ms = match i64::try_from(ttl) {
+            Ok(t) if (1..=MAX_HOLD_TTL_MS).contains(&t) => t,
+            _ => {
+                c.push(
+                    "body.ttlMs",
+                    format!("must be from 1 to {MAX_HOLD_TTL_MS} (24 h), got {ttl}"),
+                    format!("send a ttlMs from 1 to {MAX_HOLD_TTL_MS}, or omit it for 60000"),
+                );
+                DEFAULT_HOLD_TTL_MS
+            }
+        };
+        c.finish(Reserve {
+            secret: req.key,
+            amount,
+            ttl_ms,
+        })
+    }
+}
+
+/// A hold id as `keys.reserveCredits` returned it.
+pub fn parse_hold_id(hold_id: &str) -> Result<String, ApiError> {
+    let mut c = Checks::default();
+    c.hold_id(hold_id);
+    c.finish(hold_id.to_owned())
+}
+
+/// `keys.settleCredits`: the hold and the cost.
+pub fn parse_settle(req: &SettleCreditsRequest) -> Result<(String, Cost), ApiError> {
+    let mut c = Checks::default();
+    c.hold_id(&req.hold_id);
+    let cost = c.cost("body.cost", req.cost);
+    c.finish((req.hold_id.clone(), cost))
 }
 
 /// `keys.whoami`: the secret.

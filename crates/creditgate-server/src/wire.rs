@@ -167,8 +167,11 @@ pub struct GetKeyRequest {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyCreditsData {
-    /// `null` = unlimited.
+    /// `null` = unlimited. The balance outside holds.
     pub remaining: Option<i64>,
+    /// Credits in open holds (creditgate's extension); omitted when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refill: Option<RefillWire>,
 }
@@ -311,6 +314,90 @@ pub struct VerifyKeyData {
     pub enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityData>,
+}
+
+// ---- holds (creditgate's extension) ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReserveCreditsRequest {
+    /// The secret to verify (1..=512 characters).
+    pub key: String,
+    /// Credits to move into the hold: 0..=10^12.
+    pub amount: u64,
+    /// How long the hold stays open, in ms: 1..=86,400,000 (default 60,000). Then it
+    /// expires and its credits return.
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReserveCreditsData {
+    pub valid: bool,
+    /// VALID (held), USAGE_EXCEEDED (nothing moved), NOT_FOUND, DISABLED, EXPIRED.
+    #[schema(value_type = String)]
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub key_id: Option<Arc<str>>,
+    /// The hold, when VALID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<String>,
+    /// Exact balance outside holds after this decision; omitted for unlimited keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
+    /// When the hold expires (Unix ms), when VALID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SettleCreditsRequest {
+    /// The hold `keys.reserveCredits` returned.
+    pub hold_id: String,
+    /// Credits the work cost: 0..=10^12. Above the hold, the difference is spent only if
+    /// the balance covers it.
+    pub cost: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HoldIdRequest {
+    /// The hold `keys.reserveCredits` returned.
+    pub hold_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloseHoldData {
+    /// `false`: a cost above the hold that the balance could not cover; the hold stays
+    /// open and nothing moved.
+    pub valid: bool,
+    /// VALID or USAGE_EXCEEDED.
+    #[schema(value_type = String)]
+    pub code: &'static str,
+    /// Exact balance outside holds after this decision; omitted for unlimited keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
+    /// Credits the hold spent (the settled cost; 0 for a release).
+    pub spent: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldData {
+    pub hold_id: String,
+    pub key_id: String,
+    pub amount: u64,
+    /// open, settled, released or expired.
+    #[schema(value_type = String)]
+    pub state: &'static str,
+    /// The settled cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
+    pub created_at: i64,
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -14,6 +14,8 @@ mod bad_input;
 mod exactness;
 #[path = "http/fuzz.rs"]
 mod fuzz;
+#[path = "http/holds.rs"]
+mod holds;
 #[path = "http/limits.rs"]
 mod limits;
 #[path = "http/refill.rs"]

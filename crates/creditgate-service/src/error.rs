@@ -47,6 +47,12 @@ pub enum ServiceError {
     /// Unknown, deleted or another workspace's API.
     #[error("api not found")]
     ApiNotFound,
+    /// Unknown hold, or one of a key the caller may not verify.
+    #[error("hold not found")]
+    HoldNotFound,
+    /// The hold was closed otherwise (or expired) before: nothing was changed.
+    #[error("the hold is {}", .0.as_str())]
+    HoldClosed(creditgate_limiter::ports::HoldState),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]

@@ -15,8 +15,10 @@ use crate::{Caller, CreateKey, Service, ServiceError, UpdateCredits, UpdateKey};
 #[derive(Debug, Clone)]
 pub struct KeyView {
     pub record: KeyRecord,
-    /// `None`: unlimited.
+    /// `None`: unlimited. The balance outside holds.
     pub remaining: Option<u64>,
+    /// Credits in open holds.
+    pub reserved: u64,
 }
 
 /// A new key: its id and its secret (shown once, stored only as a hash).
@@ -82,14 +84,18 @@ impl Service {
     /// The key with its exact balance, after any due refill.
     pub(crate) async fn view(&self, key: Arc<KeyRecord>) -> Result<KeyView, ServiceError> {
         let key = self.refill_if_due(key, self.clock.now_ms()).await?;
-        let remaining = match key.limited {
-            true => self.engine.balance(&key.id).await?,
-            false => None,
-        };
+        let (remaining, reserved) = self.books(&key).await?;
         Ok(KeyView {
             record: (*key).clone(),
             remaining,
+            reserved,
         })
+    }
+
+    /// The key's balance outside holds (`None`: unlimited) and its credits in holds.
+    async fn books(&self, key: &KeyRecord) -> Result<(Option<u64>, u64), ServiceError> {
+        let (remaining, reserved) = self.engine.books(&key.id).await?;
+        Ok((remaining.filter(|_| key.limited), reserved))
     }
 
     /// The caller's live key by id (not found for unknown, deleted or another
@@ -197,11 +203,12 @@ impl Service {
             ));
         }
         let record = self.apply_credit_op(&key, cmd.op).await?;
-        let remaining = match record.limited {
-            true => self.engine.balance(&record.id).await?,
-            false => None,
-        };
-        Ok(KeyView { record, remaining })
+        let (remaining, reserved) = self.books(&record).await?;
+        Ok(KeyView {
+            record,
+            remaining,
+            reserved,
+        })
     }
 
     /// Runs a balance change through the engine; a switch to unlimited also drops the

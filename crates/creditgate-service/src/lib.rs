@@ -7,6 +7,7 @@ mod apis;
 mod caller;
 pub mod commands;
 mod error;
+mod holds;
 mod keys;
 pub mod metrics;
 mod verify;
@@ -24,6 +25,7 @@ pub use apis::KeyListing;
 pub use caller::Caller;
 pub use commands::{CreateKey, ListKeys, UpdateCredits, UpdateKey, Verify};
 pub use error::{FieldError, ServiceError};
+pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS};
 pub use keys::{CreatedKey, KeyView};
 pub use verify::Verdict;
 
@@ -94,12 +96,19 @@ impl Service {
         settings: ServiceSettings,
         bus: Option<Arc<dyn Invalidations>>,
     ) -> Self {
+        let settings = Arc::new(settings);
+        engine.observe_expiries(holds::expiry_recorder(
+            store.clone(),
+            analytics.clone(),
+            clock.clone(),
+            settings.clone(),
+        ));
         Self {
             store,
             engine,
             analytics,
             clock,
-            settings: Arc::new(settings),
+            settings,
             keys: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(CACHE_TTL)

@@ -8,7 +8,7 @@ use creditgate_analytics::VerificationEvent;
 use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome};
 use creditgate_limiter::{Decision, EngineError};
 
-use crate::{metrics as names, Caller, Service, ServiceError, Verify};
+use crate::{metrics as names, Caller, Service, ServiceError, ServiceSettings, Verify};
 
 /// The decision on one verification.
 #[derive(Debug, Clone)]
@@ -33,6 +33,44 @@ impl Verdict {
     }
 }
 
+/// One analytics row of a credit decision: a verification or a hold step.
+pub(crate) struct Decided<'a> {
+    pub request_id: Arc<str>,
+    pub workspace: Arc<str>,
+    pub key: Option<&'a KeyRecord>,
+    pub outcome: &'static str,
+    pub cost: u64,
+    pub spent: u64,
+    pub remaining: Option<u64>,
+    pub started: Instant,
+    pub tags: Vec<String>,
+}
+
+impl Decided<'_> {
+    pub(crate) fn event(self, now_ms: i64, settings: &ServiceSettings) -> VerificationEvent {
+        let key = self.key;
+        VerificationEvent {
+            request_id: self.request_id,
+            time: now_ms,
+            workspace_id: self.workspace,
+            api_id: key.map_or_else(|| "".into(), |k| k.api_id.shared()),
+            key_id: key.map_or_else(|| "".into(), |k| k.id.shared()),
+            node_id: settings.node_id.clone(),
+            region: settings.region.clone(),
+            outcome: self.outcome,
+            cost: self.cost,
+            spent_credits: self.spent,
+            remaining: self.remaining,
+            latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            tags: self.tags,
+        }
+    }
+}
+
+/// The key of a verification or a reserve once its checks passed, or the outcome of the
+/// first check that failed.
+pub(crate) type Checked = Result<Arc<KeyRecord>, (Outcome, Option<Arc<KeyRecord>>)>;
+
 impl Service {
     /// Verifies a key and spends `cost` if it is valid. `request_id` ties the analytics
     /// row to the request.
@@ -44,26 +82,66 @@ impl Service {
     ) -> Result<Verdict, ServiceError> {
         let started = Instant::now();
         let verdict = self.decide(caller, &cmd.secret, cmd.cost).await?;
-        let elapsed = started.elapsed();
         names::verifications(verdict.outcome).increment(1);
-        names::verify_seconds().record(elapsed.as_secs_f64());
-        let key = verdict.key.as_deref();
-        self.analytics.verification(VerificationEvent {
+        names::verify_seconds().record(started.elapsed().as_secs_f64());
+        self.record(Decided {
             request_id,
-            time: self.clock.now_ms(),
-            workspace_id: caller.workspace().shared(),
-            api_id: key.map_or_else(|| "".into(), |k| k.api_id.shared()),
-            key_id: key.map_or_else(|| "".into(), |k| k.id.shared()),
-            node_id: self.settings.node_id.clone(),
-            region: self.settings.region.clone(),
+            workspace: caller.workspace().shared(),
+            key: verdict.key.as_deref(),
             outcome: verdict.outcome.as_str(),
             cost: cmd.cost.get(),
-            spent_credits: verdict.spent,
+            spent: verdict.spent,
             remaining: verdict.remaining,
-            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            started,
             tags: cmd.tags,
         });
         Ok(verdict)
+    }
+
+    /// Hands the row to the analytics batcher (never waits).
+    pub(crate) fn record(&self, d: Decided<'_>) {
+        self.analytics
+            .verification(d.event(self.clock.now_ms(), &self.settings));
+    }
+
+    /// The checks of DESIGN §2 before any credit moves, the first failure deciding: the
+    /// key by secret hash (unknown, deleted, another workspace's, or not verifiable by
+    /// this root key: all `NOT_FOUND`, so a root key cannot probe for keys it may not
+    /// see), `DISABLED`, `EXPIRED`; then a refill due in this period is applied.
+    pub(crate) async fn checked_key(
+        &self,
+        caller: &Caller,
+        secret: &str,
+        now: i64,
+    ) -> Result<Checked, ServiceError> {
+        let key = match self.key_by_hash(&hash_secret(secret)).await? {
+            Some(k) if caller.sees(&k.workspace_id, Action::VerifyKey, &k.api_id) => k,
+            _ => return Ok(Err((Outcome::NotFound, None))),
+        };
+        if !key.enabled {
+            return Ok(Err((Outcome::Disabled, Some(key))));
+        }
+        if key.is_expired(now) {
+            return Ok(Err((Outcome::Expired, Some(key))));
+        }
+        match self.refill_if_due(key, now).await {
+            Ok(k) => Ok(Ok(k)),
+            // Deleted since it was cached: the ledger row is gone.
+            Err(ServiceError::Engine(EngineError::NotFound)) => Ok(Err((Outcome::NotFound, None))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs an engine call in a task of its own, so a client that hangs up cannot
+    /// cancel it half-way.
+    pub(crate) async fn in_engine_task<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        tokio::spawn(call)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("engine task failed: {e}")))?
+            .map_err(ServiceError::from)
     }
 
     async fn decide(
@@ -72,41 +150,25 @@ impl Service {
         secret: &str,
         cost: Cost,
     ) -> Result<Verdict, ServiceError> {
-        // Unknown, deleted, foreign, or not verifiable with this root key: all NOT_FOUND,
-        // so a root key cannot probe for keys it may not see.
-        let key = match self.key_by_hash(&hash_secret(secret)).await? {
-            Some(k) if caller.sees(&k.workspace_id, Action::VerifyKey, &k.api_id) => k,
-            _ => return Ok(Verdict::without_credits(Outcome::NotFound, None)),
+        let key = match self
+            .checked_key(caller, secret, self.clock.now_ms())
+            .await?
+        {
+            Ok(key) => key,
+            Err((outcome, key)) => return Ok(Verdict::without_credits(outcome, key)),
         };
-        let now = self.clock.now_ms();
-        if !key.enabled {
-            return Ok(Verdict::without_credits(Outcome::Disabled, Some(key)));
-        }
-        if key.is_expired(now) {
-            return Ok(Verdict::without_credits(Outcome::Expired, Some(key)));
-        }
         if !key.limited {
             return Ok(Verdict::without_credits(Outcome::Valid, Some(key)));
         }
-        let key = match self.refill_if_due(key, now).await {
-            Ok(k) => k,
-            // Deleted since it was cached: the ledger row is gone.
-            Err(ServiceError::Engine(EngineError::NotFound)) => {
-                return Ok(Verdict::without_credits(Outcome::NotFound, None))
-            }
-            Err(e) => return Err(e),
-        };
         // The hot store decides most spends in one step that cancellation cannot cut
-        // half-way; anything else (a refill) is spawned so a client that hangs up cannot
-        // cancel the engine half-way.
+        // half-way; anything else (a refill) runs in a task of its own.
         let decision = match self.engine.spend_fast(&key.id, cost).await {
-            Some(decision) => decision,
+            Some(decision) => decision.map_err(ServiceError::from),
             None => {
                 let engine = self.engine.clone();
                 let id = key.id.clone();
-                tokio::spawn(async move { engine.spend(&id, cost).await })
+                self.in_engine_task(async move { engine.spend(&id, cost).await })
                     .await
-                    .map_err(|e| ServiceError::Internal(format!("verification task failed: {e}")))?
             }
         };
         match decision {
@@ -123,7 +185,7 @@ impl Service {
                 spent: 0,
             }),
             Ok(Decision::NotFound) => Ok(Verdict::without_credits(Outcome::NotFound, None)),
-            Err(e) => self.on_backend_failure(Some(key), e.into()),
+            Err(e) => self.on_backend_failure(Some(key), e),
         }
     }
 

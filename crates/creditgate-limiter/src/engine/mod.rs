@@ -375,21 +375,28 @@ impl Engine {
         }
     }
 
-    /// The exact balance now (`None`: unlimited), for `keys.getKey`.
+    /// The exact balance outside holds now (`None`: unlimited).
     pub async fn balance(&self, key: &KeyId) -> Result<Option<u64>, EngineError> {
+        Ok(self.books(key).await?.0)
+    }
+
+    /// The exact balance outside holds now (`None`: unlimited) and the credits in open
+    /// holds, for `keys.getKey`.
+    pub async fn books(&self, key: &KeyId) -> Result<(Option<u64>, u64), EngineError> {
         let Some(state) = self.ledger.state(key).await? else {
             return Err(EngineError::NotFound);
         };
         let Some(remaining) = state.remaining else {
-            return Ok(None);
+            return Ok((None, state.held));
         };
-        Ok(Some(match self.hot.peek(key).await {
+        let outside = match self.hot.peek(key).await {
             Ok(Some(e)) => match e.unalloc {
                 Some(u) if e.generation == state.generation => e.bal.saturating_add(u),
                 _ if e.generation == state.generation => e.bal.saturating_add(remaining),
                 _ => remaining,
             },
             _ => remaining,
-        }))
+        };
+        Ok((Some(outside), state.held))
     }
 }

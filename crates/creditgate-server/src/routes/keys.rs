@@ -17,6 +17,7 @@ use crate::wire::*;
 fn credits_data(v: &KeyView) -> KeyCreditsData {
     KeyCreditsData {
         remaining: v.remaining.and_then(|r| i64::try_from(r).ok()),
+        reserved: (v.reserved > 0).then(|| i64::try_from(v.reserved).unwrap_or(i64::MAX)),
         refill: v.record.refill.as_ref().map(refill_wire),
     }
 }

@@ -2,6 +2,7 @@
 //! result in the envelope.
 
 pub mod apis;
+pub mod holds;
 pub mod keys;
 pub mod system;
 pub mod verify;

@@ -1,0 +1,287 @@
+//! Holds: `keys.reserveCredits`, `keys.settleCredits`, `keys.releaseCredits`,
+//! `keys.getHold`. A reserve runs the checks of a verification in the same order, then
+//! the engine moves the amount into a hold; a settle or release closes it once. Every
+//! step that changes credits gets its analytics row, so summing `spent_credits` over a
+//! key gives exactly what was spent.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use creditgate_analytics::Analytics;
+use creditgate_domain::{new_id, Action, Clock, Cost, KeyRecord, KeyStore, Outcome};
+use creditgate_limiter::ports::{Hold, HoldClose, HoldState, ReserveRequest};
+use creditgate_limiter::{EngineError, ExpiryObserver, HoldAnswer};
+
+use crate::verify::Decided;
+use crate::{Caller, Service, ServiceError, ServiceSettings};
+
+/// `keys.reserveCredits`.
+#[derive(Debug, Clone)]
+pub struct Reserve {
+    pub secret: String,
+    pub amount: Cost,
+    /// How long the hold stays open, in ms (1..=24 h).
+    pub ttl_ms: i64,
+}
+
+/// Default time a hold stays open.
+pub const DEFAULT_HOLD_TTL_MS: i64 = 60_000;
+/// Longest time a hold stays open.
+pub const MAX_HOLD_TTL_MS: i64 = 24 * 3_600_000;
+
+/// How `keys.settleCredits` / `keys.releaseCredits` close a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseHold {
+    Settle(Cost),
+    Release,
+}
+
+/// The decision on a reserve.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// `Valid` (the hold is made), `UsageExceeded` (nothing moved) or a failed check.
+    pub outcome: Outcome,
+    pub key: Option<Arc<KeyRecord>>,
+    pub hold: Option<Hold>,
+    /// The exact balance outside holds after the decision (`None`: unlimited).
+    pub remaining: Option<u64>,
+}
+
+/// The decision on a settle or release.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    /// `false`: a settle above the hold that the balance could not cover; the hold stays
+    /// open and nothing moved.
+    pub done: bool,
+    pub hold: Hold,
+    /// The exact balance outside holds after the decision (`None`: unlimited).
+    pub remaining: Option<u64>,
+}
+
+impl Service {
+    pub async fn reserve(
+        &self,
+        caller: &Caller,
+        cmd: Reserve,
+        request_id: Arc<str>,
+    ) -> Result<Reservation, ServiceError> {
+        let started = Instant::now();
+        let decision = self.decide_reserve(caller, &cmd).await?;
+        let outcome = match decision.outcome {
+            Outcome::Valid => "RESERVED",
+            other => other.as_str(),
+        };
+        self.record(Decided {
+            request_id,
+            workspace: caller.workspace().shared(),
+            key: decision.key.as_deref(),
+            outcome,
+            cost: cmd.amount.get(),
+            spent: 0,
+            remaining: decision.remaining,
+            started,
+            tags: Vec::new(),
+        });
+        Ok(decision)
+    }
+
+    async fn decide_reserve(
+        &self,
+        caller: &Caller,
+        cmd: &Reserve,
+    ) -> Result<Reservation, ServiceError> {
+        let refused = |outcome, key| Reservation {
+            outcome,
+            key,
+            hold: None,
+            remaining: None,
+        };
+        let now = self.clock.now_ms();
+        let key = match self.checked_key(caller, &cmd.secret, now).await? {
+            Ok(key) => key,
+            Err((outcome, key)) => return Ok(refused(outcome, key)),
+        };
+        let hold_id = new_id("hold");
+        let (engine, key_id, amount) = (self.engine.clone(), key.id.clone(), cmd.amount.get());
+        let expires_at_ms = now.saturating_add(cmd.ttl_ms);
+        let answer = self
+            .in_engine_task(async move {
+                let req = ReserveRequest {
+                    key: &key_id,
+                    hold_id: &hold_id,
+                    amount,
+                    now_ms: now,
+                    expires_at_ms,
+                };
+                engine.reserve(&req).await
+            })
+            .await?;
+        Ok(match answer {
+            HoldAnswer::Hold {
+                hold, remaining, ..
+            } => Reservation {
+                outcome: Outcome::Valid,
+                key: Some(key),
+                hold: Some(hold),
+                remaining,
+            },
+            HoldAnswer::Exceeded { remaining } => Reservation {
+                outcome: Outcome::UsageExceeded,
+                key: Some(key),
+                hold: None,
+                remaining: Some(remaining),
+            },
+            // Deleted since it was cached.
+            HoldAnswer::NotFound => refused(Outcome::NotFound, None),
+        })
+    }
+
+    /// Settles or releases one of the caller's holds. A hold closed by the same
+    /// operation before is answered as it is; one closed otherwise (or expired) is a
+    /// conflict naming its state.
+    pub async fn close_hold(
+        &self,
+        caller: &Caller,
+        hold_id: &str,
+        close: CloseHold,
+        request_id: Arc<str>,
+    ) -> Result<Closing, ServiceError> {
+        let started = Instant::now();
+        let (hold, key) = self.find_hold(caller, hold_id).await?;
+        let (engine, key_id, id) = (self.engine.clone(), hold.key.clone(), hold.id.clone());
+        let op = match close {
+            CloseHold::Settle(cost) => HoldClose::Settle(cost.get()),
+            CloseHold::Release => HoldClose::Release,
+        };
+        let answer = self
+            .in_engine_task(async move { engine.close_hold(&key_id, &id, op).await })
+            .await?;
+        let wanted = match close {
+            CloseHold::Settle(_) => HoldState::Settled,
+            CloseHold::Release => HoldState::Released,
+        };
+        let (closing, changed) = match answer {
+            HoldAnswer::Hold {
+                hold,
+                changed,
+                remaining,
+            } => (
+                Closing {
+                    done: true,
+                    hold,
+                    remaining,
+                },
+                changed,
+            ),
+            HoldAnswer::Exceeded { remaining } => (
+                Closing {
+                    done: false,
+                    hold,
+                    remaining: Some(remaining),
+                },
+                true,
+            ),
+            HoldAnswer::NotFound => return Err(ServiceError::HoldNotFound),
+        };
+        if changed {
+            let h = &closing.hold;
+            let (outcome, spent) = match (closing.done, h.state) {
+                (false, _) => ("USAGE_EXCEEDED", 0),
+                (true, HoldState::Settled) => {
+                    let cost = h.cost.unwrap_or(0);
+                    ("SETTLED", if h.funded { cost } else { 0 })
+                }
+                (true, HoldState::Released) => ("RELEASED", 0),
+                (true, _) => ("EXPIRED", 0),
+            };
+            self.record(Decided {
+                request_id,
+                workspace: caller.workspace().shared(),
+                key: Some(&key),
+                outcome,
+                cost: match close {
+                    CloseHold::Settle(c) => c.get(),
+                    CloseHold::Release => 0,
+                },
+                spent,
+                remaining: closing.remaining,
+                started,
+                tags: Vec::new(),
+            });
+        }
+        if closing.done && closing.hold.state != wanted {
+            return Err(ServiceError::HoldClosed(closing.hold.state));
+        }
+        Ok(closing)
+    }
+
+    /// One of the caller's holds, as it stands.
+    pub async fn get_hold(&self, caller: &Caller, hold_id: &str) -> Result<Hold, ServiceError> {
+        Ok(self.find_hold(caller, hold_id).await?.0)
+    }
+
+    /// A hold of a live key the caller may verify (else not found: a root key cannot
+    /// probe for other workspaces' holds).
+    async fn find_hold(
+        &self,
+        caller: &Caller,
+        hold_id: &str,
+    ) -> Result<(Hold, KeyRecord), ServiceError> {
+        let hold = self
+            .engine
+            .ledger()
+            .hold(hold_id)
+            .await
+            .map_err(EngineError::from)?
+            .ok_or(ServiceError::HoldNotFound)?;
+        let key = self
+            .store
+            .key_by_id(&hold.key)
+            .await?
+            .filter(|k| caller.sees(&k.workspace_id, Action::VerifyKey, &k.api_id))
+            .ok_or(ServiceError::HoldNotFound)?;
+        Ok((hold, key))
+    }
+}
+
+/// The engine's expiry observer: one analytics row per expired hold, written from a
+/// task of its own (the keys are looked up for their workspace and API).
+pub(crate) fn expiry_recorder(
+    store: Arc<dyn KeyStore>,
+    analytics: Analytics,
+    clock: Arc<dyn Clock>,
+    settings: Arc<ServiceSettings>,
+) -> ExpiryObserver {
+    Box::new(move |holds: Vec<Hold>| {
+        let (store, analytics, clock, settings) = (
+            store.clone(),
+            analytics.clone(),
+            clock.clone(),
+            settings.clone(),
+        );
+        tokio::spawn(async move {
+            for hold in holds {
+                let key = match store.key_by_id(&hold.key).await {
+                    Ok(Some(k)) => k,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(hold_id = %hold.id, error = %e, "no analytics row for an expired hold");
+                        continue;
+                    }
+                };
+                let row = Decided {
+                    request_id: hold.id.as_str().into(),
+                    workspace: key.workspace_id.shared(),
+                    key: Some(&key),
+                    outcome: "EXPIRED",
+                    cost: 0,
+                    spent: 0,
+                    remaining: None,
+                    started: Instant::now(),
+                    tags: Vec::new(),
+                };
+                analytics.verification(row.event(clock.now_ms(), &settings));
+            }
+        });
+    })
+}
