@@ -390,7 +390,7 @@ async fn concurrent_reserves_never_hold_more_than_the_balance() {
                 assert_eq!(status, 200, "{body}");
                 0
             } else {
-                let cost = (i as u64 * 7) % 16;
+                let cost = u64::try_from(i * 7 % 16).expect("small");
                 let (status, body) = settle(&c, &h, cost).await;
                 assert_eq!(status, 200, "{body}");
                 match body["data"]["code"].as_str() {
@@ -405,14 +405,14 @@ async fn concurrent_reserves_never_hold_more_than_the_balance() {
             }
         }));
     }
-    let mut spent = 0;
+    let mut spent: i64 = 0;
     for t in tasks {
-        spent += t.await.expect("task");
+        spent += i64::try_from(t.await.expect("task")).expect("small");
     }
     assert!(spent <= 1_000);
-    assert_eq!(app.balance(&key_id).await, Some(1_000 - spent as i64));
+    assert_eq!(app.balance(&key_id).await, Some(1_000 - spent));
     app.stop().await;
-    assert_eq!(app.sql_remaining(&key_id).await, Some(1_000 - spent as i64));
+    assert_eq!(app.sql_remaining(&key_id).await, Some(1_000 - spent));
 
     // The analytics rows add up to what was spent.
     let sql = app.analytics_sql().await;
@@ -427,7 +427,7 @@ async fn concurrent_reserves_never_hold_more_than_the_balance() {
     .await
     .expect("reading analytics");
     sql.close().await;
-    assert_eq!(summed, spent as i64, "sum of spent_credits");
+    assert_eq!(summed, spent, "sum of spent_credits");
     assert_eq!(reserves, 100);
     assert!(settles > 0 && settles <= 75, "{settles}");
 }
