@@ -164,6 +164,27 @@ async function run() {
     assertEq(res.data.credits?.remaining, 12, "whoami.data.credits.remaining");
   });
 
+  // creditgate's extension: the SDK has no hold routes, so the hold is made over plain
+  // HTTP; the SDK must then still read the key whose credits carry `reserved`.
+  await step("keys.getKey with credits.reserved (an open hold)", async () => {
+    const r = await fetch(`${serverURL}/v2/keys.reserveCredits`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${rootKey}`, "content-type": "application/json" },
+      body: JSON.stringify({ key: state.key, amount: 2 }),
+    });
+    const body = await r.json();
+    assertEq(r.status, 200, "reserveCredits status");
+    assertEq(body.data.credits, 10, "reserveCredits.data.credits");
+    const res = await unkey.keys.getKey({ keyId: state.keyId });
+    assertEq(res.data.credits?.remaining, 10, "getKey.data.credits.remaining beside a hold");
+    const release = await fetch(`${serverURL}/v2/keys.releaseCredits`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${rootKey}`, "content-type": "application/json" },
+      body: JSON.stringify({ holdId: body.data.holdId }),
+    });
+    assertEq(release.status, 200, "releaseCredits status");
+  });
+
   await step("apis.listKeys contains key", async () => {
     const page = await unkey.apis.listKeys({ apiId: state.apiId });
     assertMeta(page.result, "listKeys");

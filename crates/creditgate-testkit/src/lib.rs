@@ -24,7 +24,7 @@ pub use creditgate_local::{
     unique_name, ClickHouse, Databases, NodeOptions, NodeProcess, Postgres, RedisServer,
     ServiceUrls,
 };
-pub use node::{reported_lost, Node};
+pub use node::{reported_lost, Node, Remote};
 pub use proxy::{ProxyMode, TcpProxy};
 
 use std::sync::OnceLock;

@@ -36,6 +36,32 @@ pub struct Node {
     client: reqwest::Client,
 }
 
+/// A node's URL and an HTTP client: cloneable, for calls from spawned tasks.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub url: String,
+    client: reqwest::Client,
+}
+
+impl Remote {
+    /// `POST /v2/<route>` with a bearer `root` key; returns (HTTP status, body).
+    pub async fn call(&self, route: &str, root: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}/v2/{route}", self.url))
+            .bearer_auth(root)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{route} on {}: {e}", self.url));
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_else(|e| panic!("{route}: {e}"));
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{route}: {status} body is not JSON ({e}): {text}"));
+        (status, value)
+    }
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(CALL_TIMEOUT)
@@ -217,19 +243,15 @@ impl Node {
 
     /// `POST /v2/<route>` with a bearer `root` key; returns (HTTP status, body).
     pub async fn call(&self, route: &str, root: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}/v2/{route}", self.url))
-            .bearer_auth(root)
-            .json(&body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{route} on {}: {e}", self.url));
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap_or_else(|e| panic!("{route}: {e}"));
-        let value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{route}: {status} body is not JSON ({e}): {text}"));
-        (status, value)
+        self.remote().call(route, root, body).await
+    }
+
+    /// A cheap handle for calls from spawned tasks (the node itself stays here).
+    pub fn remote(&self) -> Remote {
+        Remote {
+            url: self.url.clone(),
+            client: self.client.clone(),
+        }
     }
 
     /// `call` that must answer 200; returns `data`.

@@ -5,63 +5,28 @@
 
 use std::time::{Duration, Instant};
 
-use creditgate_testkit::{Cluster, Node, Provision};
+use creditgate_testkit::{Cluster, Node, Provision, Remote};
 use serde_json::{json, Value};
 
 use crate::support::BIN;
 
 const ROOT: &str = "cg_root_holds_test_secret_0123456789";
 
-/// A node by URL, for calls from spawned tasks.
-#[derive(Clone)]
-struct Remote {
-    url: String,
-    http: reqwest::Client,
-}
-
-impl Remote {
-    fn new(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("an HTTP client"),
-        }
-    }
-
-    async fn call(&self, route: &str, root: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v2/{route}", self.url))
-            .bearer_auth(root)
-            .json(&body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{route} on {}: {e}", self.url));
-        let status = r.status().as_u16();
-        let body = r.json().await.unwrap_or_else(|e| panic!("{route}: {e}"));
-        (status, body)
-    }
-
-    async fn reserve(&self, root: &str, key: &str, amount: u64, ttl_ms: u64) -> Value {
-        let (status, body) = self
-            .call(
-                "keys.reserveCredits",
-                root,
-                json!({ "key": key, "amount": amount, "ttlMs": ttl_ms }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body["data"].clone()
-    }
+/// `keys.reserveCredits`, expecting 200; returns `data`.
+async fn reserve_on(node: &Remote, root: &str, key: &str, amount: u64, ttl_ms: u64) -> Value {
+    let (status, body) = node
+        .call(
+            "keys.reserveCredits",
+            root,
+            json!({ "key": key, "amount": amount, "ttlMs": ttl_ms }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["data"].clone()
 }
 
 async fn reserve(node: &Node, root: &str, key: &str, amount: u64, ttl_ms: u64) -> Value {
-    Remote::new(&node.url)
-        .reserve(root, key, amount, ttl_ms)
-        .await
+    reserve_on(&node.remote(), root, key, amount, ttl_ms).await
 }
 
 fn hold_id(v: &Value) -> String {
@@ -138,19 +103,16 @@ async fn three_nodes_hold_exactly_what_the_balance_covers() {
     // 200 concurrent reserves of 10 across the nodes: exactly 100 hold.
     let mut tasks = Vec::new();
     for i in 0..200usize {
-        let (url, root, key) = (cluster.urls()[i % 3].clone(), root.clone(), key.clone());
+        let (node, root, key) = (cluster.nodes[i % 3].remote(), root.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            (
-                i % 3,
-                Remote::new(&url).reserve(&root, &key, 10, 60_000).await,
-            )
+            reserve_on(&node, &root, &key, 10, 60_000).await
         }));
     }
     let mut holds = Vec::new();
     for t in tasks {
-        let (made_on, r) = t.await.expect("task");
+        let r = t.await.expect("task");
         match r["code"].as_str() {
-            Some("VALID") => holds.push((made_on, hold_id(&r))),
+            Some("VALID") => holds.push(hold_id(&r)),
             Some("USAGE_EXCEEDED") => {}
             other => panic!("{other:?}: {r}"),
         }
@@ -160,11 +122,10 @@ async fn three_nodes_hold_exactly_what_the_balance_covers() {
     // The node that made a third of them dies; the others settle and release them all.
     cluster.nodes[1].kill9().await;
     let mut tasks = Vec::new();
-    for (i, (_, h)) in holds.iter().cloned().enumerate() {
-        let url = cluster.urls()[if i % 2 == 0 { 0 } else { 2 }].clone();
+    for (i, h) in holds.iter().cloned().enumerate() {
+        let node = cluster.nodes[if i % 2 == 0 { 0 } else { 2 }].remote();
         let root = root.clone();
         tasks.push(tokio::spawn(async move {
-            let node = Remote::new(&url);
             if i % 5 == 0 {
                 let (status, body) = node
                     .call("keys.releaseCredits", &root, json!({ "holdId": h }))
@@ -209,12 +170,11 @@ async fn three_nodes_hold_exactly_what_the_balance_covers() {
     // Reserves of one key take its lock in turn: 20 workers of 50 each.
     let mut tasks = Vec::new();
     for w in 0..20usize {
-        let (url, root, key) = (cluster.urls()[w % 3].clone(), root.clone(), key.clone());
+        let (node, root, key) = (cluster.nodes[w % 3].remote(), root.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            let node = Remote::new(&url);
             let mut last = 0;
             for _ in 0..50 {
-                let r = node.reserve(&root, &key, 1, 200).await;
+                let r = reserve_on(&node, &root, &key, 1, 200).await;
                 assert_eq!(r["code"], "VALID", "{r}");
                 last = r["expiresAt"].as_i64().expect("expiresAt");
             }
