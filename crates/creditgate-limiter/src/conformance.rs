@@ -294,7 +294,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .await
         .expect("settle");
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
         .await
         .expect("begin")
     else {
@@ -302,7 +302,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     };
     assert_eq!(fence.generation, 1);
     let again = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
         .await
         .expect("begin twice");
     assert_eq!(
@@ -358,7 +358,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(65));
     // …but not after a set, which overwrote that generation's credits.
     let BeginFence::Begun(set) = l
-        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6)
+        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6, None)
         .await
         .expect("begin")
     else {
@@ -393,7 +393,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         "credits of a generation overwritten by set"
     );
     let BeginFence::Begun(dec) = l
-        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7)
+        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7, None)
         .await
         .expect("begin")
     else {
@@ -412,7 +412,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(0), "decrement clamps at zero");
     // Set to unlimited and back.
     let BeginFence::Begun(unl) = l
-        .begin_fence(&key, "op4", FenceOp::Set(None), 8)
+        .begin_fence(&key, "op4", FenceOp::Set(None), 8, None)
         .await
         .expect("begin")
     else {
@@ -424,7 +424,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, None);
     assert_eq!(
-        l.begin_fence(&KeyId::from("key_missing"), "op5", FenceOp::Set(Some(1)), 9)
+        l.begin_fence(&KeyId::from("key_missing"), "op5", FenceOp::Set(Some(1)), 9, None)
             .await
             .expect("begin"),
         BeginFence::NotFound
@@ -439,7 +439,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf1", op, 86_400_500)
+        .begin_fence(&key, "rf1", op, 86_400_500, None)
         .await
         .expect("begin")
     else {
@@ -458,7 +458,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, Some(10), "3 + 2 held is below 10: set to 10");
     assert_eq!(
-        l.begin_fence(&key, "rf2", op, 86_400_900)
+        l.begin_fence(&key, "rf2", op, 86_400_900, None)
             .await
             .expect("begin"),
         BeginFence::NotDue,
@@ -466,7 +466,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
     );
     // Next period, above the amount: unchanged.
     let inc = l
-        .increment(&key, credits(5), u64::MAX >> 11)
+        .increment(&key, credits(5), u64::MAX >> 11, None)
         .await
         .expect("increment");
     assert!(matches!(inc, IncrementOutcome::Done(_)));
@@ -475,7 +475,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 2 * 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf3", op2, 2 * 86_400_000)
+        .begin_fence(&key, "rf3", op2, 2 * 86_400_000, None)
         .await
         .expect("begin")
     else {
@@ -509,7 +509,7 @@ pub async fn direct_spend_never_refuses_while_the_hot_store_holds_credits(f: &dy
         "{granted:?}"
     );
     assert_eq!(
-        l.spend_direct(&key, cost(5)).await.expect("spend"),
+        l.spend_direct(&key, cost(5), None).await.expect("spend"),
         DirectSpend::Undecided {
             remaining: 4,
             hot_allocated: 6
@@ -517,7 +517,7 @@ pub async fn direct_spend_never_refuses_while_the_hot_store_holds_credits(f: &dy
     );
     assert_eq!(remaining(&*l, &key).await, Some(4), "nothing was spent");
     assert_eq!(
-        l.spend_direct(&key, cost(4)).await.expect("spend"),
+        l.spend_direct(&key, cost(4), None).await.expect("spend"),
         DirectSpend::Valid { remaining: 0 }
     );
 }
@@ -526,41 +526,41 @@ pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
     let l = f.ledger();
     let key = f.create_key(Some(5)).await;
     assert_eq!(
-        l.spend_direct(&key, cost(3)).await.expect("spend"),
+        l.spend_direct(&key, cost(3), None).await.expect("spend"),
         DirectSpend::Valid { remaining: 2 }
     );
     assert_eq!(
-        l.spend_direct(&key, cost(3)).await.expect("spend"),
+        l.spend_direct(&key, cost(3), None).await.expect("spend"),
         DirectSpend::Exceeded { remaining: 2 }
     );
     assert_eq!(
-        l.spend_direct(&key, cost(0)).await.expect("spend"),
+        l.spend_direct(&key, cost(0), None).await.expect("spend"),
         DirectSpend::Valid { remaining: 2 }
     );
     let unl = f.create_key(None).await;
     assert_eq!(
-        l.spend_direct(&unl, cost(3)).await.expect("spend"),
+        l.spend_direct(&unl, cost(3), None).await.expect("spend"),
         DirectSpend::Unlimited
     );
     assert_eq!(
-        l.spend_direct(&KeyId::from("key_missing"), cost(3))
+        l.spend_direct(&KeyId::from("key_missing"), cost(3), None)
             .await
             .expect("spend"),
         DirectSpend::NotFound
     );
     assert_eq!(
-        l.increment(&unl, credits(1), 100).await.expect("inc"),
+        l.increment(&unl, credits(1), 100, None).await.expect("inc"),
         IncrementOutcome::Unlimited
     );
     assert_eq!(
-        l.increment(&key, credits(99), 100).await.expect("inc"),
+        l.increment(&key, credits(99), 100, None).await.expect("inc"),
         IncrementOutcome::Overflow
     );
     assert!(
-        matches!(l.increment(&key, credits(98), 100).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
+        matches!(l.increment(&key, credits(98), 100, None).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
     );
     assert_eq!(
-        l.increment(&KeyId::from("key_missing"), credits(1), 100)
+        l.increment(&KeyId::from("key_missing"), credits(1), 100, None)
             .await
             .expect("inc"),
         IncrementOutcome::NotFound
@@ -676,6 +676,7 @@ fn reserve_req<'a>(key: &'a KeyId, hold_id: &'a str, amount: u64) -> ReserveRequ
         amount,
         now_ms: 1_000,
         expires_at_ms: 61_000,
+        mark: None,
     }
 }
 
@@ -732,7 +733,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
     );
     let other = f.create_key(Some(5)).await;
     assert_eq!(
-        l.close_hold(&other, &hold_id, HoldClose::Release, 2_000)
+        l.close_hold(&other, &hold_id, HoldClose::Release, 2_000, None)
             .await
             .unwrap(),
         HoldOutcome::NotFound,
@@ -740,7 +741,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
     );
     // Above the hold and the balance: refused, nothing moves.
     assert_eq!(
-        l.close_hold(&key, &hold_id, HoldClose::Settle(101), 2_000)
+        l.close_hold(&key, &hold_id, HoldClose::Settle(101), 2_000, None)
             .await
             .unwrap(),
         HoldOutcome::Short {
@@ -749,7 +750,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
         }
     );
     let (settled, changed, books) = hold_of(
-        l.close_hold(&key, &hold_id, HoldClose::Settle(12), 2_000)
+        l.close_hold(&key, &hold_id, HoldClose::Settle(12), 2_000, None)
             .await
             .unwrap(),
     );
@@ -760,7 +761,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
     );
     assert_eq!(books, (Some(88), 0), "the 18 not spent are back");
     let (same, changed, books) = hold_of(
-        l.close_hold(&key, &hold_id, HoldClose::Release, 3_000)
+        l.close_hold(&key, &hold_id, HoldClose::Release, 3_000, None)
             .await
             .unwrap(),
     );
@@ -795,7 +796,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
     assert!(again.is_empty(), "expired once");
     // A settle once the time is up finds the hold expired.
     let (late, changed, books) = hold_of(
-        l.close_hold(&key, &b, HoldClose::Settle(5), 90_000)
+        l.close_hold(&key, &b, HoldClose::Settle(5), 90_000, None)
             .await
             .unwrap(),
     );
@@ -812,7 +813,7 @@ pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {
     assert!(!h.funded);
     assert_eq!(books, (None, 0));
     let (h, _, _) = hold_of(
-        l.close_hold(&free, &fid, HoldClose::Settle(70), 2_000)
+        l.close_hold(&free, &fid, HoldClose::Settle(70), 2_000, None)
             .await
             .unwrap(),
     );
@@ -846,6 +847,7 @@ pub async fn concurrent_reserves_and_settles_conserve_credits(f: &dyn LedgerFixt
                 amount: 10,
                 now_ms: now,
                 expires_at_ms: now + 60_000,
+                mark: None,
             };
             let reserved = engine.reserve(&req).await.expect("reserve");
             let HoldAnswer::Hold { .. } = reserved else {
@@ -860,7 +862,7 @@ pub async fn concurrent_reserves_and_settles_conserve_credits(f: &dyn LedgerFixt
             } else {
                 HoldClose::Settle(i % 11)
             };
-            match engine.close_hold(&key, &id, close).await.expect("close") {
+            match engine.close_hold(&key, &id, close, None).await.expect("close") {
                 HoldAnswer::Hold { hold, .. } => (true, hold.cost.unwrap_or(0)),
                 other => panic!("closing a hold of 10 with at most 10: {other:?}"),
             }

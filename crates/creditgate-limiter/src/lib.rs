@@ -16,7 +16,7 @@ pub mod rules;
 
 pub use engine::{
     CreditOp, Decision, Engine, EngineConfig, EngineError, ExpiryObserver, HoldAnswer,
-    ReconcileReport,
+    ReconcileReport, IDEMPOTENCY_RETENTION_MS,
 };
 pub use memory_hot::MemoryHotStore;
 #[cfg(feature = "testing")]

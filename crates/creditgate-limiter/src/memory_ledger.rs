@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, Hold, HoldClose,
-    HoldOutcome, HoldState, IncrementOutcome, Ledger, LedgerError, LedgerState, PendingAllocation,
-    PendingFence, ReserveRequest,
+    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, DirectSpend, Drained, FenceOp,
+    Hold, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemRecord, IdemState,
+    IncrementOutcome, Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
+    ReserveRequest,
 };
 use crate::rules::{self, Account, FenceState, Transfer, TransferState};
 
@@ -28,6 +29,7 @@ struct Inner {
     transfers: HashMap<String, Transfer>,
     fences: HashMap<String, Fence>,
     holds: HashMap<String, Hold>,
+    idem: HashMap<(String, String), IdemRecord>,
 }
 
 impl Inner {
@@ -45,6 +47,25 @@ impl Inner {
         self.fences
             .values()
             .any(|f| f.state == FenceState::Pending && f.pending.key == *key)
+    }
+
+    /// A call with `mark` may decide only while its token holds the claim.
+    fn check_mark(&self, mark: Option<&IdemMark<'_>>) -> Result<(), LedgerError> {
+        match mark {
+            Some(m) if !rules::holds_claim(self.idem.get(&idem_id(m)), m.token) => {
+                Err(LedgerError::Superseded)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the decision of the call that carried `mark` (it changed something).
+    fn decided(&mut self, mark: Option<&IdemMark<'_>>, changed: bool) {
+        if let (Some(m), true) = (mark, changed) {
+            if let Some(r) = self.idem.get_mut(&idem_id(m)) {
+                r.state = IdemState::Decided;
+            }
+        }
     }
 
     /// Stores a write-off decided by the rules: the key's pending allocations are lost.
@@ -94,6 +115,10 @@ impl MemoryLedger {
         // A poisoned lock only means another thread panicked mid-update of plain data.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn idem_id(m: &IdemMark<'_>) -> (String, String) {
+    (m.scope.to_owned(), m.key.to_owned())
 }
 
 fn no_row(key: &KeyId) -> LedgerError {
@@ -175,11 +200,16 @@ impl Ledger for MemoryLedger {
         key: &KeyId,
         amount: Credits,
         max: u64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<IncrementOutcome, LedgerError> {
-        Ok(match self.lock().accounts.get_mut(key) {
+        let mut inner = self.lock();
+        inner.check_mark(mark)?;
+        let outcome = match inner.accounts.get_mut(key) {
             Some(account) => rules::increment(account, amount.get(), max),
             None => IncrementOutcome::NotFound,
-        })
+        };
+        inner.decided(mark, matches!(outcome, IncrementOutcome::Done(_)));
+        Ok(outcome)
     }
 
     async fn begin_fence(
@@ -188,8 +218,10 @@ impl Ledger for MemoryLedger {
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<BeginFence, LedgerError> {
         let mut inner = self.lock();
+        inner.check_mark(mark)?;
         if let Some(f) = inner.fences.get(op_id) {
             return Ok(BeginFence::Begun(f.pending.clone()));
         }
@@ -213,6 +245,7 @@ impl Ledger for MemoryLedger {
                 created_at_ms: now_ms,
             },
         );
+        inner.decided(mark, true);
         Ok(BeginFence::Begun(pending))
     }
 
@@ -240,11 +273,20 @@ impl Ledger for MemoryLedger {
         Ok(state)
     }
 
-    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
-        Ok(match self.lock().accounts.get_mut(key) {
+    async fn spend_direct(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<DirectSpend, LedgerError> {
+        let mut inner = self.lock();
+        inner.check_mark(mark)?;
+        let outcome = match inner.accounts.get_mut(key) {
             Some(account) => rules::spend_direct(account, cost.get()),
             None => DirectSpend::NotFound,
-        })
+        };
+        inner.decided(mark, matches!(outcome, DirectSpend::Valid { .. }));
+        Ok(outcome)
     }
 
     async fn pending_allocations(
@@ -328,6 +370,7 @@ impl Ledger for MemoryLedger {
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        inner.check_mark(req.mark)?;
         let Some(account) = inner.accounts.get_mut(req.key) else {
             return Ok(HoldOutcome::NotFound);
         };
@@ -340,11 +383,13 @@ impl Ledger for MemoryLedger {
         }
         match rules::reserve(account, req) {
             Ok(hold) => {
+                let state = Some(account.state());
                 inner.holds.insert(hold.id.clone(), hold.clone());
+                inner.decided(req.mark, true);
                 Ok(HoldOutcome::Hold {
                     hold,
                     changed: true,
-                    state: Some(account.state()),
+                    state,
                 })
             }
             Err(short) => Ok(short.into()),
@@ -357,9 +402,11 @@ impl Ledger for MemoryLedger {
         hold_id: &str,
         close: HoldClose,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        inner.check_mark(mark)?;
         let Some(stored) = inner.holds.get_mut(hold_id).filter(|h| h.key == *key) else {
             return Ok(HoldOutcome::NotFound);
         };
@@ -368,10 +415,12 @@ impl Ledger for MemoryLedger {
         match rules::close_hold(account.as_deref_mut(), &mut hold, close, now_ms) {
             Ok(changed) => {
                 *stored = hold.clone();
+                let state = account.map(|a| a.state());
+                inner.decided(mark, changed);
                 Ok(HoldOutcome::Hold {
                     hold,
                     changed,
-                    state: account.map(|a| a.state()),
+                    state,
                 })
             }
             Err(short) => Ok(short.into()),
@@ -431,5 +480,70 @@ impl Ledger for MemoryLedger {
             }
         }
         Ok(keys)
+    }
+
+    async fn claim_idempotency(
+        &self,
+        claim: &IdemClaim<'_>,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        let mut inner = self.lock();
+        let id = (claim.scope.to_owned(), claim.key.to_owned());
+        let (outcome, store) = rules::claim(inner.idem.get(&id), claim);
+        if let Some(record) = store {
+            inner.idem.insert(id, record);
+        }
+        Ok(outcome)
+    }
+
+    async fn answer_idempotency(
+        &self,
+        mark: &IdemMark<'_>,
+        answer: &str,
+    ) -> Result<bool, LedgerError> {
+        let mut inner = self.lock();
+        Ok(match inner.idem.get_mut(&idem_id(mark)) {
+            Some(r) if r.token == mark.token && r.state != IdemState::Answered => {
+                r.state = IdemState::Answered;
+                r.answer = Some(answer.to_owned());
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn abandon_idempotency(&self, mark: &IdemMark<'_>) -> Result<(), LedgerError> {
+        let mut inner = self.lock();
+        let id = idem_id(mark);
+        if rules::holds_claim(inner.idem.get(&id), mark.token) {
+            inner.idem.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn idempotency(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<IdemRecord>, LedgerError> {
+        Ok(self
+            .lock()
+            .idem
+            .get(&(scope.to_owned(), key.to_owned()))
+            .cloned())
+    }
+
+    async fn purge_idempotency(&self, before_ms: i64, limit: u32) -> Result<u64, LedgerError> {
+        let mut inner = self.lock();
+        let mut old: Vec<(String, String)> = inner
+            .idem
+            .iter()
+            .filter(|(_, r)| r.created_at_ms < before_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        for id in &old {
+            inner.idem.remove(id);
+        }
+        Ok(u64::try_from(old.len()).unwrap_or(u64::MAX))
     }
 }

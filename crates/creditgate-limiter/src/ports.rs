@@ -36,6 +36,10 @@ pub enum LedgerError {
     Unavailable(String),
     #[error("ledger error: {0}")]
     Other(String),
+    /// The call carried an [`IdemMark`] whose claim another request took over (its
+    /// lease ran out): nothing changed.
+    #[error("another request with this idempotency key took over")]
+    Superseded,
 }
 
 /// Reply of [`HotStore::spend`].
@@ -234,6 +238,94 @@ pub struct ReserveRequest<'a> {
     pub amount: u64,
     pub now_ms: i64,
     pub expires_at_ms: i64,
+    /// The idempotency claim the reserve decides, if any.
+    pub mark: Option<&'a IdemMark<'a>>,
+}
+
+/// Where an idempotency key's record stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdemState {
+    /// A request holds the claim and has not decided.
+    Claimed,
+    /// The request's change is made (in the transaction that made it); its answer is
+    /// not stored.
+    Decided,
+    /// The answer is stored.
+    Answered,
+}
+
+impl IdemState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdemState::Claimed => "claimed",
+            IdemState::Decided => "decided",
+            IdemState::Answered => "answered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "claimed" => IdemState::Claimed,
+            "decided" => IdemState::Decided,
+            "answered" => IdemState::Answered,
+            _ => return None,
+        })
+    }
+}
+
+/// One idempotency key's record: one per scope (workspace) and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemRecord {
+    pub fingerprint: String,
+    /// The request holding (or last holding) the claim.
+    pub token: String,
+    pub state: IdemState,
+    /// The answer as sent, once `Answered`.
+    pub answer: Option<String>,
+    pub created_at_ms: i64,
+    pub lease_until_ms: i64,
+}
+
+/// A request's claim on an idempotency key.
+#[derive(Debug, Clone)]
+pub struct IdemClaim<'a> {
+    pub scope: &'a str,
+    pub key: &'a str,
+    /// Digest of the request (route and body): the same key with another request is
+    /// refused.
+    pub fingerprint: &'a str,
+    /// Unique to this request.
+    pub token: &'a str,
+    pub now_ms: i64,
+    /// Until when the claim is this request's; after it, a retry may take it over if
+    /// nothing was decided.
+    pub lease_until_ms: i64,
+    /// A record created before this is gone (the retention window).
+    pub expired_before_ms: i64,
+}
+
+/// Result of [`Ledger::claim_idempotency`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The claim is this token's (new, or taken over from a lapsed one that decided
+    /// nothing).
+    Claimed,
+    /// The key was used with another request.
+    Mismatch,
+    /// Another request holds a live claim.
+    InFlight,
+    /// A request decided and its record stands (`answer` set once answered).
+    Decided(IdemRecord),
+}
+
+/// Written by the transaction that makes a change, so the change and the record of the
+/// decision commit together or not at all. A mark whose token no longer holds the claim
+/// fails the call with [`LedgerError::Superseded`] and changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemMark<'a> {
+    pub scope: &'a str,
+    pub key: &'a str,
+    pub token: &'a str,
 }
 
 /// How an open hold is closed.
@@ -439,6 +531,7 @@ pub trait Ledger: Send + Sync {
         key: &KeyId,
         amount: Credits,
         max: u64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<IncrementOutcome, LedgerError>;
 
     /// Step 1 of a fence: bump the generation and log the operation as pending.
@@ -450,6 +543,7 @@ pub trait Ledger: Send + Sync {
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<BeginFence, LedgerError>;
 
     /// Step 3: with what the hot store drained at the new generation, write the new
@@ -462,7 +556,13 @@ pub trait Ledger: Send + Sync {
 
     /// Atomic conditional spend on `remaining` (`remaining >= cost`), used when the hot
     /// store cannot be reached. Never touches credits held by the hot store.
-    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError>;
+    /// With a mark, a spend that happens records the decision in the same transaction.
+    async fn spend_direct(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<DirectSpend, LedgerError>;
 
     /// Pending allocations created before `older_than_ms`, of one key or of all.
     async fn pending_allocations(
@@ -495,6 +595,7 @@ pub trait Ledger: Send + Sync {
         hold_id: &str,
         close: HoldClose,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError>;
 
     /// One transaction: expires up to `limit` open holds of `key` whose time is up;
@@ -512,6 +613,30 @@ pub trait Ledger: Send + Sync {
     /// first, each key once).
     async fn keys_with_due_holds(&self, now_ms: i64, limit: u32)
         -> Result<Vec<KeyId>, LedgerError>;
+
+    /// One transaction: claims an idempotency key for `claim.token` — unless the key was
+    /// used with another request (`Mismatch`), another request holds a live claim
+    /// (`InFlight`) or one decided (`Decided`). A record created before
+    /// `claim.expired_before_ms` counts as absent.
+    async fn claim_idempotency(&self, claim: &IdemClaim<'_>)
+        -> Result<ClaimOutcome, LedgerError>;
+
+    /// Stores the answer of the request holding the mark (claimed or decided). `false`:
+    /// the token no longer holds the record.
+    async fn answer_idempotency(
+        &self,
+        mark: &IdemMark<'_>,
+        answer: &str,
+    ) -> Result<bool, LedgerError>;
+
+    /// Drops a claim that decided nothing, so a retry need not wait for the lease.
+    async fn abandon_idempotency(&self, mark: &IdemMark<'_>) -> Result<(), LedgerError>;
+
+    async fn idempotency(&self, scope: &str, key: &str)
+        -> Result<Option<IdemRecord>, LedgerError>;
+
+    /// Deletes up to `limit` records created before `before_ms`; returns how many.
+    async fn purge_idempotency(&self, before_ms: i64, limit: u32) -> Result<u64, LedgerError>;
 }
 
 /// [`Ledger::allocate_many`] one transaction per item (the default, and a SQL batch's

@@ -13,8 +13,9 @@
 use creditgate_domain::KeyId;
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome,
-    HoldState, IncrementOutcome, LedgerState, ReserveRequest,
+    AllocateOutcome, AllocateRequest, ClaimOutcome, DirectSpend, Drained, FenceOp, Hold,
+    HoldClose, HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState, IncrementOutcome,
+    LedgerState, ReserveRequest,
 };
 
 /// The ledger columns of one key.
@@ -469,6 +470,44 @@ pub fn close_hold(
     Ok(true)
 }
 
+/// A claim on an idempotency key, given the key's record (if any): the outcome, and the
+/// record to store (`None`: leave it as it is). The same key with another request is a
+/// mismatch whatever its state; a lapsed claim that decided nothing is taken over.
+pub fn claim(existing: Option<&IdemRecord>, c: &IdemClaim<'_>) -> (ClaimOutcome, Option<IdemRecord>) {
+    let fresh = || IdemRecord {
+        fingerprint: c.fingerprint.to_owned(),
+        token: c.token.to_owned(),
+        state: IdemState::Claimed,
+        answer: None,
+        created_at_ms: c.now_ms,
+        lease_until_ms: c.lease_until_ms,
+    };
+    let Some(r) = existing.filter(|r| r.created_at_ms >= c.expired_before_ms) else {
+        return (ClaimOutcome::Claimed, Some(fresh()));
+    };
+    if r.fingerprint != c.fingerprint {
+        return (ClaimOutcome::Mismatch, None);
+    }
+    match r.state {
+        IdemState::Decided | IdemState::Answered => (ClaimOutcome::Decided(r.clone()), None),
+        IdemState::Claimed if r.token == c.token => (ClaimOutcome::Claimed, None),
+        IdemState::Claimed if r.lease_until_ms > c.now_ms => (ClaimOutcome::InFlight, None),
+        IdemState::Claimed => {
+            let taken = IdemRecord {
+                token: c.token.to_owned(),
+                lease_until_ms: c.lease_until_ms,
+                ..r.clone()
+            };
+            (ClaimOutcome::Claimed, Some(taken))
+        }
+    }
+}
+
+/// Whether the request with `token` holds the record's claim and may decide.
+pub fn holds_claim(record: Option<&IdemRecord>, token: &str) -> bool {
+    record.is_some_and(|r| r.token == token && r.state == IdemState::Claimed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +691,7 @@ mod tests {
             amount: 30,
             now_ms: 0,
             expires_at_ms: 1_000,
+            mark: None,
         };
         let h = reserve(&mut a, &req).expect("covered");
         assert_eq!((a.remaining, a.held, h.funded), (Some(70), 30, true));

@@ -135,8 +135,9 @@ impl Ledger for FaultyLedger {
         key: &KeyId,
         amount: Credits,
         max: u64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<IncrementOutcome, LedgerError> {
-        faulty!(self, self.inner.increment(key, amount, max).await)
+        faulty!(self, self.inner.increment(key, amount, max, mark).await)
     }
     async fn begin_fence(
         &self,
@@ -144,14 +145,20 @@ impl Ledger for FaultyLedger {
         op_id: &str,
         op: FenceOp,
         now: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<BeginFence, LedgerError> {
-        faulty!(self, self.inner.begin_fence(key, op_id, op, now).await)
+        faulty!(self, self.inner.begin_fence(key, op_id, op, now, mark).await)
     }
     async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
         faulty!(self, self.inner.finish_fence(f, d).await)
     }
-    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
-        faulty!(self, self.inner.spend_direct(key, cost).await)
+    async fn spend_direct(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<DirectSpend, LedgerError> {
+        faulty!(self, self.inner.spend_direct(key, cost, mark).await)
     }
     async fn pending_allocations(
         &self,
@@ -181,8 +188,9 @@ impl Ledger for FaultyLedger {
         hold_id: &str,
         close: HoldClose,
         now: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError> {
-        faulty!(self, self.inner.close_hold(key, hold_id, close, now).await)
+        faulty!(self, self.inner.close_hold(key, hold_id, close, now, mark).await)
     }
     async fn expire_holds(
         &self,
@@ -197,6 +205,21 @@ impl Ledger for FaultyLedger {
     }
     async fn keys_with_due_holds(&self, now: i64, limit: u32) -> Result<Vec<KeyId>, LedgerError> {
         self.inner.keys_with_due_holds(now, limit).await
+    }
+    async fn claim_idempotency(&self, c: &IdemClaim<'_>) -> Result<ClaimOutcome, LedgerError> {
+        faulty!(self, self.inner.claim_idempotency(c).await)
+    }
+    async fn answer_idempotency(&self, m: &IdemMark<'_>, a: &str) -> Result<bool, LedgerError> {
+        faulty!(self, self.inner.answer_idempotency(m, a).await)
+    }
+    async fn abandon_idempotency(&self, m: &IdemMark<'_>) -> Result<(), LedgerError> {
+        faulty!(self, self.inner.abandon_idempotency(m).await)
+    }
+    async fn idempotency(&self, s: &str, k: &str) -> Result<Option<IdemRecord>, LedgerError> {
+        self.inner.idempotency(s, k).await
+    }
+    async fn purge_idempotency(&self, before: i64, limit: u32) -> Result<u64, LedgerError> {
+        self.inner.purge_idempotency(before, limit).await
     }
 }
 
@@ -237,11 +260,18 @@ enum Op {
     RetryReserve {
         pick: usize,
     },
+    /// A verification with idempotency key `idem` (of a few, so retries and reuse with
+    /// another cost happen), as the service runs it: claim, spend on the ledger with the
+    /// mark, store the answer; after a failure, the record says whether it spent.
+    Once {
+        idem: usize,
+        cost: u64,
+    },
 }
 
 fn random_op(rng: &mut StdRng) -> Op {
     match rng.random_range(0..100) {
-        0..=54 => Op::Spend(match rng.random_range(0..10) {
+        0..=51 => Op::Spend(match rng.random_range(0..10) {
             0 => 0,
             1 => rng.random_range(10..60),
             _ => rng.random_range(1..4),
@@ -264,8 +294,12 @@ fn random_op(rng: &mut StdRng) -> Op {
             pick: rng.random_range(0..8),
             cost: rng.random_range(0..50),
         },
-        97..=98 => Op::Release {
+        97 => Op::Release {
             pick: rng.random_range(0..8),
+        },
+        52..=54 | 98 => Op::Once {
+            idem: rng.random_range(0..4),
+            cost: rng.random_range(1..4),
         },
         _ => Op::RetryReserve {
             pick: rng.random_range(0..8),
@@ -292,7 +326,23 @@ struct Sim {
     next_hold: u64,
     /// Credits expired holds gave back during the current step.
     step_back: u64,
+    /// Idempotency keys used: the cost they were used with, whether their request spent,
+    /// and the answer stored ("VALID" / "EXCEEDED").
+    idem: std::collections::HashMap<usize, ModelIdem>,
+    next_token: u64,
 }
+
+#[derive(Debug, Clone, Default)]
+struct ModelIdem {
+    cost: u64,
+    spent: bool,
+    /// Answered VALID on an unlimited key: no spend.
+    free: bool,
+    /// When its record was made: after a day the key is free again.
+    created_at_ms: i64,
+}
+
+const SCOPE: &str = "ws_model";
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -332,6 +382,8 @@ impl Sim {
             holds: Vec::new(),
             next_hold: 0,
             step_back: 0,
+            idem: std::collections::HashMap::new(),
+            next_token: 0,
         }
     }
 
@@ -446,12 +498,12 @@ impl Sim {
         let result = match op {
             Op::Settle { cost, .. } => {
                 self.engine
-                    .close_hold(&self.key, &hold.id, HoldClose::Settle(cost))
+                    .close_hold(&self.key, &hold.id, HoldClose::Settle(cost), None)
                     .await
             }
             Op::Release { .. } => {
                 self.engine
-                    .close_hold(&self.key, &hold.id, HoldClose::Release)
+                    .close_hold(&self.key, &hold.id, HoldClose::Release, None)
                     .await
             }
             _ => {
@@ -461,6 +513,7 @@ impl Sim {
                     amount: hold.amount,
                     now_ms: now,
                     expires_at_ms: hold.expires_at_ms,
+                    mark: None,
                 };
                 self.engine.reserve(&req).await
             }
@@ -503,6 +556,167 @@ impl Sim {
             Some(i) => self.expect_close(op, i, now, &answer, ctx),
         }
         self.check(ctx, op).await;
+    }
+
+    /// An idempotent verification: spends at most once per key, exactly when the ledger
+    /// recorded the decision, and a retry answers the first decision.
+    async fn once_step(&mut self, idem: usize, cost: u64, fault: Option<Fault>, ctx: &str) {
+        self.step_back = 0;
+        let key = format!("idem_{idem}");
+        self.next_token += 1;
+        let token = format!("tok_{}", self.next_token);
+        let fingerprint = format!("cost={cost}");
+        let now = self.clock.now_ms();
+        let claim = IdemClaim {
+            scope: SCOPE,
+            key: &key,
+            fingerprint: &fingerprint,
+            token: &token,
+            now_ms: now,
+            lease_until_ms: now + 10_000,
+            expired_before_ms: now - DAY_MS,
+        };
+        let mark = IdemMark {
+            scope: SCOPE,
+            key: &key,
+            token: &token,
+        };
+        self.ledger.arm(fault);
+        // A record older than the retention window counts as gone.
+        self.idem.retain(|_, k| k.created_at_ms >= now - DAY_MS);
+        let known = self.idem.get(&idem).cloned();
+        let claimed = match self.ledger.claim_idempotency(&claim).await {
+            Ok(c) => c,
+            Err(_) => {
+                // Nothing spends without the claim; a claim made before the lost reply
+                // stays (it lapses).
+                self.heal().await;
+                let r = self.ledger.inner.idempotency(SCOPE, &key).await.unwrap();
+                if r.is_some_and(|r| r.token == token) && known.is_none() {
+                    self.idem.insert(
+                        idem,
+                        ModelIdem {
+                            cost,
+                            created_at_ms: now,
+                            ..ModelIdem::default()
+                        },
+                    );
+                }
+                self.expire_model();
+                self.check(ctx, Op::Once { idem, cost }).await;
+                return;
+            }
+        };
+        match claimed {
+            ClaimOutcome::Mismatch => {
+                let k = known.unwrap_or_else(|| panic!("{ctx}: mismatch on an unused key"));
+                assert_ne!(k.cost, cost, "{ctx}: the same request is no mismatch");
+            }
+            ClaimOutcome::Decided(record) => {
+                let k = known.unwrap_or_else(|| panic!("{ctx}: decided on an unused key"));
+                assert_eq!(k.cost, cost, "{ctx}: decided for this request");
+                // A replay: nothing spends again; the stored answer is the first one.
+                match record.answer.as_deref() {
+                    Some("VALID") => assert!(k.spent || k.free, "{ctx}: answered VALID: spent"),
+                    Some("EXCEEDED") => assert!(!k.spent, "{ctx}: answered EXCEEDED"),
+                    Some(other) => panic!("{ctx}: stored answer {other}"),
+                    None => assert!(k.spent, "{ctx}: decided, not answered: spent"),
+                }
+            }
+            ClaimOutcome::InFlight => {
+                let k = known.unwrap_or_else(|| panic!("{ctx}: in flight on an unused key"));
+                assert!(!k.spent, "{ctx}: a spent key is decided, not in flight");
+            }
+            ClaimOutcome::Claimed => {
+                if let Some(k) = &known {
+                    assert!(!k.spent, "{ctx}: a key that spent was claimed again");
+                    assert_eq!(k.cost, cost, "{ctx}: claimed for another request");
+                }
+                if known.is_none() {
+                    self.idem.insert(
+                        idem,
+                        ModelIdem {
+                            cost,
+                            created_at_ms: now,
+                            ..ModelIdem::default()
+                        },
+                    );
+                }
+                let before = self.balance;
+                let fired_before = self.ledger.fired.load(Ordering::SeqCst);
+                let result = self
+                    .engine
+                    .spend_once(&self.key, Cost::new(cost).unwrap(), &mark)
+                    .await;
+                let faulted = self.ledger.fired.load(Ordering::SeqCst) > fired_before;
+                let answer = match result {
+                    Ok(Decision::Valid { remaining }) => {
+                        if let Some(b) = before {
+                            assert!(b >= cost, "{ctx}: over-spend: balance {b}, cost {cost}");
+                            self.balance = Some(b - cost);
+                            self.spent += cost;
+                            self.idem.entry(idem).or_default().spent = true;
+                        }
+                        assert_eq!(remaining, self.balance, "{ctx}: remaining after spend");
+                        "VALID"
+                    }
+                    Ok(Decision::Exceeded { remaining }) => {
+                        let b = before.expect("exceeded on an unlimited key");
+                        assert!(b < cost, "{ctx}: refused {cost} with {b}");
+                        assert_eq!(remaining, b, "{ctx}: reported balance");
+                        "EXCEEDED"
+                    }
+                    Ok(Decision::NotFound) => panic!("{ctx}: key vanished"),
+                    Err(_) => {
+                        // The record says whether the spend was made.
+                        self.heal().await;
+                        let r = self.ledger.inner.idempotency(SCOPE, &key).await.unwrap();
+                        let decided = r.is_some_and(|r| r.state == IdemState::Decided);
+                        if decided {
+                            if let Some(b) = self.balance.as_mut() {
+                                *b -= cost;
+                                self.spent += cost;
+                            }
+                            self.idem.entry(idem).or_default().spent = true;
+                        } else {
+                            self.ledger.inner.abandon_idempotency(&mark).await.unwrap();
+                            if self.ledger.inner.idempotency(SCOPE, &key).await.unwrap().is_none() {
+                                self.idem.remove(&idem);
+                            }
+                        }
+                        self.expire_model();
+                        self.check(ctx, Op::Once { idem, cost }).await;
+                        return;
+                    }
+                };
+                // On an unlimited key nothing spends: the answer alone is the record.
+                let free = before.is_none();
+                let stored = self.ledger.answer_idempotency(&mark, answer).await;
+                if faulted || stored.is_err() {
+                    self.heal().await;
+                    self.expire_model();
+                }
+                let r = self
+                    .ledger
+                    .inner
+                    .idempotency(SCOPE, &key)
+                    .await
+                    .unwrap()
+                    .expect("the record stays");
+                let spent = self.idem[&idem].spent;
+                match r.state {
+                    IdemState::Answered => {
+                        assert_eq!(r.answer.as_deref(), Some(answer), "{ctx}: stored answer")
+                    }
+                    IdemState::Decided => assert!(spent, "{ctx}: decided means spent"),
+                    IdemState::Claimed => assert!(!spent, "{ctx}: a spend is recorded"),
+                }
+                if free && r.state == IdemState::Answered {
+                    self.idem.entry(idem).or_default().free = true;
+                }
+            }
+        }
+        self.check(ctx, Op::Once { idem, cost }).await;
     }
 
     fn settle_model(&mut self, index: usize, cost: u64) {
@@ -619,6 +833,9 @@ impl Sim {
             Op::Reserve { .. } | Op::Settle { .. } | Op::Release { .. } | Op::RetryReserve { .. }
         ) {
             return self.hold_step(op, fault, ctx).await;
+        }
+        if let Op::Once { idem, cost } = op {
+            return self.once_step(idem, cost, fault, ctx).await;
         }
         self.step_back = 0;
         self.ledger.arm(fault);
@@ -738,8 +955,9 @@ impl Sim {
             Op::Reserve { .. }
             | Op::Settle { .. }
             | Op::Release { .. }
-            | Op::RetryReserve { .. } => {
-                unreachable!("hold ops run in hold_step")
+            | Op::RetryReserve { .. }
+            | Op::Once { .. } => {
+                unreachable!("hold and idempotent ops run in their own steps")
             }
         };
         let faulted = self.ledger.fired.load(Ordering::SeqCst) > fired_before;
@@ -781,7 +999,16 @@ impl Sim {
         match (op, before, after) {
             (Op::Increment(v), Some(b), Some(a)) if a == b + v => self.granted += v,
             (Op::Refill(_), Some(b), Some(a)) if a > b => self.refilled += a - b,
-            (Op::Spend(_) | Op::Drain | Op::Crash | Op::Increment(_) | Op::Refill(_), _, _) => {}
+            (
+                Op::Spend(_)
+                | Op::Drain
+                | Op::Crash
+                | Op::Increment(_)
+                | Op::Refill(_)
+                | Op::Once { .. },
+                _,
+                _,
+            ) => {}
             _ => self.overwritten = true,
         }
     }

@@ -63,6 +63,18 @@ pub enum ApiError {
     /// or may not have been applied.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// As `OutcomeUnknown`, for a request with an idempotency key: a retry with the same
+    /// key is safe.
+    #[error("{0}")]
+    OutcomeUnknownRetrySafe(String),
+    /// The idempotency key was used with a different request: nothing was done.
+    #[error("this idempotency key was used with a different request (route or body) in the \
+             last 24 h; nothing was done: send a new key for a new request")]
+    IdempotencyMismatch,
+    /// A request with the same idempotency key is still being processed.
+    #[error("a request with this idempotency key is still being processed; nothing was done: \
+             retry shortly to get its answer")]
+    IdempotencyInFlight,
     #[error("{0}")]
     Internal(String),
 }
@@ -158,8 +170,18 @@ impl ApiError {
                 "Payload Too Large",
                 "https://unkey.com/docs/errors/unkey/application/request_too_large",
             ),
+            ApiError::IdempotencyMismatch => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Unprocessable Content",
+                "https://creditgate.dev/docs/errors/idempotency/key_reused",
+            ),
+            ApiError::IdempotencyInFlight => (
+                StatusCode::CONFLICT,
+                "Conflict",
+                "https://creditgate.dev/docs/errors/idempotency/in_flight",
+            ),
             // Its own type: a client must not take it for "nothing was done".
-            ApiError::OutcomeUnknown(_) => (
+            ApiError::OutcomeUnknown(_) | ApiError::OutcomeUnknownRetrySafe(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable",
                 "https://unkey.com/docs/errors/unkey/application/service_unavailable#outcome-unknown",
@@ -199,6 +221,14 @@ impl ApiError {
                 "A storage backend did not answer in time; the outcome is unknown: this request \
                  may or may not have spent credits. Check the balance (keys.getKey) before \
                  retrying."
+                    .to_owned()
+            }
+            ApiError::OutcomeUnknownRetrySafe(cause) => {
+                tracing::warn!(request_id, cause = %cause, "backend outcome unknown");
+                "A storage backend did not answer in time and the outcome could not be looked \
+                 up: this request may or may not have been applied. Retrying with the same \
+                 idempotency key is safe: it is applied at most once, and answers the first \
+                 decision."
                     .to_owned()
             }
             other => other.to_string(),
@@ -264,6 +294,7 @@ impl From<creditgate_limiter::EngineError> for ApiError {
                     .into(),
             ),
             EngineError::Internal(s) => ApiError::Internal(s),
+            EngineError::Superseded => ApiError::IdempotencyInFlight,
         }
     }
 }
@@ -287,6 +318,9 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::HoldClosed(state) => ApiError::HoldClosed {
                 state: state.as_str(),
             },
+            ServiceError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
+            ServiceError::IdempotencyInFlight => ApiError::IdempotencyInFlight,
+            ServiceError::OutcomeUnknown(s) => ApiError::OutcomeUnknownRetrySafe(s),
             ServiceError::Engine(e) => e.into(),
             ServiceError::Store(e) => e.into(),
             ServiceError::Internal(s) => ApiError::Internal(s),

@@ -6,7 +6,10 @@ use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use serde::de::DeserializeOwned;
 
+use creditgate_service::{IdemRequest, MAX_IDEMPOTENCY_KEY_LEN};
+
 use crate::error::ApiError;
+use crate::wire::BodyIdempotencyKey;
 use crate::openapi;
 use crate::state::AppState;
 
@@ -16,25 +19,149 @@ impl<T: DeserializeOwned + utoipa::ToSchema> FromRequest<AppState> for ApiJson<T
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let mime = content_type.split(';').next().unwrap_or("").trim();
-        if !mime.eq_ignore_ascii_case("application/json") {
-            return Err(ApiError::field(
-                "header.Content-Type",
-                format!("expected application/json, got '{content_type}'"),
-                "send the body as JSON with Content-Type: application/json",
-            ));
-        }
-        let limit = state.config.max_body_bytes;
-        let body = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        let body = json_body(req, state).await?;
         parse(&body, &T::name()).map(ApiJson)
     }
+}
+
+/// The body of a route that takes an idempotency key (`Idempotency-Key` header, or
+/// `idempotencyKey` in the body), and the key with the request's fingerprint.
+pub struct IdemJson<T> {
+    pub body: T,
+    pub idem: Option<IdemRequest>,
+}
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+impl<T> FromRequest<AppState> for IdemJson<T>
+where
+    T: DeserializeOwned + utoipa::ToSchema + BodyIdempotencyKey,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let header = match req.headers().get(IDEMPOTENCY_HEADER) {
+            Some(v) => Some(header_key(v)?),
+            None => None,
+        };
+        let route = req.uri().path().to_owned();
+        let raw = json_body(req, state).await?;
+        let body: T = parse(&raw, &T::name())?;
+        let key = match (header, body.idempotency_key()) {
+            (Some(h), Some(b)) if h != b => {
+                return Err(ApiError::field(
+                    "body.idempotencyKey",
+                    "differs from the Idempotency-Key header",
+                    "send the idempotency key once, in the header or in the body",
+                ))
+            }
+            (Some(h), _) => Some(h),
+            (None, Some(b)) => Some(checked_key(b, "body.idempotencyKey")?.to_owned()),
+            (None, None) => None,
+        };
+        let idem = key.map(|key| IdemRequest::new(key, &route, &canonical_body(&raw)));
+        Ok(IdemJson { body, idem })
+    }
+}
+
+/// The `Idempotency-Key` header's value: a structured-field string (`"…"`), or the bare
+/// token many clients send.
+fn header_key(value: &axum::http::HeaderValue) -> Result<String, ApiError> {
+    const AT: &str = "header.Idempotency-Key";
+    let text = value.to_str().map_err(|_| {
+        ApiError::field(
+            AT,
+            "must be printable ASCII",
+            "send 1 to 255 printable ASCII characters, e.g. a UUID",
+        )
+    })?;
+    let text = text.trim();
+    let unquoted = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    Ok(checked_key(unquoted, AT)?.to_owned())
+}
+
+fn checked_key<'a>(key: &'a str, at: &str) -> Result<&'a str, ApiError> {
+    let fix = "send 1 to 255 printable ASCII characters, e.g. a UUID";
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::field(
+            at,
+            format!(
+                "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters long, got {}",
+                key.chars().count()
+            ),
+            fix,
+        ));
+    }
+    if !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(ApiError::field(at, "must be printable ASCII", fix));
+    }
+    Ok(key)
+}
+
+/// The body in one form for the fingerprint: object keys sorted, `idempotencyKey`
+/// left out (it names the request, it is not part of it).
+fn canonical_body(raw: &[u8]) -> String {
+    fn write(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(&map[k], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    // The typed parse accepted it, so it is JSON.
+    let mut value: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("idempotencyKey");
+    }
+    let mut out = String::with_capacity(raw.len());
+    write(&value, &mut out);
+    out
+}
+
+/// Checks the content type and reads the body up to the size limit.
+async fn json_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::field(
+            "header.Content-Type",
+            format!("expected application/json, got '{content_type}'"),
+            "send the body as JSON with Content-Type: application/json",
+        ));
+    }
+    let limit = state.config.max_body_bytes;
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit })
 }
 
 /// Parses a body into the request type whose OpenAPI schema is `schema`, naming the

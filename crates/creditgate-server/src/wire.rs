@@ -256,6 +256,11 @@ pub struct UpdateCreditsRequest {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<i64>)]
     pub value: Option<Option<i64>>,
+    /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
+    /// that cannot send headers): 1..=255 printable ASCII characters, unique per request
+    /// in the workspace. A retry with the same key and body within 24 h answers the
+    /// first decision and changes nothing again.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -288,6 +293,11 @@ pub struct VerifyKeyRequest {
     pub ratelimits: Option<Vec<Value>>,
     /// Not supported.
     pub migration_id: Option<String>,
+    /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
+    /// that cannot send headers): 1..=255 printable ASCII characters, unique per request
+    /// in the workspace. A retry with the same key and body within 24 h answers the
+    /// first decision and changes nothing again.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -328,6 +338,11 @@ pub struct ReserveCreditsRequest {
     /// How long the hold stays open, in ms: 1..=86,400,000 (default 60,000). Then it
     /// expires and its credits return.
     pub ttl_ms: Option<u64>,
+    /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
+    /// that cannot send headers): 1..=255 printable ASCII characters, unique per request
+    /// in the workspace. A retry with the same key and body within 24 h answers the
+    /// first decision and changes nothing again.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -359,6 +374,11 @@ pub struct SettleCreditsRequest {
     /// Credits the work cost: 0..=10^12. Above the hold, the difference is spent only if
     /// the balance covers it.
     pub cost: u64,
+    /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
+    /// that cannot send headers): 1..=255 printable ASCII characters, unique per request
+    /// in the workspace. A retry with the same key and body within 24 h answers the
+    /// first decision and changes nothing again.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -367,6 +387,41 @@ pub struct HoldIdRequest {
     /// The hold `keys.reserveCredits` returned.
     pub hold_id: String,
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReleaseCreditsRequest {
+    /// The hold `keys.reserveCredits` returned.
+    pub hold_id: String,
+    /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
+    /// that cannot send headers): 1..=255 printable ASCII characters, unique per request
+    /// in the workspace. A retry with the same key and body within 24 h answers the
+    /// first decision and changes nothing again.
+    pub idempotency_key: Option<String>,
+}
+
+/// A request type that may carry `idempotencyKey` in its body.
+pub trait BodyIdempotencyKey {
+    fn idempotency_key(&self) -> Option<&str>;
+}
+
+macro_rules! body_idempotency_key {
+    ($($t:ty),*) => {$(
+        impl BodyIdempotencyKey for $t {
+            fn idempotency_key(&self) -> Option<&str> {
+                self.idempotency_key.as_deref()
+            }
+        }
+    )*};
+}
+
+body_idempotency_key!(
+    VerifyKeyRequest,
+    ReserveCreditsRequest,
+    SettleCreditsRequest,
+    ReleaseCreditsRequest,
+    UpdateCreditsRequest
+);
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -53,6 +53,16 @@ pub enum ServiceError {
     /// The hold was closed otherwise (or expired) before: nothing was changed.
     #[error("the hold is {}", .0.as_str())]
     HoldClosed(creditgate_limiter::ports::HoldState),
+    /// The idempotency key was used with another request.
+    #[error("the idempotency key was used with a different request")]
+    IdempotencyMismatch,
+    /// A request with the same idempotency key is still in flight.
+    #[error("a request with this idempotency key is in flight")]
+    IdempotencyInFlight,
+    /// A backend failed after the request was sent and its outcome could not be looked
+    /// up: it may or may not have been applied.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]

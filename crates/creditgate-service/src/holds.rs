@@ -13,7 +13,7 @@ use creditgate_limiter::ports::{Hold, HoldClose, HoldState, ReserveRequest};
 use creditgate_limiter::{EngineError, ExpiryObserver, HoldAnswer};
 
 use crate::verify::Decided;
-use crate::{Caller, Service, ServiceError, ServiceSettings};
+use crate::{Caller, Service, ServiceError, ServiceSettings, Ticket};
 
 /// `keys.reserveCredits`.
 #[derive(Debug, Clone)]
@@ -59,14 +59,20 @@ pub struct Closing {
 }
 
 impl Service {
+    /// With a `ticket` the hold's id comes from the idempotency key, so every retry
+    /// finds the first hold, and the transaction that makes it records the decision.
     pub async fn reserve(
         &self,
         caller: &Caller,
         cmd: Reserve,
         request_id: Arc<str>,
+        ticket: Option<&Ticket>,
     ) -> Result<Reservation, ServiceError> {
         let started = Instant::now();
-        let decision = self.decide_reserve(caller, &cmd).await?;
+        let decision = self.decide_reserve(caller, &cmd, ticket).await?;
+        if ticket.is_some_and(|t| t.replay) {
+            return Ok(decision);
+        }
         let outcome = match decision.outcome {
             Outcome::Valid => "RESERVED",
             other => other.as_str(),
@@ -89,6 +95,7 @@ impl Service {
         &self,
         caller: &Caller,
         cmd: &Reserve,
+        ticket: Option<&Ticket>,
     ) -> Result<Reservation, ServiceError> {
         let refused = |outcome, key| Reservation {
             outcome,
@@ -101,17 +108,20 @@ impl Service {
             Ok(key) => key,
             Err((outcome, key)) => return Ok(refused(outcome, key)),
         };
-        let hold_id = new_id("hold");
+        let hold_id = ticket.map_or_else(|| new_id("hold"), Ticket::hold_id);
         let (engine, key_id, amount) = (self.engine.clone(), key.id.clone(), cmd.amount.get());
         let expires_at_ms = now.saturating_add(cmd.ttl_ms);
+        let ticket = ticket.cloned();
         let answer = self
             .in_engine_task(async move {
+                let mark = ticket.as_ref().map(Ticket::mark);
                 let req = ReserveRequest {
                     key: &key_id,
                     hold_id: &hold_id,
                     amount,
                     now_ms: now,
                     expires_at_ms,
+                    mark: mark.as_ref(),
                 };
                 engine.reserve(&req).await
             })
@@ -138,13 +148,14 @@ impl Service {
 
     /// Settles or releases one of the caller's holds. A hold closed by the same
     /// operation before is answered as it is; one closed otherwise (or expired) is a
-    /// conflict naming its state.
+    /// conflict naming its state. With a `ticket`, the closing records the decision.
     pub async fn close_hold(
         &self,
         caller: &Caller,
         hold_id: &str,
         close: CloseHold,
         request_id: Arc<str>,
+        ticket: Option<&Ticket>,
     ) -> Result<Closing, ServiceError> {
         let started = Instant::now();
         let (hold, key) = self.find_hold(caller, hold_id).await?;
@@ -153,8 +164,12 @@ impl Service {
             CloseHold::Settle(cost) => HoldClose::Settle(cost.get()),
             CloseHold::Release => HoldClose::Release,
         };
+        let ticket = ticket.cloned();
         let answer = self
-            .in_engine_task(async move { engine.close_hold(&key_id, &id, op).await })
+            .in_engine_task(async move {
+                let mark = ticket.as_ref().map(Ticket::mark);
+                engine.close_hold(&key_id, &id, op, mark.as_ref()).await
+            })
             .await?;
         let wanted = match close {
             CloseHold::Settle(_) => HoldState::Settled,

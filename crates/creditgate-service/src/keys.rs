@@ -9,7 +9,7 @@ use creditgate_domain::{
 };
 use creditgate_limiter::CreditOp;
 
-use crate::{Caller, CreateKey, Service, ServiceError, UpdateCredits, UpdateKey};
+use crate::{Caller, CreateKey, Service, ServiceError, Ticket, UpdateCredits, UpdateKey};
 
 /// A key as a caller sees it: the record after any due refill, and its exact balance.
 #[derive(Debug, Clone)]
@@ -184,13 +184,19 @@ impl Service {
     }
 
     /// Sets, increments or decrements the balance; returns the key as it is afterwards.
+    /// With a `ticket` the ledger transaction that changes the balance records the
+    /// decision; a replay changes nothing and answers the key as it is.
     pub async fn update_credits(
         &self,
         caller: &Caller,
         key_id: &KeyId,
         cmd: UpdateCredits,
+        ticket: Option<&Ticket>,
     ) -> Result<KeyView, ServiceError> {
         let key = self.find_key(caller, key_id, Action::UpdateKey).await?;
+        if ticket.is_some_and(|t| t.replay) {
+            return self.view(Arc::new(key)).await;
+        }
         // A refill due in this period applies before the change, not after it.
         let key = self
             .refill_if_due(Arc::new(key), self.clock.now_ms())
@@ -202,7 +208,7 @@ impl Service {
                     .into(),
             ));
         }
-        let record = self.apply_credit_op(&key, cmd.op).await?;
+        let record = self.apply_credit_op(&key, cmd.op, ticket).await?;
         let (remaining, reserved) = self.books(&record).await?;
         Ok(KeyView {
             record,
@@ -217,8 +223,10 @@ impl Service {
         &self,
         key: &KeyRecord,
         op: CreditOp,
+        ticket: Option<&Ticket>,
     ) -> Result<KeyRecord, ServiceError> {
-        self.engine.update(&key.id, op).await?;
+        let mark = ticket.map(Ticket::mark);
+        self.engine.update_marked(&key.id, op, mark.as_ref()).await?;
         let mut record = key.clone();
         if op == CreditOp::Set(None) && key.refill.is_some() {
             let patch = KeyPatch {
@@ -256,7 +264,7 @@ impl Service {
         };
         let op = cmd.remaining.map(CreditOp::Set);
         if let Some(op) = op {
-            self.apply_credit_op(&key, op).await?;
+            self.apply_credit_op(&key, op, None).await?;
         }
         let patch = KeyPatch {
             name: cmd.name,

@@ -8,6 +8,7 @@ mod caller;
 pub mod commands;
 mod error;
 mod holds;
+mod idempotency;
 mod keys;
 pub mod metrics;
 mod verify;
@@ -26,6 +27,9 @@ pub use caller::Caller;
 pub use commands::{CreateKey, ListKeys, UpdateCredits, UpdateKey, Verify};
 pub use error::{FieldError, ServiceError};
 pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS};
+pub use idempotency::{
+    AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,
+};
 pub use keys::{CreatedKey, KeyView};
 pub use verify::Verdict;
 

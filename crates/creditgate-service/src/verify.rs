@@ -8,7 +8,7 @@ use creditgate_analytics::VerificationEvent;
 use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome};
 use creditgate_limiter::{Decision, EngineError};
 
-use crate::{metrics as names, Caller, Service, ServiceError, ServiceSettings, Verify};
+use crate::{metrics as names, Caller, Service, ServiceError, ServiceSettings, Ticket, Verify};
 
 /// The decision on one verification.
 #[derive(Debug, Clone)]
@@ -73,15 +73,20 @@ pub(crate) type Checked = Result<Arc<KeyRecord>, (Outcome, Option<Arc<KeyRecord>
 
 impl Service {
     /// Verifies a key and spends `cost` if it is valid. `request_id` ties the analytics
-    /// row to the request.
+    /// row to the request. With a `ticket` (an idempotency key) the spend is decided on
+    /// the ledger in the transaction that records it; a replay changes nothing.
     pub async fn verify(
         &self,
         caller: &Caller,
         cmd: Verify,
         request_id: Arc<str>,
+        ticket: Option<&Ticket>,
     ) -> Result<Verdict, ServiceError> {
         let started = Instant::now();
-        let verdict = self.decide(caller, &cmd.secret, cmd.cost).await?;
+        let verdict = self.decide(caller, &cmd.secret, cmd.cost, ticket).await?;
+        if ticket.is_some_and(|t| t.replay) {
+            return Ok(verdict);
+        }
         names::verifications(verdict.outcome).increment(1);
         names::verify_seconds().record(started.elapsed().as_secs_f64());
         self.record(Decided {
@@ -149,6 +154,7 @@ impl Service {
         caller: &Caller,
         secret: &str,
         cost: Cost,
+        ticket: Option<&Ticket>,
     ) -> Result<Verdict, ServiceError> {
         let key = match self
             .checked_key(caller, secret, self.clock.now_ms())
@@ -160,16 +166,22 @@ impl Service {
         if !key.limited {
             return Ok(Verdict::without_credits(Outcome::Valid, Some(key)));
         }
-        // The hot store decides most spends in one step that cancellation cannot cut
-        // half-way; anything else (a refill) runs in a task of its own.
-        let decision = match self.engine.spend_fast(&key.id, cost).await {
-            Some(decision) => decision.map_err(ServiceError::from),
-            None => {
-                let engine = self.engine.clone();
-                let id = key.id.clone();
-                self.in_engine_task(async move { engine.spend(&id, cost).await })
+        let decision = match ticket {
+            // Decided before: the spend is made, its answer was never sent.
+            Some(t) if t.replay => {
+                return Ok(Verdict {
+                    outcome: Outcome::Valid,
+                    remaining: self.engine.balance(&key.id).await?,
+                    key: Some(key),
+                    spent: cost.get(),
+                })
+            }
+            Some(t) => {
+                let (engine, id, t) = (self.engine.clone(), key.id.clone(), t.clone());
+                self.in_engine_task(async move { engine.spend_once(&id, cost, &t.mark()).await })
                     .await
             }
+            None => self.spend(&key, cost).await,
         };
         match decision {
             Ok(Decision::Valid { remaining }) => Ok(Verdict {
@@ -185,7 +197,24 @@ impl Service {
                 spent: 0,
             }),
             Ok(Decision::NotFound) => Ok(Verdict::without_credits(Outcome::NotFound, None)),
+            // An idempotent request never fails open: its retry is safe instead.
+            Err(e) if ticket.is_some() => Err(e),
             Err(e) => self.on_backend_failure(Some(key), e),
+        }
+    }
+
+    /// A spend on the hot path.
+    async fn spend(&self, key: &KeyRecord, cost: Cost) -> Result<Decision, ServiceError> {
+        // The hot store decides most spends in one step that cancellation cannot cut
+        // half-way; anything else (a refill) runs in a task of its own.
+        match self.engine.spend_fast(&key.id, cost).await {
+            Some(decision) => decision.map_err(ServiceError::from),
+            None => {
+                let engine = self.engine.clone();
+                let id = key.id.clone();
+                self.in_engine_task(async move { engine.spend(&id, cost).await })
+                    .await
+            }
         }
     }
 

@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
-    DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState, IncrementOutcome,
-    Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence, ReserveRequest, Settlement,
+    ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState,
+    IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger, LedgerError,
+    LedgerState, PendingAllocation, PendingFence, ReserveRequest, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -263,6 +264,48 @@ pub const ROW_WRITES: &str = "creditgate_ledger_row_writes_total";
 /// Counts the rows a ledger statement wrote.
 fn wrote(result: sqlx::any::AnyQueryResult) {
     metrics::counter!(ROW_WRITES).increment(result.rows_affected());
+}
+
+/// Inside a write transaction about to make a change: the claim of `mark` becomes
+/// decided, in the same transaction as the change (`Superseded` if its token no longer
+/// holds it). A call that then changes nothing does not commit, so the mark goes too.
+async fn decide_mark(
+    conn: &mut AnyConnection,
+    mark: Option<&IdemMark<'_>>,
+) -> Result<(), LedgerError> {
+    let Some(m) = mark else {
+        return Ok(());
+    };
+    let done = sqlx::query(
+        "UPDATE idempotency SET state = $4 WHERE scope = $1 AND idem_key = $2 \
+         AND token = $3 AND state = $5",
+    )
+    .bind(m.scope)
+    .bind(m.key)
+    .bind(m.token)
+    .bind(IdemState::Decided.as_str())
+    .bind(IdemState::Claimed.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(ledger_error)?;
+    if done.rows_affected() == 0 {
+        return Err(LedgerError::Superseded);
+    }
+    wrote(done);
+    Ok(())
+}
+
+const IDEM_COLUMNS: &str = "fingerprint, token, state, answer, created_at, lease_until";
+
+fn idem_from_row(row: &AnyRow) -> Result<IdemRecord, LedgerError> {
+    Ok(IdemRecord {
+        fingerprint: row.try_get("fingerprint").map_err(ledger_error)?,
+        token: row.try_get("token").map_err(ledger_error)?,
+        state: get_text(row, "state", IdemState::parse)?,
+        answer: row.try_get("answer").map_err(ledger_error)?,
+        created_at_ms: row.try_get("created_at").map_err(ledger_error)?,
+        lease_until_ms: row.try_get("lease_until").map_err(ledger_error)?,
+    })
 }
 
 /// Writes back the ledger columns of a locked row.
@@ -596,6 +639,7 @@ impl Ledger for SqlStore {
         key: &KeyId,
         amount: Credits,
         max: u64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<IncrementOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(row) = self.lock_key(&mut tx, key).await? else {
@@ -604,6 +648,7 @@ impl Ledger for SqlStore {
         let mut account = row.account.clone();
         let outcome = rules::increment(&mut account, amount.get(), max);
         if account != row.account {
+            decide_mark(&mut tx, mark).await?;
             write_account(&mut tx, key, &account).await?;
             commit(tx).await?;
         }
@@ -616,6 +661,7 @@ impl Ledger for SqlStore {
         op_id: &str,
         op: FenceOp,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<BeginFence, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let row = self.lock_key(&mut tx, key).await?;
@@ -637,6 +683,7 @@ impl Ledger for SqlStore {
         let Some(generation) = rules::begin_fence(&mut account, op, now_ms) else {
             return Ok(BeginFence::NotDue);
         };
+        decide_mark(&mut tx, mark).await?;
         write_account(&mut tx, key, &account).await?;
         let (kind, value, period_start) = fence_columns(op)?;
         sqlx::query(
@@ -692,7 +739,12 @@ impl Ledger for SqlStore {
         Ok(account.state())
     }
 
-    async fn spend_direct(&self, key: &KeyId, cost: Cost) -> Result<DirectSpend, LedgerError> {
+    async fn spend_direct(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<DirectSpend, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(before) = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live) else {
             return Ok(DirectSpend::NotFound);
@@ -700,6 +752,7 @@ impl Ledger for SqlStore {
         let mut account = before.clone();
         let outcome = rules::spend_direct(&mut account, cost.get());
         if account != before {
+            decide_mark(&mut tx, mark).await?;
             write_account(&mut tx, key, &account).await?;
             commit(tx).await?;
         }
@@ -818,6 +871,7 @@ impl Ledger for SqlStore {
             Ok(hold) => hold,
             Err(short) => return Ok(short.into()),
         };
+        decide_mark(&mut tx, req.mark).await?;
         insert_hold(&mut tx, &hold).await?;
         store_account(&mut tx, req.key, &before, &account).await?;
         commit(tx).await?;
@@ -834,6 +888,7 @@ impl Ledger for SqlStore {
         hold_id: &str,
         close: HoldClose,
         now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let before = self.lock_key(&mut tx, key).await?.and_then(KeyRow::live);
@@ -846,6 +901,7 @@ impl Ledger for SqlStore {
             Err(short) => return Ok(short.into()),
         };
         if changed {
+            decide_mark(&mut tx, mark).await?;
             store_closed_hold(&mut tx, &hold).await?;
             if let (Some(before), Some(after)) = (&before, &account) {
                 store_account(&mut tx, key, before, after).await?;
@@ -928,6 +984,145 @@ impl Ledger for SqlStore {
                     .map_err(ledger_error)
             })
             .collect()
+    }
+
+    async fn claim_idempotency(
+        &self,
+        claim: &IdemClaim<'_>,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        // A first claim inserts; a racing one waits for it here (Postgres) or for the
+        // database's write lock (SQLite), then reads the row it made.
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency (scope, idem_key, fingerprint, token, state, created_at, \
+             lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(claim.scope)
+        .bind(claim.key)
+        .bind(claim.fingerprint)
+        .bind(claim.token)
+        .bind(IdemState::Claimed.as_str())
+        .bind(claim.now_ms)
+        .bind(claim.lease_until_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(ledger_error)?;
+        if inserted.rows_affected() == 1 {
+            wrote(inserted);
+            commit(tx).await?;
+            return Ok(ClaimOutcome::Claimed);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {IDEM_COLUMNS} FROM idempotency WHERE scope = $1 AND idem_key = $2{lock}"
+        ))
+        .bind(claim.scope)
+        .bind(claim.key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ledger_error)?;
+        let existing = row.as_ref().map(idem_from_row).transpose()?;
+        let (outcome, store) = rules::claim(existing.as_ref(), claim);
+        if let Some(r) = store {
+            sqlx::query(
+                "UPDATE idempotency SET fingerprint = $3, token = $4, state = $5, answer = $6, \
+                 created_at = $7, lease_until = $8 WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(claim.scope)
+            .bind(claim.key)
+            .bind(&r.fingerprint)
+            .bind(&r.token)
+            .bind(r.state.as_str())
+            .bind(r.answer.as_deref())
+            .bind(r.created_at_ms)
+            .bind(r.lease_until_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(ledger_error)
+            .map(wrote)?;
+            commit(tx).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn answer_idempotency(
+        &self,
+        mark: &IdemMark<'_>,
+        answer: &str,
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let done = sqlx::query(
+            "UPDATE idempotency SET state = $4, answer = $5 WHERE scope = $1 AND idem_key = $2 \
+             AND token = $3 AND state <> $4",
+        )
+        .bind(mark.scope)
+        .bind(mark.key)
+        .bind(mark.token)
+        .bind(IdemState::Answered.as_str())
+        .bind(answer)
+        .execute(&mut *tx)
+        .await
+        .map_err(ledger_error)?;
+        let stored = done.rows_affected() == 1;
+        wrote(done);
+        commit(tx).await?;
+        Ok(stored)
+    }
+
+    async fn abandon_idempotency(&self, mark: &IdemMark<'_>) -> Result<(), LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        sqlx::query(
+            "DELETE FROM idempotency WHERE scope = $1 AND idem_key = $2 AND token = $3 \
+             AND state = $4",
+        )
+        .bind(mark.scope)
+        .bind(mark.key)
+        .bind(mark.token)
+        .bind(IdemState::Claimed.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(ledger_error)
+        .map(wrote)?;
+        commit(tx).await
+    }
+
+    async fn idempotency(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<IdemRecord>, LedgerError> {
+        // From the writer's pool: the lookup after an ambiguous commit must see it.
+        let row = sqlx::query(&format!(
+            "SELECT {IDEM_COLUMNS} FROM idempotency WHERE scope = $1 AND idem_key = $2"
+        ))
+        .bind(scope)
+        .bind(key)
+        .fetch_optional(&self.write)
+        .await
+        .map_err(ledger_error)?;
+        row.as_ref().map(idem_from_row).transpose()
+    }
+
+    async fn purge_idempotency(&self, before_ms: i64, limit: u32) -> Result<u64, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let done = sqlx::query(
+            "DELETE FROM idempotency WHERE (scope, idem_key) IN (SELECT scope, idem_key \
+             FROM idempotency WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(ledger_error)?;
+        let n = done.rows_affected();
+        if n > 0 {
+            wrote(done);
+            commit(tx).await?;
+        }
+        Ok(n)
     }
 }
 

@@ -811,7 +811,7 @@ async fn direct_spends_from_two_processes_never_overspend(db: &Db) {
         let store = stores[i % 2].clone();
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
-            store.spend_direct(&key, Cost::DEFAULT).await
+            store.spend_direct(&key, Cost::DEFAULT, None).await
         }));
     }
     let mut remainders = Vec::new();
@@ -887,7 +887,7 @@ async fn deleted_keys_get_no_new_credits(db: &Db) {
     assert!(db.store.delete_key(&key, 5).await.expect("delete"));
     assert_eq!(
         db.store
-            .spend_direct(&key, Cost::DEFAULT)
+            .spend_direct(&key, Cost::DEFAULT, None)
             .await
             .expect("spend"),
         DirectSpend::NotFound
@@ -944,7 +944,7 @@ async fn sqlite_url_forms_open_the_same_kind_of_store() {
     mem.create_api(&a).await.expect("api");
     create(&mem, key(&a, "key_mem"), Some(3)).await;
     assert_eq!(
-        mem.spend_direct(&KeyId::from("key_mem"), Cost::DEFAULT)
+        mem.spend_direct(&KeyId::from("key_mem"), Cost::DEFAULT, None)
             .await
             .expect("spend"),
         DirectSpend::Valid { remaining: 2 }

@@ -8,8 +8,20 @@ impl Engine {
     /// after it. Returns the ledger state after the change (`NotDue` refills: unchanged).
     #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
     pub async fn update(&self, key: &KeyId, op: CreditOp) -> Result<LedgerState, EngineError> {
+        self.update_marked(key, op, None).await
+    }
+
+    /// [`Engine::update`] deciding an idempotency claim: the transaction that changes the
+    /// balance records the decision.
+    #[tracing::instrument(level = "debug", skip(self, mark), fields(key_id = %key))]
+    pub async fn update_marked(
+        &self,
+        key: &KeyId,
+        op: CreditOp,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<LedgerState, EngineError> {
         let token = self.lock_waiting(key).await?;
-        let result = self.update_locked(key, op).await;
+        let result = self.update_locked(key, op, mark).await;
         self.unlock(key, &token).await;
         result
     }
@@ -18,6 +30,7 @@ impl Engine {
         &self,
         key: &KeyId,
         op: CreditOp,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<LedgerState, EngineError> {
         self.settle_pending(key).await?;
         let fence_op = match op {
@@ -25,7 +38,7 @@ impl Engine {
                 // Mark the snapshot unknown first, so no node answers USAGE_EXCEEDED from a
                 // snapshot older than the increment.
                 self.hot.sync_unalloc(key, None, 0).await?;
-                let state = match self.ledger.increment(key, v, Credits::MAX).await? {
+                let state = match self.ledger.increment(key, v, Credits::MAX, mark).await? {
                     IncrementOutcome::Done(s) => s,
                     IncrementOutcome::Unlimited => return Err(EngineError::Unlimited),
                     IncrementOutcome::Overflow => {
@@ -49,7 +62,7 @@ impl Engine {
         let op_id = new_id_for_transfer("fence");
         match self
             .ledger
-            .begin_fence(key, &op_id, fence_op, self.clock.now_ms())
+            .begin_fence(key, &op_id, fence_op, self.clock.now_ms(), mark)
             .await?
         {
             BeginFence::Begun(fence) => {

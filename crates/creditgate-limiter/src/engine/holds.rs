@@ -35,7 +35,11 @@ const EXPIRE_CONCURRENCY: usize = 32;
 #[derive(Debug, Clone, Copy)]
 enum HoldCall<'a> {
     Reserve(&'a ReserveRequest<'a>),
-    Close { hold_id: &'a str, close: HoldClose },
+    Close {
+        hold_id: &'a str,
+        close: HoldClose,
+        mark: Option<&'a IdemMark<'a>>,
+    },
 }
 
 impl Engine {
@@ -54,9 +58,66 @@ impl Engine {
         key: &KeyId,
         hold_id: &str,
         close: HoldClose,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldAnswer, EngineError> {
-        self.hold_call(key, HoldCall::Close { hold_id, close })
-            .await
+        self.hold_call(
+            key,
+            HoldCall::Close {
+                hold_id,
+                close,
+                mark,
+            },
+        )
+        .await
+    }
+
+    /// A spend decided on the ledger, in the transaction that records `mark`'s decision
+    /// (an idempotent verification): under the key's lock, the hot balance drained back
+    /// first if the ledger's part cannot cover it. The answer's balance is exact.
+    #[tracing::instrument(level = "debug", skip(self, mark), fields(key_id = %key))]
+    pub async fn spend_once(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: &IdemMark<'_>,
+    ) -> Result<Decision, EngineError> {
+        let token = self.lock_waiting(key).await?;
+        let result = self.spend_once_locked(key, cost, mark).await;
+        self.unlock(key, &token).await;
+        result
+    }
+
+    async fn spend_once_locked(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        mark: &IdemMark<'_>,
+    ) -> Result<Decision, EngineError> {
+        self.settle_pending(key).await?;
+        self.hot.sync_unalloc(key, None, 0).await?;
+        let mut drained = false;
+        loop {
+            let spent = match self.ledger.spend_direct(key, cost, Some(mark)).await? {
+                DirectSpend::Undecided { .. } if !drained => {
+                    self.drain_for_hold(key).await?;
+                    drained = true;
+                    continue;
+                }
+                DirectSpend::Valid { .. } => true,
+                DirectSpend::Unlimited => return Ok(Decision::Valid { remaining: None }),
+                DirectSpend::NotFound => return Ok(Decision::NotFound),
+                DirectSpend::Exceeded { .. } | DirectSpend::Undecided { .. } => false,
+            };
+            let Some(state) = self.ledger.state(key).await? else {
+                return Ok(Decision::NotFound);
+            };
+            let remaining = self.exact_and_sync(key, &state).await?;
+            return Ok(match (spent, remaining) {
+                (true, remaining) => Decision::Valid { remaining },
+                (false, Some(remaining)) => Decision::Exceeded { remaining },
+                (false, None) => Decision::Valid { remaining: None },
+            });
+        }
     }
 
     async fn hold_call(&self, key: &KeyId, call: HoldCall<'_>) -> Result<HoldAnswer, EngineError> {
@@ -78,9 +139,13 @@ impl Engine {
         loop {
             let outcome = match call {
                 HoldCall::Reserve(req) => self.ledger.reserve(req).await?,
-                HoldCall::Close { hold_id, close } => {
+                HoldCall::Close {
+                    hold_id,
+                    close,
+                    mark,
+                } => {
                     self.ledger
-                        .close_hold(key, hold_id, close, self.clock.now_ms())
+                        .close_hold(key, hold_id, close, self.clock.now_ms(), mark)
                         .await?
                 }
             };

@@ -28,10 +28,13 @@ pub use reconciler::ReconcileReport;
 use crate::metrics as m;
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply, DirectSpend, Drained,
-    FenceOp, Hold, HoldClose, HoldOutcome, HotError, HotStore, IncrementOutcome, Ledger,
+    FenceOp, Hold, HoldClose, HoldOutcome, HotError, HotStore, IdemMark, IncrementOutcome, Ledger,
     LedgerError, LedgerState, LockToken, PendingFence, ReserveRequest, Settlement, SpendReply,
     TransferFate,
 };
+
+/// How long an idempotency key's record (and so its first answer) is kept.
+pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3_600_000;
 
 /// Tuning of the engine. Every wait has a bound.
 #[derive(Debug, Clone)]
@@ -123,6 +126,9 @@ pub enum EngineError {
     Unlimited,
     #[error("engine error: {0}")]
     Internal(String),
+    /// The idempotency claim the call carried was taken over by a retry: nothing changed.
+    #[error("another request with this idempotency key took over")]
+    Superseded,
 }
 
 impl From<LedgerError> for EngineError {
@@ -130,6 +136,7 @@ impl From<LedgerError> for EngineError {
         match e {
             LedgerError::Unavailable(s) => EngineError::Unavailable(s),
             LedgerError::Other(s) => EngineError::Internal(s),
+            LedgerError::Superseded => EngineError::Superseded,
         }
     }
 }

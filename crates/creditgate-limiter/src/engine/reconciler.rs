@@ -14,10 +14,15 @@ pub struct ReconcileReport {
     pub expired_entries: usize,
     /// Holds whose time was up, expired (their credits returned).
     pub expired_holds: usize,
+    /// Idempotency records past the retention window, deleted.
+    pub purged_idempotency: u64,
     /// Keys whose step failed this pass (logged and counted; the pass went on, the next
     /// pass tries them again).
     pub key_errors: usize,
 }
+
+/// Most idempotency records one pass deletes.
+const PURGE_BATCH: u32 = 10_000;
 
 impl Engine {
     /// One pass of the reconciler (DESIGN.md §3.6). Cheap when there is nothing to do.
@@ -132,7 +137,16 @@ impl Engine {
         // 5. Holds whose time is up return their credits.
         report.expired_holds = self.expire_due_holds().await?;
 
-        // 6. Entries that hold nothing and have been idle a long while.
+        // 6. Idempotency records older than the retention window.
+        report.purged_idempotency = self
+            .ledger
+            .purge_idempotency(
+                self.clock.now_ms().saturating_sub(IDEMPOTENCY_RETENTION_MS),
+                PURGE_BATCH,
+            )
+            .await?;
+
+        // 7. Entries that hold nothing and have been idle a long while.
         let expiry_ms = u64::try_from(self.config.hot_expiry.as_millis()).unwrap_or(u64::MAX);
         report.expired_entries = self.hot.expire_idle(expiry_ms).await?;
         Ok(report)

@@ -119,7 +119,7 @@ impl Engine {
                 "hot store unreachable, spending on the ledger"
             );
         }
-        Ok(match self.ledger.spend_direct(key, cost).await? {
+        Ok(match self.ledger.spend_direct(key, cost, None).await? {
             DirectSpend::Valid { remaining } => Decision::Valid {
                 remaining: Some(remaining),
             },

@@ -2,16 +2,17 @@
 //! (creditgate's extension): parse → one service call → map.
 
 use axum::extract::State;
+use axum::response::Response;
 use axum::Json;
 use creditgate_domain::Outcome;
 use creditgate_limiter::ports::Hold;
 use creditgate_service::{CloseHold, Closing, Reserve};
 
-use super::ok;
+use super::{ok, once};
 use crate::auth::RootKey;
 use crate::context::RequestId;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, IdemJson};
 use crate::parse::{parse_hold_id, parse_settle};
 use crate::state::AppState;
 use crate::wire::*;
@@ -27,21 +28,25 @@ fn credits(remaining: Option<u64>) -> Option<i64> {
 pub async fn reserve_credits(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(req): ApiJson<ReserveCreditsRequest>,
-) -> Result<Json<Envelope<ReserveCreditsData>>, ApiError> {
-    let cmd = Reserve::try_from(req)?;
-    let r = state
-        .service
-        .reserve(&caller, cmd, RequestId::current())
-        .await?;
-    Ok(ok(ReserveCreditsData {
-        valid: r.outcome == Outcome::Valid,
-        code: r.outcome.as_str(),
-        key_id: r.key.as_deref().map(|k| k.id.shared()),
-        hold_id: r.hold.as_ref().map(|h| h.id.clone()),
-        credits: credits(r.remaining),
-        expires_at: r.hold.as_ref().map(|h| h.expires_at_ms),
-    }))
+    IdemJson { body, idem }: IdemJson<ReserveCreditsRequest>,
+) -> Result<Response, ApiError> {
+    let cmd = Reserve::try_from(body)?;
+    let (state, caller, cmd) = (&state, &caller, &cmd);
+    once(state, caller, idem, |ticket| async move {
+        let r = state
+            .service
+            .reserve(caller, cmd.clone(), RequestId::current(), ticket.as_ref())
+            .await?;
+        Ok(ReserveCreditsData {
+            valid: r.outcome == Outcome::Valid,
+            code: r.outcome.as_str(),
+            key_id: r.key.as_deref().map(|k| k.id.shared()),
+            hold_id: r.hold.as_ref().map(|h| h.id.clone()),
+            credits: credits(r.remaining),
+            expires_at: r.hold.as_ref().map(|h| h.expires_at_ms),
+        })
+    })
+    .await
 }
 
 fn close_data(c: Closing) -> CloseHoldData {
@@ -61,22 +66,30 @@ fn close_data(c: Closing) -> CloseHoldData {
 pub async fn settle_credits(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(req): ApiJson<SettleCreditsRequest>,
-) -> Result<Json<Envelope<CloseHoldData>>, ApiError> {
-    let (hold_id, cost) = parse_settle(&req)?;
-    let c = state
-        .service
-        .close_hold(
-            &caller,
-            &hold_id,
-            CloseHold::Settle(cost),
-            RequestId::current(),
-        )
-        .await?;
-    Ok(ok(close_data(c)))
+    IdemJson { body, idem }: IdemJson<SettleCreditsRequest>,
+) -> Result<Response, ApiError> {
+    let (hold_id, cost) = parse_settle(&body)?;
+    close(&state, &caller, idem, &hold_id, CloseHold::Settle(cost)).await
 }
 
-#[utoipa::path(post, path = "/v2/keys.releaseCredits", tag = "keys", request_body = HoldIdRequest,
+async fn close(
+    state: &AppState,
+    caller: &creditgate_service::Caller,
+    idem: Option<creditgate_service::IdemRequest>,
+    hold_id: &str,
+    op: CloseHold,
+) -> Result<Response, ApiError> {
+    once(state, caller, idem, |ticket| async move {
+        let c = state
+            .service
+            .close_hold(caller, hold_id, op, RequestId::current(), ticket.as_ref())
+            .await?;
+        Ok(close_data(c))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v2/keys.releaseCredits", tag = "keys", request_body = ReleaseCreditsRequest,
     responses((status = 200, description = "Released (or released before)", body = Envelope<CloseHoldData>),
         (status = 400, body = crate::error::ErrorEnvelope), (status = 404, body = crate::error::ErrorEnvelope),
         (status = 409, body = crate::error::ErrorEnvelope), (status = 503, body = crate::error::ErrorEnvelope)),
@@ -84,14 +97,10 @@ pub async fn settle_credits(
 pub async fn release_credits(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(req): ApiJson<HoldIdRequest>,
-) -> Result<Json<Envelope<CloseHoldData>>, ApiError> {
-    let hold_id = parse_hold_id(&req.hold_id)?;
-    let c = state
-        .service
-        .close_hold(&caller, &hold_id, CloseHold::Release, RequestId::current())
-        .await?;
-    Ok(ok(close_data(c)))
+    IdemJson { body, idem }: IdemJson<ReleaseCreditsRequest>,
+) -> Result<Response, ApiError> {
+    let hold_id = parse_hold_id(&body.hold_id)?;
+    close(&state, &caller, idem, &hold_id, CloseHold::Release).await
 }
 
 pub fn hold_data(h: Hold) -> HoldData {

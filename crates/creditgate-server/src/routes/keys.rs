@@ -2,14 +2,15 @@
 //! `keys.deleteKey`, `keys.whoami`: parse → one service call → map.
 
 use axum::extract::State;
+use axum::response::Response;
 use axum::Json;
 use creditgate_domain::KeyId;
 use creditgate_service::{CreateKey, KeyView, UpdateCredits, UpdateKey};
 
-use super::{identity, ok};
+use super::{identity, ok, once};
 use crate::auth::RootKey;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, IdemJson};
 use crate::parse::{parse_key_id, parse_secret, refill_wire};
 use crate::state::AppState;
 use crate::wire::*;
@@ -102,11 +103,18 @@ pub async fn delete_key(
 pub async fn update_credits(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(req): ApiJson<UpdateCreditsRequest>,
-) -> Result<Json<Envelope<KeyCreditsData>>, ApiError> {
-    let (id, cmd) = <(KeyId, UpdateCredits)>::try_from(req)?;
-    let view = state.service.update_credits(&caller, &id, cmd).await?;
-    Ok(ok(credits_data(&view)))
+    IdemJson { body, idem }: IdemJson<UpdateCreditsRequest>,
+) -> Result<Response, ApiError> {
+    let (id, cmd) = <(KeyId, UpdateCredits)>::try_from(body)?;
+    let (state, caller, id, cmd) = (&state, &caller, &id, &cmd);
+    once(state, caller, idem, |ticket| async move {
+        let view = state
+            .service
+            .update_credits(caller, id, cmd.clone(), ticket.as_ref())
+            .await?;
+        Ok(credits_data(&view))
+    })
+    .await
 }
 
 #[utoipa::path(post, path = "/v2/keys.updateKey", tag = "keys", request_body = UpdateKeyRequest,

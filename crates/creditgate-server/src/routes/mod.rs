@@ -7,11 +7,75 @@ pub mod keys;
 pub mod system;
 pub mod verify;
 
+use std::future::Future;
+
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use creditgate_domain::KeyRecord;
+use creditgate_service::{AfterFailure, Caller, Claim, IdemRequest, Ticket};
+use serde::Serialize;
 
 use crate::context::RequestId;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::wire::{Envelope, IdentityData, Meta};
+
+/// Set on every answer of a request with an idempotency key: `true` when it is the
+/// first request's answer, replayed.
+const REPLAYED: &str = "idempotent-replayed";
+
+/// Runs a request that may carry an idempotency key. Without one: `run(None)`. With
+/// one: claims it; a stored answer is replayed as it was; else `run` with the ticket,
+/// whose ledger transaction records the decision. When `run` fails, the node looks up
+/// whether its change was made (for at most a second): if so it answers it as a replay;
+/// if the lookup cannot tell, 503 saying a retry with the same key is safe.
+pub async fn once<T, F, Fut>(
+    state: &AppState,
+    caller: &Caller,
+    idem: Option<IdemRequest>,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    T: Serialize,
+    F: Fn(Option<Ticket>) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let Some(idem) = idem else {
+        return Ok(ok(run(None).await?).into_response());
+    };
+    let ticket = match state.service.claim(caller, &idem).await? {
+        Claim::Answered(answer) => return replayed(&answer),
+        Claim::Run(ticket) => ticket,
+    };
+    let data = match run(Some(ticket.clone())).await {
+        Ok(data) => data,
+        Err(e) => match state.service.after_failure(&ticket).await {
+            AfterFailure::Decided if !ticket.is_replay() => run(Some(ticket.replaying())).await?,
+            AfterFailure::Decided | AfterFailure::Undecided => return Err(e),
+            AfterFailure::Unknown => return Err(ApiError::OutcomeUnknownRetrySafe(e.to_string())),
+        },
+    };
+    let value = serde_json::to_value(&data)
+        .map_err(|e| ApiError::Internal(format!("answer not serializable: {e}")))?;
+    state.service.answered(&ticket, &value.to_string()).await;
+    let mut response = ok(value).into_response();
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("false"));
+    Ok(response)
+}
+
+/// The stored answer of the first request, in a new envelope.
+fn replayed(answer: &str) -> Result<Response, ApiError> {
+    let data: serde_json::Value = serde_json::from_str(answer)
+        .map_err(|e| ApiError::Internal(format!("stored answer unreadable: {e}")))?;
+    let mut response = ok(data).into_response();
+    response
+        .headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    Ok(response)
+}
 
 /// Wraps `data` in the success envelope of the current request.
 pub fn ok<T>(data: T) -> Json<Envelope<T>> {

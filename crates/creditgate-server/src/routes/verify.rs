@@ -1,15 +1,15 @@
 //! `keys.verifyKey`: the hot path. The service decides (DESIGN.md §2); this maps.
 
 use axum::extract::State;
-use axum::Json;
+use axum::response::Response;
 use creditgate_domain::Outcome;
 use creditgate_service::Verify;
 
-use super::{identity, ok};
+use super::{identity, once};
 use crate::auth::RootKey;
 use crate::context::RequestId;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::IdemJson;
 use crate::state::AppState;
 use crate::wire::{Envelope, VerifyKeyData, VerifyKeyRequest};
 
@@ -20,15 +20,23 @@ use crate::wire::{Envelope, VerifyKeyData, VerifyKeyRequest};
 pub async fn verify_key(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(req): ApiJson<VerifyKeyRequest>,
-) -> Result<Json<Envelope<VerifyKeyData>>, ApiError> {
-    let cmd = Verify::try_from(req)?;
-    let verdict = state
-        .service
-        .verify(&caller, cmd, RequestId::current())
-        .await?;
+    IdemJson { body, idem }: IdemJson<VerifyKeyRequest>,
+) -> Result<Response, ApiError> {
+    let cmd = Verify::try_from(body)?;
+    let (state, caller, cmd) = (&state, &caller, &cmd);
+    once(state, caller, idem, |ticket| async move {
+        let verdict = state
+            .service
+            .verify(caller, cmd.clone(), RequestId::current(), ticket.as_ref())
+            .await?;
+        Ok(verify_data(&verdict))
+    })
+    .await
+}
+
+fn verify_data(verdict: &creditgate_service::Verdict) -> VerifyKeyData {
     let key = verdict.key.as_deref();
-    Ok(ok(VerifyKeyData {
+    VerifyKeyData {
         valid: verdict.outcome == Outcome::Valid,
         code: verdict.outcome.as_str(),
         key_id: key.map(|k| k.id.shared()),
@@ -38,5 +46,5 @@ pub async fn verify_key(
         credits: verdict.remaining.and_then(|r| i64::try_from(r).ok()),
         enabled: key.map(|k| k.enabled),
         identity: key.and_then(identity),
-    }))
+    }
 }
