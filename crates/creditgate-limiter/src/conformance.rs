@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, DirectSpend, Drained, FenceOp, HoldClose,
-    HoldOutcome, HoldState, IncrementOutcome, Ledger, ReserveRequest, Settlement,
+    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, DirectSpend, Drained, FenceOp,
+    HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemState, IncrementOutcome, Ledger,
+    LedgerError, ReserveRequest, Settlement,
 };
 use crate::{Decision, Engine, EngineConfig, HoldAnswer, MemoryHotStore};
 
@@ -65,6 +66,8 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     engine_is_exact_under_concurrency(f).await;
     holds_close_exactly_once(f).await;
     concurrent_reserves_and_settles_conserve_credits(f).await;
+    idempotency_records_decide_with_the_change(f).await;
+    concurrent_idempotent_spends_spend_once(f).await;
 }
 
 pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
@@ -424,9 +427,15 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, None);
     assert_eq!(
-        l.begin_fence(&KeyId::from("key_missing"), "op5", FenceOp::Set(Some(1)), 9, None)
-            .await
-            .expect("begin"),
+        l.begin_fence(
+            &KeyId::from("key_missing"),
+            "op5",
+            FenceOp::Set(Some(1)),
+            9,
+            None
+        )
+        .await
+        .expect("begin"),
         BeginFence::NotFound
     );
 }
@@ -553,7 +562,9 @@ pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
         IncrementOutcome::Unlimited
     );
     assert_eq!(
-        l.increment(&key, credits(99), 100, None).await.expect("inc"),
+        l.increment(&key, credits(99), 100, None)
+            .await
+            .expect("inc"),
         IncrementOutcome::Overflow
     );
     assert!(
@@ -862,7 +873,11 @@ pub async fn concurrent_reserves_and_settles_conserve_credits(f: &dyn LedgerFixt
             } else {
                 HoldClose::Settle(i % 11)
             };
-            match engine.close_hold(&key, &id, close, None).await.expect("close") {
+            match engine
+                .close_hold(&key, &id, close, None)
+                .await
+                .expect("close")
+            {
                 HoldAnswer::Hold { hold, .. } => (true, hold.cost.unwrap_or(0)),
                 other => panic!("closing a hold of 10 with at most 10: {other:?}"),
             }
@@ -884,4 +899,322 @@ pub async fn concurrent_reserves_and_settles_conserve_credits(f: &dyn LedgerFixt
         (s.remaining, s.held, s.hot_allocated),
         (Some(200 - spent), 0, 0)
     );
+}
+
+fn claim<'a>(key: &'a str, fingerprint: &'a str, token: &'a str, now_ms: i64) -> IdemClaim<'a> {
+    IdemClaim {
+        scope: "ws_conformance",
+        key,
+        fingerprint,
+        token,
+        now_ms,
+        lease_until_ms: now_ms + 10_000,
+        expired_before_ms: now_ms - 86_400_000,
+    }
+}
+
+fn mark<'a>(key: &'a str, token: &'a str) -> IdemMark<'a> {
+    IdemMark {
+        scope: "ws_conformance",
+        key,
+        token,
+    }
+}
+
+/// An idempotency key's record: claimed once (a second request is in flight, another
+/// body a mismatch), decided only in the transaction that makes a change (a call that
+/// changes nothing leaves it claimed), answered once; a lapsed claim is taken over and
+/// its first holder can no longer decide; records past the window are gone.
+pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(10)).await;
+    let k1 = format!("{key}-1");
+    let t0 = 1_000_000;
+    assert_eq!(
+        l.claim_idempotency(&claim(&k1, "fp", "a", t0))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        l.claim_idempotency(&claim(&k1, "fp", "b", t0 + 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::InFlight,
+        "a live claim of another request"
+    );
+    assert_eq!(
+        l.claim_idempotency(&claim(&k1, "other", "b", t0 + 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::Mismatch,
+        "the same key with another body"
+    );
+    // A spend the balance cannot cover changes nothing: still claimed.
+    assert!(matches!(
+        l.spend_direct(&key, cost(11), Some(&mark(&k1, "a")))
+            .await
+            .unwrap(),
+        DirectSpend::Exceeded { remaining: 10 }
+    ));
+    let r = l
+        .idempotency("ws_conformance", &k1)
+        .await
+        .unwrap()
+        .expect("record");
+    assert_eq!(r.state, IdemState::Claimed, "nothing decided");
+    // A spend decides it, in its transaction.
+    assert!(matches!(
+        l.spend_direct(&key, cost(4), Some(&mark(&k1, "a")))
+            .await
+            .unwrap(),
+        DirectSpend::Valid { remaining: 6 }
+    ));
+    let ClaimOutcome::Decided(r) = l
+        .claim_idempotency(&claim(&k1, "fp", "b", t0 + 2))
+        .await
+        .unwrap()
+    else {
+        panic!("a decided key answers its record");
+    };
+    assert_eq!(
+        (r.token.as_str(), r.state, r.answer),
+        ("a", IdemState::Decided, None)
+    );
+    assert!(l
+        .answer_idempotency(&mark(&k1, "a"), "{\"valid\":true}")
+        .await
+        .unwrap());
+    assert!(
+        !l.answer_idempotency(&mark(&k1, "b"), "x").await.unwrap(),
+        "only the holder answers"
+    );
+    let ClaimOutcome::Decided(r) = l
+        .claim_idempotency(&claim(&k1, "fp", "c", t0 + 3))
+        .await
+        .unwrap()
+    else {
+        panic!("an answered key answers its record");
+    };
+    assert_eq!(r.answer.as_deref(), Some("{\"valid\":true}"));
+    // Abandoning a decided record does nothing.
+    l.abandon_idempotency(&mark(&k1, "a")).await.unwrap();
+    assert!(l
+        .idempotency("ws_conformance", &k1)
+        .await
+        .unwrap()
+        .is_some());
+
+    // A lapsed claim is taken over; its first holder's mark is refused, nothing moves.
+    let k2 = format!("{key}-2");
+    assert_eq!(
+        l.claim_idempotency(&claim(&k2, "fp", "a", t0))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        l.claim_idempotency(&claim(&k2, "fp", "b", t0 + 20_000))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed,
+        "the lease ran out and nothing was decided"
+    );
+    assert!(matches!(
+        l.spend_direct(&key, cost(1), Some(&mark(&k2, "a"))).await,
+        Err(LedgerError::Superseded)
+    ));
+    assert!(matches!(
+        l.reserve(&ReserveRequest {
+            mark: Some(&mark(&k2, "a")),
+            ..reserve_req(&key, &format!("hold_{key}_idem"), 1)
+        })
+        .await,
+        Err(LedgerError::Superseded)
+    ));
+    assert!(matches!(
+        l.increment(&key, credits(1), 1_000, Some(&mark(&k2, "a")))
+            .await,
+        Err(LedgerError::Superseded)
+    ));
+    let s = l.state(&key).await.unwrap().expect("row");
+    assert_eq!((s.remaining, s.held), (Some(6), 0), "nothing moved");
+    // The new holder decides with a reserve; then its hold closes under another key.
+    let hold_id = format!("hold_{key}_idem");
+    let reserved = l
+        .reserve(&ReserveRequest {
+            mark: Some(&mark(&k2, "b")),
+            ..reserve_req(&key, &hold_id, 2)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reserved, HoldOutcome::Hold { changed: true, .. }));
+    let r = l
+        .idempotency("ws_conformance", &k2)
+        .await
+        .unwrap()
+        .expect("record");
+    assert_eq!((r.token.as_str(), r.state), ("b", IdemState::Decided));
+    let k3 = format!("{key}-3");
+    l.claim_idempotency(&claim(&k3, "fp", "a", t0))
+        .await
+        .unwrap();
+    let closed = l
+        .close_hold(
+            &key,
+            &hold_id,
+            HoldClose::Settle(1),
+            2_000,
+            Some(&mark(&k3, "a")),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(closed, HoldOutcome::Hold { changed: true, .. }));
+    assert_eq!(
+        l.idempotency("ws_conformance", &k3)
+            .await
+            .unwrap()
+            .map(|r| r.state),
+        Some(IdemState::Decided)
+    );
+    // An increment and a fence decide theirs.
+    let k4 = format!("{key}-4");
+    l.claim_idempotency(&claim(&k4, "fp", "a", t0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        l.increment(&key, credits(5), 1_000, Some(&mark(&k4, "a")))
+            .await
+            .unwrap(),
+        IncrementOutcome::Done(_)
+    ));
+    assert_eq!(
+        l.idempotency("ws_conformance", &k4)
+            .await
+            .unwrap()
+            .map(|r| r.state),
+        Some(IdemState::Decided)
+    );
+    let k5 = format!("{key}-5");
+    l.claim_idempotency(&claim(&k5, "fp", "a", t0))
+        .await
+        .unwrap();
+    let fence = l
+        .begin_fence(
+            &key,
+            &format!("op_{key}_idem"),
+            FenceOp::Set(Some(3)),
+            3_000,
+            Some(&mark(&k5, "a")),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(fence, BeginFence::Begun(_)));
+    assert_eq!(
+        l.idempotency("ws_conformance", &k5)
+            .await
+            .unwrap()
+            .map(|r| r.state),
+        Some(IdemState::Decided)
+    );
+    // An undecided claim can be dropped by its holder only.
+    let k6 = format!("{key}-6");
+    l.claim_idempotency(&claim(&k6, "fp", "a", t0))
+        .await
+        .unwrap();
+    l.abandon_idempotency(&mark(&k6, "b")).await.unwrap();
+    assert!(l
+        .idempotency("ws_conformance", &k6)
+        .await
+        .unwrap()
+        .is_some());
+    l.abandon_idempotency(&mark(&k6, "a")).await.unwrap();
+    assert!(l
+        .idempotency("ws_conformance", &k6)
+        .await
+        .unwrap()
+        .is_none());
+    // Past the window a key is new again, and the purge deletes old records.
+    let day = 86_400_000;
+    assert_eq!(
+        l.claim_idempotency(&claim(&k1, "other", "z", t0 + day + 10))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed,
+        "a record older than the window counts as gone"
+    );
+    let purged = l.purge_idempotency(t0 + 1, 100_000).await.unwrap();
+    assert!(purged >= 4, "records made at t0 are purged: {purged}");
+    assert!(l
+        .idempotency("ws_conformance", &k2)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        l.idempotency("ws_conformance", &k1)
+            .await
+            .unwrap()
+            .is_some(),
+        "the new record stays"
+    );
+}
+
+/// 50 concurrent requests with one idempotency key, as the service runs them, on the
+/// engine over this ledger: one claims and spends, the others are in flight or answered
+/// the first decision; the key spent exactly once.
+pub async fn concurrent_idempotent_spends_spend_once(f: &dyn LedgerFixture) {
+    let key = f.create_key(Some(1_000)).await;
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        f.ledger(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    ));
+    // Part of the balance sits in the hot store: the spend must drain it to decide.
+    assert!(matches!(
+        engine.spend(&key, cost(0)).await.unwrap(),
+        Decision::Valid { .. }
+    ));
+    let idem = format!("{key}-concurrent");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (engine, key, idem) = (engine.clone(), key.clone(), idem.clone());
+        tasks.push(tokio::spawn(async move {
+            let token = format!("t{i}");
+            let now = SystemClock.now_ms();
+            match engine
+                .ledger()
+                .claim_idempotency(&claim(&idem, "fp", &token, now))
+                .await
+                .expect("claim")
+            {
+                ClaimOutcome::Claimed => {
+                    let m = mark(&idem, &token);
+                    let d = engine.spend_once(&key, cost(7), &m).await.expect("spend");
+                    engine
+                        .ledger()
+                        .answer_idempotency(&m, "spent")
+                        .await
+                        .expect("answer");
+                    Some(d)
+                }
+                ClaimOutcome::InFlight | ClaimOutcome::Decided(_) => None,
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    let mut decided = Vec::new();
+    for t in tasks {
+        if let Some(d) = t.await.expect("task") {
+            decided.push(d);
+        }
+    }
+    assert_eq!(
+        decided,
+        vec![Decision::Valid {
+            remaining: Some(993)
+        }]
+    );
+    engine.drain_all().await.expect("drain");
+    assert_eq!(remaining(&*f.ledger(), &key).await, Some(993), "spent once");
 }

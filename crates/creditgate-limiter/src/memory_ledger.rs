@@ -482,10 +482,7 @@ impl Ledger for MemoryLedger {
         Ok(keys)
     }
 
-    async fn claim_idempotency(
-        &self,
-        claim: &IdemClaim<'_>,
-    ) -> Result<ClaimOutcome, LedgerError> {
+    async fn claim_idempotency(&self, claim: &IdemClaim<'_>) -> Result<ClaimOutcome, LedgerError> {
         let mut inner = self.lock();
         let id = (claim.scope.to_owned(), claim.key.to_owned());
         let (outcome, store) = rules::claim(inner.idem.get(&id), claim);
@@ -520,11 +517,7 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn idempotency(
-        &self,
-        scope: &str,
-        key: &str,
-    ) -> Result<Option<IdemRecord>, LedgerError> {
+    async fn idempotency(&self, scope: &str, key: &str) -> Result<Option<IdemRecord>, LedgerError> {
         Ok(self
             .lock()
             .idem

@@ -618,8 +618,7 @@ pub trait Ledger: Send + Sync {
     /// used with another request (`Mismatch`), another request holds a live claim
     /// (`InFlight`) or one decided (`Decided`). A record created before
     /// `claim.expired_before_ms` counts as absent.
-    async fn claim_idempotency(&self, claim: &IdemClaim<'_>)
-        -> Result<ClaimOutcome, LedgerError>;
+    async fn claim_idempotency(&self, claim: &IdemClaim<'_>) -> Result<ClaimOutcome, LedgerError>;
 
     /// Stores the answer of the request holding the mark (claimed or decided). `false`:
     /// the token no longer holds the record.
@@ -632,8 +631,7 @@ pub trait Ledger: Send + Sync {
     /// Drops a claim that decided nothing, so a retry need not wait for the lease.
     async fn abandon_idempotency(&self, mark: &IdemMark<'_>) -> Result<(), LedgerError>;
 
-    async fn idempotency(&self, scope: &str, key: &str)
-        -> Result<Option<IdemRecord>, LedgerError>;
+    async fn idempotency(&self, scope: &str, key: &str) -> Result<Option<IdemRecord>, LedgerError>;
 
     /// Deletes up to `limit` records created before `before_ms`; returns how many.
     async fn purge_idempotency(&self, before_ms: i64, limit: u32) -> Result<u64, LedgerError>;

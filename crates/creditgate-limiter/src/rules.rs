@@ -13,9 +13,9 @@
 use creditgate_domain::KeyId;
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, ClaimOutcome, DirectSpend, Drained, FenceOp, Hold,
-    HoldClose, HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState, IncrementOutcome,
-    LedgerState, ReserveRequest,
+    AllocateOutcome, AllocateRequest, ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose,
+    HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState, IncrementOutcome, LedgerState,
+    ReserveRequest,
 };
 
 /// The ledger columns of one key.
@@ -473,7 +473,10 @@ pub fn close_hold(
 /// A claim on an idempotency key, given the key's record (if any): the outcome, and the
 /// record to store (`None`: leave it as it is). The same key with another request is a
 /// mismatch whatever its state; a lapsed claim that decided nothing is taken over.
-pub fn claim(existing: Option<&IdemRecord>, c: &IdemClaim<'_>) -> (ClaimOutcome, Option<IdemRecord>) {
+pub fn claim(
+    existing: Option<&IdemRecord>,
+    c: &IdemClaim<'_>,
+) -> (ClaimOutcome, Option<IdemRecord>) {
     let fresh = || IdemRecord {
         fingerprint: c.fingerprint.to_owned(),
         token: c.token.to_owned(),

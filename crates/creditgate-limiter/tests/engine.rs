@@ -147,7 +147,10 @@ impl Ledger for FaultyLedger {
         now: i64,
         mark: Option<&IdemMark<'_>>,
     ) -> Result<BeginFence, LedgerError> {
-        faulty!(self, self.inner.begin_fence(key, op_id, op, now, mark).await)
+        faulty!(
+            self,
+            self.inner.begin_fence(key, op_id, op, now, mark).await
+        )
     }
     async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
         faulty!(self, self.inner.finish_fence(f, d).await)
@@ -190,7 +193,10 @@ impl Ledger for FaultyLedger {
         now: i64,
         mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError> {
-        faulty!(self, self.inner.close_hold(key, hold_id, close, now, mark).await)
+        faulty!(
+            self,
+            self.inner.close_hold(key, hold_id, close, now, mark).await
+        )
     }
     async fn expire_holds(
         &self,
@@ -680,7 +686,14 @@ impl Sim {
                             self.idem.entry(idem).or_default().spent = true;
                         } else {
                             self.ledger.inner.abandon_idempotency(&mark).await.unwrap();
-                            if self.ledger.inner.idempotency(SCOPE, &key).await.unwrap().is_none() {
+                            if self
+                                .ledger
+                                .inner
+                                .idempotency(SCOPE, &key)
+                                .await
+                                .unwrap()
+                                .is_none()
+                            {
                                 self.idem.remove(&idem);
                             }
                         }

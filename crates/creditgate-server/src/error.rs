@@ -68,12 +68,16 @@ pub enum ApiError {
     #[error("{0}")]
     OutcomeUnknownRetrySafe(String),
     /// The idempotency key was used with a different request: nothing was done.
-    #[error("this idempotency key was used with a different request (route or body) in the \
-             last 24 h; nothing was done: send a new key for a new request")]
+    #[error(
+        "this idempotency key was used with a different request (route or body) in the \
+             last 24 h; nothing was done: send a new key for a new request"
+    )]
     IdempotencyMismatch,
     /// A request with the same idempotency key is still being processed.
-    #[error("a request with this idempotency key is still being processed; nothing was done: \
-             retry shortly to get its answer")]
+    #[error(
+        "a request with this idempotency key is still being processed; nothing was done: \
+             retry shortly to get its answer"
+    )]
     IdempotencyInFlight,
     #[error("{0}")]
     Internal(String),

@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use creditgate_service::{IdemRequest, MAX_IDEMPOTENCY_KEY_LEN};
 
 use crate::error::ApiError;
-use crate::wire::BodyIdempotencyKey;
 use crate::openapi;
 use crate::state::AppState;
+use crate::wire::BodyIdempotencyKey;
 
 pub struct ApiJson<T>(pub T);
 

@@ -16,6 +16,8 @@ mod exactness;
 mod fuzz;
 #[path = "http/holds.rs"]
 mod holds;
+#[path = "http/idempotency.rs"]
+mod idempotency;
 #[path = "http/limits.rs"]
 mod limits;
 #[path = "http/refill.rs"]

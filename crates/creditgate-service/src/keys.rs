@@ -226,7 +226,9 @@ impl Service {
         ticket: Option<&Ticket>,
     ) -> Result<KeyRecord, ServiceError> {
         let mark = ticket.map(Ticket::mark);
-        self.engine.update_marked(&key.id, op, mark.as_ref()).await?;
+        self.engine
+            .update_marked(&key.id, op, mark.as_ref())
+            .await?;
         let mut record = key.clone();
         if op == CreditOp::Set(None) && key.refill.is_some() {
             let patch = KeyPatch {

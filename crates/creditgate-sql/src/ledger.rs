@@ -15,8 +15,8 @@ use creditgate_domain::{Cost, Credits, KeyId};
 use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
     ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState,
-    IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger, LedgerError,
-    LedgerState, PendingAllocation, PendingFence, ReserveRequest, Settlement,
+    IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger, LedgerError, LedgerState,
+    PendingAllocation, PendingFence, ReserveRequest, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -986,10 +986,7 @@ impl Ledger for SqlStore {
             .collect()
     }
 
-    async fn claim_idempotency(
-        &self,
-        claim: &IdemClaim<'_>,
-    ) -> Result<ClaimOutcome, LedgerError> {
+    async fn claim_idempotency(&self, claim: &IdemClaim<'_>) -> Result<ClaimOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let lock = match self.backend {
             Backend::Postgres => " FOR UPDATE",
@@ -1089,11 +1086,7 @@ impl Ledger for SqlStore {
         commit(tx).await
     }
 
-    async fn idempotency(
-        &self,
-        scope: &str,
-        key: &str,
-    ) -> Result<Option<IdemRecord>, LedgerError> {
+    async fn idempotency(&self, scope: &str, key: &str) -> Result<Option<IdemRecord>, LedgerError> {
         // From the writer's pool: the lookup after an ambiguous commit must see it.
         let row = sqlx::query(&format!(
             "SELECT {IDEM_COLUMNS} FROM idempotency WHERE scope = $1 AND idem_key = $2"

@@ -96,6 +96,38 @@ impl Client {
         self.finish("POST", path, req).await
     }
 
+    /// POST a JSON body with an `Idempotency-Key` header; returns the status, the body
+    /// and the `Idempotent-Replayed` header.
+    pub async fn post_idem(
+        &self,
+        path: &str,
+        idempotency_key: &str,
+        body: Value,
+    ) -> (u16, Value, Option<String>) {
+        let bytes = serde_json::to_vec(&body).expect("serialising a request body");
+        let resp = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .header("idempotency-key", idempotency_key)
+            .bearer_auth(&self.root_key)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = resp.status().as_u16();
+        let replayed = resp
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = resp.text().await.expect("reading a response body");
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("POST {path} -> {status}: not JSON ({e}): {text}"));
+        check_envelope(path, status, &body);
+        (status, body, replayed)
+    }
+
     /// GET a path; returns status, content type and the raw body.
     pub async fn get(&self, path: &str) -> (u16, String, String) {
         let resp = self
