@@ -73,6 +73,12 @@ pub enum ApiError {
              last 24 h; nothing was done: send a new key for a new request"
     )]
     IdempotencyMismatch,
+    /// `Idempotency-Key` and `idempotencyKey` name different keys: nothing was done.
+    #[error(
+        "the Idempotency-Key header and body.idempotencyKey differ; nothing was done: \
+             send the idempotency key once, in the header or in the body"
+    )]
+    IdempotencyKeysDiffer,
     /// A request with the same idempotency key is still being processed.
     #[error(
         "a request with this idempotency key is still being processed; nothing was done: \
@@ -178,6 +184,11 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Unprocessable Content",
                 "https://creditgate.dev/docs/errors/idempotency/key_reused",
+            ),
+            ApiError::IdempotencyKeysDiffer => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Unprocessable Content",
+                "https://creditgate.dev/docs/errors/idempotency/keys_differ",
             ),
             ApiError::IdempotencyInFlight => (
                 StatusCode::CONFLICT,

@@ -48,13 +48,7 @@ where
         let raw = json_body(req, state).await?;
         let body: T = parse(&raw, &T::name())?;
         let key = match (header, body.idempotency_key()) {
-            (Some(h), Some(b)) if h != b => {
-                return Err(ApiError::field(
-                    "body.idempotencyKey",
-                    "differs from the Idempotency-Key header",
-                    "send the idempotency key once, in the header or in the body",
-                ))
-            }
+            (Some(h), Some(b)) if h != b => return Err(ApiError::IdempotencyKeysDiffer),
             (Some(h), _) => Some(h),
             (None, Some(b)) => Some(checked_key(b, "body.idempotencyKey")?.to_owned()),
             (None, None) => None,
@@ -79,6 +73,7 @@ fn header_key(value: &axum::http::HeaderValue) -> Result<String, ApiError> {
     let unquoted = text
         .strip_prefix('"')
         .and_then(|t| t.strip_suffix('"'))
+        .filter(|t| !t.is_empty())
         .unwrap_or(text);
     Ok(checked_key(unquoted, AT)?.to_owned())
 }
@@ -95,8 +90,13 @@ fn checked_key<'a>(key: &'a str, at: &str) -> Result<&'a str, ApiError> {
             fix,
         ));
     }
-    if !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(ApiError::field(at, "must be printable ASCII", fix));
+    if !key.bytes().all(|b| (0x20..0x7f).contains(&b)) || key.starts_with(' ') || key.ends_with(' ')
+    {
+        return Err(ApiError::field(
+            at,
+            "must be printable ASCII, without leading or trailing spaces",
+            fix,
+        ));
     }
     Ok(key)
 }

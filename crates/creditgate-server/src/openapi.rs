@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use creditgate_domain::{Cost, Credits};
-use creditgate_service::MAX_HOLD_TTL_MS;
+use creditgate_service::{MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN};
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -58,21 +58,24 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     (
         "/v2/keys.updateCredits",
-        &[400, 401, 403, 404, 409, 413, 500, 503],
+        &[400, 401, 403, 404, 409, 413, 422, 500, 503],
     ),
     ("/v2/keys.deleteKey", &[400, 401, 403, 404, 413, 500, 503]),
     // A key the root key may not see is a NOT_FOUND verdict (200), never 403/404.
-    ("/v2/keys.verifyKey", &[400, 401, 413, 500, 503]),
+    ("/v2/keys.verifyKey", &[400, 401, 409, 413, 422, 500, 503]),
     ("/v2/keys.whoami", &[400, 401, 404, 413, 500, 503]),
     // As verifyKey: a key the root key may not see is a NOT_FOUND verdict.
-    ("/v2/keys.reserveCredits", &[400, 401, 413, 500, 503]),
+    (
+        "/v2/keys.reserveCredits",
+        &[400, 401, 409, 413, 422, 500, 503],
+    ),
     (
         "/v2/keys.settleCredits",
-        &[400, 401, 404, 409, 413, 500, 503],
+        &[400, 401, 404, 409, 413, 422, 500, 503],
     ),
     (
         "/v2/keys.releaseCredits",
-        &[400, 401, 404, 409, 413, 500, 503],
+        &[400, 401, 404, 409, 413, 422, 500, 503],
     ),
     ("/v2/keys.getHold", &[400, 401, 404, 413, 500, 503]),
 ];
@@ -182,8 +185,14 @@ fn status_description(status: u16) -> &'static str {
         403 => "The root key lacks the permission this operation needs on this API.",
         404 => "The key or API does not exist, was deleted, or belongs to another workspace.",
         409 => "Well-formed, but the key's state does not allow it (a balance change on an \
-                unlimited key, an increment past 2^53 - 1, a refill without a balance); nothing \
-                was changed.",
+                unlimited key, an increment past 2^53 - 1, a refill without a balance, a hold \
+                closed otherwise), or a request with the same idempotency key is still being \
+                processed (`error.type` ends `idempotency/in_flight`: retry shortly for its \
+                answer); nothing was changed.",
+        422 => "The idempotency key was used in the last 24 h with a different request (route \
+                or body: `error.type` ends `idempotency/key_reused`), or the Idempotency-Key \
+                header and `idempotencyKey` differ (`idempotency/keys_differ`); nothing was \
+                done.",
         413 => "The body is larger than the node accepts (`--max-body-bytes`).",
         500 => "An unexpected error; the request changed nothing it reported.",
         503 => "A backend is unavailable and nothing was spent; or a backend did not answer in time \
@@ -316,8 +325,30 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("SettleCreditsRequest", "holdId", hold_id.clone()),
         ("SettleCreditsRequest", "cost", cost.clone()),
-        ("HoldIdRequest", "holdId", hold_id),
+        ("HoldIdRequest", "holdId", hold_id.clone()),
+        ("ReleaseCreditsRequest", "holdId", hold_id),
+        ("VerifyKeyRequest", "idempotencyKey", idempotency_key()),
+        ("ReserveCreditsRequest", "idempotencyKey", idempotency_key()),
+        ("SettleCreditsRequest", "idempotencyKey", idempotency_key()),
+        ("ReleaseCreditsRequest", "idempotencyKey", idempotency_key()),
+        ("UpdateCreditsRequest", "idempotencyKey", idempotency_key()),
     ]
+}
+
+/// Routes that take an idempotency key.
+const IDEMPOTENT_ROUTES: &[&str] = &[
+    "/v2/keys.verifyKey",
+    "/v2/keys.reserveCredits",
+    "/v2/keys.settleCredits",
+    "/v2/keys.releaseCredits",
+    "/v2/keys.updateCredits",
+];
+
+/// An idempotency key's constraints (in the body its type, a nullable string, is the
+/// generated one).
+fn idempotency_key() -> Value {
+    json!({ "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LEN,
+        "pattern": "^[!-~]([ -~]*[!-~])?$" })
 }
 
 /// Rules between fields of one schema (JSON Schema `if`/`then`).
@@ -390,6 +421,35 @@ fn complete(mut doc: Value) -> Value {
                     "schema": { "type": "integer", "minimum": 0 } } });
             }
             responses.insert(status.to_string(), response);
+        }
+    }
+    for path in IDEMPOTENT_ROUTES {
+        let Some(op) = doc
+            .pointer_mut(&format!("/paths/{}/post", path.replace('/', "~1")))
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        let params = op.entry("parameters").or_insert_with(|| json!([]));
+        if let Some(list) = params.as_array_mut() {
+            list.push(json!({
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": false,
+                "description": "Makes the request idempotent: the same key with the same body \
+                    within 24 h, from any node, answers the first decision (same credits, same \
+                    holdId) and changes nothing again; another body is 422, a retry while the \
+                    first is in flight 409. Per workspace. A structured-field string (\"…\") \
+                    or the bare key. Or send `idempotencyKey` in the body.",
+                "schema": { "type": "string", "minLength": 1,
+                    "maxLength": MAX_IDEMPOTENCY_KEY_LEN, "pattern": "^[!-~]([ -~]*[!-~])?$" }
+            }));
+        }
+        if let Some(ok) = op.get_mut("responses").and_then(|r| r.get_mut("200")) {
+            ok["headers"] = json!({ "Idempotent-Replayed": {
+                "description": "With an idempotency key: `true` when this is the first \
+                    request's answer, replayed.",
+                "schema": { "type": "string", "enum": ["true", "false"] } } });
         }
     }
     for (from, name, to, field, source) in LINKS {

@@ -189,8 +189,12 @@ async fn bad_idempotency_keys_are_400_and_move_nothing() {
     let long = "x".repeat(256);
     let (s, b, _) = app.post_idem(VERIFY, &long, body.clone()).await;
     assert_bad_request(s, &b, "header.Idempotency-Key");
-    let (s, b, _) = app.post_idem(VERIFY, "\"\"", body.clone()).await;
+    let (s, b, _) = app.post_idem(VERIFY, "a\tb", body.clone()).await;
     assert_bad_request(s, &b, "header.Idempotency-Key");
+    let (s, b) = app
+        .post(VERIFY, json!({ "key": key, "idempotencyKey": " padded" }))
+        .await;
+    assert_bad_request(s, &b, "body.idempotencyKey");
     let (s, b) = app
         .post(VERIFY, json!({ "key": key, "idempotencyKey": long }))
         .await;
@@ -206,7 +210,7 @@ async fn bad_idempotency_keys_are_400_and_move_nothing() {
     let (s, b, _) = app
         .post_idem(VERIFY, "a", json!({ "key": key, "idempotencyKey": "b" }))
         .await;
-    assert_bad_request(s, &b, "body.idempotencyKey");
+    assert_error(s, &b, 422, "idempotency/keys_differ");
     // 255 characters are fine; a quoted header (a structured-field string) is its content.
     let ok = "y".repeat(255);
     assert_eq!(app.post_idem(VERIFY, &ok, body.clone()).await.0, 200);
