@@ -3,6 +3,7 @@
 //! multi-node tests with faults.
 
 mod holds;
+mod idempotency;
 mod loadtest;
 mod multinode;
 mod process;
