@@ -110,7 +110,7 @@ pub async fn update_credits(
     once(state, caller, idem, |ticket| async move {
         let view = state
             .service
-            .update_credits(caller, id, cmd.clone(), ticket.as_ref())
+            .update_credits(caller, id, *cmd, ticket.as_ref())
             .await?;
         Ok(credits_data(&view))
     })
