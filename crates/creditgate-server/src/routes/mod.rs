@@ -52,7 +52,15 @@ where
         Ok(data) => data,
         Err(e) => match state.service.after_failure(&ticket).await {
             AfterFailure::Decided if !ticket.is_replay() => run(Some(ticket.replaying())).await?,
-            AfterFailure::Decided | AfterFailure::Undecided => return Err(e),
+            AfterFailure::Decided => return Err(e),
+            // The record shows nothing was decided: whatever the backend said, nothing
+            // was spent.
+            AfterFailure::Undecided => {
+                return Err(match e {
+                    ApiError::OutcomeUnknown(cause) => ApiError::Unavailable(cause),
+                    e => e,
+                })
+            }
             AfterFailure::Unknown => return Err(ApiError::OutcomeUnknownRetrySafe(e.to_string())),
         },
     };

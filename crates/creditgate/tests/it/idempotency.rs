@@ -67,7 +67,9 @@ async fn the_same_key_on_three_nodes_spends_once_through_a_redis_kill9() {
     assert_eq!(answers[0]["credits"], 1_000 - COST, "{}", answers[0]);
     let (status, again) = verify_once(&cluster.nodes[2].remote(), &root, &key, "one-key").await;
     assert_eq!((status, &again["data"]), (200, &answers[0]));
-    cluster.assert_converged(&key_id, Duration::from_secs(5)).await;
+    cluster
+        .assert_converged(&key_id, Duration::from_secs(5))
+        .await;
     assert_eq!(
         cluster.sql_remaining(&key_id).expect("sql"),
         Some(i64::try_from(1_000 - COST).expect("small"))
