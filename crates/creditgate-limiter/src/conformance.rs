@@ -913,6 +913,11 @@ fn claim<'a>(key: &'a str, fingerprint: &'a str, token: &'a str, now_ms: i64) ->
     }
 }
 
+async fn idem_state(l: &dyn Ledger, key: &str) -> Option<IdemState> {
+    let record = l.idempotency("ws_conformance", key).await.expect("record");
+    record.map(|r| r.state)
+}
+
 fn mark<'a>(key: &'a str, token: &'a str) -> IdemMark<'a> {
     IdemMark {
         scope: "ws_conformance",
@@ -1070,13 +1075,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         .await
         .unwrap();
     assert!(matches!(closed, HoldOutcome::Hold { changed: true, .. }));
-    assert_eq!(
-        l.idempotency("ws_conformance", &k3)
-            .await
-            .unwrap()
-            .map(|r| r.state),
-        Some(IdemState::Decided)
-    );
+    assert_eq!(idem_state(&*l, &k3).await, Some(IdemState::Decided));
     // An increment and a fence decide theirs.
     let k4 = format!("{key}-4");
     l.claim_idempotency(&claim(&k4, "fp", "a", t0))
@@ -1088,13 +1087,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
             .unwrap(),
         IncrementOutcome::Done(_)
     ));
-    assert_eq!(
-        l.idempotency("ws_conformance", &k4)
-            .await
-            .unwrap()
-            .map(|r| r.state),
-        Some(IdemState::Decided)
-    );
+    assert_eq!(idem_state(&*l, &k4).await, Some(IdemState::Decided));
     let k5 = format!("{key}-5");
     l.claim_idempotency(&claim(&k5, "fp", "a", t0))
         .await
@@ -1110,13 +1103,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         .await
         .unwrap();
     assert!(matches!(fence, BeginFence::Begun(_)));
-    assert_eq!(
-        l.idempotency("ws_conformance", &k5)
-            .await
-            .unwrap()
-            .map(|r| r.state),
-        Some(IdemState::Decided)
-    );
+    assert_eq!(idem_state(&*l, &k5).await, Some(IdemState::Decided));
     // An undecided claim can be dropped by its holder only.
     let k6 = format!("{key}-6");
     l.claim_idempotency(&claim(&k6, "fp", "a", t0))

@@ -564,6 +564,16 @@ impl Sim {
         self.check(ctx, op).await;
     }
 
+    /// A new record of idempotency key `idem`, claimed for a request of `cost`.
+    fn remember(&mut self, idem: usize, cost: u64, now: i64) {
+        let record = ModelIdem {
+            cost,
+            created_at_ms: now,
+            ..ModelIdem::default()
+        };
+        self.idem.insert(idem, record);
+    }
+
     /// An idempotent verification: spends at most once per key, exactly when the ledger
     /// recorded the decision, and a retry answers the first decision.
     async fn once_step(&mut self, idem: usize, cost: u64, fault: Option<Fault>, ctx: &str) {
@@ -599,14 +609,7 @@ impl Sim {
                 self.heal().await;
                 let r = self.ledger.inner.idempotency(SCOPE, &key).await.unwrap();
                 if r.is_some_and(|r| r.token == token) && known.is_none() {
-                    self.idem.insert(
-                        idem,
-                        ModelIdem {
-                            cost,
-                            created_at_ms: now,
-                            ..ModelIdem::default()
-                        },
-                    );
+                    self.remember(idem, cost, now);
                 }
                 self.expire_model();
                 self.check(ctx, Op::Once { idem, cost }).await;
@@ -639,14 +642,7 @@ impl Sim {
                     assert_eq!(k.cost, cost, "{ctx}: claimed for another request");
                 }
                 if known.is_none() {
-                    self.idem.insert(
-                        idem,
-                        ModelIdem {
-                            cost,
-                            created_at_ms: now,
-                            ..ModelIdem::default()
-                        },
-                    );
+                    self.remember(idem, cost, now);
                 }
                 let before = self.balance;
                 let fired_before = self.ledger.fired.load(Ordering::SeqCst);
