@@ -66,6 +66,7 @@ id_type!(WorkspaceId, "ws");
 id_type!(ApiId, "api");
 id_type!(KeyId, "key");
 id_type!(RootKeyId, "rk");
+id_type!(IdentityId, "id");
 
 /// A new secret: optional `prefix_` then `byte_length` random bytes in base58.
 pub fn new_secret(prefix: Option<&str>, byte_length: usize) -> String {

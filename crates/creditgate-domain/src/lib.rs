@@ -14,11 +14,11 @@ pub mod store;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credits::{Cost, Credits, CreditsError};
 pub use ids::{
-    hash_secret, new_id, new_id_for_transfer, new_secret, secret_start, ApiId, KeyId, RootKeyId,
-    WorkspaceId,
+    hash_secret, new_id, new_id_for_transfer, new_secret, secret_start, ApiId, IdentityId, KeyId,
+    RootKeyId, WorkspaceId,
 };
 pub use outcome::Outcome;
 pub use permission::{Action, Permission, PermissionSet};
-pub use record::{ApiRecord, KeyRecord, NewKey, RootKeyRecord};
+pub use record::{ApiRecord, IdentityRecord, KeyRecord, NewKey, RootKeyRecord};
 pub use refill::{Refill, RefillError, RefillInterval};
-pub use store::{KeyPatch, KeyStore, StoreError};
+pub use store::{IdentityPage, KeyPatch, KeyStore, StoreError};

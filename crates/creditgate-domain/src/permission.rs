@@ -1,4 +1,5 @@
-//! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>`.
+//! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>` for
+//! APIs and their keys, `identity.*.<action>` for identities.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +16,14 @@ pub enum Action {
     UpdateKey,
     DeleteKey,
     VerifyKey,
+    CreateIdentity,
+    ReadIdentity,
+    UpdateIdentity,
+    DeleteIdentity,
 }
 
 impl Action {
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 12] = [
         Action::CreateApi,
         Action::ReadApi,
         Action::DeleteApi,
@@ -27,6 +32,10 @@ impl Action {
         Action::UpdateKey,
         Action::DeleteKey,
         Action::VerifyKey,
+        Action::CreateIdentity,
+        Action::ReadIdentity,
+        Action::UpdateIdentity,
+        Action::DeleteIdentity,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,11 +48,28 @@ impl Action {
             Action::UpdateKey => "update_key",
             Action::DeleteKey => "delete_key",
             Action::VerifyKey => "verify_key",
+            Action::CreateIdentity => "create_identity",
+            Action::ReadIdentity => "read_identity",
+            Action::UpdateIdentity => "update_identity",
+            Action::DeleteIdentity => "delete_identity",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    /// The resource the action is on: the first part of the permission.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Action::CreateIdentity
+            | Action::ReadIdentity
+            | Action::UpdateIdentity
+            | Action::DeleteIdentity => "identity",
+            _ => "api",
+        }
+    }
+
+    fn parse(resource: &str, s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.resource() == resource && a.as_str() == s)
     }
 }
 
@@ -51,7 +77,7 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Permission {
-    /// `None` means every API (`api.*`).
+    /// `None` means every API (`api.*`); always `None` for identity actions.
     pub api: Option<ApiId>,
     pub action: Action,
 }
@@ -62,18 +88,20 @@ impl Permission {
             format!(
                 "invalid permission '{s}': expected api.*.<action> or api.<apiId>.<action> \
                  with action one of create_api, read_api, delete_api, create_key, read_key, \
-                 update_key, delete_key, verify_key"
+                 update_key, delete_key, verify_key; or identity.*.<action> with action one \
+                 of create_identity, read_identity, update_identity, delete_identity"
             )
         };
         let mut parts = s.splitn(3, '.');
-        let (Some("api"), Some(scope), Some(action)) = (parts.next(), parts.next(), parts.next())
+        let (Some(resource), Some(scope), Some(action)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err(err());
         };
-        let action = Action::parse(action).ok_or_else(err)?;
-        let api = match scope {
-            "*" => None,
-            id if !id.is_empty() => Some(ApiId(id.into())),
+        let action = Action::parse(resource, action).ok_or_else(err)?;
+        let api = match (resource, scope) {
+            (_, "*") => None,
+            ("api", id) if !id.is_empty() => Some(ApiId(id.into())),
             _ => return Err(err()),
         };
         Ok(Self { api, action })
@@ -91,7 +119,12 @@ impl Permission {
 impl std::fmt::Display for Permission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scope = self.api.as_ref().map_or("*", |a| a.as_str());
-        write!(f, "api.{scope}.{}", self.action.as_str())
+        write!(
+            f,
+            "{}.{scope}.{}",
+            self.action.resource(),
+            self.action.as_str()
+        )
     }
 }
 
@@ -146,6 +179,12 @@ mod tests {
         assert!(!set.allows(Action::DeleteKey, Some(&a)));
         assert!(Permission::parse("api.*.fly").is_err());
         assert!(Permission::parse("ratelimit.*.limit").is_err());
+        let i = Permission::parse("identity.*.create_identity").unwrap();
+        assert_eq!(i.to_string(), "identity.*.create_identity");
+        assert!(PermissionSet(vec![i]).allows(Action::CreateIdentity, None));
+        assert!(Permission::parse("identity.id_1.create_identity").is_err());
+        assert!(Permission::parse("api.*.create_identity").is_err());
+        assert!(Permission::parse("identity.*.verify_key").is_err());
         assert!(Permission::parse("api..verify_key").is_err());
     }
 }

@@ -2,7 +2,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::{ApiId, Credits, KeyId, PermissionSet, Refill, RootKeyId, WorkspaceId};
+use std::sync::Arc;
+
+use crate::{ApiId, Credits, IdentityId, KeyId, PermissionSet, Refill, RootKeyId, WorkspaceId};
 
 /// An API: a namespace of keys in one workspace.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +37,21 @@ pub struct KeyRecord {
     pub refill: Option<Refill>,
     /// When the last periodic refill was applied (creation time before the first).
     pub last_refill_at: Option<i64>,
+    /// The identity the key belongs to: the workspace's identity with the key's
+    /// `external_id` (created with the key when missing).
+    pub identity: Option<Arc<IdentityRecord>>,
+}
+
+/// An identity: a customer (user, organisation) of the workspace that groups keys by
+/// their `external_id`, unique in the workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityRecord {
+    pub id: IdentityId,
+    pub workspace_id: WorkspaceId,
+    pub external_id: String,
+    pub meta: Option<Map<String, Value>>,
+    pub created_at: i64,
+    pub updated_at: Option<i64>,
 }
 
 impl KeyRecord {

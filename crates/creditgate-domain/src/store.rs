@@ -4,7 +4,9 @@
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use crate::{ApiId, ApiRecord, KeyId, KeyRecord, NewKey, Refill, RootKeyRecord, WorkspaceId};
+use crate::{
+    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, Refill, RootKeyRecord, WorkspaceId,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +44,14 @@ impl KeyPatch {
 #[derive(Debug, Clone)]
 pub struct KeyPage {
     pub keys: Vec<KeyRecord>,
+    /// Pass back to get the next page; `None` when this is the last one.
+    pub cursor: Option<String>,
+}
+
+/// One page of `identities.listIdentities`.
+#[derive(Debug, Clone)]
+pub struct IdentityPage {
+    pub identities: Vec<IdentityRecord>,
     /// Pass back to get the next page; `None` when this is the last one.
     pub cursor: Option<String>,
 }
@@ -86,4 +96,36 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<Option<KeyRecord>, StoreError>;
     /// Soft-deletes the key. `false` if it did not exist.
     async fn delete_key(&self, id: &KeyId, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Creates the identity; `Conflict` when the workspace has one with its external id.
+    async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError>;
+    /// The workspace's identity whose id or external id is `identity`.
+    async fn identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError>;
+    /// Identities of the workspace ordered by id; the cursor is the last id of the page.
+    async fn list_identities(
+        &self,
+        workspace: &WorkspaceId,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<IdentityPage, StoreError>;
+    /// Replaces the identity's meta (`None` clears it); `None` when it does not exist.
+    async fn update_identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+        meta: Option<&Map<String, Value>>,
+        now_ms: i64,
+    ) -> Result<Option<IdentityRecord>, StoreError>;
+    /// Deletes the identity and unlinks its keys (their external id is cleared), in one
+    /// transaction. The deleted identity, `None` when it did not exist.
+    async fn delete_identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+        now_ms: i64,
+    ) -> Result<Option<IdentityRecord>, StoreError>;
 }

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
-use crate::routes::{apis, holds, keys, system, verify};
+use crate::routes::{apis, holds, identities, keys, system, verify};
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
@@ -290,6 +290,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.settleCredits", post(holds::settle_credits))
         .route("/v2/keys.releaseCredits", post(holds::release_credits))
         .route("/v2/keys.getHold", post(holds::get_hold))
+        .route(
+            "/v2/identities.createIdentity",
+            post(identities::create_identity),
+        )
+        .route("/v2/identities.getIdentity", post(identities::get_identity))
+        .route(
+            "/v2/identities.listIdentities",
+            post(identities::list_identities),
+        )
+        .route(
+            "/v2/identities.updateIdentity",
+            post(identities::update_identity),
+        )
+        .route(
+            "/v2/identities.deleteIdentity",
+            post(identities::delete_identity),
+        )
         .route("/v2/liveness", get(system::liveness))
         .route("/openapi.json", get(system::openapi))
         .route("/metrics", get(system::metrics))

@@ -94,6 +94,7 @@ pub enum NotFoundKind {
     Key,
     Api,
     Hold,
+    Identity,
     Route,
 }
 
@@ -151,6 +152,9 @@ impl ApiError {
                     NotFoundKind::Key => "https://unkey.com/docs/errors/unkey/data/key_not_found",
                     NotFoundKind::Api => "https://unkey.com/docs/errors/unkey/data/api_not_found",
                     NotFoundKind::Hold => "https://creditgate.dev/docs/errors/data/hold_not_found",
+                    NotFoundKind::Identity => {
+                        "https://unkey.com/docs/errors/unkey/data/identity_not_found"
+                    }
                     NotFoundKind::Route => {
                         "https://unkey.com/docs/errors/unkey/application/route_not_found"
                     }
@@ -329,6 +333,10 @@ impl From<creditgate_service::ServiceError> for ApiError {
                 detail: "The requested hold does not exist, or belongs to a key this root key \
                          may not verify."
                     .into(),
+            },
+            ServiceError::IdentityNotFound => ApiError::NotFound {
+                kind: NotFoundKind::Identity,
+                detail: "The requested identity does not exist in this workspace.".into(),
             },
             ServiceError::HoldClosed(state) => ApiError::HoldClosed {
                 state: state.as_str(),

@@ -14,7 +14,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::MAX_EXPIRES_MS;
-use crate::routes::{apis, holds, keys, system, verify};
+use crate::routes::{apis, holds, identities, keys, system, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,7 +23,9 @@ use crate::routes::{apis, holds, keys, system, verify};
         apis::create_api, apis::get_api, apis::list_keys, apis::delete_api,
         keys::create_key, keys::get_key, keys::update_key, keys::update_credits,
         keys::delete_key, keys::whoami, verify::verify_key, holds::reserve_credits,
-        holds::settle_credits, holds::release_credits, holds::get_hold, system::liveness,
+        holds::settle_credits, holds::release_credits, holds::get_hold,
+        identities::create_identity, identities::get_identity, identities::list_identities,
+        identities::update_identity, identities::delete_identity, system::liveness,
     ),
     modifiers(&RootKeyAuth)
 )]
@@ -78,6 +80,26 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         &[400, 401, 404, 409, 413, 422, 500, 503],
     ),
     ("/v2/keys.getHold", &[400, 401, 404, 413, 500, 503]),
+    (
+        "/v2/identities.createIdentity",
+        &[400, 401, 403, 409, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.getIdentity",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.listIdentities",
+        &[400, 401, 403, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.updateIdentity",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.deleteIdentity",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
 ];
 
 /// OpenAPI links: which response values feed which requests, so that a client (and the
@@ -176,14 +198,35 @@ const LINKS: &[(&str, &str, &str, &str, &str)] = &[
         "holdId",
         "/data/holdId",
     ),
+    (
+        "/v2/identities.createIdentity",
+        "GetIdentity",
+        "get_identity",
+        "identity",
+        "/data/identityId",
+    ),
+    (
+        "/v2/identities.createIdentity",
+        "UpdateIdentity",
+        "update_identity",
+        "identity",
+        "/data/identityId",
+    ),
+    (
+        "/v2/identities.createIdentity",
+        "DeleteIdentity",
+        "delete_identity",
+        "identity",
+        "/data/identityId",
+    ),
 ];
 
 fn status_description(status: u16) -> &'static str {
     match status {
         400 => "The request is invalid and changed nothing: `error.errors` names each field and how to fix it.",
         401 => "The Authorization header is missing or malformed, or the root key is unknown or revoked.",
-        403 => "The root key lacks the permission this operation needs on this API.",
-        404 => "The key or API does not exist, was deleted, or belongs to another workspace.",
+        403 => "The root key lacks the permission this operation needs (on this API, or on identities).",
+        404 => "The key, API, hold or identity does not exist, was deleted, or belongs to another workspace.",
         409 => "Well-formed, but the key's state does not allow it (a balance change on an \
                 unlimited key, an increment past 2^53 - 1, a refill without a balance, a hold \
                 closed otherwise), or a request with the same idempotency key is still being \
@@ -282,8 +325,8 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("DeleteKeyRequest", "keyId", key_id.clone()),
         ("UpdateKeyRequest", "keyId", key_id.clone()),
         ("UpdateKeyRequest", "name", name),
-        ("UpdateKeyRequest", "externalId", external_id),
-        ("UpdateKeyRequest", "meta", meta),
+        ("UpdateKeyRequest", "externalId", external_id.clone()),
+        ("UpdateKeyRequest", "meta", meta.clone()),
         ("UpdateKeyRequest", "expires", expires),
         ("UpdateKeyRequest", "roles", unsupported.clone()),
         ("UpdateKeyRequest", "permissions", unsupported.clone()),
@@ -309,7 +352,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             "permissions",
             json!({ "maxLength": 0, "description": "Not supported: only an absent, null or empty string is accepted." }),
         ),
-        ("VerifyKeyRequest", "ratelimits", unsupported),
+        ("VerifyKeyRequest", "ratelimits", unsupported.clone()),
         (
             "VerifyKeyRequest",
             "migrationId",
@@ -328,6 +371,26 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("HoldIdRequest", "holdId", hold_id.clone()),
         ("ReleaseCreditsRequest", "holdId", hold_id),
         ("VerifyKeyRequest", "idempotencyKey", idempotency_key()),
+        ("CreateIdentityRequest", "externalId", external_id.clone()),
+        ("CreateIdentityRequest", "meta", meta.clone()),
+        ("CreateIdentityRequest", "ratelimits", unsupported.clone()),
+        (
+            "IdentityRequest",
+            "identity",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        (
+            "UpdateIdentityRequest",
+            "identity",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        ("UpdateIdentityRequest", "meta", meta.clone()),
+        ("UpdateIdentityRequest", "ratelimits", unsupported.clone()),
+        (
+            "ListIdentitiesRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": 100 }),
+        ),
         ("ReserveCreditsRequest", "idempotencyKey", idempotency_key()),
         ("SettleCreditsRequest", "idempotencyKey", idempotency_key()),
         ("ReleaseCreditsRequest", "idempotencyKey", idempotency_key()),

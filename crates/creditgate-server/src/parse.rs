@@ -5,8 +5,8 @@
 use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, RefillInterval};
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateKey, FieldError, ListKeys, Reserve, UpdateCredits, UpdateKey, Verify,
-    DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
+    CreateIdentity, CreateKey, FieldError, ListIdentities, ListKeys, Reserve, UpdateCredits,
+    UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
 };
 use serde_json::{Map, Value};
 
@@ -168,26 +168,51 @@ struct KeyFields<'a> {
     ratelimits: &'a Option<Vec<Value>>,
 }
 
+impl Checks {
+    /// An external id: 1..=255 characters of `[a-zA-Z0-9_.-]`.
+    fn external_id(&mut self, value: &str) {
+        self.len("body.externalId", value, 1, 255);
+        self.charset(
+            "body.externalId",
+            value,
+            "letters, digits, '_', '.' and '-'",
+            is_external_id_char,
+        );
+    }
+
+    /// A `meta` object: at most 100 properties.
+    fn meta(&mut self, value: Option<&Map<String, Value>>) {
+        if value.is_some_and(|m| m.len() > 100) {
+            self.push(
+                "body.meta",
+                "has more than 100 properties",
+                "send at most 100 properties",
+            );
+        }
+    }
+
+    /// A page size: 1..=100, default 100.
+    fn limit(&mut self, value: Option<i64>) -> u32 {
+        let limit = value.unwrap_or(100);
+        if !(1..=100).contains(&limit) {
+            self.push(
+                "body.limit",
+                format!("must be 1 to 100, got {limit}"),
+                "send a limit from 1 to 100",
+            );
+        }
+        u32::try_from(limit.clamp(1, 100)).unwrap_or(100)
+    }
+}
+
 fn key_fields(c: &mut Checks, f: KeyFields<'_>) {
     if let Some(n) = f.name {
         c.len("body.name", n, 1, 200);
     }
     if let Some(e) = f.external_id {
-        c.len("body.externalId", e, 1, 255);
-        c.charset(
-            "body.externalId",
-            e,
-            "letters, digits, '_', '.' and '-'",
-            is_external_id_char,
-        );
+        c.external_id(e);
     }
-    if f.meta.is_some_and(|m| m.len() > 100) {
-        c.push(
-            "body.meta",
-            "has more than 100 properties",
-            "send at most 100 properties",
-        );
-    }
+    c.meta(f.meta);
     if let Some(x) = f.expires {
         if !(0..=MAX_EXPIRES_MS).contains(&x) {
             c.push(
@@ -425,6 +450,52 @@ impl TryFrom<ListKeysRequest> for ListKeys {
             external_id: req.external_id,
         })
     }
+}
+
+impl TryFrom<CreateIdentityRequest> for CreateIdentity {
+    type Error = ApiError;
+
+    fn try_from(req: CreateIdentityRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.external_id(&req.external_id);
+        c.meta(req.meta.as_ref());
+        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        c.finish(CreateIdentity {
+            external_id: req.external_id,
+            meta: req.meta,
+        })
+    }
+}
+
+impl TryFrom<ListIdentitiesRequest> for ListIdentities {
+    type Error = ApiError;
+
+    fn try_from(req: ListIdentitiesRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        let limit = c.limit(req.limit);
+        c.finish(ListIdentities {
+            limit,
+            cursor: req.cursor,
+        })
+    }
+}
+
+/// The `identity` of a request: an identity id or an external id.
+pub fn parse_identity(value: &str) -> Result<&str, ApiError> {
+    let mut c = Checks::default();
+    c.len("body.identity", value, 1, 255);
+    c.finish(value)
+}
+
+/// `identities.updateIdentity`: the identity and its new meta (`None`: unchanged).
+pub fn parse_update_identity(
+    req: UpdateIdentityRequest,
+) -> Result<(String, Option<Option<Map<String, Value>>>), ApiError> {
+    let mut c = Checks::default();
+    c.len("body.identity", &req.identity, 1, 255);
+    c.meta(req.meta.as_ref().and_then(Option::as_ref));
+    c.unsupported_list("body.ratelimits", &req.ratelimits);
+    c.finish((req.identity, req.meta))
 }
 
 fn api_id(c: &mut Checks, value: &str) {

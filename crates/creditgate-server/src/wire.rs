@@ -198,11 +198,66 @@ pub struct KeyData {
     pub identity: Option<IdentityData>,
 }
 
+/// An identity, as `verifyKey`, `getKey` and the identities routes show it.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IdentityData {
     pub id: String,
     pub external_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    /// Always empty: rate limits on identities are not supported yet.
+    #[schema(value_type = Vec<Object>)]
+    pub ratelimits: Vec<Value>,
+}
+
+// ---- identities ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateIdentityRequest {
+    /// 1..=255 characters of `[a-zA-Z0-9_.-]`, unique in the workspace.
+    pub external_id: String,
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    /// Not supported yet (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ratelimits: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateIdentityData {
+    pub identity_id: String,
+}
+
+/// `getIdentity` / `deleteIdentity`: the identity's id or its external id.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityRequest {
+    pub identity: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListIdentitiesRequest {
+    /// 1..=100 (default 100).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateIdentityRequest {
+    pub identity: String,
+    /// Replaces the meta; `null` clears it; absent leaves it as it is.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Option<Map<String, Value>>>,
+    /// Not supported yet (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub ratelimits: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -15,12 +15,13 @@ impl Caller {
         if self.allows(action, api) {
             return Ok(());
         }
-        let scope = api.map_or("*", |a| a.as_str());
-        Err(ServiceError::Forbidden(format!(
-            "this root key lacks the permission api.{scope}.{} (or api.*.{})",
-            action.as_str(),
-            action.as_str()
-        )))
+        let (resource, name) = (action.resource(), action.as_str());
+        Err(ServiceError::Forbidden(match api {
+            Some(api) => format!(
+                "this root key lacks the permission {resource}.{api}.{name} (or {resource}.*.{name})"
+            ),
+            None => format!("this root key lacks the permission {resource}.*.{name}"),
+        }))
     }
 
     pub fn allows(&self, action: Action, api: Option<&ApiId>) -> bool {

@@ -47,6 +47,9 @@ pub enum ServiceError {
     /// Unknown, deleted or another workspace's API.
     #[error("api not found")]
     ApiNotFound,
+    /// Unknown identity, or another workspace's.
+    #[error("identity not found")]
+    IdentityNotFound,
     /// Unknown hold, or one of a key the caller may not verify.
     #[error("hold not found")]
     HoldNotFound,

@@ -146,6 +146,7 @@ impl Service {
             limited: cmd.remaining.is_some(),
             refill: cmd.refill,
             last_refill_at: Some(now),
+            identity: None,
         };
         let key_id = record.id.clone();
         self.store

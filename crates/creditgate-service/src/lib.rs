@@ -9,6 +9,7 @@ pub mod commands;
 mod error;
 mod holds;
 mod idempotency;
+mod identities;
 mod keys;
 pub mod metrics;
 mod verify;
@@ -30,6 +31,7 @@ pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, M
 pub use idempotency::{
     AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,
 };
+pub use identities::{CreateIdentity, ListIdentities};
 pub use keys::{CreatedKey, KeyView};
 pub use verify::Verdict;
 

@@ -6,15 +6,18 @@
 //! to the [`Ledger`](creditgate_limiter::ports::Ledger) implementation in `ledger.rs`.
 
 use async_trait::async_trait;
+use std::sync::Arc;
+
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Credits, KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission,
-    PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityRecord, KeyId, KeyPatch,
+    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, Refill, RefillInterval, RootKeyId,
+    RootKeyRecord, StoreError, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
-use sqlx::{Any, Row};
+use sqlx::{Any, AnyConnection, Row};
 
 use crate::error::store_error;
 use crate::SqlStore;
@@ -25,8 +28,12 @@ macro_rules! live_keys_where {
         concat!(
             "SELECT k.id, k.workspace_id, k.api_id, k.hash, k.start, k.name, k.external_id, ",
             "k.meta, k.created_at, k.updated_at, k.expires, k.enabled, k.remaining, ",
-            "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at ",
+            "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, ",
+            "i.id AS identity_id, i.meta AS identity_meta, ",
+            "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at ",
             "FROM keys k JOIN apis a ON a.id = k.api_id ",
+            "LEFT JOIN identities i ON i.workspace_id = k.workspace_id ",
+            "AND i.external_id = k.external_id ",
             "WHERE k.deleted_at IS NULL AND a.deleted_at IS NULL AND ",
             $where
         )
@@ -37,16 +44,53 @@ fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("corrupt {what} in the database: {detail}"))
 }
 
+/// A JSON object column (`meta`), or NULL.
+fn meta_column(row: &AnyRow, column: &str) -> Result<Option<Map<String, Value>>, StoreError> {
+    match row
+        .try_get::<Option<String>, _>(column)
+        .map_err(store_error)?
+    {
+        Some(text) => Ok(Some(
+            serde_json::from_str::<Map<String, Value>>(&text).map_err(|e| corrupt(column, e))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+const IDENTITY_COLUMNS: &str = "id, workspace_id, external_id, meta, created_at, updated_at";
+
+fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
+    let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
+    Ok(IdentityRecord {
+        id: IdentityId::from(get_text("id")?),
+        workspace_id: WorkspaceId::from(get_text("workspace_id")?),
+        external_id: get_text("external_id")?,
+        meta: meta_column(row, "meta")?,
+        created_at: row.try_get::<i64, _>("created_at").map_err(store_error)?,
+        updated_at: row
+            .try_get::<Option<i64>, _>("updated_at")
+            .map_err(store_error)?,
+    })
+}
+
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
     let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
     let get_opt_text = |c: &str| row.try_get::<Option<String>, _>(c).map_err(store_error);
     let get_opt_int = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(store_error);
 
-    let meta = match get_opt_text("meta")? {
-        Some(text) => Some(
-            serde_json::from_str::<Map<String, Value>>(&text).map_err(|e| corrupt("meta", e))?,
-        ),
-        None => None,
+    let meta = meta_column(row, "meta")?;
+    let external_id = get_opt_text("external_id")?;
+    let identity = match (get_opt_text("identity_id")?, &external_id) {
+        (Some(id), Some(external_id)) => Some(Arc::new(IdentityRecord {
+            id: IdentityId::from(id),
+            workspace_id: WorkspaceId::from(get_text("workspace_id")?),
+            external_id: external_id.clone(),
+            meta: meta_column(row, "identity_meta")?,
+            created_at: get_opt_int("identity_created_at")?
+                .ok_or_else(|| corrupt("identities.created_at", "NULL"))?,
+            updated_at: get_opt_int("identity_updated_at")?,
+        })),
+        _ => None,
     };
     let refill = match get_opt_text("refill_interval")? {
         Some(interval) => {
@@ -67,7 +111,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         hash: get_text("hash")?,
         start: get_text("start")?,
         name: get_opt_text("name")?,
-        external_id: get_opt_text("external_id")?,
+        external_id,
         meta,
         created_at: row.try_get::<i64, _>("created_at").map_err(store_error)?,
         updated_at: get_opt_int("updated_at")?,
@@ -76,7 +120,30 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         limited: get_opt_int("remaining")?.is_some(),
         refill,
         last_refill_at: get_opt_int("last_refill_at")?,
+        identity,
     })
+}
+
+/// Creates the workspace's identity with `external_id` unless it exists (in the
+/// transaction of the key that names it).
+async fn ensure_identity(
+    conn: &mut AnyConnection,
+    workspace: &WorkspaceId,
+    external_id: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO identities (id, workspace_id, external_id, meta, created_at, updated_at) \
+         VALUES ($1, $2, $3, NULL, $4, NULL) ON CONFLICT (workspace_id, external_id) DO NOTHING",
+    )
+    .bind(IdentityId::generate().as_str())
+    .bind(workspace.as_str())
+    .bind(external_id)
+    .bind(now_ms)
+    .execute(conn)
+    .await
+    .map_err(store_error)?;
+    Ok(())
 }
 
 fn api_from_row(row: &AnyRow) -> Result<ApiRecord, StoreError> {
@@ -336,6 +403,10 @@ impl KeyStore for SqlStore {
     async fn create_key(&self, key: &NewKey) -> Result<(), StoreError> {
         let r = &key.record;
         let (interval, amount, day) = refill_columns(r.refill.as_ref());
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        if let Some(external_id) = &r.external_id {
+            ensure_identity(&mut tx, &r.workspace_id, external_id, r.created_at).await?;
+        }
         sqlx::query(
             "INSERT INTO keys (id, workspace_id, api_id, hash, start, name, external_id, meta, \
              created_at, updated_at, expires, enabled, remaining, hot_allocated, generation, \
@@ -360,10 +431,10 @@ impl KeyStore for SqlStore {
         .bind(amount)
         .bind(day)
         .bind(r.last_refill_at)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(store_error)?;
-        Ok(())
+        tx.commit().await.map_err(store_error)
     }
 
     async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -445,6 +516,15 @@ impl KeyStore for SqlStore {
         if updated == 0 {
             return Ok(None);
         }
+        if let Some(Some(external_id)) = &patch.external_id {
+            let workspace: String =
+                sqlx::query_scalar("SELECT workspace_id FROM keys WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+            ensure_identity(&mut tx, &WorkspaceId::from(workspace), external_id, now_ms).await?;
+        }
         let row = sqlx::query(live_keys_where!("k.id = $1"))
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
@@ -467,6 +547,154 @@ impl KeyStore for SqlStore {
         .map_err(store_error)?
         .rows_affected();
         Ok(deleted > 0)
+    }
+
+    async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO identities ({IDENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (workspace_id, external_id) DO NOTHING"
+        ))
+        .bind(identity.id.as_str())
+        .bind(identity.workspace_id.as_str())
+        .bind(identity.external_id.as_str())
+        .bind(meta_json(identity.meta.as_ref())?)
+        .bind(identity.created_at)
+        .bind(identity.updated_at)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "an identity with externalId '{}' already exists in this workspace",
+                identity.external_id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
+        ))
+        .bind(workspace.as_str())
+        .bind(identity)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(identity_from_row).transpose()
+    }
+
+    async fn list_identities(
+        &self,
+        workspace: &WorkspaceId,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<IdentityPage, StoreError> {
+        let limit = limit.max(1);
+        let rows = sqlx::query(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        ))
+        .bind(workspace.as_str())
+        .bind(cursor.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = rows.len() > page_len;
+        let identities = rows
+            .iter()
+            .take(page_len)
+            .map(identity_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let cursor = if more {
+            identities.last().map(|i| i.id.0.to_string())
+        } else {
+            None
+        };
+        Ok(IdentityPage { identities, cursor })
+    }
+
+    async fn update_identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+        meta: Option<&Map<String, Value>>,
+        now_ms: i64,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        let updated = sqlx::query(
+            "UPDATE identities SET meta = $3, updated_at = $4 \
+             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)",
+        )
+        .bind(workspace.as_str())
+        .bind(identity)
+        .bind(meta_json(meta)?)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
+        ))
+        .bind(workspace.as_str())
+        .bind(identity)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let record = row.as_ref().map(identity_from_row).transpose()?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(record)
+    }
+
+    async fn delete_identity(
+        &self,
+        workspace: &WorkspaceId,
+        identity: &str,
+        now_ms: i64,
+    ) -> Result<Option<IdentityRecord>, StoreError> {
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        let row = sqlx::query(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities \
+             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
+        ))
+        .bind(workspace.as_str())
+        .bind(identity)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let Some(record) = row.as_ref().map(identity_from_row).transpose()? else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM identities WHERE id = $1")
+            .bind(record.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        sqlx::query(
+            "UPDATE keys SET external_id = NULL, updated_at = $3 \
+             WHERE workspace_id = $1 AND external_id = $2",
+        )
+        .bind(workspace.as_str())
+        .bind(record.external_id.as_str())
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(Some(record))
     }
 }
 

@@ -211,6 +211,7 @@ fn key(api: &ApiRecord, id: &str) -> KeyRecord {
         limited: false,
         refill: None,
         last_refill_at: Some(3_000),
+        identity: None,
     }
 }
 

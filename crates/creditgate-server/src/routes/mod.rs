@@ -3,6 +3,7 @@
 
 pub mod apis;
 pub mod holds;
+pub mod identities;
 pub mod keys;
 pub mod system;
 pub mod verify;
@@ -95,10 +96,7 @@ pub fn ok<T>(data: T) -> Json<Envelope<T>> {
     })
 }
 
-/// The identity of a key with an external id.
+/// The identity of a key, when it has one.
 pub fn identity(k: &KeyRecord) -> Option<IdentityData> {
-    k.external_id.as_ref().map(|e| IdentityData {
-        id: format!("id_{e}"),
-        external_id: e.clone(),
-    })
+    k.identity.as_deref().map(identities::identity_data)
 }

@@ -1,7 +1,8 @@
 //! Holds on real processes: the embedded default through a `kill -9` of the node that
 //! made them, and three nodes on Redis + Postgres — concurrent reserves that hold
 //! exactly what the balance covers, settles and releases on random nodes, a `kill -9`
-//! of the node that made the holds, and 1,000 short holds that all expire in time.
+//! of the node that made the holds (settled after its restart, or expired on the
+//! others), a graceful restart, and 1,000 short holds that all expire in time.
 
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,28 @@ async fn three_nodes_hold_exactly_what_the_balance_covers() {
         .await
         .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
     let root = cluster.root_key.clone();
+
+    // Holds outlive the node that made them: a graceful restart of node 2 …
+    let (kept_id, kept) = cluster.key(1_000).await;
+    let graceful = hold_id(&reserve(&cluster.nodes[2], &root, &kept, 30, 3_600_000).await);
+    cluster.restart_node(2).await.expect("restart node 2");
+    let s = cluster.nodes[2]
+        .ok(
+            "keys.settleCredits",
+            &root,
+            json!({ "holdId": graceful, "cost": 20 }),
+        )
+        .await;
+    assert_eq!(
+        (s["code"].clone(), s["spent"].clone()),
+        (json!("VALID"), json!(20)),
+        "{s}"
+    );
+    // … and a kill -9 of node 1 (below): a long hold is settled after its restart, a
+    // short one expires on the other nodes.
+    let long = hold_id(&reserve(&cluster.nodes[1], &root, &kept, 100, 3_600_000).await);
+    let short = hold_id(&reserve(&cluster.nodes[1], &root, &kept, 50, 1_500).await);
+
     let (key_id, key) = cluster.key(1_000).await;
 
     // 200 concurrent reserves of 10 across the nodes: exactly 100 hold.
@@ -159,11 +182,44 @@ async fn three_nodes_hold_exactly_what_the_balance_covers() {
         spent += t.await.expect("task");
     }
     assert!(spent <= 1_000, "spent {spent}");
+    // The dead node's short hold expires on the others and returns its 50.
+    wait_balance(
+        &cluster.nodes[0],
+        &root,
+        &kept_id,
+        880,
+        Duration::from_secs(5),
+    )
+    .await;
+    let g = cluster.nodes[2]
+        .ok("keys.getHold", &root, json!({ "holdId": short }))
+        .await;
+    assert_eq!(g["state"], "expired", "{g}");
     cluster.restart_node(1).await.expect("restart node 1");
     let converged = cluster
         .assert_converged(&key_id, Duration::from_secs(5))
         .await;
     assert_eq!(converged, 1_000 - spent, "every credit spent or back");
+    let s = cluster.nodes[1]
+        .ok(
+            "keys.settleCredits",
+            &root,
+            json!({ "holdId": long, "cost": 40 }),
+        )
+        .await;
+    assert_eq!(
+        (s["code"].clone(), s["spent"].clone()),
+        (json!("VALID"), json!(40)),
+        "{s}"
+    );
+    let converged = cluster
+        .assert_converged(&kept_id, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        converged,
+        1_000 - 20 - 40,
+        "the kept key: two settles, one expiry"
+    );
 
     // 1,000 holds of 1 with a 200 ms ttl under verification load: all back in time.
     let (key_id, key) = cluster.key(2_000).await;

@@ -1,0 +1,115 @@
+//! Identity operations: create, read, list, update, delete. A key belongs to the
+//! identity of its workspace with its `external_id`; the key caches carry the identity,
+//! so a change of an identity makes every node forget its cached keys.
+
+use creditgate_domain::{Action, IdentityId, IdentityPage, IdentityRecord, StoreError};
+use serde_json::{Map, Value};
+
+use crate::{Caller, Service, ServiceError};
+
+/// `identities.createIdentity`, parsed.
+#[derive(Debug, Clone)]
+pub struct CreateIdentity {
+    pub external_id: String,
+    pub meta: Option<Map<String, Value>>,
+}
+
+/// `identities.listIdentities`, parsed.
+#[derive(Debug, Clone)]
+pub struct ListIdentities {
+    pub limit: u32,
+    pub cursor: Option<String>,
+}
+
+impl Service {
+    pub async fn create_identity(
+        &self,
+        caller: &Caller,
+        cmd: CreateIdentity,
+    ) -> Result<IdentityId, ServiceError> {
+        caller.require(Action::CreateIdentity, None)?;
+        let identity = IdentityRecord {
+            id: IdentityId::generate(),
+            workspace_id: caller.workspace().clone(),
+            external_id: cmd.external_id,
+            meta: cmd.meta,
+            created_at: self.clock.now_ms(),
+            updated_at: None,
+        };
+        match self.store.create_identity(&identity).await {
+            Ok(()) => Ok(identity.id),
+            Err(StoreError::Conflict(_)) => Err(ServiceError::Conflict(format!(
+                "an identity with externalId '{}' already exists in this workspace; nothing \
+                 was changed: use identities.getIdentity or identities.updateIdentity",
+                identity.external_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The caller's identity by id or external id.
+    pub async fn get_identity(
+        &self,
+        caller: &Caller,
+        identity: &str,
+    ) -> Result<IdentityRecord, ServiceError> {
+        caller.require(Action::ReadIdentity, None)?;
+        self.store
+            .identity(caller.workspace(), identity)
+            .await?
+            .ok_or(ServiceError::IdentityNotFound)
+    }
+
+    pub async fn list_identities(
+        &self,
+        caller: &Caller,
+        cmd: ListIdentities,
+    ) -> Result<IdentityPage, ServiceError> {
+        caller.require(Action::ReadIdentity, None)?;
+        Ok(self
+            .store
+            .list_identities(caller.workspace(), cmd.limit, cmd.cursor.as_deref())
+            .await?)
+    }
+
+    /// Replaces the identity's meta (`Some(None)` clears it; `None` changes nothing).
+    pub async fn update_identity(
+        &self,
+        caller: &Caller,
+        identity: &str,
+        meta: Option<Option<Map<String, Value>>>,
+    ) -> Result<IdentityRecord, ServiceError> {
+        caller.require(Action::UpdateIdentity, None)?;
+        let Some(meta) = meta else {
+            return self.get_identity(caller, identity).await;
+        };
+        let updated = self
+            .store
+            .update_identity(
+                caller.workspace(),
+                identity,
+                meta.as_ref(),
+                self.clock.now_ms(),
+            )
+            .await?
+            .ok_or(ServiceError::IdentityNotFound)?;
+        // Verifications of its keys answer the identity's meta: forget cached keys.
+        self.invalidate_all_keys().await;
+        Ok(updated)
+    }
+
+    /// Deletes the identity; its keys stay, without an external id.
+    pub async fn delete_identity(
+        &self,
+        caller: &Caller,
+        identity: &str,
+    ) -> Result<(), ServiceError> {
+        caller.require(Action::DeleteIdentity, None)?;
+        self.store
+            .delete_identity(caller.workspace(), identity, self.clock.now_ms())
+            .await?
+            .ok_or(ServiceError::IdentityNotFound)?;
+        self.invalidate_all_keys().await;
+        Ok(())
+    }
+}
