@@ -203,6 +203,51 @@ async function run() {
     assert(found, `listKeys: key ${state.keyId} not found`);
   });
 
+  const externalId = `sdk-compat-${Date.now()}`;
+  await step(`identities.createIdentity externalId=${externalId}`, async () => {
+    const res = await unkey.identities.createIdentity({ externalId, meta: { plan: "pro" } });
+    assertMeta(res, "createIdentity");
+    assert(typeof res.data?.identityId === "string" && res.data.identityId.length > 0, "createIdentity: data.identityId missing");
+    state.identityId = res.data.identityId;
+    return `identityId=${state.identityId}`;
+  });
+
+  await step("keys.updateKey externalId -> verifyKey answers the identity", async () => {
+    const upd = await unkey.keys.updateKey({ keyId: state.keyId, externalId });
+    assertMeta(upd, "updateKey");
+    const res = await unkey.keys.verifyKey({ key: state.key, credits: { cost: 0 } });
+    assertMeta(res, "verifyKey");
+    assertEq(res.data.identity?.id, state.identityId, "verifyKey.identity.id");
+    assertEq(res.data.identity?.externalId, externalId, "verifyKey.identity.externalId");
+    assertEq(res.data.identity?.meta?.plan, "pro", "verifyKey.identity.meta.plan");
+  });
+
+  await step("identities.getIdentity / updateIdentity / listIdentities", async () => {
+    const got = await unkey.identities.getIdentity({ identity: externalId });
+    assertMeta(got, "getIdentity");
+    assertEq(got.data.id, state.identityId, "getIdentity.id");
+    const upd = await unkey.identities.updateIdentity({ identity: state.identityId, meta: { plan: "team" } });
+    assertMeta(upd, "updateIdentity");
+    assertEq(upd.data.meta?.plan, "team", "updateIdentity.meta.plan");
+    const page = await unkey.identities.listIdentities({ limit: 100 });
+    let found = false;
+    let pages = 0;
+    for await (const p of page) {
+      pages += 1;
+      assert(pages <= 50, "listIdentities: more than 50 pages (cursor never ends?)");
+      if (p.result.data.some((i) => i.id === state.identityId)) {
+        found = true;
+        break;
+      }
+    }
+    assert(found, `listIdentities: identity ${state.identityId} not found`);
+  });
+
+  await step("identities.deleteIdentity", async () => {
+    const res = await unkey.identities.deleteIdentity({ identity: state.identityId });
+    assertMeta(res, "deleteIdentity");
+  });
+
   await step("keys.deleteKey", async () => {
     const res = await unkey.keys.deleteKey({ keyId: state.keyId });
     assertMeta(res, "deleteKey");

@@ -18,6 +18,8 @@ mod fuzz;
 mod holds;
 #[path = "http/idempotency.rs"]
 mod idempotency;
+#[path = "http/identities.rs"]
+mod identities;
 #[path = "http/limits.rs"]
 mod limits;
 #[path = "http/refill.rs"]
