@@ -192,7 +192,7 @@ impl Checks {
     }
 
     /// A page size: 1..=100, default 100.
-    fn limit(&mut self, value: Option<i64>) -> u32 {
+    fn limit(&mut self, value: Option<u32>) -> u32 {
         let limit = value.unwrap_or(100);
         if !(1..=100).contains(&limit) {
             self.push(
@@ -201,7 +201,7 @@ impl Checks {
                 "send a limit from 1 to 100",
             );
         }
-        u32::try_from(limit.clamp(1, 100)).unwrap_or(100)
+        limit
     }
 }
 
@@ -431,14 +431,7 @@ impl TryFrom<ListKeysRequest> for ListKeys {
     fn try_from(req: ListKeysRequest) -> Result<Self, ApiError> {
         let mut c = Checks::default();
         api_id(&mut c, &req.api_id);
-        let limit = req.limit.unwrap_or(100);
-        if !(1..=100).contains(&limit) {
-            c.push(
-                "body.limit",
-                format!("must be 1 to 100, got {limit}"),
-                "send a limit from 1 to 100",
-            );
-        }
+        let limit = c.limit(req.limit);
         c.hashes_only("body.decrypt", req.decrypt, "decrypted");
         if let Some(e) = &req.external_id {
             c.len("body.externalId", e, 1, 255);

@@ -243,7 +243,7 @@ pub struct IdentityRequest {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ListIdentitiesRequest {
     /// 1..=100 (default 100).
-    pub limit: Option<i64>,
+    pub limit: Option<u32>,
     pub cursor: Option<String>,
 }
 

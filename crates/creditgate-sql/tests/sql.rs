@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Cost, Credits, KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission,
-    PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityRecord, KeyId, KeyPatch, KeyRecord,
+    KeyStore, NewKey, Permission, PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord,
+    StoreError, WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::{AllocateOutcome, AllocateRequest, DirectSpend, Ledger};
@@ -157,6 +158,7 @@ on_both_backends!(
     apis_and_keys_round_trip,
     list_keys_paginates_by_id,
     update_key_applies_patches,
+    identities_link_keys_by_external_id,
     deleting_hides_keys,
     sink_writes_every_row,
     sink_is_all_or_nothing,
@@ -229,7 +231,25 @@ async fn create(store: &SqlStore, mut record: KeyRecord, remaining: Option<u64>)
         })
         .await
         .expect("create key");
-    record
+    let stored = store
+        .key_by_id(&record.id)
+        .await
+        .expect("read the key")
+        .expect("the key just created");
+    // The store adds the identity of the key's external id, created with the key.
+    match (&record.external_id, &stored.identity) {
+        (Some(external_id), Some(i)) => {
+            assert_eq!(&i.external_id, external_id);
+            assert_eq!(i.workspace_id, record.workspace_id);
+            assert!(i.id.as_str().starts_with("id_"), "{i:?}");
+        }
+        (None, None) => {}
+        other => panic!("identity of {:?}: {other:?}", record.id),
+    }
+    let mut expected = record;
+    expected.identity = stored.identity.clone();
+    assert_eq!(stored, expected);
+    stored
 }
 
 async fn count(store: &SqlStore, table: &str) -> i64 {
@@ -510,6 +530,116 @@ async fn list_keys_paginates_by_id(db: &Db) {
     assert_eq!(one.keys.len(), 1);
 }
 
+async fn identities_link_keys_by_external_id(db: &Db) {
+    let s = &db.store;
+    let a = api("ws_1", "api_ident");
+    s.create_api(&a).await.expect("api");
+    let acme = IdentityRecord {
+        id: IdentityId::from("id_acme"),
+        workspace_id: ws("ws_1"),
+        external_id: "acme".to_owned(),
+        meta: json!({"plan": "pro"}).as_object().cloned(),
+        created_at: 1_000,
+        updated_at: None,
+    };
+    s.create_identity(&acme).await.expect("create identity");
+    // The external id is taken in this workspace, not in another.
+    let again = IdentityRecord {
+        id: IdentityId::from("id_acme_2"),
+        ..acme.clone()
+    };
+    assert!(matches!(
+        s.create_identity(&again).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let elsewhere = IdentityRecord {
+        workspace_id: ws("ws_2"),
+        ..again.clone()
+    };
+    s.create_identity(&elsewhere)
+        .await
+        .expect("another workspace");
+    for handle in ["id_acme", "acme"] {
+        assert_eq!(
+            s.identity(&ws("ws_1"), handle).await.expect("get"),
+            Some(acme.clone())
+        );
+    }
+    assert_eq!(s.identity(&ws("ws_3"), "acme").await.expect("get"), None);
+
+    // A key with the external id carries the identity; one with a new external id
+    // creates its identity.
+    let mut k = key(&a, "key_ident");
+    k.external_id = Some("acme".to_owned());
+    let k = create(s, k, None).await;
+    assert_eq!(k.identity.as_deref(), Some(&acme));
+    let mut n = key(&a, "key_new_ident");
+    n.external_id = Some("newco".to_owned());
+    let n = create(s, n, None).await;
+    let newco = n.identity.clone().expect("created with the key");
+    assert_eq!(newco.external_id, "newco");
+
+    // Pages of one, by id, each identity once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s
+            .list_identities(&ws("ws_1"), 1, cursor.as_deref())
+            .await
+            .expect("list");
+        seen.extend(page.identities.iter().map(|i| i.id.clone()));
+        match page.cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut want = vec![acme.id.clone(), newco.id.clone()];
+    want.sort();
+    assert_eq!(seen, want);
+
+    // A new meta is what the key's reads answer.
+    let updated = s
+        .update_identity(&ws("ws_1"), "acme", None, 2_000)
+        .await
+        .expect("update")
+        .expect("found");
+    assert_eq!(
+        (updated.meta.clone(), updated.updated_at),
+        (None, Some(2_000))
+    );
+    let read = s.key_by_hash(&k.hash).await.expect("get").expect("key");
+    assert_eq!(read.identity.as_deref(), Some(&updated));
+    assert_eq!(
+        s.update_identity(&ws("ws_2"), "id_acme", None, 2_000)
+            .await
+            .expect("update"),
+        None,
+        "another workspace's identity is not found by id"
+    );
+
+    // Deleting it keeps the key, without an external id or identity.
+    let deleted = s
+        .delete_identity(&ws("ws_1"), "id_acme", 3_000)
+        .await
+        .expect("delete");
+    assert_eq!(deleted.map(|i| i.id), Some(acme.id.clone()));
+    let read = s.key_by_id(&k.id).await.expect("get").expect("key");
+    assert_eq!((read.external_id, read.identity), (None, None));
+    assert_eq!(s.identity(&ws("ws_1"), "acme").await.expect("get"), None);
+    assert_eq!(
+        s.delete_identity(&ws("ws_1"), "acme", 3_000)
+            .await
+            .expect("delete"),
+        None
+    );
+    // The other workspace's identity of the same external id is untouched.
+    assert!(s
+        .identity(&ws("ws_2"), "acme")
+        .await
+        .expect("get")
+        .is_some());
+}
+
 async fn update_key_applies_patches(db: &Db) {
     let s = &db.store;
     let a = api("ws_1", "api_upd");
@@ -567,6 +697,8 @@ async fn update_key_applies_patches(db: &Db) {
         .expect("key");
     want.name = None;
     want.external_id = None;
+    // Without an external id the key belongs to no identity.
+    want.identity = None;
     want.meta = None;
     want.expires = None;
     want.refill = None;

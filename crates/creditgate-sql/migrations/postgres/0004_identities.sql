@@ -1,12 +1,13 @@
 -- Identities: a workspace's customers, grouping keys by their external id.
--- Kept column-for-column identical to ../sqlite/0004_identities.sql.
+-- Kept column-for-column identical to ../sqlite/0004_identities.sql; ids compare
+-- bytewise ("C") and external ids as keys.external_id does, as in 0001.
 
 -- A key belongs to the identity of its workspace with its external_id; creating or
 -- updating a key with an external id creates the identity when missing, and deleting an
 -- identity clears its keys' external id in the same transaction.
 CREATE TABLE identities (
-    id            TEXT PRIMARY KEY,
-    workspace_id  TEXT NOT NULL REFERENCES workspaces (id),
+    id            TEXT COLLATE "C" PRIMARY KEY,
+    workspace_id  TEXT COLLATE "C" NOT NULL,
     external_id   TEXT NOT NULL,
     -- JSON object, or NULL.
     meta          TEXT,

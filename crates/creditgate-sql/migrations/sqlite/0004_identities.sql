@@ -6,7 +6,7 @@
 -- identity clears its keys' external id in the same transaction.
 CREATE TABLE identities (
     id            TEXT PRIMARY KEY,
-    workspace_id  TEXT NOT NULL REFERENCES workspaces (id),
+    workspace_id  TEXT NOT NULL,
     external_id   TEXT NOT NULL,
     -- JSON object, or NULL.
     meta          TEXT,
