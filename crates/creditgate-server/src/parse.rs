@@ -6,7 +6,7 @@ use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, Refill
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
     CreateIdentity, CreateKey, FieldError, ListIdentities, ListKeys, Reserve, UpdateCredits,
-    UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
+    UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
 };
 use serde_json::{Map, Value};
 
@@ -480,15 +480,19 @@ pub fn parse_identity(value: &str) -> Result<&str, ApiError> {
     c.finish(value)
 }
 
-/// `identities.updateIdentity`: the identity and its new meta (`None`: unchanged).
-pub fn parse_update_identity(
-    req: UpdateIdentityRequest,
-) -> Result<(String, Option<Option<Map<String, Value>>>), ApiError> {
-    let mut c = Checks::default();
-    c.len("body.identity", &req.identity, 1, 255);
-    c.meta(req.meta.as_ref().and_then(Option::as_ref));
-    c.unsupported_list("body.ratelimits", &req.ratelimits);
-    c.finish((req.identity, req.meta))
+impl TryFrom<UpdateIdentityRequest> for UpdateIdentity {
+    type Error = ApiError;
+
+    fn try_from(req: UpdateIdentityRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.len("body.identity", &req.identity, 1, 255);
+        c.meta(req.meta.as_ref().and_then(Option::as_ref));
+        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        c.finish(UpdateIdentity {
+            identity: req.identity,
+            meta: req.meta,
+        })
+    }
 }
 
 fn api_id(c: &mut Checks, value: &str) {

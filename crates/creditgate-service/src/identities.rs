@@ -14,6 +14,14 @@ pub struct CreateIdentity {
     pub meta: Option<Map<String, Value>>,
 }
 
+/// `identities.updateIdentity`, parsed: the identity (id or external id) and its new
+/// meta (`Some(None)` clears it; `None` changes nothing).
+#[derive(Debug, Clone)]
+pub struct UpdateIdentity {
+    pub identity: String,
+    pub meta: Option<Option<Map<String, Value>>>,
+}
+
 /// `identities.listIdentities`, parsed.
 #[derive(Debug, Clone)]
 pub struct ListIdentities {
@@ -72,22 +80,21 @@ impl Service {
             .await?)
     }
 
-    /// Replaces the identity's meta (`Some(None)` clears it; `None` changes nothing).
+    /// Replaces the identity's meta.
     pub async fn update_identity(
         &self,
         caller: &Caller,
-        identity: &str,
-        meta: Option<Option<Map<String, Value>>>,
+        cmd: UpdateIdentity,
     ) -> Result<IdentityRecord, ServiceError> {
         caller.require(Action::UpdateIdentity, None)?;
-        let Some(meta) = meta else {
-            return self.get_identity(caller, identity).await;
+        let Some(meta) = cmd.meta else {
+            return self.get_identity(caller, &cmd.identity).await;
         };
         let updated = self
             .store
             .update_identity(
                 caller.workspace(),
-                identity,
+                &cmd.identity,
                 meta.as_ref(),
                 self.clock.now_ms(),
             )

@@ -31,7 +31,7 @@ pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, M
 pub use idempotency::{
     AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,
 };
-pub use identities::{CreateIdentity, ListIdentities};
+pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
 pub use keys::{CreatedKey, KeyView};
 pub use verify::Verdict;
 

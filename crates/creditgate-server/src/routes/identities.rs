@@ -4,14 +4,14 @@
 use axum::extract::State;
 use axum::Json;
 use creditgate_domain::IdentityRecord;
-use creditgate_service::{CreateIdentity, ListIdentities};
+use creditgate_service::{CreateIdentity, ListIdentities, UpdateIdentity};
 
 use super::ok;
 use crate::auth::RootKey;
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::parse::{parse_identity, parse_update_identity};
+use crate::parse::parse_identity;
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -87,10 +87,9 @@ pub async fn update_identity(
     RootKey(caller): RootKey,
     ApiJson(req): ApiJson<UpdateIdentityRequest>,
 ) -> Result<Json<Envelope<IdentityData>>, ApiError> {
-    let (identity, meta) = parse_update_identity(req)?;
     let updated = state
         .service
-        .update_identity(&caller, &identity, meta)
+        .update_identity(&caller, UpdateIdentity::try_from(req)?)
         .await?;
     Ok(ok(identity_data(&updated)))
 }
