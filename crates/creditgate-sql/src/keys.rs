@@ -59,6 +59,32 @@ fn meta_column(row: &AnyRow, column: &str) -> Result<Option<Map<String, Value>>,
 
 const IDENTITY_COLUMNS: &str = "id, workspace_id, external_id, meta, created_at, updated_at";
 
+/// The workspace's (`$1`) identity whose id or external id is `$2`.
+const IDENTITY_BY_HANDLE: &str = "SELECT id, workspace_id, external_id, meta, created_at, \
+     updated_at FROM identities WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)";
+
+/// One page of `limit` records from `rows` (fetched with `LIMIT limit + 1`), and the
+/// cursor of the next page (the last record's id) when there is one.
+fn page<T>(
+    rows: &[AnyRow],
+    limit: u32,
+    parse: fn(&AnyRow) -> Result<T, StoreError>,
+    id: fn(&T) -> String,
+) -> Result<(Vec<T>, Option<String>), StoreError> {
+    let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
+    let records = rows
+        .iter()
+        .take(page_len)
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let cursor = if rows.len() > page_len {
+        records.last().map(id)
+    } else {
+        None
+    };
+    Ok((records, cursor))
+}
+
 fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
     let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
     Ok(IdentityRecord {
@@ -476,18 +502,7 @@ impl KeyStore for SqlStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = rows.len() > page_len;
-        let keys = rows
-            .iter()
-            .take(page_len)
-            .map(key_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let cursor = if more {
-            keys.last().map(|k| k.id.0.to_string())
-        } else {
-            None
-        };
+        let (keys, cursor) = page(&rows, limit, key_from_row, |k| k.id.0.to_string())?;
         Ok(KeyPage { keys, cursor })
     }
 
@@ -578,15 +593,12 @@ impl KeyStore for SqlStore {
         workspace: &WorkspaceId,
         identity: &str,
     ) -> Result<Option<IdentityRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities \
-             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
-        ))
-        .bind(workspace.as_str())
-        .bind(identity)
-        .fetch_optional(&self.read)
-        .await
-        .map_err(store_error)?;
+        let row = sqlx::query(IDENTITY_BY_HANDLE)
+            .bind(workspace.as_str())
+            .bind(identity)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(store_error)?;
         row.as_ref().map(identity_from_row).transpose()
     }
 
@@ -607,18 +619,7 @@ impl KeyStore for SqlStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = rows.len() > page_len;
-        let identities = rows
-            .iter()
-            .take(page_len)
-            .map(identity_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let cursor = if more {
-            identities.last().map(|i| i.id.0.to_string())
-        } else {
-            None
-        };
+        let (identities, cursor) = page(&rows, limit, identity_from_row, |i| i.id.0.to_string())?;
         Ok(IdentityPage { identities, cursor })
     }
 
@@ -645,15 +646,12 @@ impl KeyStore for SqlStore {
         if updated == 0 {
             return Ok(None);
         }
-        let row = sqlx::query(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities \
-             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
-        ))
-        .bind(workspace.as_str())
-        .bind(identity)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store_error)?;
+        let row = sqlx::query(IDENTITY_BY_HANDLE)
+            .bind(workspace.as_str())
+            .bind(identity)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store_error)?;
         let record = row.as_ref().map(identity_from_row).transpose()?;
         tx.commit().await.map_err(store_error)?;
         Ok(record)
@@ -666,15 +664,12 @@ impl KeyStore for SqlStore {
         now_ms: i64,
     ) -> Result<Option<IdentityRecord>, StoreError> {
         let mut tx = self.begin_write().await.map_err(store_error)?;
-        let row = sqlx::query(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities \
-             WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)"
-        ))
-        .bind(workspace.as_str())
-        .bind(identity)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(store_error)?;
+        let row = sqlx::query(IDENTITY_BY_HANDLE)
+            .bind(workspace.as_str())
+            .bind(identity)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store_error)?;
         let Some(record) = row.as_ref().map(identity_from_row).transpose()? else {
             return Ok(None);
         };
