@@ -1,5 +1,6 @@
 //! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>` for
-//! APIs and their keys, `identity.*.<action>` for identities.
+//! APIs and their keys, `identity.*.<action>` for identities, `ratelimit.*.limit` for
+//! the standalone rate limits.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,10 +21,11 @@ pub enum Action {
     ReadIdentity,
     UpdateIdentity,
     DeleteIdentity,
+    Limit,
 }
 
 impl Action {
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 13] = [
         Action::CreateApi,
         Action::ReadApi,
         Action::DeleteApi,
@@ -36,6 +38,7 @@ impl Action {
         Action::ReadIdentity,
         Action::UpdateIdentity,
         Action::DeleteIdentity,
+        Action::Limit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Action {
             Action::ReadIdentity => "read_identity",
             Action::UpdateIdentity => "update_identity",
             Action::DeleteIdentity => "delete_identity",
+            Action::Limit => "limit",
         }
     }
 
@@ -62,6 +66,7 @@ impl Action {
             | Action::ReadIdentity
             | Action::UpdateIdentity
             | Action::DeleteIdentity => "identity",
+            Action::Limit => "ratelimit",
             _ => "api",
         }
     }
@@ -89,7 +94,8 @@ impl Permission {
                 "invalid permission '{s}': expected api.*.<action> or api.<apiId>.<action> \
                  with action one of create_api, read_api, delete_api, create_key, read_key, \
                  update_key, delete_key, verify_key; or identity.*.<action> with action one \
-                 of create_identity, read_identity, update_identity, delete_identity"
+                 of create_identity, read_identity, update_identity, delete_identity; or \
+                 ratelimit.*.limit"
             )
         };
         let mut parts = s.splitn(3, '.');
@@ -178,7 +184,10 @@ mod tests {
         assert!(!set.allows(Action::ReadKey, None));
         assert!(!set.allows(Action::DeleteKey, Some(&a)));
         assert!(Permission::parse("api.*.fly").is_err());
-        assert!(Permission::parse("ratelimit.*.limit").is_err());
+        assert_eq!(
+            Permission::parse("ratelimit.*.limit").unwrap().action,
+            Action::Limit
+        );
         let i = Permission::parse("identity.*.create_identity").unwrap();
         assert_eq!(i.to_string(), "identity.*.create_identity");
         assert!(PermissionSet(vec![i]).allows(Action::CreateIdentity, None));

@@ -12,6 +12,7 @@ pub mod memory_hot;
 pub mod memory_ledger;
 pub mod metrics;
 pub mod ports;
+pub mod ratelimit;
 pub mod rules;
 
 pub use engine::{
@@ -21,3 +22,4 @@ pub use engine::{
 pub use memory_hot::MemoryHotStore;
 #[cfg(feature = "testing")]
 pub use memory_ledger::MemoryLedger;
+pub use ratelimit::{LimitCheck, LimitError, LimitState, MemoryRateLimiter, RateLimiter};

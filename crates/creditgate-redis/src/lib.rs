@@ -10,11 +10,13 @@ mod bus;
 mod error;
 mod hot;
 pub mod metrics;
+mod ratelimit;
 mod scripts;
 
 pub use bus::{CacheBus, CHANNEL};
 pub use error::RedisError;
 pub use hot::{RedisHotStore, RedisOptions};
+pub use ratelimit::RedisRateLimiter;
 
 /// Largest integer the scripts handle exactly (Lua numbers are doubles); equals
 /// `Credits::MAX`.

@@ -731,3 +731,83 @@ async fn spend_latency() {
         1_000_000 - 2000
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Rate limits
+// ---------------------------------------------------------------------------------
+
+fn limit_check(counter: &str, limit: u64, cost: u64) -> creditgate_limiter::LimitCheck {
+    creditgate_limiter::LimitCheck {
+        counter: counter.to_owned(),
+        limit,
+        // 30 days: no window ends during the test (they end at multiples of it).
+        duration_ms: 2_592_000_000,
+        cost,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_pass_exactly_the_limit_across_nodes_all_or_nothing() {
+    use creditgate_limiter::RateLimiter;
+    use creditgate_redis::RedisRateLimiter;
+
+    let server = redis();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Arc::new(
+            RedisRateLimiter::connect(&server.url(), RedisOptions::default())
+                .await
+                .expect("connect"),
+        ));
+    }
+    // 200 concurrent checks of a limit of 10 from two nodes: exactly 10 pass.
+    let mut tasks = Vec::new();
+    for i in 0..200usize {
+        let node = nodes[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            node.limit(&[limit_check("ws\u{1f}ns\u{1f}user:1", 10, 1)])
+                .await
+                .expect("limit")
+        }));
+    }
+    let mut passed = 0;
+    let mut remaining = BTreeSet::new();
+    for t in tasks {
+        let (ok, states) = t.await.expect("task");
+        let now = u64::try_from(SystemClock.now_ms()).expect("after 1970");
+        assert!(states[0].reset_ms > now, "{states:?}");
+        assert_eq!(states[0].reset_ms % 2_592_000_000, 0, "{states:?}");
+        if ok {
+            passed += 1;
+            assert!(remaining.insert(states[0].remaining), "{states:?}");
+        } else {
+            assert_eq!(states[0].remaining, 0, "{states:?}");
+        }
+    }
+    assert_eq!(passed, 10);
+    assert_eq!(remaining, (0..10).collect(), "each pass saw its own count");
+
+    // All or nothing: with "b" exhausted, "c" does not count.
+    let rl = &nodes[0];
+    assert!(rl.limit(&[limit_check("b", 1, 1)]).await.expect("b").0);
+    let (ok, states) = rl
+        .limit(&[limit_check("c", 5, 1), limit_check("b", 1, 1)])
+        .await
+        .expect("c and b");
+    assert!(!ok);
+    assert!(states[0].passed && !states[1].passed);
+    assert_eq!(states[0].remaining, 5);
+    // A counter named twice counts both checks, as the in-process limiter does.
+    let (ok, states) = rl
+        .limit(&[limit_check("c", 5, 3), limit_check("c", 5, 3)])
+        .await
+        .expect("c twice");
+    assert!(!ok);
+    assert_eq!(states[0].remaining, 5);
+    let (ok, states) = nodes[1]
+        .limit(&[limit_check("c", 5, 2), limit_check("c", 5, 3)])
+        .await
+        .expect("c twice");
+    assert!(ok);
+    assert_eq!((states[0].remaining, states[1].remaining), (3, 0));
+}

@@ -15,15 +15,15 @@ use creditgate_domain::{
     SystemClock, WorkspaceId,
 };
 use creditgate_limiter::ports::{HotStore, Ledger};
-use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore};
-use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
+use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore, MemoryRateLimiter, RateLimiter};
+use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions, RedisRateLimiter};
 use creditgate_service::{Caches, Invalidations, Service, ServiceSettings};
 use creditgate_sql::SqlStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
-use crate::routes::{apis, holds, identities, keys, system, verify};
+use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
@@ -85,6 +85,14 @@ impl App {
             ),
             None => Arc::new(MemoryHotStore::new()),
         };
+        let ratelimiter: Arc<dyn RateLimiter> = match &config.redis_url {
+            Some(url) => Arc::new(
+                RedisRateLimiter::connect(url, RedisOptions::default())
+                    .await
+                    .with_context(|| format!("connecting the rate limiter {}", redact(url)))?,
+            ),
+            None => Arc::new(MemoryRateLimiter::new(clock.clone())),
+        };
         let bus = match &config.redis_url {
             Some(url) => Some(
                 CacheBus::connect(url)
@@ -117,6 +125,7 @@ impl App {
             },
             bus.clone()
                 .map(|b| Arc::new(RedisInvalidations(b)) as Arc<dyn Invalidations>),
+            ratelimiter,
         );
         if let Some(bus) = &bus {
             tokio::spawn(apply_invalidations(bus.subscribe(), service.caches()));
@@ -307,6 +316,8 @@ pub fn router(state: AppState) -> Router {
             "/v2/identities.deleteIdentity",
             post(identities::delete_identity),
         )
+        .route("/v2/ratelimit.limit", post(ratelimit::limit))
+        .route("/v2/ratelimit.multiLimit", post(ratelimit::multi_limit))
         .route("/v2/liveness", get(system::liveness))
         .route("/openapi.json", get(system::openapi))
         .route("/metrics", get(system::metrics))

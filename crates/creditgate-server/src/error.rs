@@ -346,6 +346,18 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::OutcomeUnknown(s) => ApiError::OutcomeUnknownRetrySafe(s),
             ServiceError::Engine(e) => e.into(),
             ServiceError::Store(e) => e.into(),
+            ServiceError::RateLimiter(e) => {
+                use creditgate_limiter::LimitError;
+                match e {
+                    LimitError::Unavailable(s) => ApiError::Unavailable(format!(
+                        "the rate limiter is unavailable, nothing was counted: {s}"
+                    )),
+                    LimitError::Ambiguous(s) => ApiError::OutcomeUnknown(format!(
+                        "the rate limiter did not answer in time and may have counted: {s}"
+                    )),
+                    LimitError::Other(s) => ApiError::Internal(s),
+                }
+            }
             ServiceError::Internal(s) => ApiError::Internal(s),
         }
     }

@@ -8,13 +8,15 @@
 use std::sync::OnceLock;
 
 use creditgate_domain::{Cost, Credits};
-use creditgate_service::{MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN};
+use creditgate_service::{MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN, MAX_LIMIT};
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::parse::MAX_EXPIRES_MS;
-use crate::routes::{apis, holds, identities, keys, system, verify};
+use crate::parse::{
+    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MIN_LIMIT_DURATION_MS,
+};
+use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,7 +27,8 @@ use crate::routes::{apis, holds, identities, keys, system, verify};
         keys::delete_key, keys::whoami, verify::verify_key, holds::reserve_credits,
         holds::settle_credits, holds::release_credits, holds::get_hold,
         identities::create_identity, identities::get_identity, identities::list_identities,
-        identities::update_identity, identities::delete_identity, system::liveness,
+        identities::update_identity, identities::delete_identity, ratelimit::limit,
+        ratelimit::multi_limit, system::liveness,
     ),
     modifiers(&RootKeyAuth)
 )]
@@ -100,6 +103,8 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         "/v2/identities.deleteIdentity",
         &[400, 401, 403, 404, 413, 500, 503],
     ),
+    ("/v2/ratelimit.limit", &[400, 401, 403, 413, 500, 503]),
+    ("/v2/ratelimit.multiLimit", &[400, 401, 403, 413, 500, 503]),
 ];
 
 /// OpenAPI links: which response values feed which requests, so that a client (and the
@@ -371,6 +376,31 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("HoldIdRequest", "holdId", hold_id.clone()),
         ("ReleaseCreditsRequest", "holdId", hold_id),
         ("VerifyKeyRequest", "idempotencyKey", idempotency_key()),
+        (
+            "RatelimitLimitRequest",
+            "namespace",
+            json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" }),
+        ),
+        (
+            "RatelimitLimitRequest",
+            "identifier",
+            json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" }),
+        ),
+        (
+            "RatelimitLimitRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": MAX_LIMIT }),
+        ),
+        (
+            "RatelimitLimitRequest",
+            "duration",
+            json!({ "minimum": MIN_LIMIT_DURATION_MS, "maximum": MAX_LIMIT_DURATION_MS }),
+        ),
+        (
+            "RatelimitLimitRequest",
+            "cost",
+            json!({ "minimum": 0, "maximum": MAX_LIMIT }),
+        ),
         ("CreateIdentityRequest", "externalId", external_id.clone()),
         ("CreateIdentityRequest", "meta", meta.clone()),
         ("CreateIdentityRequest", "ratelimits", unsupported.clone()),
@@ -531,6 +561,14 @@ fn complete(mut doc: Value) -> Value {
         )) {
             merge(p, &add);
         }
+    }
+    let multi =
+        "/paths/~1v2~1ratelimit.multiLimit/post/requestBody/content/application~1json/schema";
+    if let Some(s) = doc.pointer_mut(multi) {
+        merge(
+            s,
+            &json!({ "minItems": 1, "maxItems": MAX_LIMITS_PER_CALL }),
+        );
     }
     for (schema, add) in schema_rules() {
         if let Some(s) = doc.pointer_mut(&format!("/components/schemas/{schema}")) {

@@ -5,8 +5,9 @@
 use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, RefillInterval};
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateIdentity, CreateKey, FieldError, ListIdentities, ListKeys, Reserve, UpdateCredits,
-    UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
+    CreateIdentity, CreateKey, FieldError, LimitRequest, ListIdentities, ListKeys, Reserve,
+    UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
+    MAX_LIMIT,
 };
 use serde_json::{Map, Value};
 
@@ -493,6 +494,84 @@ impl TryFrom<UpdateIdentityRequest> for UpdateIdentity {
             meta: req.meta,
         })
     }
+}
+
+/// The window of a rate limit: 1 s to 30 days.
+pub const MIN_LIMIT_DURATION_MS: i64 = 1_000;
+pub const MAX_LIMIT_DURATION_MS: i64 = 2_592_000_000;
+/// Checks in one `ratelimit.multiLimit`.
+pub const MAX_LIMITS_PER_CALL: usize = 100;
+
+pub fn is_limit_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '/' | '-')
+}
+
+/// One check; `at` is where it is in the body (`body` or `body[i]`).
+fn limit_request(c: &mut Checks, at: &str, req: RatelimitLimitRequest) -> LimitRequest {
+    let allowed = "letters, digits, '_', '.', ':', '/' and '-'";
+    for (field, value) in [
+        ("namespace", &req.namespace),
+        ("identifier", &req.identifier),
+    ] {
+        let location = format!("{at}.{field}");
+        c.len(&location, value, 1, 255);
+        c.charset(&location, value, allowed, is_limit_name_char);
+    }
+    let mut number = |field: &str, value: i64, min: i64, max: i64| {
+        if (min..=max).contains(&value) {
+            return u64::try_from(value).unwrap_or(0);
+        }
+        c.push(
+            &format!("{at}.{field}"),
+            format!("must be {min} to {max}, got {value}"),
+            format!("send an integer from {min} to {max}"),
+        );
+        0
+    };
+    let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
+    let limit = number("limit", req.limit, 1, max);
+    let duration_ms = number(
+        "duration",
+        req.duration,
+        MIN_LIMIT_DURATION_MS,
+        MAX_LIMIT_DURATION_MS,
+    );
+    let cost = number("cost", req.cost.unwrap_or(1), 0, max);
+    LimitRequest {
+        namespace: req.namespace,
+        identifier: req.identifier,
+        limit,
+        duration_ms,
+        cost,
+    }
+}
+
+/// `ratelimit.limit`.
+pub fn parse_limit(req: RatelimitLimitRequest) -> Result<LimitRequest, ApiError> {
+    let mut c = Checks::default();
+    let parsed = limit_request(&mut c, "body", req);
+    c.finish(parsed)
+}
+
+/// `ratelimit.multiLimit`: 1..=100 checks.
+pub fn parse_multi_limit(reqs: Vec<RatelimitLimitRequest>) -> Result<Vec<LimitRequest>, ApiError> {
+    let mut c = Checks::default();
+    if reqs.is_empty() || reqs.len() > MAX_LIMITS_PER_CALL {
+        c.push(
+            "body",
+            format!(
+                "must hold 1 to {MAX_LIMITS_PER_CALL} checks, got {}",
+                reqs.len()
+            ),
+            format!("send between 1 and {MAX_LIMITS_PER_CALL} checks"),
+        );
+    }
+    let parsed: Vec<LimitRequest> = reqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| limit_request(&mut c, &format!("body[{i}]"), r))
+        .collect();
+    c.finish(parsed)
 }
 
 fn api_id(c: &mut Checks, value: &str) {

@@ -520,3 +520,51 @@ pub struct WhoamiRequest {
 pub struct LivenessData {
     pub message: String,
 }
+
+// ---- ratelimit ----
+
+/// One check of `ratelimit.limit` (and one item of `ratelimit.multiLimit`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RatelimitLimitRequest {
+    /// 1..=255 characters of `[a-zA-Z0-9_.:/-]`; created on first use.
+    pub namespace: String,
+    /// Who is limited: 1..=255 characters of `[a-zA-Z0-9_.:/-]`.
+    pub identifier: String,
+    /// Most cost a window passes: 1..=10^12.
+    pub limit: i64,
+    /// The window in milliseconds: 1,000..=2,592,000,000 (30 days).
+    pub duration: i64,
+    /// What this check counts: 0..=10^12 (default 1).
+    pub cost: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RatelimitLimitData {
+    pub limit: u64,
+    pub remaining: u64,
+    /// When the window ends: Unix milliseconds.
+    pub reset: u64,
+    pub success: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RatelimitMultiLimitCheck {
+    pub namespace: String,
+    pub identifier: String,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: u64,
+    /// Whether this check alone fits its window (the call passes only if all do).
+    pub passed: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RatelimitMultiLimitData {
+    /// Every check passed (and all were counted); otherwise none was counted.
+    pub passed: bool,
+    pub limits: Vec<RatelimitMultiLimitCheck>,
+}

@@ -70,6 +70,8 @@ pub enum ServiceError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    RateLimiter(#[from] creditgate_limiter::LimitError),
     #[error("{0}")]
     Internal(String),
 }

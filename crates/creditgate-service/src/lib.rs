@@ -12,6 +12,7 @@ mod idempotency;
 mod identities;
 mod keys;
 pub mod metrics;
+mod ratelimit;
 mod verify;
 
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use creditgate_analytics::Analytics;
 use creditgate_domain::{hash_secret, Clock, KeyRecord, KeyStore, RootKeyRecord};
-use creditgate_limiter::Engine;
+use creditgate_limiter::{Engine, RateLimiter};
 use moka::future::Cache;
 
 pub use apis::KeyListing;
@@ -33,6 +34,7 @@ pub use idempotency::{
 };
 pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
 pub use keys::{CreatedKey, KeyView};
+pub use ratelimit::{LimitAnswer, LimitRequest, MAX_LIMIT};
 pub use verify::Verdict;
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
@@ -70,6 +72,8 @@ pub struct Service {
     /// Root keys by secret hash.
     roots: Cache<String, Arc<RootKeyRecord>>,
     bus: Option<Arc<dyn Invalidations>>,
+    /// Rate-limit counters: in process, or on Redis in multi-node mode.
+    ratelimiter: Arc<dyn RateLimiter>,
 }
 
 /// This node's key caches, for the task that applies other nodes' invalidations (it
@@ -101,6 +105,7 @@ impl Service {
         clock: Arc<dyn Clock>,
         settings: ServiceSettings,
         bus: Option<Arc<dyn Invalidations>>,
+        ratelimiter: Arc<dyn RateLimiter>,
     ) -> Self {
         let settings = Arc::new(settings);
         engine.observe_expiries(holds::expiry_recorder(
@@ -124,6 +129,7 @@ impl Service {
                 .time_to_live(CACHE_TTL)
                 .build(),
             bus,
+            ratelimiter,
         }
     }
 

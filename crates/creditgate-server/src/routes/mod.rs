@@ -5,6 +5,7 @@ pub mod apis;
 pub mod holds;
 pub mod identities;
 pub mod keys;
+pub mod ratelimit;
 pub mod system;
 pub mod verify;
 
