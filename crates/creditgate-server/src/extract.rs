@@ -24,6 +24,52 @@ impl<T: DeserializeOwned + utoipa::ToSchema> FromRequest<AppState> for ApiJson<T
     }
 }
 
+/// A body that is a JSON list of `T` (`ratelimit.multiLimit`): each item parsed as
+/// [`ApiJson`] parses a body, a 400 naming `body[i].field`.
+pub struct ApiJsonList<T>(pub Vec<T>);
+
+impl<T: DeserializeOwned + utoipa::ToSchema> FromRequest<AppState> for ApiJsonList<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let body = json_body(req, state).await?;
+        let items: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|_| {
+            ApiError::field(
+                "body",
+                "must be a JSON list of objects",
+                "send the items as a JSON array of objects, as /openapi.json documents",
+            )
+        })?;
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let bytes = Bytes::from(item.to_string());
+                parse(&bytes, &T::name()).map_err(|e| within_item(e, i))
+            })
+            .collect::<Result<Vec<T>, _>>()
+            .map(ApiJsonList)
+    }
+}
+
+/// A 400 about a list's item `i`: `body.x` becomes `body[i].x`.
+fn within_item(e: ApiError, i: usize) -> ApiError {
+    match e {
+        ApiError::BadRequest { errors, .. } => ApiError::invalid(
+            errors
+                .into_iter()
+                .map(|mut f| {
+                    if let Some(rest) = f.location.strip_prefix("body") {
+                        f.location = format!("body[{i}]{rest}");
+                    }
+                    f
+                })
+                .collect(),
+        ),
+        e => e,
+    }
+}
+
 /// The body of a route that takes an idempotency key (`Idempotency-Key` header, or
 /// `idempotencyKey` in the body), and the key with the request's fingerprint.
 pub struct IdemJson<T> {

@@ -22,6 +22,8 @@ mod idempotency;
 mod identities;
 #[path = "http/limits.rs"]
 mod limits;
+#[path = "http/ratelimit.rs"]
+mod ratelimit;
 #[path = "http/refill.rs"]
 mod refill;
 #[path = "http/routes.rs"]

@@ -6,7 +6,7 @@ use axum::Json;
 use super::ok;
 use crate::auth::RootKey;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiJsonList};
 use crate::parse::{parse_limit, parse_multi_limit};
 use crate::state::AppState;
 use crate::wire::*;
@@ -39,7 +39,7 @@ pub async fn limit(
 pub async fn multi_limit(
     State(state): State<AppState>,
     RootKey(caller): RootKey,
-    ApiJson(reqs): ApiJson<Vec<RatelimitLimitRequest>>,
+    ApiJsonList(reqs): ApiJsonList<RatelimitLimitRequest>,
 ) -> Result<Json<Envelope<RatelimitMultiLimitData>>, ApiError> {
     let requests = parse_multi_limit(reqs)?;
     let (passed, answers) = state.service.rate_limit(&caller, requests).await?;
