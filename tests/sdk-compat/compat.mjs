@@ -248,6 +248,23 @@ async function run() {
     assertMeta(res, "deleteIdentity");
   });
 
+  await step("ratelimit.limit 2 per window: pass, pass, refuse; multiLimit", async () => {
+    const check = { namespace: "sdk.compat", identifier: externalId, limit: 2, duration: 2592000000 }; // 30 days: no window ends mid-step
+    const answers = [];
+    for (let i = 0; i < 3; i += 1) {
+      const res = await unkey.ratelimit.limit(check);
+      assertMeta(res, "ratelimit.limit");
+      answers.push(res.data.success);
+      assert(res.data.reset > Date.now() - 1000, `ratelimit.limit: reset ${res.data.reset} is not a time ahead`);
+    }
+    assertEq(JSON.stringify(answers), JSON.stringify([true, true, false]), "ratelimit.limit successes");
+    const multi = await unkey.ratelimit.multiLimit([{ ...check, identifier: `${externalId}-2` }, check]);
+    assertMeta(multi, "ratelimit.multiLimit");
+    assertEq(multi.data.passed, false, "multiLimit.passed");
+    assertEq(multi.data.limits[0].passed, true, "multiLimit.limits[0].passed");
+    assertEq(multi.data.limits[1].passed, false, "multiLimit.limits[1].passed");
+  });
+
   await step("keys.deleteKey", async () => {
     const res = await unkey.keys.deleteKey({ keyId: state.keyId });
     assertMeta(res, "deleteKey");
