@@ -346,7 +346,7 @@ async fn root_keys_are_idempotent(db: &Db) {
         "INSERT INTO root_keys (id, workspace_id, hash, permissions, created_at) \
          VALUES ('rk_raw', 'ws_1', 'raw-hash', $1, 5)",
     )
-    .bind(json!(["api.*.verify_key", "ratelimit.*.limit"]).to_string())
+    .bind(json!(["api.*.verify_key", "api.*.launch_rockets"]).to_string())
     .execute(s.pool())
     .await
     .expect("raw insert");

@@ -7,4 +7,5 @@ mod idempotency;
 mod loadtest;
 mod multinode;
 mod process;
+mod ratelimit;
 mod support;

@@ -1,0 +1,102 @@
+//! Standalone rate limits on real processes: 3 and 9 nodes on one Redis, a limit of 10
+//! per second, 200 requests a second for 5 s, each to a random node. Every answer names
+//! its window (`reset`, the window's end on Redis's clock), so the test checks each
+//! window: never more than 10 successes, and exactly 10 in every window that saw at
+//! least 10 requests (the fixed window's promise).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use creditgate_testkit::{Cluster, Provision};
+use serde_json::json;
+
+use crate::support::BIN;
+
+const LIMIT: u64 = 10;
+const WINDOW_MS: u64 = 1_000;
+const RATE_PER_S: u64 = 200;
+const RUN: Duration = Duration::from_secs(5);
+
+async fn exact_per_window(nodes: usize) {
+    let cluster = Cluster::builder()
+        .nodes(nodes)
+        .services(Provision::Own, Provision::Shared, Provision::Shared)
+        .process_nodes(BIN)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
+    let root = cluster.root_key.clone();
+    let seed = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_nanos()
+            % 1_000_000_007,
+    )
+    .expect("small")
+        | 1;
+    println!("rate limit run: {nodes} nodes, seed {seed}");
+    let mut x = seed;
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1_000 / RATE_PER_S));
+    while started.elapsed() < RUN {
+        tick.tick().await;
+        // xorshift: a random node for each request, repeatable with the seed.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let node = cluster.nodes
+            [usize::try_from(x % u64::try_from(nodes).expect("small")).expect("small")]
+        .remote();
+        let root = root.clone();
+        tasks.push(tokio::spawn(async move {
+            node.call(
+                "ratelimit.limit",
+                &root,
+                json!({ "namespace": "api", "identifier": "user_1",
+                        "limit": LIMIT, "duration": WINDOW_MS }),
+            )
+            .await
+        }));
+    }
+    // Window end → (requests answered in it, successes).
+    let mut windows: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+        let d = &body["data"];
+        let reset = d["reset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no reset: {body}"));
+        assert_eq!(reset % WINDOW_MS, 0, "{body}");
+        let w = windows.entry(reset).or_default();
+        w.0 += 1;
+        w.1 += u64::from(d["success"] == json!(true));
+    }
+    println!("windows (end → requests, successes): {windows:?}");
+    assert!(windows.len() >= 4, "{windows:?}");
+    for (end, (requests, successes)) in &windows {
+        assert!(
+            *successes <= LIMIT,
+            "seed {seed}: window ending {end} passed {successes} > {LIMIT}"
+        );
+        if *requests >= LIMIT {
+            assert_eq!(
+                *successes, LIMIT,
+                "seed {seed}: window ending {end} saw {requests} requests"
+            );
+        }
+    }
+    cluster.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_are_exact_per_window_on_three_nodes() {
+    exact_per_window(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_are_exact_per_window_on_nine_nodes() {
+    exact_per_window(9).await;
+}
