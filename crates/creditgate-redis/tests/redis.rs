@@ -811,3 +811,64 @@ async fn rate_limits_pass_exactly_the_limit_across_nodes_all_or_nothing() {
     assert!(ok);
     assert_eq!((states[0].remaining, states[1].remaining), (3, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_windows_that_began_before_a_redis_data_loss_count_as_full() {
+    use creditgate_limiter::{LimitCheck, RateLimiter};
+    use creditgate_redis::RedisRateLimiter;
+
+    let server = redis();
+    let connect = || async {
+        RedisRateLimiter::connect(&server.url(), RedisOptions::default())
+            .await
+            .expect("connect")
+    };
+    let a = connect().await;
+    for _ in 0..3 {
+        assert!(a.limit(&[limit_check("w", 5, 1)]).await.expect("w").0);
+    }
+    // Redis loses its data: the 3 counted are gone.
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut raw(&server).await)
+        .await
+        .expect("flushall");
+    // The window began before the loss and its count is unknown: nothing passes in it,
+    // on this node or on one started after the loss, for any counter.
+    let (ok, states) = a.limit(&[limit_check("w", 5, 1)]).await.expect("w");
+    assert!(!ok);
+    assert_eq!(states[0].remaining, 0);
+    let b = connect().await;
+    assert!(!b.limit(&[limit_check("w", 5, 1)]).await.expect("w").0);
+    assert!(
+        !b.limit(&[limit_check("other", 5, 1)])
+            .await
+            .expect("other")
+            .0
+    );
+    // A window that begins after the loss counts as usual.
+    let short = LimitCheck {
+        counter: "short".to_owned(),
+        limit: 2,
+        duration_ms: 1_000,
+        cost: 1,
+    };
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        b.limit(std::slice::from_ref(&short))
+            .await
+            .expect("short")
+            .0
+    );
+    assert!(
+        a.limit(std::slice::from_ref(&short))
+            .await
+            .expect("short")
+            .0
+    );
+    assert!(
+        !a.limit(std::slice::from_ref(&short))
+            .await
+            .expect("short")
+            .0
+    );
+}
