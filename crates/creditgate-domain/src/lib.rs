@@ -19,6 +19,6 @@ pub use ids::{
 };
 pub use outcome::Outcome;
 pub use permission::{Action, Permission, PermissionSet};
-pub use record::{ApiRecord, IdentityRecord, KeyRecord, NewKey, RootKeyRecord};
+pub use record::{ApiRecord, IdentityRecord, KeyRecord, NewKey, RatelimitRule, RootKeyRecord};
 pub use refill::{Refill, RefillError, RefillInterval};
-pub use store::{IdentityPage, KeyPatch, KeyStore, StoreError};
+pub use store::{IdentityPage, IdentityPatch, KeyPatch, KeyStore, StoreError};

@@ -1,5 +1,6 @@
 //! Records of workspaces' APIs, keys and root keys as the stores hold them.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct KeyRecord {
     /// The identity the key belongs to: the workspace's identity with the key's
     /// `external_id` (created with the key when missing).
     pub identity: Option<Arc<IdentityRecord>>,
+    /// Named rate limits of the key; one of the same name on its identity yields to it.
+    pub ratelimits: Vec<RatelimitRule>,
 }
 
 /// An identity: a customer (user, organisation) of the workspace that groups keys by
@@ -52,6 +55,40 @@ pub struct IdentityRecord {
     pub meta: Option<Map<String, Value>>,
     pub created_at: i64,
     pub updated_at: Option<i64>,
+    /// Named rate limits shared by all keys of the identity.
+    pub ratelimits: Vec<RatelimitRule>,
+}
+
+/// A named rate limit on a key or an identity (stored as JSON with its owner). A
+/// verification checks it when it names it, or always when `auto_apply` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RatelimitRule {
+    /// `rl_…`, kept across updates that keep the name.
+    pub id: String,
+    pub name: String,
+    pub limit: u64,
+    /// The window in milliseconds.
+    #[serde(rename = "duration")]
+    pub duration_ms: u64,
+    pub auto_apply: bool,
+}
+
+impl RatelimitRule {
+    /// `wanted` (ids not set yet) replacing `current`: a rule keeps the id of the
+    /// current rule of its name, a new name gets a new id.
+    pub fn replacing(current: &[RatelimitRule], wanted: Vec<RatelimitRule>) -> Vec<Self> {
+        wanted
+            .into_iter()
+            .map(|rule| RatelimitRule {
+                id: current
+                    .iter()
+                    .find(|r| r.name == rule.name)
+                    .map_or_else(|| crate::ids::new_id("rl"), |r| r.id.clone()),
+                ..rule
+            })
+            .collect()
+    }
 }
 
 impl KeyRecord {

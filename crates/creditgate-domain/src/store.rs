@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::{
-    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, Refill, RootKeyRecord, WorkspaceId,
+    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitRule, Refill,
+    RootKeyRecord, WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,17 @@ pub struct KeyPatch {
     pub expires: Option<Option<i64>>,
     pub enabled: Option<bool>,
     pub refill: Option<Option<Refill>>,
+    /// Replaces the key's rate limits.
+    pub ratelimits: Option<Vec<RatelimitRule>>,
+}
+
+/// What `identities.updateIdentity` changes (`None`: leave as it is).
+#[derive(Debug, Clone, Default)]
+pub struct IdentityPatch {
+    /// `Some(None)` clears the meta.
+    pub meta: Option<Option<Map<String, Value>>>,
+    /// Replaces the identity's rate limits.
+    pub ratelimits: Option<Vec<RatelimitRule>>,
 }
 
 impl KeyPatch {
@@ -37,6 +49,7 @@ impl KeyPatch {
             && self.expires.is_none()
             && self.enabled.is_none()
             && self.refill.is_none()
+            && self.ratelimits.is_none()
     }
 }
 
@@ -117,7 +130,7 @@ pub trait KeyStore: Send + Sync {
         &self,
         workspace: &WorkspaceId,
         identity: &str,
-        meta: Option<&Map<String, Value>>,
+        patch: &IdentityPatch,
         now_ms: i64,
     ) -> Result<Option<IdentityRecord>, StoreError>;
     /// Deletes the identity and unlinks its keys (their external id is cleared), in one

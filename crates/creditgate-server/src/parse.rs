@@ -2,12 +2,14 @@
 //! every field rule exists once and a failure names the field and how to fix it. The
 //! rules that `createKey` and `updateKey` share are [`key_fields`] and [`Checks::refill`].
 
-use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill, RefillError, RefillInterval};
+use creditgate_domain::{
+    ApiId, Cost, Credits, KeyId, RatelimitRule, Refill, RefillError, RefillInterval,
+};
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateIdentity, CreateKey, FieldError, LimitRequest, ListIdentities, ListKeys, Reserve,
-    UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS,
-    MAX_LIMIT,
+    CreateIdentity, CreateKey, FieldError, LimitRequest, ListIdentities, ListKeys, NamedLimit,
+    Reserve, UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS,
+    MAX_HOLD_TTL_MS, MAX_LIMIT,
 };
 use serde_json::{Map, Value};
 
@@ -166,7 +168,6 @@ struct KeyFields<'a> {
     expires: Option<i64>,
     roles: &'a Option<Vec<Value>>,
     permissions: &'a Option<Vec<Value>>,
-    ratelimits: &'a Option<Vec<Value>>,
 }
 
 impl Checks {
@@ -225,7 +226,117 @@ fn key_fields(c: &mut Checks, f: KeyFields<'_>) {
     }
     c.unsupported_list("body.roles", f.roles);
     c.unsupported_list("body.permissions", f.permissions);
-    c.unsupported_list("body.ratelimits", f.ratelimits);
+}
+
+/// Rate limits on one key or identity.
+pub const MAX_RATELIMITS: usize = 50;
+
+impl Checks {
+    /// A rate limit's name: 1..=128 characters of `[a-zA-Z0-9_.:/-]`.
+    fn limit_name(&mut self, location: &str, name: &str) {
+        self.len(location, name, 1, 128);
+        self.charset(
+            location,
+            name,
+            "letters, digits, '_', '.', ':', '/' and '-'",
+            is_limit_name_char,
+        );
+    }
+
+    /// An integer in `min..=max`, or a complaint naming `location` (and `min`).
+    fn bounded(&mut self, location: &str, value: i64, min: i64, max: i64) -> u64 {
+        if (min..=max).contains(&value) {
+            return u64::try_from(value).unwrap_or(0);
+        }
+        self.push(
+            location,
+            format!("must be {min} to {max}, got {value}"),
+            format!("send an integer from {min} to {max}"),
+        );
+        0
+    }
+
+    /// At most [`MAX_RATELIMITS`] entries with distinct names.
+    fn limit_names<'a>(&mut self, location: &str, names: impl ExactSizeIterator<Item = &'a str>) {
+        if names.len() > MAX_RATELIMITS {
+            self.push(
+                location,
+                format!(
+                    "has {} rate limits, at most {MAX_RATELIMITS} are allowed",
+                    names.len()
+                ),
+                format!("send at most {MAX_RATELIMITS}"),
+            );
+            return;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in names.enumerate() {
+            if !seen.insert(name) {
+                self.push(
+                    &format!("{location}[{i}].name"),
+                    format!("names '{name}' a second time"),
+                    "send each name once",
+                );
+            }
+        }
+    }
+
+    /// The rate limits to set on a key or an identity (ids assigned by the service).
+    fn ratelimit_rules(&mut self, list: Option<Vec<RatelimitWire>>) -> Option<Vec<RatelimitRule>> {
+        let list = list?;
+        self.limit_names("body.ratelimits", list.iter().map(|r| r.name.as_str()));
+        let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
+        let rules = list
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = format!("body.ratelimits[{i}]");
+                self.limit_name(&format!("{at}.name"), &r.name);
+                RatelimitRule {
+                    id: String::new(),
+                    limit: self.bounded(&format!("{at}.limit"), r.limit, 1, max),
+                    duration_ms: self.bounded(
+                        &format!("{at}.duration"),
+                        r.duration,
+                        MIN_LIMIT_DURATION_MS,
+                        MAX_LIMIT_DURATION_MS,
+                    ),
+                    name: r.name,
+                    auto_apply: r.auto_apply,
+                }
+            })
+            .collect();
+        Some(rules)
+    }
+
+    /// The rate limits a verification names.
+    fn named_limits(&mut self, list: Option<Vec<VerifyRatelimitWire>>) -> Vec<NamedLimit> {
+        let list = list.unwrap_or_default();
+        self.limit_names("body.ratelimits", list.iter().map(|r| r.name.as_str()));
+        let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
+        list.into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = format!("body.ratelimits[{i}]");
+                self.limit_name(&format!("{at}.name"), &r.name);
+                NamedLimit {
+                    cost: self.bounded(&format!("{at}.cost"), r.cost.unwrap_or(1), 0, max),
+                    limit: r
+                        .limit
+                        .map(|l| self.bounded(&format!("{at}.limit"), l, 0, max)),
+                    duration_ms: r.duration.map(|d| {
+                        self.bounded(
+                            &format!("{at}.duration"),
+                            d,
+                            MIN_LIMIT_DURATION_MS,
+                            MAX_LIMIT_DURATION_MS,
+                        )
+                    }),
+                    name: r.name,
+                }
+            })
+            .collect()
+    }
 }
 
 impl TryFrom<VerifyKeyRequest> for Verify {
@@ -256,7 +367,7 @@ impl TryFrom<VerifyKeyRequest> for Verify {
                 "omit permissions",
             );
         }
-        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        let ratelimits = c.named_limits(req.ratelimits);
         if req.migration_id.is_some() {
             c.push(
                 "body.migrationId",
@@ -268,6 +379,7 @@ impl TryFrom<VerifyKeyRequest> for Verify {
             secret: req.key,
             cost,
             tags,
+            ratelimits,
         })
     }
 }
@@ -303,9 +415,9 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
                 expires: req.expires,
                 roles: &req.roles,
                 permissions: &req.permissions,
-                ratelimits: &req.ratelimits,
             },
         );
+        let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
         c.hashes_only("body.recoverable", req.recoverable, "recoverable");
         let (remaining, refill) = match &req.credits {
             None => (None, None),
@@ -332,6 +444,7 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
             enabled: req.enabled.unwrap_or(true),
             remaining,
             refill,
+            ratelimits,
         })
     }
 }
@@ -351,9 +464,9 @@ impl TryFrom<UpdateKeyRequest> for UpdateKey {
                 expires: req.expires.flatten(),
                 roles: &req.roles,
                 permissions: &req.permissions,
-                ratelimits: &req.ratelimits,
             },
         );
+        let ratelimits = c.ratelimit_rules(req.ratelimits);
         // Credits: the balance (through the engine) and the refill (in the store).
         let (remaining, refill) = match &req.credits {
             None => (None, None),
@@ -382,6 +495,7 @@ impl TryFrom<UpdateKeyRequest> for UpdateKey {
             enabled: req.enabled,
             remaining,
             refill,
+            ratelimits,
         })
     }
 }
@@ -453,10 +567,11 @@ impl TryFrom<CreateIdentityRequest> for CreateIdentity {
         let mut c = Checks::default();
         c.external_id(&req.external_id);
         c.meta(req.meta.as_ref());
-        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
         c.finish(CreateIdentity {
             external_id: req.external_id,
             meta: req.meta,
+            ratelimits,
         })
     }
 }
@@ -488,10 +603,11 @@ impl TryFrom<UpdateIdentityRequest> for UpdateIdentity {
         let mut c = Checks::default();
         c.len("body.identity", &req.identity, 1, 255);
         c.meta(req.meta.as_ref().and_then(Option::as_ref));
-        c.unsupported_list("body.ratelimits", &req.ratelimits);
+        let ratelimits = c.ratelimit_rules(req.ratelimits);
         c.finish(UpdateIdentity {
             identity: req.identity,
             meta: req.meta,
+            ratelimits,
         })
     }
 }
@@ -517,26 +633,15 @@ fn limit_request(c: &mut Checks, at: &str, req: RatelimitLimitRequest) -> LimitR
         c.len(&location, value, 1, 255);
         c.charset(&location, value, allowed, is_limit_name_char);
     }
-    let mut number = |field: &str, value: i64, min: i64, max: i64| {
-        if (min..=max).contains(&value) {
-            return u64::try_from(value).unwrap_or(0);
-        }
-        c.push(
-            &format!("{at}.{field}"),
-            format!("must be {min} to {max}, got {value}"),
-            format!("send an integer from {min} to {max}"),
-        );
-        0
-    };
     let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
-    let limit = number("limit", req.limit, 1, max);
-    let duration_ms = number(
-        "duration",
+    let limit = c.bounded(&format!("{at}.limit"), req.limit, 1, max);
+    let duration_ms = c.bounded(
+        &format!("{at}.duration"),
         req.duration,
         MIN_LIMIT_DURATION_MS,
         MAX_LIMIT_DURATION_MS,
     );
-    let cost = number("cost", req.cost.unwrap_or(1), 0, max);
+    let cost = c.bounded(&format!("{at}.cost"), req.cost.unwrap_or(1), 0, max);
     LimitRequest {
         namespace: req.namespace,
         identifier: req.identifier,

@@ -143,9 +143,8 @@ pub struct CreateKeyRequest {
     /// Not supported (only an empty list is accepted).
     #[schema(value_type = Option<Vec<String>>)]
     pub permissions: Option<Vec<Value>>,
-    /// Not supported (only an empty list is accepted).
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub ratelimits: Option<Vec<Value>>,
+    /// Named rate limits of the key (at most 50, names unique).
+    pub ratelimits: Option<Vec<RatelimitWire>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -196,6 +195,71 @@ pub struct KeyData {
     pub credits: Option<KeyCreditsData>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityData>,
+    /// The key's own rate limits; omitted when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratelimits: Option<Vec<RatelimitData>>,
+}
+
+/// A named rate limit to set on a key or an identity.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RatelimitWire {
+    /// 1..=128 characters of `[a-zA-Z0-9_.:/-]`, unique among the owner's limits.
+    pub name: String,
+    /// What a window allows: 1..=10^12 (the sum of the costs of passed checks).
+    pub limit: i64,
+    /// The window in milliseconds: 1,000..=2,592,000,000 (30 days).
+    pub duration: i64,
+    /// Checked (at cost 1) on every verification when true; otherwise only when a
+    /// verification names it. Default false.
+    #[serde(default)]
+    pub auto_apply: bool,
+}
+
+/// A named rate limit of a key or an identity.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RatelimitData {
+    pub id: String,
+    pub name: String,
+    pub limit: u64,
+    /// The window in milliseconds.
+    pub duration: u64,
+    pub auto_apply: bool,
+}
+
+/// A rate limit a verification checks: one of the key's, else one of its identity's
+/// (a key's limit wins over its identity's of the same name).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VerifyRatelimitWire {
+    /// The limit's name.
+    pub name: String,
+    /// What this verification counts: 0..=10^12 (default 1).
+    pub cost: Option<i64>,
+    /// Overrides the limit for this check: 0..=10^12.
+    pub limit: Option<i64>,
+    /// Overrides the window for this check (ms): 1,000..=2,592,000,000. Another window
+    /// is another counter.
+    pub duration: Option<i64>,
+}
+
+/// A rate limit a verification checked, with its window after the check.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyRatelimitData {
+    pub id: String,
+    pub name: String,
+    pub limit: u64,
+    /// The window in milliseconds.
+    pub duration: u64,
+    /// What the window still allows.
+    pub remaining: u64,
+    /// When the window ends: Unix milliseconds.
+    pub reset: u64,
+    /// Whether this limit refused the verification.
+    pub exceeded: bool,
+    pub auto_apply: bool,
 }
 
 /// An identity, as `verifyKey`, `getKey` and the identities routes show it.
@@ -207,9 +271,8 @@ pub struct IdentityData {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub meta: Option<Map<String, Value>>,
-    /// Always empty: rate limits on identities are not supported yet.
-    #[schema(value_type = Vec<Object>)]
-    pub ratelimits: Vec<Value>,
+    /// The identity's rate limits, shared by all its keys.
+    pub ratelimits: Vec<RatelimitData>,
 }
 
 // ---- identities ----
@@ -221,9 +284,8 @@ pub struct CreateIdentityRequest {
     pub external_id: String,
     #[schema(value_type = Option<Object>)]
     pub meta: Option<Map<String, Value>>,
-    /// Not supported yet (only an empty list is accepted).
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub ratelimits: Option<Vec<Value>>,
+    /// Named rate limits shared by the identity's keys (at most 50, names unique).
+    pub ratelimits: Option<Vec<RatelimitWire>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -255,9 +317,9 @@ pub struct UpdateIdentityRequest {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<Object>)]
     pub meta: Option<Option<Map<String, Value>>>,
-    /// Not supported yet (only an empty list is accepted).
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub ratelimits: Option<Vec<Value>>,
+    /// Replaces the identity's rate limits (`[]` removes them); absent leaves them.
+    /// A limit keeps its id when its name stays.
+    pub ratelimits: Option<Vec<RatelimitWire>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -286,8 +348,9 @@ pub struct UpdateKeyRequest {
     pub roles: Option<Vec<Value>>,
     #[schema(value_type = Option<Vec<String>>)]
     pub permissions: Option<Vec<Value>>,
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub ratelimits: Option<Vec<Value>>,
+    /// Replaces the key's rate limits (`[]` removes them); absent leaves them. A limit
+    /// keeps its id when its name stays.
+    pub ratelimits: Option<Vec<RatelimitWire>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -343,9 +406,9 @@ pub struct VerifyKeyRequest {
     pub tags: Option<Vec<String>>,
     /// Not supported (only absent or empty is accepted).
     pub permissions: Option<String>,
-    /// Not supported (only an empty list is accepted).
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub ratelimits: Option<Vec<Value>>,
+    /// Rate limits to check besides the auto-applied ones (at most 50, names unique).
+    /// All are counted or none; a refused verification spends no credits.
+    pub ratelimits: Option<Vec<VerifyRatelimitWire>>,
     /// Not supported.
     pub migration_id: Option<String>,
     /// Makes the request idempotent (as the `Idempotency-Key` header does, for clients
@@ -379,6 +442,9 @@ pub struct VerifyKeyData {
     pub enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityData>,
+    /// The rate limits checked (named, then auto-applied); omitted when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratelimits: Option<Vec<VerifyRatelimitData>>,
 }
 
 // ---- holds (creditgate's extension) ----

@@ -2,7 +2,7 @@
 //! builds them from its wire types (`TryFrom`), so a command that exists is well-formed;
 //! the rules that need the stored key (a refill needs a balance) are checked here.
 
-use creditgate_domain::{ApiId, Cost, Credits, KeyId, Refill};
+use creditgate_domain::{ApiId, Cost, Credits, KeyId, RatelimitRule, Refill};
 use creditgate_limiter::CreditOp;
 use serde_json::{Map, Value};
 
@@ -12,6 +12,18 @@ pub struct Verify {
     pub secret: String,
     pub cost: Cost,
     pub tags: Vec<String>,
+    /// Rate limits of the key or its identity this verification names.
+    pub ratelimits: Vec<NamedLimit>,
+}
+
+/// A rate limit a verification names: one of the key's or its identity's, with
+/// optional overrides of its limit and window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedLimit {
+    pub name: String,
+    pub cost: u64,
+    pub limit: Option<u64>,
+    pub duration_ms: Option<u64>,
 }
 
 /// `keys.createKey`.
@@ -29,6 +41,8 @@ pub struct CreateKey {
     /// Initial balance; `None` = unlimited.
     pub remaining: Option<Credits>,
     pub refill: Option<Refill>,
+    /// Rate limits (ids not assigned yet).
+    pub ratelimits: Vec<RatelimitRule>,
 }
 
 /// `keys.updateKey`: `None` leaves a field as it is, `Some(None)` clears it.
@@ -43,6 +57,8 @@ pub struct UpdateKey {
     /// `Some(None)`: unlimited (which also drops the refill); `Some(Some(n))`: set to n.
     pub remaining: Option<Option<Credits>>,
     pub refill: Option<Option<Refill>>,
+    /// Replaces the rate limits (ids not assigned yet).
+    pub ratelimits: Option<Vec<RatelimitRule>>,
 }
 
 /// `keys.updateCredits`.

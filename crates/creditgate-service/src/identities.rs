@@ -2,7 +2,9 @@
 //! identity of its workspace with its `external_id`; the key caches carry the identity,
 //! so a change of an identity makes every node forget its cached keys.
 
-use creditgate_domain::{Action, IdentityId, IdentityPage, IdentityRecord, StoreError};
+use creditgate_domain::{
+    Action, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, RatelimitRule, StoreError,
+};
 use serde_json::{Map, Value};
 
 use crate::{Caller, Service, ServiceError};
@@ -12,14 +14,18 @@ use crate::{Caller, Service, ServiceError};
 pub struct CreateIdentity {
     pub external_id: String,
     pub meta: Option<Map<String, Value>>,
+    /// Rate limits (ids not assigned yet).
+    pub ratelimits: Vec<RatelimitRule>,
 }
 
-/// `identities.updateIdentity`, parsed: the identity (id or external id) and its new
-/// meta (`Some(None)` clears it; `None` changes nothing).
+/// `identities.updateIdentity`, parsed: the identity (id or external id), its new
+/// meta (`Some(None)` clears it; `None` changes nothing) and rate limits (replacing
+/// the current ones; ids not assigned yet).
 #[derive(Debug, Clone)]
 pub struct UpdateIdentity {
     pub identity: String,
     pub meta: Option<Option<Map<String, Value>>>,
+    pub ratelimits: Option<Vec<RatelimitRule>>,
 }
 
 /// `identities.listIdentities`, parsed.
@@ -43,6 +49,7 @@ impl Service {
             meta: cmd.meta,
             created_at: self.clock.now_ms(),
             updated_at: None,
+            ratelimits: RatelimitRule::replacing(&[], cmd.ratelimits),
         };
         match self.store.create_identity(&identity).await {
             Ok(()) => Ok(identity.id),
@@ -80,27 +87,38 @@ impl Service {
             .await?)
     }
 
-    /// Replaces the identity's meta.
+    /// Replaces the identity's meta and rate limits (those that are sent).
     pub async fn update_identity(
         &self,
         caller: &Caller,
         cmd: UpdateIdentity,
     ) -> Result<IdentityRecord, ServiceError> {
         caller.require(Action::UpdateIdentity, None)?;
-        let Some(meta) = cmd.meta else {
+        if cmd.meta.is_none() && cmd.ratelimits.is_none() {
             return self.get_identity(caller, &cmd.identity).await;
+        }
+        let ratelimits = match cmd.ratelimits {
+            Some(wanted) => {
+                let current = self.get_identity(caller, &cmd.identity).await?;
+                Some(RatelimitRule::replacing(&current.ratelimits, wanted))
+            }
+            None => None,
+        };
+        let patch = IdentityPatch {
+            meta: cmd.meta,
+            ratelimits,
         };
         let updated = self
             .store
             .update_identity(
                 caller.workspace(),
                 &cmd.identity,
-                meta.as_ref(),
+                &patch,
                 self.clock.now_ms(),
             )
             .await?
             .ok_or(ServiceError::IdentityNotFound)?;
-        // Verifications of its keys answer the identity's meta: forget cached keys.
+        // Verifications of its keys answer the identity: forget cached keys.
         self.invalidate_all_keys().await;
         Ok(updated)
     }

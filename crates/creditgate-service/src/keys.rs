@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use creditgate_domain::{
-    hash_secret, new_secret, secret_start, Action, KeyId, KeyPatch, KeyRecord, NewKey, Refill,
+    hash_secret, new_secret, secret_start, Action, KeyId, KeyPatch, KeyRecord, NewKey,
+    RatelimitRule, Refill,
 };
 use creditgate_limiter::CreditOp;
 
@@ -147,6 +148,7 @@ impl Service {
             refill: cmd.refill,
             last_refill_at: Some(now),
             identity: None,
+            ratelimits: RatelimitRule::replacing(&[], cmd.ratelimits),
         };
         let key_id = record.id.clone();
         self.store
@@ -276,6 +278,9 @@ impl Service {
             expires: cmd.expires,
             enabled: cmd.enabled,
             refill,
+            ratelimits: cmd
+                .ratelimits
+                .map(|wanted| RatelimitRule::replacing(&key.ratelimits, wanted)),
         };
         if !patch.is_empty() {
             self.store

@@ -26,7 +26,7 @@ use moka::future::Cache;
 
 pub use apis::KeyListing;
 pub use caller::Caller;
-pub use commands::{CreateKey, ListKeys, UpdateCredits, UpdateKey, Verify};
+pub use commands::{CreateKey, ListKeys, NamedLimit, UpdateCredits, UpdateKey, Verify};
 pub use error::{FieldError, ServiceError};
 pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS};
 pub use idempotency::{
@@ -35,7 +35,7 @@ pub use idempotency::{
 pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
 pub use keys::{CreatedKey, KeyView};
 pub use ratelimit::{LimitAnswer, LimitRequest, MAX_LIMIT};
-pub use verify::Verdict;
+pub use verify::{LimitOutcome, Verdict};
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use creditgate_analytics::VerificationEvent;
-use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome};
-use creditgate_limiter::{Decision, EngineError};
+use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome, RatelimitRule};
+use creditgate_limiter::{Decision, EngineError, LimitCheck};
 
-use crate::{metrics as names, Caller, Service, ServiceError, ServiceSettings, Ticket, Verify};
+use crate::{
+    metrics as names, Caller, NamedLimit, Service, ServiceError, ServiceSettings, Ticket, Verify,
+};
 
 /// The decision on one verification.
 #[derive(Debug, Clone)]
@@ -20,6 +22,20 @@ pub struct Verdict {
     pub remaining: Option<u64>,
     /// Credits this verification spent.
     pub spent: u64,
+    /// The rate limits checked, in the order checked (named ones, then auto-applied).
+    pub ratelimits: Vec<LimitOutcome>,
+}
+
+/// One rate limit a verification checked: the rule as applied (overrides included)
+/// and its window after the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitOutcome {
+    pub rule: RatelimitRule,
+    pub remaining: u64,
+    /// Unix milliseconds when the window ends.
+    pub reset_ms: u64,
+    /// Whether this limit alone refused the verification.
+    pub exceeded: bool,
 }
 
 impl Verdict {
@@ -29,8 +45,74 @@ impl Verdict {
             key,
             remaining: None,
             spent: 0,
+            ratelimits: Vec::new(),
         }
     }
+}
+
+/// The rate limits a verification of `key` checks: those it names (the key's rule of
+/// that name, else its identity's, with the request's overrides), then every
+/// auto-applied rule not named (the key's, then its identity's whose name the key does
+/// not use), at cost 1. A name neither has is a bad request.
+fn limit_checks(
+    key: &KeyRecord,
+    named: &[NamedLimit],
+) -> Result<Vec<(LimitCheck, RatelimitRule)>, ServiceError> {
+    let identity_rules = key.identity.as_deref().map_or(&[][..], |i| &i.ratelimits);
+    // Counters are named by owner (key or identity), rule name and window; ids hold no
+    // unit separator.
+    let check = |rule: RatelimitRule, on_key: bool, cost: u64| {
+        let owner = match (on_key, key.identity.as_deref()) {
+            (false, Some(identity)) => format!("i\u{1f}{}", identity.id),
+            _ => format!("k\u{1f}{}", key.id),
+        };
+        let check = LimitCheck {
+            counter: format!("{owner}\u{1f}{}\u{1f}{}", rule.name, rule.duration_ms),
+            limit: rule.limit,
+            duration_ms: rule.duration_ms,
+            cost,
+        };
+        (check, rule)
+    };
+    let mut checks = Vec::new();
+    for (i, n) in named.iter().enumerate() {
+        let (rule, on_key) = match key.ratelimits.iter().find(|r| r.name == n.name) {
+            Some(r) => (r, true),
+            None => match identity_rules.iter().find(|r| r.name == n.name) {
+                Some(r) => (r, false),
+                None => {
+                    return Err(ServiceError::field(
+                        &format!("body.ratelimits[{i}].name"),
+                        format!(
+                            "neither the key nor its identity has a rate limit named '{}'",
+                            n.name
+                        ),
+                        "name one of the key's or its identity's rate limits (keys.updateKey, \
+                         identities.updateIdentity add them)",
+                    ))
+                }
+            },
+        };
+        let rule = RatelimitRule {
+            limit: n.limit.unwrap_or(rule.limit),
+            duration_ms: n.duration_ms.unwrap_or(rule.duration_ms),
+            ..rule.clone()
+        };
+        checks.push(check(rule, on_key, n.cost));
+    }
+    let is_named = |name: &str| named.iter().any(|n| n.name == name);
+    for r in key.ratelimits.iter().filter(|r| r.auto_apply) {
+        if !is_named(&r.name) {
+            checks.push(check(r.clone(), true, 1));
+        }
+    }
+    for r in identity_rules.iter().filter(|r| r.auto_apply) {
+        let on_key = key.ratelimits.iter().any(|k| k.name == r.name);
+        if !on_key && !is_named(&r.name) {
+            checks.push(check(r.clone(), false, 1));
+        }
+    }
+    Ok(checks)
 }
 
 /// One analytics row of a credit decision: a verification or a hold step.
@@ -83,7 +165,9 @@ impl Service {
         ticket: Option<&Ticket>,
     ) -> Result<Verdict, ServiceError> {
         let started = Instant::now();
-        let verdict = self.decide(caller, &cmd.secret, cmd.cost, ticket).await?;
+        let verdict = self
+            .decide(caller, &cmd.secret, cmd.cost, &cmd.ratelimits, ticket)
+            .await?;
         if ticket.is_some_and(|t| t.replay) {
             return Ok(verdict);
         }
@@ -149,11 +233,38 @@ impl Service {
             .map_err(ServiceError::from)
     }
 
+    /// Checks the rate limits of a verification, all or nothing: `Ok` with their
+    /// outcomes, and whether every one passed.
+    async fn check_limits(
+        &self,
+        key: &KeyRecord,
+        named: &[NamedLimit],
+    ) -> Result<(bool, Vec<LimitOutcome>), ServiceError> {
+        let checks = limit_checks(key, named)?;
+        if checks.is_empty() {
+            return Ok((true, Vec::new()));
+        }
+        let (counters, rules): (Vec<LimitCheck>, Vec<RatelimitRule>) = checks.into_iter().unzip();
+        let (passed, states) = self.ratelimiter.limit(&counters).await?;
+        let outcomes = rules
+            .into_iter()
+            .zip(states)
+            .map(|(rule, s)| LimitOutcome {
+                rule,
+                remaining: s.remaining,
+                reset_ms: s.reset_ms,
+                exceeded: !s.passed,
+            })
+            .collect();
+        Ok((passed, outcomes))
+    }
+
     async fn decide(
         &self,
         caller: &Caller,
         secret: &str,
         cost: Cost,
+        named: &[NamedLimit],
         ticket: Option<&Ticket>,
     ) -> Result<Verdict, ServiceError> {
         let key = match self
@@ -163,19 +274,41 @@ impl Service {
             Ok(key) => key,
             Err((outcome, key)) => return Ok(Verdict::without_credits(outcome, key)),
         };
-        if !key.limited {
-            return Ok(Verdict::without_credits(Outcome::Valid, Some(key)));
+        // Decided before: the spend is made, its answer was never sent. Nothing is
+        // counted again.
+        if ticket.is_some_and(|t| t.replay) {
+            return Ok(Verdict {
+                outcome: Outcome::Valid,
+                remaining: if key.limited {
+                    self.engine.balance(&key.id).await?
+                } else {
+                    None
+                },
+                spent: if key.limited { cost.get() } else { 0 },
+                key: Some(key),
+                ratelimits: Vec::new(),
+            });
         }
-        let decision = match ticket {
-            // Decided before: the spend is made, its answer was never sent.
-            Some(t) if t.replay => {
+        // Rate limits before credits: a rate-limited verification spends nothing.
+        let ratelimits = match self.check_limits(&key, named).await {
+            Ok((true, outcomes)) => outcomes,
+            Ok((false, outcomes)) => {
                 return Ok(Verdict {
-                    outcome: Outcome::Valid,
-                    remaining: self.engine.balance(&key.id).await?,
-                    key: Some(key),
-                    spent: cost.get(),
+                    ratelimits: outcomes,
+                    ..Verdict::without_credits(Outcome::RateLimited, Some(key))
                 })
             }
+            Err(e @ ServiceError::Invalid(_)) => return Err(e),
+            Err(e) if ticket.is_some() => return Err(e),
+            Err(e) => return self.on_backend_failure(Some(key), e),
+        };
+        if !key.limited {
+            return Ok(Verdict {
+                ratelimits,
+                ..Verdict::without_credits(Outcome::Valid, Some(key))
+            });
+        }
+        let decision = match ticket {
             Some(t) => {
                 let (engine, id, t) = (self.engine.clone(), key.id.clone(), t.clone());
                 self.in_engine_task(async move { engine.spend_once(&id, cost, &t.mark()).await })
@@ -189,12 +322,14 @@ impl Service {
                 spent: if remaining.is_some() { cost.get() } else { 0 },
                 key: Some(key),
                 remaining,
+                ratelimits,
             }),
             Ok(Decision::Exceeded { remaining }) => Ok(Verdict {
                 outcome: Outcome::UsageExceeded,
                 key: Some(key),
                 remaining: Some(remaining),
                 spent: 0,
+                ratelimits,
             }),
             Ok(Decision::NotFound) => Ok(Verdict::without_credits(Outcome::NotFound, None)),
             // An idempotent request never fails open: its retry is safe instead.
@@ -224,7 +359,10 @@ impl Service {
         key: Option<Arc<KeyRecord>>,
         e: ServiceError,
     ) -> Result<Verdict, ServiceError> {
-        let backend = matches!(e, ServiceError::Engine(_) | ServiceError::Store(_));
+        let backend = matches!(
+            e,
+            ServiceError::Engine(_) | ServiceError::Store(_) | ServiceError::RateLimiter(_)
+        );
         match key {
             Some(key) if backend && self.settings.allow_on_backend_failure => {
                 tracing::warn!(key_id = %key.id, error = %e, "backends failed; allowing (on-backend-failure=allow)");

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityRecord, KeyId, KeyPatch,
-    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, Refill, RefillInterval, RootKeyId,
-    RootKeyRecord, StoreError, WorkspaceId,
+    ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
+    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitRule, Refill,
+    RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -28,8 +28,8 @@ macro_rules! live_keys_where {
         concat!(
             "SELECT k.id, k.workspace_id, k.api_id, k.hash, k.start, k.name, k.external_id, ",
             "k.meta, k.created_at, k.updated_at, k.expires, k.enabled, k.remaining, ",
-            "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, ",
-            "i.id AS identity_id, i.meta AS identity_meta, ",
+            "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, k.ratelimits, ",
+            "i.id AS identity_id, i.meta AS identity_meta, i.ratelimits AS identity_ratelimits, ",
             "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at ",
             "FROM keys k JOIN apis a ON a.id = k.api_id ",
             "LEFT JOIN identities i ON i.workspace_id = k.workspace_id ",
@@ -57,11 +57,32 @@ fn meta_column(row: &AnyRow, column: &str) -> Result<Option<Map<String, Value>>,
     }
 }
 
-const IDENTITY_COLUMNS: &str = "id, workspace_id, external_id, meta, created_at, updated_at";
+/// A JSON array of rate limits, or NULL for none.
+fn ratelimits_column(row: &AnyRow, column: &str) -> Result<Vec<RatelimitRule>, StoreError> {
+    match row
+        .try_get::<Option<String>, _>(column)
+        .map_err(store_error)?
+    {
+        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(column, e)),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn ratelimits_json(rules: &[RatelimitRule]) -> Result<Option<String>, StoreError> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(rules)
+        .map(Some)
+        .map_err(|e| StoreError::Backend(format!("encoding rate limits: {e}")))
+}
+
+const IDENTITY_COLUMNS: &str =
+    "id, workspace_id, external_id, meta, created_at, updated_at, ratelimits";
 
 /// The workspace's (`$1`) identity whose id or external id is `$2`.
 const IDENTITY_BY_HANDLE: &str = "SELECT id, workspace_id, external_id, meta, created_at, \
-     updated_at FROM identities WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)";
+     updated_at, ratelimits FROM identities WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)";
 
 /// One page of `limit` records from `rows` (fetched with `LIMIT limit + 1`), and the
 /// cursor of the next page (the last record's id) when there is one.
@@ -96,6 +117,7 @@ fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
         updated_at: row
             .try_get::<Option<i64>, _>("updated_at")
             .map_err(store_error)?,
+        ratelimits: ratelimits_column(row, "ratelimits")?,
     })
 }
 
@@ -115,6 +137,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
             created_at: get_opt_int("identity_created_at")?
                 .ok_or_else(|| corrupt("identities.created_at", "NULL"))?,
             updated_at: get_opt_int("identity_updated_at")?,
+            ratelimits: ratelimits_column(row, "identity_ratelimits")?,
         })),
         _ => None,
     };
@@ -147,6 +170,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         refill,
         last_refill_at: get_opt_int("last_refill_at")?,
         identity,
+        ratelimits: ratelimits_column(row, "ratelimits")?,
     })
 }
 
@@ -279,6 +303,9 @@ fn patch_assignments(patch: &KeyPatch) -> Result<(Vec<String>, Vec<Bind>), Store
     }
     if let Some(enabled) = patch.enabled {
         push(&mut sets, "enabled", Bind::Int(Some(i64::from(enabled))));
+    }
+    if let Some(rules) = &patch.ratelimits {
+        push(&mut sets, "ratelimits", Bind::Text(ratelimits_json(rules)?));
     }
     if let Some(refill) = &patch.refill {
         let (interval, amount, day) = refill_columns(refill.as_ref());
@@ -436,9 +463,9 @@ impl KeyStore for SqlStore {
         sqlx::query(
             "INSERT INTO keys (id, workspace_id, api_id, hash, start, name, external_id, meta, \
              created_at, updated_at, expires, enabled, remaining, hot_allocated, generation, \
-             version, refill_interval, refill_amount, refill_day, last_refill_at) \
+             version, refill_interval, refill_amount, refill_day, last_refill_at, ratelimits) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, 0, \
-             $14, $15, $16, $17)",
+             $14, $15, $16, $17, $18)",
         )
         .bind(r.id.as_str())
         .bind(r.workspace_id.as_str())
@@ -457,6 +484,7 @@ impl KeyStore for SqlStore {
         .bind(amount)
         .bind(day)
         .bind(r.last_refill_at)
+        .bind(ratelimits_json(&r.ratelimits)?)
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
@@ -566,7 +594,7 @@ impl KeyStore for SqlStore {
 
     async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError> {
         let inserted = sqlx::query(&format!(
-            "INSERT INTO identities ({IDENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO identities ({IDENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (workspace_id, external_id) DO NOTHING"
         ))
         .bind(identity.id.as_str())
@@ -575,6 +603,7 @@ impl KeyStore for SqlStore {
         .bind(meta_json(identity.meta.as_ref())?)
         .bind(identity.created_at)
         .bind(identity.updated_at)
+        .bind(ratelimits_json(&identity.ratelimits)?)
         .execute(&self.write)
         .await
         .map_err(store_error)?
@@ -627,17 +656,25 @@ impl KeyStore for SqlStore {
         &self,
         workspace: &WorkspaceId,
         identity: &str,
-        meta: Option<&Map<String, Value>>,
+        patch: &IdentityPatch,
         now_ms: i64,
     ) -> Result<Option<IdentityRecord>, StoreError> {
         let mut tx = self.begin_write().await.map_err(store_error)?;
+        // Absent fields keep their column (a flag per field says which to set).
         let updated = sqlx::query(
-            "UPDATE identities SET meta = $3, updated_at = $4 \
+            "UPDATE identities SET \
+             meta = CASE WHEN $3 = 1 THEN $4 ELSE meta END, \
+             ratelimits = CASE WHEN $5 = 1 THEN $6 ELSE ratelimits END, updated_at = $7 \
              WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)",
         )
         .bind(workspace.as_str())
         .bind(identity)
-        .bind(meta_json(meta)?)
+        .bind(i64::from(patch.meta.is_some()))
+        .bind(meta_json(patch.meta.as_ref().and_then(Option::as_ref))?)
+        .bind(i64::from(patch.ratelimits.is_some()))
+        .bind(ratelimits_json(
+            patch.ratelimits.as_deref().unwrap_or_default(),
+        )?)
         .bind(now_ms)
         .execute(&mut *tx)
         .await

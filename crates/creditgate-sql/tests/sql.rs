@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityRecord, KeyId, KeyPatch, KeyRecord,
-    KeyStore, NewKey, Permission, PermissionSet, Refill, RefillInterval, RootKeyId, RootKeyRecord,
-    StoreError, WorkspaceId,
+    ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityPatch, IdentityRecord, KeyId, KeyPatch,
+    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitRule, Refill, RefillInterval,
+    RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::{AllocateOutcome, AllocateRequest, DirectSpend, Ledger};
@@ -214,6 +214,17 @@ fn key(api: &ApiRecord, id: &str) -> KeyRecord {
         refill: None,
         last_refill_at: Some(3_000),
         identity: None,
+        ratelimits: Vec::new(),
+    }
+}
+
+fn rule(id: &str, name: &str, limit: u64, auto_apply: bool) -> RatelimitRule {
+    RatelimitRule {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        limit,
+        duration_ms: 60_000,
+        auto_apply,
     }
 }
 
@@ -541,6 +552,7 @@ async fn identities_link_keys_by_external_id(db: &Db) {
         meta: json!({"plan": "pro"}).as_object().cloned(),
         created_at: 1_000,
         updated_at: None,
+        ratelimits: vec![rule("rl_a", "requests", 10, true)],
     };
     s.create_identity(&acme).await.expect("create identity");
     // The external id is taken in this workspace, not in another.
@@ -571,8 +583,10 @@ async fn identities_link_keys_by_external_id(db: &Db) {
     // creates its identity.
     let mut k = key(&a, "key_ident");
     k.external_id = Some("acme".to_owned());
+    k.ratelimits = vec![rule("rl_own", "requests", 2, false)];
     let k = create(s, k, None).await;
     assert_eq!(k.identity.as_deref(), Some(&acme));
+    assert_eq!(k.ratelimits, vec![rule("rl_own", "requests", 2, false)]);
     let mut n = key(&a, "key_new_ident");
     n.external_id = Some("newco".to_owned());
     let n = create(s, n, None).await;
@@ -597,20 +611,40 @@ async fn identities_link_keys_by_external_id(db: &Db) {
     want.sort();
     assert_eq!(seen, want);
 
-    // A new meta is what the key's reads answer.
+    // New rate limits keep the meta; a new meta keeps the rate limits; both are what
+    // the key's reads answer.
+    let limits = vec![rule("rl_b", "tokens", 500, false)];
+    let only_limits = IdentityPatch {
+        ratelimits: Some(limits.clone()),
+        ..IdentityPatch::default()
+    };
     let updated = s
-        .update_identity(&ws("ws_1"), "acme", None, 2_000)
+        .update_identity(&ws("ws_1"), "acme", &only_limits, 1_500)
+        .await
+        .expect("update")
+        .expect("found");
+    assert_eq!((&updated.meta, &updated.ratelimits), (&acme.meta, &limits));
+    let clear_meta = IdentityPatch {
+        meta: Some(None),
+        ..IdentityPatch::default()
+    };
+    let updated = s
+        .update_identity(&ws("ws_1"), "acme", &clear_meta, 2_000)
         .await
         .expect("update")
         .expect("found");
     assert_eq!(
-        (updated.meta.clone(), updated.updated_at),
-        (None, Some(2_000))
+        (
+            updated.meta.clone(),
+            updated.updated_at,
+            &updated.ratelimits
+        ),
+        (None, Some(2_000), &limits)
     );
     let read = s.key_by_hash(&k.hash).await.expect("get").expect("key");
     assert_eq!(read.identity.as_deref(), Some(&updated));
     assert_eq!(
-        s.update_identity(&ws("ws_2"), "id_acme", None, 2_000)
+        s.update_identity(&ws("ws_2"), "id_acme", &clear_meta, 2_000)
             .await
             .expect("update"),
         None,
@@ -665,6 +699,7 @@ async fn update_key_applies_patches(db: &Db) {
         meta: Some(json!({"b": [true, null]}).as_object().cloned()),
         enabled: Some(false),
         refill: Some(Some(daily)),
+        ratelimits: Some(vec![rule("rl_k", "requests", 3, true)]),
         ..KeyPatch::default()
     };
     let got = s
@@ -677,6 +712,7 @@ async fn update_key_applies_patches(db: &Db) {
     want.meta = json!({"b": [true, null]}).as_object().cloned();
     want.enabled = false;
     want.refill = Some(daily);
+    want.ratelimits = vec![rule("rl_k", "requests", 3, true)];
     want.updated_at = Some(8_000);
     assert_eq!(got, want);
     assert_eq!(s.key_by_id(&k.id).await.expect("get"), Some(want.clone()));
@@ -689,6 +725,7 @@ async fn update_key_applies_patches(db: &Db) {
         expires: Some(None),
         refill: Some(None),
         enabled: Some(true),
+        ratelimits: Some(Vec::new()),
     };
     let got = s
         .update_key(&k.id, &clear, 9_000)
@@ -703,6 +740,7 @@ async fn update_key_applies_patches(db: &Db) {
     want.expires = None;
     want.refill = None;
     want.enabled = true;
+    want.ratelimits = Vec::new();
     want.updated_at = Some(9_000);
     assert_eq!(got, want);
     // The ledger columns are not the key store's business.

@@ -21,7 +21,7 @@ pub fn identity_data(i: &IdentityRecord) -> IdentityData {
         id: i.id.0.to_string(),
         external_id: i.external_id.clone(),
         meta: i.meta.clone(),
-        ratelimits: Vec::new(),
+        ratelimits: i.ratelimits.iter().map(super::ratelimit_data).collect(),
     }
 }
 

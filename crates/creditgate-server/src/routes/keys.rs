@@ -39,6 +39,8 @@ pub fn key_data(v: KeyView) -> KeyData {
         expires: k.expires,
         credits,
         identity,
+        ratelimits: (!k.ratelimits.is_empty())
+            .then(|| k.ratelimits.iter().map(super::ratelimit_data).collect()),
     }
 }
 

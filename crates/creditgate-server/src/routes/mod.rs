@@ -14,14 +14,14 @@ use std::future::Future;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use creditgate_domain::KeyRecord;
+use creditgate_domain::{KeyRecord, RatelimitRule};
 use creditgate_service::{AfterFailure, Caller, Claim, IdemRequest, Ticket};
 use serde::Serialize;
 
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::wire::{Envelope, IdentityData, Meta};
+use crate::wire::{Envelope, IdentityData, Meta, RatelimitData};
 
 /// Set on every answer of a request with an idempotency key: `true` when it is the
 /// first request's answer, replayed.
@@ -95,6 +95,17 @@ pub fn ok<T>(data: T) -> Json<Envelope<T>> {
         },
         data,
     })
+}
+
+/// A rate limit as keys and identities show it.
+pub fn ratelimit_data(r: &RatelimitRule) -> RatelimitData {
+    RatelimitData {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        limit: r.limit,
+        duration: r.duration_ms,
+        auto_apply: r.auto_apply,
+    }
 }
 
 /// The identity of a key, when it has one.

@@ -11,7 +11,7 @@ use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::IdemJson;
 use crate::state::AppState;
-use crate::wire::{Envelope, VerifyKeyData, VerifyKeyRequest};
+use crate::wire::{Envelope, VerifyKeyData, VerifyKeyRequest, VerifyRatelimitData};
 
 #[utoipa::path(post, path = "/v2/keys.verifyKey", tag = "keys", request_body = VerifyKeyRequest,
     responses((status = 200, description = "Every verification outcome, valid or not", body = Envelope<VerifyKeyData>),
@@ -46,5 +46,21 @@ fn verify_data(verdict: &creditgate_service::Verdict) -> VerifyKeyData {
         credits: verdict.remaining.and_then(|r| i64::try_from(r).ok()),
         enabled: key.map(|k| k.enabled),
         identity: key.and_then(identity),
+        ratelimits: (!verdict.ratelimits.is_empty()).then(|| {
+            verdict
+                .ratelimits
+                .iter()
+                .map(|l| VerifyRatelimitData {
+                    id: l.rule.id.clone(),
+                    name: l.rule.name.clone(),
+                    limit: l.rule.limit,
+                    duration: l.rule.duration_ms,
+                    remaining: l.remaining,
+                    reset: l.reset_ms,
+                    exceeded: l.exceeded,
+                    auto_apply: l.rule.auto_apply,
+                })
+                .collect()
+        }),
     }
 }
