@@ -14,7 +14,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::{
-    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MIN_LIMIT_DURATION_MS,
+    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_RATELIMITS,
+    MIN_LIMIT_DURATION_MS,
 };
 use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
 
@@ -97,7 +98,7 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     (
         "/v2/identities.updateIdentity",
-        &[400, 401, 403, 404, 413, 500, 503],
+        &[400, 401, 403, 404, 409, 413, 500, 503],
     ),
     (
         "/v2/identities.deleteIdentity",
@@ -267,7 +268,29 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     let api_id = json!({ "minLength": 1 });
     let cost = json!({ "minimum": 0, "maximum": Cost::MAX });
     let hold_id = json!({ "maxLength": 64, "pattern": "^hold_[A-Za-z0-9]+$" });
+    let ratelimits = json!({ "maxItems": MAX_RATELIMITS });
+    let limit_name = json!({ "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:/-]+$" });
+    let window = json!({ "minimum": MIN_LIMIT_DURATION_MS, "maximum": MAX_LIMIT_DURATION_MS });
     vec![
+        ("RatelimitWire", "name", limit_name.clone()),
+        (
+            "RatelimitWire",
+            "limit",
+            json!({ "minimum": 1, "maximum": MAX_LIMIT }),
+        ),
+        ("RatelimitWire", "duration", window.clone()),
+        ("VerifyRatelimitWire", "name", limit_name),
+        (
+            "VerifyRatelimitWire",
+            "cost",
+            json!({ "minimum": 0, "maximum": MAX_LIMIT }),
+        ),
+        (
+            "VerifyRatelimitWire",
+            "limit",
+            json!({ "minimum": 0, "maximum": MAX_LIMIT }),
+        ),
+        ("VerifyRatelimitWire", "duration", window),
         (
             "CreateApiRequest",
             "name",
@@ -308,7 +331,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("CreateKeyRequest", "recoverable", hashes_only.clone()),
         ("CreateKeyRequest", "roles", unsupported.clone()),
         ("CreateKeyRequest", "permissions", unsupported.clone()),
-        ("CreateKeyRequest", "ratelimits", unsupported.clone()),
+        ("CreateKeyRequest", "ratelimits", ratelimits.clone()),
         ("CreditsWire", "remaining", credits.clone()),
         (
             "RefillWire",
@@ -335,7 +358,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("UpdateKeyRequest", "expires", expires),
         ("UpdateKeyRequest", "roles", unsupported.clone()),
         ("UpdateKeyRequest", "permissions", unsupported.clone()),
-        ("UpdateKeyRequest", "ratelimits", unsupported.clone()),
+        ("UpdateKeyRequest", "ratelimits", ratelimits.clone()),
         ("UpdateCreditsWire", "remaining", credits.clone()),
         ("UpdateCreditsRequest", "keyId", key_id),
         (
@@ -357,7 +380,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             "permissions",
             json!({ "maxLength": 0, "description": "Not supported: only an absent, null or empty string is accepted." }),
         ),
-        ("VerifyKeyRequest", "ratelimits", unsupported.clone()),
+        ("VerifyKeyRequest", "ratelimits", ratelimits.clone()),
         (
             "VerifyKeyRequest",
             "migrationId",
@@ -403,7 +426,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("CreateIdentityRequest", "externalId", external_id.clone()),
         ("CreateIdentityRequest", "meta", meta.clone()),
-        ("CreateIdentityRequest", "ratelimits", unsupported.clone()),
+        ("CreateIdentityRequest", "ratelimits", ratelimits.clone()),
         (
             "IdentityRequest",
             "identity",
@@ -415,7 +438,7 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             json!({ "minLength": 1, "maxLength": 255 }),
         ),
         ("UpdateIdentityRequest", "meta", meta.clone()),
-        ("UpdateIdentityRequest", "ratelimits", unsupported.clone()),
+        ("UpdateIdentityRequest", "ratelimits", ratelimits.clone()),
         (
             "ListIdentitiesRequest",
             "limit",

@@ -231,6 +231,21 @@ fn key_fields(c: &mut Checks, f: KeyFields<'_>) {
 /// Rate limits on one key or identity.
 pub const MAX_RATELIMITS: usize = 50;
 
+/// A key or an identity has one rate limit per name: a list naming one twice conflicts
+/// with itself (`409`, as JSON Schema cannot say "unique by name").
+fn unique_names(rules: &[RatelimitRule]) -> Result<(), ApiError> {
+    for (i, r) in rules.iter().enumerate() {
+        if rules[..i].iter().any(|earlier| earlier.name == r.name) {
+            return Err(ApiError::Conflict(format!(
+                "body.ratelimits[{i}].name: '{}' is named a second time, and a key or an \
+                 identity has one rate limit per name; nothing was changed: send each name once",
+                r.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Checks {
     /// A rate limit's name: 1..=128 characters of `[a-zA-Z0-9_.:/-]`.
     fn limit_name(&mut self, location: &str, name: &str) {
@@ -256,35 +271,21 @@ impl Checks {
         0
     }
 
-    /// At most [`MAX_RATELIMITS`] entries with distinct names.
-    fn limit_names<'a>(&mut self, location: &str, names: impl ExactSizeIterator<Item = &'a str>) {
-        if names.len() > MAX_RATELIMITS {
+    /// At most [`MAX_RATELIMITS`] entries.
+    fn limit_count(&mut self, len: usize) {
+        if len > MAX_RATELIMITS {
             self.push(
-                location,
-                format!(
-                    "has {} rate limits, at most {MAX_RATELIMITS} are allowed",
-                    names.len()
-                ),
+                "body.ratelimits",
+                format!("has {len} rate limits, at most {MAX_RATELIMITS} are allowed"),
                 format!("send at most {MAX_RATELIMITS}"),
             );
-            return;
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, name) in names.enumerate() {
-            if !seen.insert(name) {
-                self.push(
-                    &format!("{location}[{i}].name"),
-                    format!("names '{name}' a second time"),
-                    "send each name once",
-                );
-            }
         }
     }
 
     /// The rate limits to set on a key or an identity (ids assigned by the service).
     fn ratelimit_rules(&mut self, list: Option<Vec<RatelimitWire>>) -> Option<Vec<RatelimitRule>> {
         let list = list?;
-        self.limit_names("body.ratelimits", list.iter().map(|r| r.name.as_str()));
+        self.limit_count(list.len());
         let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
         let rules = list
             .into_iter()
@@ -312,7 +313,7 @@ impl Checks {
     /// The rate limits a verification names.
     fn named_limits(&mut self, list: Option<Vec<VerifyRatelimitWire>>) -> Vec<NamedLimit> {
         let list = list.unwrap_or_default();
-        self.limit_names("body.ratelimits", list.iter().map(|r| r.name.as_str()));
+        self.limit_count(list.len());
         let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
         list.into_iter()
             .enumerate()
@@ -418,6 +419,7 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
             },
         );
         let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
+        unique_names(&ratelimits)?;
         c.hashes_only("body.recoverable", req.recoverable, "recoverable");
         let (remaining, refill) = match &req.credits {
             None => (None, None),
@@ -467,6 +469,7 @@ impl TryFrom<UpdateKeyRequest> for UpdateKey {
             },
         );
         let ratelimits = c.ratelimit_rules(req.ratelimits);
+        unique_names(ratelimits.as_deref().unwrap_or_default())?;
         // Credits: the balance (through the engine) and the refill (in the store).
         let (remaining, refill) = match &req.credits {
             None => (None, None),
@@ -568,6 +571,7 @@ impl TryFrom<CreateIdentityRequest> for CreateIdentity {
         c.external_id(&req.external_id);
         c.meta(req.meta.as_ref());
         let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
+        unique_names(&ratelimits)?;
         c.finish(CreateIdentity {
             external_id: req.external_id,
             meta: req.meta,
@@ -604,6 +608,7 @@ impl TryFrom<UpdateIdentityRequest> for UpdateIdentity {
         c.len("body.identity", &req.identity, 1, 255);
         c.meta(req.meta.as_ref().and_then(Option::as_ref));
         let ratelimits = c.ratelimit_rules(req.ratelimits);
+        unique_names(ratelimits.as_deref().unwrap_or_default())?;
         c.finish(UpdateIdentity {
             identity: req.identity,
             meta: req.meta,

@@ -20,6 +20,8 @@ mod holds;
 mod idempotency;
 #[path = "http/identities.rs"]
 mod identities;
+#[path = "http/key_ratelimits.rs"]
+mod key_ratelimits;
 #[path = "http/limits.rs"]
 mod limits;
 #[path = "http/ratelimit.rs"]

@@ -53,7 +53,8 @@ impl Verdict {
 /// The rate limits a verification of `key` checks: those it names (the key's rule of
 /// that name, else its identity's, with the request's overrides), then every
 /// auto-applied rule not named (the key's, then its identity's whose name the key does
-/// not use), at cost 1. A name neither has is a bad request.
+/// not use), at cost 1. A name neither has is a conflict with the key; a name given
+/// twice is checked twice, one after the other.
 fn limit_checks(
     key: &KeyRecord,
     named: &[NamedLimit],
@@ -80,16 +81,14 @@ fn limit_checks(
             Some(r) => (r, true),
             None => match identity_rules.iter().find(|r| r.name == n.name) {
                 Some(r) => (r, false),
+                // The request is well-formed; the key is not as it expects (409).
                 None => {
-                    return Err(ServiceError::field(
-                        &format!("body.ratelimits[{i}].name"),
-                        format!(
-                            "neither the key nor its identity has a rate limit named '{}'",
-                            n.name
-                        ),
-                        "name one of the key's or its identity's rate limits (keys.updateKey, \
-                         identities.updateIdentity add them)",
-                    ))
+                    return Err(ServiceError::Conflict(format!(
+                        "body.ratelimits[{i}].name: neither the key nor its identity has a rate \
+                         limit named '{}'; nothing was counted or spent: name one of theirs, or \
+                         add it with keys.updateKey or identities.updateIdentity",
+                        n.name
+                    )))
                 }
             },
         };
@@ -298,7 +297,7 @@ impl Service {
                     ..Verdict::without_credits(Outcome::RateLimited, Some(key))
                 })
             }
-            Err(e @ ServiceError::Invalid(_)) => return Err(e),
+            Err(e @ ServiceError::Conflict(_)) => return Err(e),
             Err(e) if ticket.is_some() => return Err(e),
             Err(e) => return self.on_backend_failure(Some(key), e),
         };

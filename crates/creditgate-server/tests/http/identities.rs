@@ -316,8 +316,8 @@ async fn bad_identity_input_is_a_400_that_changes_nothing() {
         ),
         (
             "/v2/identities.createIdentity",
-            json!({ "externalId": "ok", "ratelimits": [{ "name": "r", "limit": 1, "duration": 1000 }] }),
-            "body.ratelimits",
+            json!({ "externalId": "ok", "ratelimits": [{ "name": "r", "limit": 0, "duration": 1000 }] }),
+            "body.ratelimits[0].limit",
         ),
         (
             "/v2/identities.getIdentity",
@@ -331,8 +331,8 @@ async fn bad_identity_input_is_a_400_that_changes_nothing() {
         ),
         (
             "/v2/identities.updateIdentity",
-            json!({ "identity": id, "meta": { "v": 2 }, "ratelimits": [{ "name": "r" }] }),
-            "body.ratelimits",
+            json!({ "identity": id, "meta": { "v": 2 }, "ratelimits": [{ "name": "r", "limit": 1, "duration": 10 }] }),
+            "body.ratelimits[0].duration",
         ),
         (
             "/v2/identities.listIdentities",
