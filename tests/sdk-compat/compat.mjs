@@ -243,6 +243,39 @@ async function run() {
     assert(found, `listIdentities: identity ${state.identityId} not found`);
   });
 
+  await step("rate limits on a key and its identity: verifyKey ratelimits[], RATE_LIMITED spends nothing", async () => {
+    const upd = await unkey.identities.updateIdentity({
+      identity: state.identityId,
+      ratelimits: [{ name: "requests", limit: 100, duration: 2592000000, autoApply: true }],
+    });
+    assertMeta(upd, "updateIdentity ratelimits");
+    assertEq(upd.data.ratelimits?.[0]?.name, "requests", "updateIdentity.ratelimits[0].name");
+    const created = await unkey.keys.createKey({
+      apiId: state.apiId,
+      externalId,
+      credits: { remaining: 10 },
+      ratelimits: [{ name: "tokens", limit: 5, duration: 2592000000, autoApply: false }],
+    });
+    assertMeta(created, "createKey ratelimits");
+    const got = await unkey.keys.getKey({ keyId: created.data.keyId });
+    assertEq(got.data.ratelimits?.[0]?.name, "tokens", "getKey.ratelimits[0].name");
+    const ok = await unkey.keys.verifyKey({ key: created.data.key, ratelimits: [{ name: "tokens", cost: 4 }] });
+    assertMeta(ok, "verifyKey ratelimits");
+    assertEq(ok.data.code, "VALID", "verifyKey.code");
+    const tokens = ok.data.ratelimits?.find((r) => r.name === "tokens");
+    const requests = ok.data.ratelimits?.find((r) => r.name === "requests");
+    assertEq(tokens?.remaining, 1, "tokens.remaining");
+    assertEq(tokens?.exceeded, false, "tokens.exceeded");
+    assertEq(requests?.autoApply, true, "the identity's auto-applied limit is checked");
+    assert(tokens.reset > Date.now(), `tokens.reset ${tokens.reset} is not a time ahead`);
+    const refused = await unkey.keys.verifyKey({ key: created.data.key, ratelimits: [{ name: "tokens", cost: 4 }] });
+    assertEq(refused.data.code, "RATE_LIMITED", "verifyKey.code past the limit");
+    assertEq(refused.data.valid, false, "verifyKey.valid past the limit");
+    const after = await unkey.keys.getKey({ keyId: created.data.keyId });
+    assertEq(after.data.credits?.remaining, 9, "a rate-limited verification spends no credits");
+    await unkey.keys.deleteKey({ keyId: created.data.keyId });
+  });
+
   await step("identities.deleteIdentity", async () => {
     const res = await unkey.identities.deleteIdentity({ identity: state.identityId });
     assertMeta(res, "deleteIdentity");
