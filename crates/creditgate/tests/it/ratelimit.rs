@@ -1,9 +1,12 @@
-//! Standalone rate limits on real processes: 3 and 9 nodes on one Redis, a limit of 10
-//! per second, 200 requests a second for 5 s, each to a random node. Every answer names
-//! its window (`reset`, the window's end on Redis's clock), so the test checks each
-//! window: never more than 10 successes, and exactly 10 in every window that saw at
-//! least 10 requests (the fixed window's promise). Through a Redis `kill -9` and restart
-//! that loses the counters, still never more than 10 in a window.
+//! Rate limits on real processes: 3 and 9 nodes on one Redis, a limit of 10 per second,
+//! 200 requests a second for 5 s, each to a random node — standalone (`ratelimit.limit`)
+//! or an identity's auto-applied limit that `verifyKey` checks for two keys of the
+//! identity. Every answer names its window (`reset`, the window's end on Redis's clock),
+//! so the test checks each window: never more than 10 successes, and exactly 10 in every
+//! window that saw at least 10 requests (the fixed window's promise). Through a Redis
+//! `kill -9` and restart that loses the counters, still never more than 10 in a window.
+//! Verifications refused by the limit spend no credits: the keys' balances are what the
+//! successes spent.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -28,9 +31,20 @@ fn epoch_ms() -> u64 {
     .expect("in range")
 }
 
+/// What the load calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// `ratelimit.limit` on one identifier.
+    Standalone,
+    /// `verifyKey` (cost 1) of two keys sharing their identity's auto-applied limit.
+    IdentityLimit,
+}
+
+const CREDITS: u64 = 10_000;
+
 /// With `redis_fault`, Redis is killed (`kill -9`) that far into the run and restarted
 /// 500 ms later, without persistence: its counters are lost.
-async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>) {
+async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>, workload: Workload) {
     let cluster = Cluster::builder()
         .nodes(nodes)
         .services(Provision::Own, Provision::Shared, Provision::Shared)
@@ -48,7 +62,37 @@ async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>) {
     )
     .expect("small")
         | 1;
-    println!("rate limit run: {nodes} nodes, seed {seed}");
+    println!("rate limit run: {nodes} nodes, {workload:?}, seed {seed}");
+    let keys: Vec<(String, String)> = match workload {
+        Workload::Standalone => Vec::new(),
+        Workload::IdentityLimit => {
+            let n = &cluster.nodes[0];
+            n.ok(
+                "identities.createIdentity",
+                &root,
+                json!({ "externalId": "team_1", "ratelimits": [{ "name": "requests",
+                        "limit": LIMIT, "duration": WINDOW_MS, "autoApply": true }] }),
+            )
+            .await;
+            let api = n.create_api(&root, "rl-api").await;
+            let mut keys = Vec::new();
+            for _ in 0..2 {
+                let d = n
+                    .ok(
+                        "keys.createKey",
+                        &root,
+                        json!({ "apiId": api, "externalId": "team_1",
+                                "credits": { "remaining": CREDITS } }),
+                    )
+                    .await;
+                keys.push((
+                    d["keyId"].as_str().expect("keyId").to_owned(),
+                    d["key"].as_str().expect("key").to_owned(),
+                ));
+            }
+            keys
+        }
+    };
     let mut x = seed;
     let started = Instant::now();
     let load = async {
@@ -63,15 +107,20 @@ async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>) {
             let i = usize::try_from(x % u64::try_from(nodes).expect("small")).expect("small");
             let node = cluster.nodes[i].remote();
             let root = root.clone();
-            tasks.push(tokio::spawn(async move {
-                node.call(
+            let (route, body) = match workload {
+                Workload::Standalone => (
                     "ratelimit.limit",
-                    &root,
                     json!({ "namespace": "api", "identifier": "user_1",
                             "limit": LIMIT, "duration": WINDOW_MS }),
-                )
-                .await
-            }));
+                ),
+                Workload::IdentityLimit => {
+                    let key = &keys[usize::from(x & 2 == 2)].1;
+                    ("keys.verifyKey", json!({ "key": key }))
+                }
+            };
+            tasks.push(tokio::spawn(
+                async move { node.call(route, &root, body).await },
+            ));
         }
         tasks
     };
@@ -98,13 +147,23 @@ async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>) {
         }
         assert_eq!(status, 200, "{body}");
         let d = &body["data"];
-        let reset = d["reset"]
+        let (state, success) = match workload {
+            Workload::Standalone => (d, d["success"] == json!(true)),
+            Workload::IdentityLimit => {
+                assert!(
+                    d["code"] == "VALID" || d["code"] == "RATE_LIMITED",
+                    "{body}"
+                );
+                (&d["ratelimits"][0], d["code"] == "VALID")
+            }
+        };
+        let reset = state["reset"]
             .as_u64()
             .unwrap_or_else(|| panic!("no reset: {body}"));
         assert_eq!(reset % WINDOW_MS, 0, "{body}");
         let w = windows.entry(reset).or_default();
         w.0 += 1;
-        w.1 += u64::from(d["success"] == json!(true));
+        w.1 += u64::from(success);
     }
     println!(
         "windows (end → requests, successes): {windows:?}; outage {outage:?}, \
@@ -128,20 +187,42 @@ async fn exact_per_window(nodes: usize, redis_fault: Option<Duration>) {
             );
         }
     }
+    if workload == Workload::IdentityLimit {
+        // Only verifications that passed the limit spent (cost 1 each); a 503 during the
+        // outage spent nothing either, as the limit is checked before credits.
+        let passed: u64 = windows.values().map(|w| w.1).sum();
+        let mut left = 0;
+        for (key_id, _) in &keys {
+            left += cluster.nodes[0]
+                .remaining(&root, key_id)
+                .await
+                .expect("limited");
+        }
+        assert_eq!(
+            2 * CREDITS - left,
+            passed,
+            "seed {seed}: credits spent by the two keys vs verifications that passed"
+        );
+    }
     cluster.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_limits_are_exact_per_window_on_three_nodes() {
-    exact_per_window(3, None).await;
+    exact_per_window(3, None, Workload::Standalone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_limit_is_exact_per_window_for_its_keys_on_three_nodes() {
+    exact_per_window(3, None, Workload::IdentityLimit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_limits_stay_within_the_limit_through_a_redis_kill9_and_restart() {
-    exact_per_window(3, Some(Duration::from_millis(2_300))).await;
+    exact_per_window(3, Some(Duration::from_millis(2_300)), Workload::Standalone).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rate_limits_are_exact_per_window_on_nine_nodes() {
-    exact_per_window(9, None).await;
+async fn an_identity_limit_is_exact_per_window_for_its_keys_on_nine_nodes() {
+    exact_per_window(9, None, Workload::IdentityLimit).await;
 }
