@@ -19,6 +19,8 @@ pub use ids::{
 };
 pub use outcome::Outcome;
 pub use permission::{Action, Permission, PermissionSet};
-pub use record::{ApiRecord, IdentityRecord, KeyRecord, NewKey, RatelimitRule, RootKeyRecord};
+pub use record::{
+    ApiRecord, IdentityRecord, KeyRecord, NewKey, RatelimitOverride, RatelimitRule, RootKeyRecord,
+};
 pub use refill::{Refill, RefillError, RefillInterval};
 pub use store::{IdentityPage, IdentityPatch, KeyPatch, KeyStore, StoreError};

@@ -1,6 +1,6 @@
 //! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>` for
-//! APIs and their keys, `identity.*.<action>` for identities, `ratelimit.*.limit` for
-//! the standalone rate limits.
+//! APIs and their keys, `identity.*.<action>` for identities, `ratelimit.*.<action>`
+//! for the standalone rate limits and their overrides.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,10 +22,13 @@ pub enum Action {
     UpdateIdentity,
     DeleteIdentity,
     Limit,
+    SetOverride,
+    ReadOverride,
+    DeleteOverride,
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 16] = [
         Action::CreateApi,
         Action::ReadApi,
         Action::DeleteApi,
@@ -39,6 +42,9 @@ impl Action {
         Action::UpdateIdentity,
         Action::DeleteIdentity,
         Action::Limit,
+        Action::SetOverride,
+        Action::ReadOverride,
+        Action::DeleteOverride,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +62,9 @@ impl Action {
             Action::UpdateIdentity => "update_identity",
             Action::DeleteIdentity => "delete_identity",
             Action::Limit => "limit",
+            Action::SetOverride => "set_override",
+            Action::ReadOverride => "read_override",
+            Action::DeleteOverride => "delete_override",
         }
     }
 
@@ -66,7 +75,9 @@ impl Action {
             | Action::ReadIdentity
             | Action::UpdateIdentity
             | Action::DeleteIdentity => "identity",
-            Action::Limit => "ratelimit",
+            Action::Limit | Action::SetOverride | Action::ReadOverride | Action::DeleteOverride => {
+                "ratelimit"
+            }
             _ => "api",
         }
     }
@@ -95,7 +106,8 @@ impl Permission {
                  with action one of create_api, read_api, delete_api, create_key, read_key, \
                  update_key, delete_key, verify_key; or identity.*.<action> with action one \
                  of create_identity, read_identity, update_identity, delete_identity; or \
-                 ratelimit.*.limit"
+                 ratelimit.*.<action> with action one of limit, set_override, read_override, \
+                 delete_override"
             )
         };
         let mut parts = s.splitn(3, '.');

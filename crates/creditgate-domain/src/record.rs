@@ -91,6 +91,61 @@ impl RatelimitRule {
     }
 }
 
+/// A rate-limit override: the limit and window that `ratelimit.limit` applies to the
+/// identifiers of a namespace that match `identifier` (exactly, or as a pattern where
+/// `*` stands for any run of characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatelimitOverride {
+    /// `rlo_…`, kept when the override is set again.
+    pub id: String,
+    pub workspace_id: WorkspaceId,
+    pub namespace: String,
+    pub identifier: String,
+    pub limit: u64,
+    pub duration_ms: u64,
+    pub created_at: i64,
+    pub updated_at: Option<i64>,
+}
+
+impl RatelimitOverride {
+    pub fn is_pattern(&self) -> bool {
+        self.identifier.contains('*')
+    }
+
+    /// Whether `identifier` matches this override's identifier, where `*` matches any
+    /// run of characters (the empty one too).
+    pub fn matches(&self, identifier: &str) -> bool {
+        glob_match(self.identifier.as_bytes(), identifier.as_bytes())
+    }
+
+    /// How specific a pattern is: its characters other than `*`.
+    pub fn specificity(&self) -> usize {
+        self.identifier.chars().filter(|&c| c != '*').count()
+    }
+}
+
+/// `*`-only glob matching in linear time (the last `*` is the only backtrack point).
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
 impl KeyRecord {
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.expires.is_some_and(|e| e <= now_ms)
@@ -114,4 +169,44 @@ pub struct RootKeyRecord {
     pub name: Option<String>,
     pub permissions: PermissionSet,
     pub created_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(identifier: &str) -> RatelimitOverride {
+        RatelimitOverride {
+            id: "rlo_1".into(),
+            workspace_id: WorkspaceId::from("ws_1"),
+            namespace: "api".into(),
+            identifier: identifier.into(),
+            limit: 1,
+            duration_ms: 1_000,
+            created_at: 0,
+            updated_at: None,
+        }
+    }
+
+    #[test]
+    fn patterns_match_runs_of_characters() {
+        for (pattern, text, want) in [
+            ("user_1", "user_1", true),
+            ("user_1", "user_12", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("*@acme.com", "ann@acme.com", true),
+            ("*@acme.com", "ann@acme.co", false),
+            ("user_*", "user_", true),
+            ("user_*", "use", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abcbc", true),
+            ("a*b*c", "acb", false),
+            ("**x", "x", true),
+        ] {
+            assert_eq!(with(pattern).matches(text), want, "{pattern} ~ {text}");
+        }
+        assert_eq!(with("*@acme.com").specificity(), 9);
+        assert!(with("a*").is_pattern() && !with("a").is_pattern());
+    }
 }

@@ -5,8 +5,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::{
-    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitRule, Refill,
-    RootKeyRecord, WorkspaceId,
+    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride, RatelimitRule,
+    Refill, RootKeyRecord, WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -141,4 +141,34 @@ pub trait KeyStore: Send + Sync {
         identity: &str,
         now_ms: i64,
     ) -> Result<Option<IdentityRecord>, StoreError>;
+
+    /// Sets the override of its (workspace, namespace, identifier): creates it, or
+    /// changes its limit and window keeping its id and creation time. Answers it as
+    /// stored.
+    async fn set_override(
+        &self,
+        wanted: &RatelimitOverride,
+    ) -> Result<RatelimitOverride, StoreError>;
+    /// Every override of a namespace, by id.
+    async fn overrides(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+    ) -> Result<Vec<RatelimitOverride>, StoreError>;
+    /// One page of a namespace's overrides by id, after `cursor`, and the cursor of the
+    /// next page when there is one.
+    async fn list_overrides(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<RatelimitOverride>, Option<String>), StoreError>;
+    /// Deletes the override of exactly `identifier`; whether there was one.
+    async fn delete_override(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+        identifier: &str,
+    ) -> Result<bool, StoreError>;
 }

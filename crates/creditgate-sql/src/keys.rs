@@ -11,8 +11,8 @@ use std::sync::Arc;
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
-    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitRule, Refill,
-    RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitOverride,
+    RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -104,6 +104,29 @@ fn page<T>(
         None
     };
     Ok((records, cursor))
+}
+
+const OVERRIDE_COLUMNS: &str =
+    "id, workspace_id, namespace, identifier, limit_value, duration, created_at, updated_at";
+
+fn override_from_row(row: &AnyRow) -> Result<RatelimitOverride, StoreError> {
+    let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
+    let get_u64 = |c: &str| {
+        let v = row.try_get::<i64, _>(c).map_err(store_error)?;
+        u64::try_from(v).map_err(|e| corrupt(c, e))
+    };
+    Ok(RatelimitOverride {
+        id: get_text("id")?,
+        workspace_id: WorkspaceId::from(get_text("workspace_id")?),
+        namespace: get_text("namespace")?,
+        identifier: get_text("identifier")?,
+        limit: get_u64("limit_value")?,
+        duration_ms: get_u64("duration")?,
+        created_at: row.try_get::<i64, _>("created_at").map_err(store_error)?,
+        updated_at: row
+            .try_get::<Option<i64>, _>("updated_at")
+            .map_err(store_error)?,
+    })
 }
 
 fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
@@ -727,6 +750,93 @@ impl KeyStore for SqlStore {
         .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         Ok(Some(record))
+    }
+
+    async fn set_override(
+        &self,
+        wanted: &RatelimitOverride,
+    ) -> Result<RatelimitOverride, StoreError> {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let row = sqlx::query(&format!(
+            "INSERT INTO ratelimit_overrides ({OVERRIDE_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) \
+             ON CONFLICT (workspace_id, namespace, identifier) DO UPDATE SET \
+             limit_value = excluded.limit_value, duration = excluded.duration, \
+             updated_at = excluded.created_at \
+             RETURNING {OVERRIDE_COLUMNS}"
+        ))
+        .bind(wanted.id.as_str())
+        .bind(wanted.workspace_id.as_str())
+        .bind(wanted.namespace.as_str())
+        .bind(wanted.identifier.as_str())
+        .bind(int(wanted.limit))
+        .bind(int(wanted.duration_ms))
+        .bind(wanted.created_at)
+        .fetch_one(&self.write)
+        .await
+        .map_err(store_error)?;
+        override_from_row(&row)
+    }
+
+    async fn overrides(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+    ) -> Result<Vec<RatelimitOverride>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {OVERRIDE_COLUMNS} FROM ratelimit_overrides \
+             WHERE workspace_id = $1 AND namespace = $2 ORDER BY id"
+        ))
+        .bind(workspace.as_str())
+        .bind(namespace)
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?
+        .iter()
+        .map(override_from_row)
+        .collect()
+    }
+
+    async fn list_overrides(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<RatelimitOverride>, Option<String>), StoreError> {
+        let limit = limit.max(1);
+        let rows = sqlx::query(&format!(
+            "SELECT {OVERRIDE_COLUMNS} FROM ratelimit_overrides \
+             WHERE workspace_id = $1 AND namespace = $2 AND id > $3 ORDER BY id LIMIT $4"
+        ))
+        .bind(workspace.as_str())
+        .bind(namespace)
+        .bind(cursor.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        page(&rows, limit, override_from_row, |o| o.id.clone())
+    }
+
+    async fn delete_override(
+        &self,
+        workspace: &WorkspaceId,
+        namespace: &str,
+        identifier: &str,
+    ) -> Result<bool, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM ratelimit_overrides \
+             WHERE workspace_id = $1 AND namespace = $2 AND identifier = $3",
+        )
+        .bind(workspace.as_str())
+        .bind(namespace)
+        .bind(identifier)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(deleted > 0)
     }
 }
 

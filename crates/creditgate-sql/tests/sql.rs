@@ -12,8 +12,8 @@ use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityPatch, IdentityRecord, KeyId, KeyPatch,
-    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitRule, Refill, RefillInterval,
-    RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitOverride, RatelimitRule,
+    Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::{AllocateOutcome, AllocateRequest, DirectSpend, Ledger};
@@ -159,6 +159,7 @@ on_both_backends!(
     list_keys_paginates_by_id,
     update_key_applies_patches,
     identities_link_keys_by_external_id,
+    ratelimit_overrides_are_set_listed_and_deleted,
     deleting_hides_keys,
     sink_writes_every_row,
     sink_is_all_or_nothing,
@@ -539,6 +540,77 @@ async fn list_keys_paginates_by_id(db: &Db) {
     // A limit of 0 does not fail.
     let one = s.list_keys(&a.id, 0, None, None).await.expect("list");
     assert_eq!(one.keys.len(), 1);
+}
+
+fn ovr(id: &str, workspace: &str, identifier: &str, limit: u64, at: i64) -> RatelimitOverride {
+    RatelimitOverride {
+        id: id.to_owned(),
+        workspace_id: ws(workspace),
+        namespace: "api".to_owned(),
+        identifier: identifier.to_owned(),
+        limit,
+        duration_ms: 60_000,
+        created_at: at,
+        updated_at: None,
+    }
+}
+
+async fn ratelimit_overrides_are_set_listed_and_deleted(db: &Db) {
+    let s = &db.store;
+    let a = ovr("rlo_a", "ws_1", "user_1", 5, 1_000);
+    assert_eq!(s.set_override(&a).await.expect("set"), a);
+    // Set again: same id and creation, the new limit, an update time.
+    let again = ovr("rlo_ignored", "ws_1", "user_1", 50, 2_000);
+    let stored = s.set_override(&again).await.expect("set again");
+    assert_eq!(
+        stored,
+        RatelimitOverride {
+            limit: 50,
+            updated_at: Some(2_000),
+            ..a.clone()
+        }
+    );
+    let b = ovr("rlo_b", "ws_1", "*@acme.com", 7, 3_000);
+    let c = ovr("rlo_c", "ws_1", "user_3", 9, 3_000);
+    let elsewhere = ovr("rlo_d", "ws_2", "user_1", 1, 3_000);
+    for o in [&b, &c, &elsewhere] {
+        s.set_override(o).await.expect("set");
+    }
+    assert_eq!(
+        s.overrides(&ws("ws_1"), "api").await.expect("all"),
+        vec![stored.clone(), b.clone(), c.clone()]
+    );
+    assert!(s
+        .overrides(&ws("ws_1"), "other")
+        .await
+        .expect("none")
+        .is_empty());
+    let (first, cursor) = s
+        .list_overrides(&ws("ws_1"), "api", 2, None)
+        .await
+        .expect("page 1");
+    assert_eq!(first, vec![stored.clone(), b.clone()]);
+    let (second, cursor) = s
+        .list_overrides(&ws("ws_1"), "api", 2, cursor.as_deref())
+        .await
+        .expect("page 2");
+    assert_eq!((second, cursor), (vec![c.clone()], None));
+    assert!(s
+        .delete_override(&ws("ws_1"), "api", "*@acme.com")
+        .await
+        .expect("delete"));
+    assert!(!s
+        .delete_override(&ws("ws_1"), "api", "*@acme.com")
+        .await
+        .expect("delete again"));
+    assert_eq!(
+        s.overrides(&ws("ws_2"), "api").await.expect("ws_2"),
+        vec![elsewhere]
+    );
+    assert_eq!(
+        s.overrides(&ws("ws_1"), "api").await.expect("ws_1"),
+        vec![stored, c]
+    );
 }
 
 async fn identities_link_keys_by_external_id(db: &Db) {
