@@ -318,6 +318,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v2/ratelimit.limit", post(ratelimit::limit))
         .route("/v2/ratelimit.multiLimit", post(ratelimit::multi_limit))
+        .route("/v2/ratelimit.setOverride", post(ratelimit::set_override))
+        .route("/v2/ratelimit.getOverride", post(ratelimit::get_override))
+        .route(
+            "/v2/ratelimit.listOverrides",
+            post(ratelimit::list_overrides),
+        )
+        .route(
+            "/v2/ratelimit.deleteOverride",
+            post(ratelimit::delete_override),
+        )
         .route("/v2/liveness", get(system::liveness))
         .route("/openapi.json", get(system::openapi))
         .route("/metrics", get(system::metrics))

@@ -95,6 +95,7 @@ pub enum NotFoundKind {
     Api,
     Hold,
     Identity,
+    Override,
     Route,
 }
 
@@ -154,6 +155,9 @@ impl ApiError {
                     NotFoundKind::Hold => "https://creditgate.dev/docs/errors/data/hold_not_found",
                     NotFoundKind::Identity => {
                         "https://unkey.com/docs/errors/unkey/data/identity_not_found"
+                    }
+                    NotFoundKind::Override => {
+                        "https://unkey.com/docs/errors/unkey/data/ratelimit_override_not_found"
                     }
                     NotFoundKind::Route => {
                         "https://unkey.com/docs/errors/unkey/application/route_not_found"
@@ -337,6 +341,10 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::IdentityNotFound => ApiError::NotFound {
                 kind: NotFoundKind::Identity,
                 detail: "The requested identity does not exist in this workspace.".into(),
+            },
+            ServiceError::OverrideNotFound => ApiError::NotFound {
+                kind: NotFoundKind::Override,
+                detail: "The namespace has no override of exactly this identifier.".into(),
             },
             ServiceError::HoldClosed(state) => ApiError::HoldClosed {
                 state: state.as_str(),

@@ -29,7 +29,8 @@ use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
         holds::settle_credits, holds::release_credits, holds::get_hold,
         identities::create_identity, identities::get_identity, identities::list_identities,
         identities::update_identity, identities::delete_identity, ratelimit::limit,
-        ratelimit::multi_limit, system::liveness,
+        ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
+        ratelimit::list_overrides, ratelimit::delete_override, system::liveness,
     ),
     modifiers(&RootKeyAuth)
 )]
@@ -106,6 +107,19 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     ("/v2/ratelimit.limit", &[400, 401, 403, 413, 500, 503]),
     ("/v2/ratelimit.multiLimit", &[400, 401, 403, 413, 500, 503]),
+    ("/v2/ratelimit.setOverride", &[400, 401, 403, 413, 500, 503]),
+    (
+        "/v2/ratelimit.getOverride",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    (
+        "/v2/ratelimit.listOverrides",
+        &[400, 401, 403, 413, 500, 503],
+    ),
+    (
+        "/v2/ratelimit.deleteOverride",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
 ];
 
 /// OpenAPI links: which response values feed which requests, so that a client (and the
@@ -271,6 +285,10 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     let ratelimits = json!({ "maxItems": MAX_RATELIMITS });
     let limit_name = json!({ "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:/-]+$" });
     let window = json!({ "minimum": MIN_LIMIT_DURATION_MS, "maximum": MAX_LIMIT_DURATION_MS });
+    let window_ms = window.clone();
+    let namespace = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" });
+    // No control character (C0, DEL, C1), as `char::is_control` says.
+    let identifier = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$" });
     vec![
         ("RatelimitWire", "name", limit_name.clone()),
         (
@@ -399,15 +417,27 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("HoldIdRequest", "holdId", hold_id.clone()),
         ("ReleaseCreditsRequest", "holdId", hold_id),
         ("VerifyKeyRequest", "idempotencyKey", idempotency_key()),
+        ("RatelimitLimitRequest", "namespace", namespace.clone()),
+        ("RatelimitLimitRequest", "identifier", identifier.clone()),
+        ("SetOverrideRequest", "namespace", namespace.clone()),
+        ("SetOverrideRequest", "identifier", identifier.clone()),
         (
-            "RatelimitLimitRequest",
+            "SetOverrideRequest",
+            "limit",
+            json!({ "minimum": 0, "maximum": MAX_LIMIT }),
+        ),
+        ("SetOverrideRequest", "duration", window_ms.clone()),
+        ("OverrideRequest", "namespace", namespace.clone()),
+        ("OverrideRequest", "identifier", identifier),
+        (
+            "ListOverridesRequest",
             "namespace",
-            json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" }),
+            json!({ "minLength": 1, "maxLength": 255 }),
         ),
         (
-            "RatelimitLimitRequest",
-            "identifier",
-            json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" }),
+            "ListOverridesRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": 100 }),
         ),
         (
             "RatelimitLimitRequest",

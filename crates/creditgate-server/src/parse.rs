@@ -8,7 +8,7 @@ use creditgate_domain::{
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
     CreateIdentity, CreateKey, FieldError, LimitRequest, ListIdentities, ListKeys, NamedLimit,
-    Reserve, UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS,
+    Reserve, SetOverride, UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS,
     MAX_HOLD_TTL_MS, MAX_LIMIT,
 };
 use serde_json::{Map, Value};
@@ -629,15 +629,22 @@ pub fn is_limit_name_char(c: char) -> bool {
 
 /// One check; `at` is where it is in the body (`body` or `body[i]`).
 fn limit_request(c: &mut Checks, at: &str, req: RatelimitLimitRequest) -> LimitRequest {
-    let allowed = "letters, digits, '_', '.', ':', '/' and '-'";
-    for (field, value) in [
-        ("namespace", &req.namespace),
-        ("identifier", &req.identifier),
-    ] {
-        let location = format!("{at}.{field}");
-        c.len(&location, value, 1, 255);
-        c.charset(&location, value, allowed, is_limit_name_char);
-    }
+    let location = format!("{at}.namespace");
+    c.len(&location, &req.namespace, 1, 255);
+    c.charset(
+        &location,
+        &req.namespace,
+        "letters, digits, '_', '.', ':', '/' and '-'",
+        is_limit_name_char,
+    );
+    let location = format!("{at}.identifier");
+    c.len(&location, &req.identifier, 1, 255);
+    c.charset(
+        &location,
+        &req.identifier,
+        "characters other than control characters",
+        is_identifier_char,
+    );
     let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
     let limit = c.bounded(&format!("{at}.limit"), req.limit, 1, max);
     let duration_ms = c.bounded(
@@ -654,6 +661,68 @@ fn limit_request(c: &mut Checks, at: &str, req: RatelimitLimitRequest) -> LimitR
         duration_ms,
         cost,
     }
+}
+
+/// A limit identifier: 1..=255 characters, none a control character; with `*` a
+/// pattern in overrides.
+pub fn is_identifier_char(c: char) -> bool {
+    !c.is_control()
+}
+
+impl TryFrom<SetOverrideRequest> for SetOverride {
+    type Error = ApiError;
+
+    fn try_from(req: SetOverrideRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        override_target(&mut c, &req.namespace, &req.identifier);
+        let max = i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX);
+        let limit = c.bounded("body.limit", req.limit, 0, max);
+        let duration_ms = c.bounded(
+            "body.duration",
+            req.duration,
+            MIN_LIMIT_DURATION_MS,
+            MAX_LIMIT_DURATION_MS,
+        );
+        c.finish(SetOverride {
+            namespace: req.namespace,
+            identifier: req.identifier,
+            limit,
+            duration_ms,
+        })
+    }
+}
+
+/// A namespace and an identifier (or pattern) of an override.
+fn override_target(c: &mut Checks, namespace: &str, identifier: &str) {
+    c.len("body.namespace", namespace, 1, 255);
+    c.charset(
+        "body.namespace",
+        namespace,
+        "letters, digits, '_', '.', ':', '/' and '-'",
+        is_limit_name_char,
+    );
+    c.len("body.identifier", identifier, 1, 255);
+    c.charset(
+        "body.identifier",
+        identifier,
+        "characters other than control characters",
+        is_identifier_char,
+    );
+}
+
+/// `getOverride` / `deleteOverride`.
+pub fn parse_override(req: &OverrideRequest) -> Result<(&str, &str), ApiError> {
+    let mut c = Checks::default();
+    override_target(&mut c, &req.namespace, &req.identifier);
+    c.finish((req.namespace.as_str(), req.identifier.as_str()))
+}
+
+/// `listOverrides`: the page size (1..=100, default 10).
+pub fn parse_list_overrides(req: &ListOverridesRequest) -> Result<u32, ApiError> {
+    let mut c = Checks::default();
+    c.len("body.namespace", &req.namespace, 1, 255);
+    let limit = c.limit(Some(req.limit.unwrap_or(10)));
+    c.finish(limit)
 }
 
 /// `ratelimit.limit`.

@@ -613,6 +613,9 @@ pub struct RatelimitLimitData {
     /// When the window ends: Unix milliseconds.
     pub reset: u64,
     pub success: bool,
+    /// The override whose limit and window applied, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -625,6 +628,9 @@ pub struct RatelimitMultiLimitCheck {
     pub reset: u64,
     /// Whether this check alone fits its window (the call passes only if all do).
     pub passed: bool,
+    /// The override whose limit and window applied, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub override_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -633,4 +639,55 @@ pub struct RatelimitMultiLimitData {
     /// Every check passed (and all were counted); otherwise none was counted.
     pub passed: bool,
     pub limits: Vec<RatelimitMultiLimitCheck>,
+}
+
+// ---- rate-limit overrides ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SetOverrideRequest {
+    /// The namespace (created on first use).
+    pub namespace: String,
+    /// An identifier, or a pattern where `*` stands for any run of characters
+    /// (`*@acme.com`). The exact identifier wins over patterns; among patterns, the one
+    /// with the most characters other than `*`.
+    pub identifier: String,
+    /// What a window allows the matching identifiers: 0..=10^12 (0 blocks them).
+    pub limit: i64,
+    /// The window in milliseconds: 1,000..=2,592,000,000.
+    pub duration: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SetOverrideData {
+    pub override_id: String,
+}
+
+/// `getOverride` / `deleteOverride`: the override of exactly this identifier (or
+/// pattern).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OverrideRequest {
+    pub namespace: String,
+    pub identifier: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListOverridesRequest {
+    pub namespace: String,
+    pub cursor: Option<String>,
+    /// 1..=100 (default 10).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OverrideData {
+    pub override_id: String,
+    /// The window in milliseconds.
+    pub duration: u64,
+    pub identifier: String,
+    pub limit: u64,
 }

@@ -50,6 +50,9 @@ pub enum ServiceError {
     /// Unknown identity, or another workspace's.
     #[error("identity not found")]
     IdentityNotFound,
+    /// No override of that identifier in the namespace.
+    #[error("override not found")]
+    OverrideNotFound,
     /// Unknown hold, or one of a key the caller may not verify.
     #[error("hold not found")]
     HoldNotFound,

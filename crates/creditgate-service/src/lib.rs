@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use creditgate_analytics::Analytics;
-use creditgate_domain::{hash_secret, Clock, KeyRecord, KeyStore, RootKeyRecord};
+use creditgate_domain::{
+    hash_secret, Clock, KeyRecord, KeyStore, RatelimitOverride, RootKeyRecord,
+};
 use creditgate_limiter::{Engine, RateLimiter};
 use moka::future::Cache;
 
@@ -34,7 +36,7 @@ pub use idempotency::{
 };
 pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
 pub use keys::{CreatedKey, KeyView};
-pub use ratelimit::{LimitAnswer, LimitRequest, MAX_LIMIT};
+pub use ratelimit::{override_for, LimitAnswer, LimitRequest, SetOverride, MAX_LIMIT};
 pub use verify::{LimitOutcome, Verdict};
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
@@ -74,6 +76,8 @@ pub struct Service {
     bus: Option<Arc<dyn Invalidations>>,
     /// Rate-limit counters: in process, or on Redis in multi-node mode.
     ratelimiter: Arc<dyn RateLimiter>,
+    /// Rate-limit overrides by workspace and namespace.
+    overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
 }
 
 /// This node's key caches, for the task that applies other nodes' invalidations (it
@@ -82,6 +86,7 @@ pub struct Service {
 pub struct Caches {
     keys: Cache<String, Arc<KeyRecord>>,
     roots: Cache<String, Arc<RootKeyRecord>>,
+    overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
 }
 
 impl Caches {
@@ -91,6 +96,9 @@ impl Caches {
         if message == INVALIDATE_ALL {
             self.keys.invalidate_all();
             self.roots.invalidate_all();
+            self.overrides.invalidate_all();
+        } else if let Some(namespace) = message.strip_prefix(ratelimit::OVERRIDES_MESSAGE) {
+            self.overrides.invalidate(namespace).await;
         } else {
             self.keys.invalidate(message).await;
         }
@@ -130,6 +138,10 @@ impl Service {
                 .build(),
             bus,
             ratelimiter,
+            overrides: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
         }
     }
 
@@ -170,6 +182,7 @@ impl Service {
         Caches {
             keys: self.keys.clone(),
             roots: self.roots.clone(),
+            overrides: self.overrides.clone(),
         }
     }
 

@@ -7,7 +7,6 @@ use creditgate_service::ListKeys;
 
 use super::ok;
 use crate::auth::RootKey;
-use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::parse::{parse_api_id, parse_api_name};
@@ -72,14 +71,8 @@ pub async fn list_keys(
         .service
         .list_keys(&caller, ListKeys::try_from(req)?)
         .await?;
-    Ok(Json(PagedEnvelope {
-        meta: Meta {
-            request_id: RequestId::current(),
-        },
-        data: listing.keys.into_iter().map(key_data).collect(),
-        pagination: Pagination {
-            has_more: listing.cursor.is_some(),
-            cursor: listing.cursor,
-        },
-    }))
+    Ok(super::paged(
+        listing.keys.into_iter().map(key_data).collect(),
+        listing.cursor,
+    ))
 }

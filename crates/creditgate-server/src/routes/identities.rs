@@ -8,7 +8,6 @@ use creditgate_service::{CreateIdentity, ListIdentities, UpdateIdentity};
 
 use super::ok;
 use crate::auth::RootKey;
-use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::parse::parse_identity;
@@ -67,16 +66,10 @@ pub async fn list_identities(
         .service
         .list_identities(&caller, ListIdentities::try_from(req)?)
         .await?;
-    Ok(Json(PagedEnvelope {
-        meta: Meta {
-            request_id: RequestId::current(),
-        },
-        data: page.identities.iter().map(identity_data).collect(),
-        pagination: Pagination {
-            has_more: page.cursor.is_some(),
-            cursor: page.cursor,
-        },
-    }))
+    Ok(super::paged(
+        page.identities.iter().map(identity_data).collect(),
+        page.cursor,
+    ))
 }
 
 #[utoipa::path(post, path = "/v2/identities.updateIdentity", tag = "identities", request_body = UpdateIdentityRequest,

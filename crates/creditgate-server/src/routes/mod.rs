@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::wire::{Envelope, IdentityData, Meta, RatelimitData};
+use crate::wire::{Envelope, IdentityData, Meta, PagedEnvelope, Pagination, RatelimitData};
 
 /// Set on every answer of a request with an idempotency key: `true` when it is the
 /// first request's answer, replayed.
@@ -94,6 +94,20 @@ pub fn ok<T>(data: T) -> Json<Envelope<T>> {
             request_id: RequestId::current(),
         },
         data,
+    })
+}
+
+/// A page of a list, and the cursor of the next one when there is one.
+pub fn paged<T>(data: Vec<T>, cursor: Option<String>) -> Json<PagedEnvelope<T>> {
+    Json(PagedEnvelope {
+        meta: Meta {
+            request_id: RequestId::current(),
+        },
+        data,
+        pagination: Pagination {
+            has_more: cursor.is_some(),
+            cursor,
+        },
     })
 }
 

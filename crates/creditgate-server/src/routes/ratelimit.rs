@@ -1,15 +1,19 @@
-//! `ratelimit.limit` and `ratelimit.multiLimit`: parse → one service call → map.
+//! `ratelimit.limit`, `ratelimit.multiLimit` and the overrides: parse → one service
+//! call → map.
 
 use axum::extract::State;
 use axum::Json;
 
-use super::ok;
+use creditgate_domain::RatelimitOverride;
+
+use super::{ok, paged};
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiJsonList};
-use crate::parse::{parse_limit, parse_multi_limit};
+use crate::parse::{parse_limit, parse_list_overrides, parse_multi_limit, parse_override};
 use crate::state::AppState;
 use crate::wire::*;
+use creditgate_service::SetOverride;
 
 #[utoipa::path(post, path = "/v2/ratelimit.limit", tag = "ratelimit", request_body = RatelimitLimitRequest,
     responses((status = 200, description = "Passed or not: `success`", body = Envelope<RatelimitLimitData>), (status = 400, body = crate::error::ErrorEnvelope)),
@@ -30,6 +34,7 @@ pub async fn limit(
         remaining: a.remaining,
         reset: a.reset_ms,
         success: passed,
+        override_id: a.override_id,
     }))
 }
 
@@ -54,7 +59,83 @@ pub async fn multi_limit(
                 remaining: a.remaining,
                 reset: a.reset_ms,
                 passed: a.passed,
+                override_id: a.override_id,
             })
             .collect(),
     }))
+}
+
+fn override_data(o: RatelimitOverride) -> OverrideData {
+    OverrideData {
+        override_id: o.id,
+        duration: o.duration_ms,
+        identifier: o.identifier,
+        limit: o.limit,
+    }
+}
+
+#[utoipa::path(post, path = "/v2/ratelimit.setOverride", tag = "ratelimit", request_body = SetOverrideRequest,
+    responses((status = 200, description = "Created, or changed (same id)", body = Envelope<SetOverrideData>), (status = 400, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn set_override(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<SetOverrideRequest>,
+) -> Result<Json<Envelope<SetOverrideData>>, ApiError> {
+    let cmd = SetOverride::try_from(req)?;
+    let stored = state.service.set_override(&caller, cmd).await?;
+    Ok(ok(SetOverrideData {
+        override_id: stored.id,
+    }))
+}
+
+#[utoipa::path(post, path = "/v2/ratelimit.getOverride", tag = "ratelimit", request_body = OverrideRequest,
+    responses((status = 200, body = Envelope<OverrideData>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn get_override(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<OverrideRequest>,
+) -> Result<Json<Envelope<OverrideData>>, ApiError> {
+    let (namespace, identifier) = parse_override(&req)?;
+    let found = state
+        .service
+        .get_override(&caller, namespace, identifier)
+        .await?;
+    Ok(ok(override_data(found)))
+}
+
+#[utoipa::path(post, path = "/v2/ratelimit.listOverrides", tag = "ratelimit", request_body = ListOverridesRequest,
+    responses((status = 200, body = PagedEnvelope<OverrideData>), (status = 400, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn list_overrides(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<ListOverridesRequest>,
+) -> Result<Json<PagedEnvelope<OverrideData>>, ApiError> {
+    let limit = parse_list_overrides(&req)?;
+    let (found, cursor) = state
+        .service
+        .list_overrides(&caller, &req.namespace, limit, req.cursor.as_deref())
+        .await?;
+    Ok(paged(
+        found.into_iter().map(override_data).collect(),
+        cursor,
+    ))
+}
+
+#[utoipa::path(post, path = "/v2/ratelimit.deleteOverride", tag = "ratelimit", request_body = OverrideRequest,
+    responses((status = 200, body = Envelope<Empty>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn delete_override(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<OverrideRequest>,
+) -> Result<Json<Envelope<Empty>>, ApiError> {
+    let (namespace, identifier) = parse_override(&req)?;
+    state
+        .service
+        .delete_override(&caller, namespace, identifier)
+        .await?;
+    Ok(ok(Empty {}))
 }

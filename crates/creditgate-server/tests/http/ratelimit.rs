@@ -216,3 +216,238 @@ async fn bad_rate_limit_input_is_a_400_that_counts_nothing() {
     let d = app.ok("/v2/ratelimit.limit", check("ns", "id", 1, 1)).await;
     assert_eq!(d["success"], true, "{d}");
 }
+
+fn set_override(ns: &str, identifier: &str, limit: u64) -> Value {
+    json!({ "namespace": ns, "identifier": identifier, "limit": limit, "duration": LONG })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_replace_the_limit_of_matching_identifiers() {
+    let app = TestApp::start().await;
+    // Emails: a pattern for the domain, an exact override for one address.
+    let domain = app
+        .ok(
+            "/v2/ratelimit.setOverride",
+            set_override("api", "*@acme.com", 3),
+        )
+        .await["overrideId"]
+        .as_str()
+        .expect("overrideId")
+        .to_owned();
+    assert!(domain.starts_with("rlo_"), "{domain}");
+    let ceo = app
+        .ok(
+            "/v2/ratelimit.setOverride",
+            set_override("api", "ceo@acme.com", 5),
+        )
+        .await["overrideId"]
+        .as_str()
+        .expect("overrideId")
+        .to_owned();
+    // A more specific pattern wins over a shorter one.
+    let team = app
+        .ok(
+            "/v2/ratelimit.setOverride",
+            set_override("api", "*@team.acme.com", 1),
+        )
+        .await["overrideId"]
+        .as_str()
+        .expect("overrideId")
+        .to_owned();
+
+    let d = app
+        .ok("/v2/ratelimit.limit", check("api", "ann@acme.com", 100, 1))
+        .await;
+    assert_eq!(
+        (&d["limit"], &d["remaining"], &d["overrideId"]),
+        (&json!(3), &json!(2), &json!(domain)),
+        "{d}"
+    );
+    let d = app
+        .ok("/v2/ratelimit.limit", check("api", "ceo@acme.com", 100, 1))
+        .await;
+    assert_eq!((&d["limit"], &d["overrideId"]), (&json!(5), &json!(ceo)));
+    let d = app
+        .ok(
+            "/v2/ratelimit.limit",
+            check("api", "bo@team.acme.com", 100, 1),
+        )
+        .await;
+    assert_eq!((&d["limit"], &d["overrideId"]), (&json!(1), &json!(team)));
+    // No match, another namespace: the request's own limit, no overrideId.
+    for (ns, id) in [("api", "ann@other.com"), ("web", "ann@acme.com")] {
+        let d = app.ok("/v2/ratelimit.limit", check(ns, id, 100, 1)).await;
+        assert_eq!(d["limit"], 100, "{d}");
+        assert!(d.get("overrideId").is_none(), "{d}");
+    }
+    // The override's limit is what passes: 3 for ann (1 used above).
+    let mut passed = 1;
+    for _ in 0..5 {
+        let d = app
+            .ok("/v2/ratelimit.limit", check("api", "ann@acme.com", 100, 1))
+            .await;
+        passed += u32::from(d["success"] == json!(true));
+    }
+    assert_eq!(passed, 3);
+    // multiLimit answers the override of each check.
+    let d = app
+        .ok(
+            "/v2/ratelimit.multiLimit",
+            json!([check("api", "zed@acme.com", 100, 1), check("api", "x", 100, 1)]),
+        )
+        .await;
+    assert_eq!(d["limits"][0]["overrideId"], json!(domain), "{d}");
+    assert!(d["limits"][1].get("overrideId").is_none(), "{d}");
+
+    // Setting it again changes the limit and keeps the id; a limit of 0 blocks.
+    let again = app
+        .ok(
+            "/v2/ratelimit.setOverride",
+            set_override("api", "*@acme.com", 0),
+        )
+        .await;
+    assert_eq!(again["overrideId"], json!(domain));
+    let d = app
+        .ok("/v2/ratelimit.limit", check("api", "new@acme.com", 100, 1))
+        .await;
+    assert_eq!((&d["success"], &d["limit"]), (&json!(false), &json!(0)));
+
+    // get, list (pages), delete.
+    let got = app
+        .ok(
+            "/v2/ratelimit.getOverride",
+            json!({ "namespace": "api", "identifier": "*@acme.com" }),
+        )
+        .await;
+    assert_eq!(
+        got,
+        json!({ "overrideId": domain, "duration": LONG, "identifier": "*@acme.com", "limit": 0 })
+    );
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut body = json!({ "namespace": "api", "limit": 2 });
+        if let Some(c) = &cursor {
+            body["cursor"] = json!(c);
+        }
+        let (status, page) = app.post("/v2/ratelimit.listOverrides", body).await;
+        assert_eq!(status, 200, "{page}");
+        for o in page["data"].as_array().expect("data") {
+            seen.push(o["overrideId"].as_str().expect("id").to_owned());
+        }
+        match page["pagination"]["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut want = vec![domain.clone(), ceo.clone(), team.clone()];
+    want.sort();
+    assert_eq!(seen, want);
+    app.ok(
+        "/v2/ratelimit.deleteOverride",
+        json!({ "namespace": "api", "identifier": "*@acme.com" }),
+    )
+    .await;
+    let d = app
+        .ok("/v2/ratelimit.limit", check("api", "new@acme.com", 100, 1))
+        .await;
+    assert_eq!((&d["success"], &d["limit"]), (&json!(true), &json!(100)));
+    for path in ["/v2/ratelimit.getOverride", "/v2/ratelimit.deleteOverride"] {
+        let (status, body) = app
+            .post(
+                path,
+                json!({ "namespace": "api", "identifier": "*@acme.com" }),
+            )
+            .await;
+        assert_error(status, &body, 404, "ratelimit_override_not_found");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_need_their_permissions_and_bad_input_changes_nothing() {
+    let app = TestApp::start().await;
+    let limiter = app
+        .root_key(creditgate_server::DEFAULT_WORKSPACE, &["ratelimit.*.limit"])
+        .await;
+    for (path, body, permission) in [
+        (
+            "/v2/ratelimit.setOverride",
+            set_override("api", "u", 1),
+            "ratelimit.*.set_override",
+        ),
+        (
+            "/v2/ratelimit.getOverride",
+            json!({ "namespace": "api", "identifier": "u" }),
+            "ratelimit.*.read_override",
+        ),
+        (
+            "/v2/ratelimit.listOverrides",
+            json!({ "namespace": "api" }),
+            "ratelimit.*.read_override",
+        ),
+        (
+            "/v2/ratelimit.deleteOverride",
+            json!({ "namespace": "api", "identifier": "u" }),
+            "ratelimit.*.delete_override",
+        ),
+    ] {
+        let (status, resp) = app.post_as(Some(&limiter), path, body).await;
+        assert_error(status, &resp, 403, "/insufficient_permissions");
+        assert!(
+            resp["error"]["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains(permission),
+            "{resp}"
+        );
+    }
+    // Another workspace's overrides do not apply.
+    let other = app
+        .root_key(
+            "ws_other",
+            &["ratelimit.*.limit", "ratelimit.*.set_override"],
+        )
+        .await;
+    let (status, _) = app
+        .post_as(
+            Some(&other),
+            "/v2/ratelimit.setOverride",
+            set_override("api", "u", 1),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let d = app.ok("/v2/ratelimit.limit", check("api", "u", 7, 1)).await;
+    assert_eq!(d["limit"], 7, "{d}");
+
+    for (body, location) in [
+        (set_override("", "u", 1), "body.namespace"),
+        (set_override("has space", "u", 1), "body.namespace"),
+        (set_override("api", "", 1), "body.identifier"),
+        (set_override("api", "tab\there", 1), "body.identifier"),
+        (set_override("api", &"x".repeat(256), 1), "body.identifier"),
+        (
+            json!({ "namespace": "api", "identifier": "u", "limit": -1, "duration": LONG }),
+            "body.limit",
+        ),
+        (
+            json!({ "namespace": "api", "identifier": "u", "limit": 1, "duration": 999 }),
+            "body.duration",
+        ),
+    ] {
+        let (status, resp) = app.post("/v2/ratelimit.setOverride", body).await;
+        assert_bad_request(status, &resp, location);
+    }
+    let (status, resp) = app
+        .post(
+            "/v2/ratelimit.listOverrides",
+            json!({ "namespace": "api", "limit": 0 }),
+        )
+        .await;
+    assert_bad_request(status, &resp, "body.limit");
+    let (status, page) = app
+        .post("/v2/ratelimit.listOverrides", json!({ "namespace": "api" }))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["data"], json!([]), "nothing was set: {page}");
+    assert_eq!(page["pagination"]["hasMore"], false, "{page}");
+}
