@@ -7,6 +7,7 @@
 // Exits 0 on success, 1 on any failed step, 2 on bad configuration.
 
 import { Unkey } from "@unkey/api";
+import { Ratelimit, Overrides } from "@unkey/ratelimit";
 import { UnkeyError, ResponseValidationError, SDKValidationError } from "@unkey/api/models/errors";
 
 const serverURL = process.env.CREDITGATE_URL;
@@ -296,6 +297,50 @@ async function run() {
     assertEq(multi.data.passed, false, "multiLimit.passed");
     assertEq(multi.data.limits[0].passed, true, "multiLimit.limits[0].passed");
     assertEq(multi.data.limits[1].passed, false, "multiLimit.limits[1].passed");
+  });
+
+  await step("ratelimit overrides: set (pattern and exact), get, list, limit applies them, delete", async () => {
+    const namespace = "sdk.overrides";
+    const pattern = await unkey.ratelimit.setOverride({ namespace, identifier: `*@${externalId}.com`, limit: 1, duration: 2592000000 });
+    assertMeta(pattern, "setOverride");
+    const exact = await unkey.ratelimit.setOverride({ namespace, identifier: `ceo@${externalId}.com`, limit: 3, duration: 2592000000 });
+    const got = await unkey.ratelimit.getOverride({ namespace, identifier: `*@${externalId}.com` });
+    assertEq(got.data.overrideId, pattern.data.overrideId, "getOverride.overrideId");
+    assertEq(got.data.limit, 1, "getOverride.limit");
+    const list = await unkey.ratelimit.listOverrides({ namespace, limit: 1 });
+    assertMeta(list.result, "listOverrides");
+    const ids = [];
+    let pages = 0;
+    for await (const p of list) {
+      pages += 1;
+      assert(pages <= 10, "listOverrides: more than 10 pages (cursor never ends?)");
+      ids.push(...p.result.data.map((o) => o.overrideId));
+    }
+    assertEq(JSON.stringify(ids.sort()), JSON.stringify([pattern.data.overrideId, exact.data.overrideId].sort()), "listOverrides ids");
+    const ann = await unkey.ratelimit.limit({ namespace, identifier: `ann@${externalId}.com`, limit: 100, duration: 60000 });
+    assertEq(ann.data.limit, 1, "limit under the pattern override");
+    assertEq(ann.data.overrideId, pattern.data.overrideId, "limit.overrideId");
+    const ceo = await unkey.ratelimit.limit({ namespace, identifier: `ceo@${externalId}.com`, limit: 100, duration: 60000 });
+    assertEq(ceo.data.overrideId, exact.data.overrideId, "the exact override wins");
+    const del = await unkey.ratelimit.deleteOverride({ namespace, identifier: `ceo@${externalId}.com` });
+    assertMeta(del, "deleteOverride");
+  });
+
+  await step("@unkey/ratelimit: Ratelimit.limit 2 per window passes 2 of 3; Overrides reads one", async () => {
+    const limiter = new Ratelimit({ rootKey, baseUrl: serverURL, namespace: "sdk.ratelimit", limit: 2, duration: "30d" });
+    const results = [];
+    for (let i = 0; i < 3; i += 1) {
+      const res = await limiter.limit(`${externalId}-pkg`);
+      results.push(res.success);
+      assert(res.reset > Date.now(), `Ratelimit.limit: reset ${res.reset} is not ahead`);
+    }
+    assertEq(JSON.stringify(results), JSON.stringify([true, true, false]), "Ratelimit.limit successes");
+    const overrides = new Overrides({ rootKey, baseUrl: serverURL });
+    const set = await overrides.setOverride({ namespace: "sdk.ratelimit", identifier: `${externalId}-vip`, limit: 5, duration: 60000 });
+    const got = await overrides.getOverride({ namespace: "sdk.ratelimit", identifier: `${externalId}-vip` });
+    assertEq(got.data.overrideId, set.data.overrideId, "Overrides.getOverride");
+    const vip = await limiter.limit(`${externalId}-vip`);
+    assertEq(vip.limit, 5, "Ratelimit.limit under an override");
   });
 
   await step("keys.deleteKey", async () => {

@@ -226,3 +226,48 @@ async fn rate_limits_stay_within_the_limit_through_a_redis_kill9_and_restart() {
 async fn an_identity_limit_is_exact_per_window_for_its_keys_on_nine_nodes() {
     exact_per_window(9, None, Workload::IdentityLimit).await;
 }
+
+/// An override set on one node applies on the others at once: they cached the
+/// namespace's overrides (none) before it was set, and forget them on the cache bus —
+/// well before the cache's own 10 s would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_override_set_on_one_node_applies_on_the_others_at_once() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .services(Provision::Own, Provision::Shared, Provision::Shared)
+        .process_nodes(BIN)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
+    let root = cluster.root_key.clone();
+    let check = json!({ "namespace": "api", "identifier": "vip_1", "limit": 100, "duration": 60_000 });
+    for node in &cluster.nodes[1..] {
+        let d = node.ok("ratelimit.limit", &root, check.clone()).await;
+        assert_eq!(d["limit"], 100, "{d}");
+    }
+    let set = cluster.nodes[0]
+        .ok(
+            "ratelimit.setOverride",
+            &root,
+            json!({ "namespace": "api", "identifier": "vip_*", "limit": 7, "duration": 60_000 }),
+        )
+        .await;
+    let id = set["overrideId"].clone();
+    let started = Instant::now();
+    for node in &cluster.nodes[1..] {
+        loop {
+            let d = node.ok("ratelimit.limit", &root, check.clone()).await;
+            if d["overrideId"] == id {
+                assert_eq!(d["limit"], 7, "{d}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "the override did not reach a node within 2 s: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("override applied on every node after {:?}", started.elapsed());
+    cluster.shutdown().await.expect("shutdown");
+}
