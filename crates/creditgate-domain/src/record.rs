@@ -43,6 +43,16 @@ pub struct KeyRecord {
     pub identity: Option<Arc<IdentityRecord>>,
     /// Named rate limits of the key; one of the same name on its identity yields to it.
     pub ratelimits: Vec<RatelimitRule>,
+    /// The secret the key had before its last reroll, while it still verifies.
+    pub previous: Option<PreviousSecret>,
+}
+
+/// A key's secret before a reroll: its SHA-256 and when it stops verifying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub hash: String,
+    /// Unix ms from which the old secret is unknown.
+    pub expires: i64,
 }
 
 /// An identity: a customer (user, organisation) of the workspace that groups keys by
@@ -149,6 +159,16 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 impl KeyRecord {
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.expires.is_some_and(|e| e <= now_ms)
+    }
+
+    /// Whether a secret with this hash opens the key at `now_ms`: the current one, or
+    /// the one before the last reroll until it expires.
+    pub fn opens_with(&self, hash: &str, now_ms: i64) -> bool {
+        self.hash == hash
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.hash == hash && now_ms < p.expires)
     }
 }
 

@@ -110,6 +110,18 @@ pub trait KeyStore: Send + Sync {
     /// Soft-deletes the key. `false` if it did not exist.
     async fn delete_key(&self, id: &KeyId, now_ms: i64) -> Result<bool, StoreError>;
 
+    /// Gives a live key a new secret (hash and visible start); the current one becomes
+    /// its previous secret until `previous_expires`, or is forgotten at once when
+    /// `None`. The key as it is afterwards, `None` when it is not live.
+    async fn reroll_key(
+        &self,
+        id: &KeyId,
+        hash: &str,
+        start: &str,
+        previous_expires: Option<i64>,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
     /// Creates the identity; `Conflict` when the workspace has one with its external id.
     async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError>;
     /// The workspace's identity whose id or external id is `identity`.

@@ -14,8 +14,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::{
-    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_RATELIMITS,
-    MIN_LIMIT_DURATION_MS,
+    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_MIGRATE_KEYS,
+    MAX_RATELIMITS, MAX_REROLL_GRACE_MS, MIN_LIMIT_DURATION_MS,
 };
 use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
 
@@ -25,7 +25,7 @@ use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
     paths(
         apis::create_api, apis::get_api, apis::list_keys, apis::delete_api,
         keys::create_key, keys::get_key, keys::update_key, keys::update_credits,
-        keys::delete_key, keys::whoami, verify::verify_key, holds::reserve_credits,
+        keys::delete_key, keys::whoami, keys::reroll_key, keys::migrate_keys, verify::verify_key, holds::reserve_credits,
         holds::settle_credits, holds::release_credits, holds::get_hold,
         identities::create_identity, identities::get_identity, identities::list_identities,
         identities::update_identity, identities::delete_identity, ratelimit::limit,
@@ -68,6 +68,11 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         &[400, 401, 403, 404, 409, 413, 422, 500, 503],
     ),
     ("/v2/keys.deleteKey", &[400, 401, 403, 404, 413, 500, 503]),
+    ("/v2/keys.rerollKey", &[400, 401, 403, 404, 413, 500, 503]),
+    (
+        "/v2/keys.migrateKeys",
+        &[400, 401, 403, 404, 409, 413, 500, 503],
+    ),
     // A key the root key may not see is a NOT_FOUND verdict (200), never 403/404.
     ("/v2/keys.verifyKey", &[400, 401, 409, 413, 422, 500, 503]),
     ("/v2/keys.whoami", &[400, 401, 404, 413, 500, 503]),
@@ -192,6 +197,13 @@ const LINKS: &[(&str, &str, &str, &str, &str)] = &[
     ("/v2/keys.createKey", "Whoami", "whoami", "key", "/data/key"),
     (
         "/v2/keys.createKey",
+        "RerollKey",
+        "reroll_key",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
         "ReserveCredits",
         "reserve_credits",
         "key",
@@ -290,6 +302,39 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     // No control character (C0, DEL, C1), as `char::is_control` says.
     let identifier = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$" });
     vec![
+        ("RerollKeyRequest", "keyId", key_id.clone()),
+        (
+            "RerollKeyRequest",
+            "expiration",
+            json!({ "minimum": 0, "maximum": MAX_REROLL_GRACE_MS }),
+        ),
+        (
+            "MigrateKeysRequest",
+            "migrationId",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        (
+            "MigrateKeysRequest",
+            "apiId",
+            json!({ "minLength": 3, "maxLength": 255 }),
+        ),
+        (
+            "MigrateKeysRequest",
+            "keys",
+            json!({ "minItems": 1, "maxItems": MAX_MIGRATE_KEYS }),
+        ),
+        (
+            "MigrateKeyWire",
+            "hash",
+            json!({ "pattern": "^([0-9A-Fa-f]{64}|[A-Za-z0-9+/_-]{43}=?)$" }),
+        ),
+        ("MigrateKeyWire", "name", name.clone()),
+        ("MigrateKeyWire", "externalId", external_id.clone()),
+        ("MigrateKeyWire", "meta", meta.clone()),
+        ("MigrateKeyWire", "expires", expires.clone()),
+        ("MigrateKeyWire", "roles", unsupported.clone()),
+        ("MigrateKeyWire", "permissions", unsupported.clone()),
+        ("MigrateKeyWire", "ratelimits", ratelimits.clone()),
         ("RatelimitWire", "name", limit_name.clone()),
         (
             "RatelimitWire",

@@ -725,6 +725,127 @@ pub fn parse_list_overrides(req: &ListOverridesRequest) -> Result<u32, ApiError>
     c.finish(limit)
 }
 
+/// The longest grace period of a rerolled key's old secret: a year.
+pub const MAX_REROLL_GRACE_MS: i64 = 31_536_000_000;
+
+/// `keys.rerollKey`: the key and the old secret's grace period.
+pub fn parse_reroll(req: &RerollKeyRequest) -> Result<(KeyId, u64), ApiError> {
+    let mut c = Checks::default();
+    let key_id = c.key_id(&req.key_id);
+    let grace = c.bounded("body.expiration", req.expiration, 0, MAX_REROLL_GRACE_MS);
+    c.finish((key_id, grace))
+}
+
+/// Keys in one `keys.migrateKeys`.
+pub const MAX_MIGRATE_KEYS: usize = 100;
+
+/// A SHA-256 in hexadecimal or base64 (either alphabet, padded or not), as the
+/// lowercase hex the key store keeps.
+pub fn sha256_hex(value: &str) -> Option<String> {
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some(value.to_ascii_lowercase());
+    }
+    let trimmed = value.trim_end_matches('=');
+    if trimmed.len() != 43 || value.len() > 44 {
+        return None;
+    }
+    let mut bits: u32 = 0;
+    let mut nbits = 0;
+    let mut bytes = Vec::with_capacity(32);
+    for b in trimmed.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        nbits += 6;
+        if nbits >= 8 {
+            nbits -= 8;
+            bytes.push(u8::try_from((bits >> nbits) & 0xff).ok()?);
+        }
+    }
+    // 43 characters carry 258 bits: 32 bytes, and 2 left-over bits (ignored, as
+    // lenient base64 decoders do).
+    if bytes.len() != 32 {
+        return None;
+    }
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `keys.migrateKeys`: the API and each key's hash (as sent, and as the store keeps
+/// it) and settings; field errors name the key (`body.keys[i].…`). A hash sent twice
+/// is created once; the second fails as a key that exists.
+#[allow(clippy::type_complexity)]
+pub fn parse_migrate(
+    req: MigrateKeysRequest,
+) -> Result<(ApiId, Vec<(String, String, CreateKey)>), ApiError> {
+    let mut c = Checks::default();
+    c.len("body.migrationId", &req.migration_id, 1, 255);
+    c.len("body.apiId", &req.api_id, 3, 255);
+    if req.keys.is_empty() || req.keys.len() > MAX_MIGRATE_KEYS {
+        c.push(
+            "body.keys",
+            format!(
+                "must hold 1 to {MAX_MIGRATE_KEYS} keys, got {}",
+                req.keys.len()
+            ),
+            format!("send between 1 and {MAX_MIGRATE_KEYS} keys per call"),
+        );
+    }
+    let mut keys = Vec::with_capacity(req.keys.len());
+    for (i, k) in req.keys.into_iter().enumerate() {
+        let at = format!("body.keys[{i}]");
+        let hash = match sha256_hex(&k.hash) {
+            Some(h) => h,
+            None => {
+                c.push(
+                    &format!("{at}.hash"),
+                    "is not a SHA-256: 64 hexadecimal digits or 43/44 base64 characters",
+                    "send the SHA-256 of the key's secret",
+                );
+                String::new()
+            }
+        };
+        let as_create = CreateKeyRequest {
+            api_id: req.api_id.clone(),
+            prefix: None,
+            name: k.name,
+            byte_length: None,
+            external_id: k.external_id,
+            meta: k.meta,
+            expires: k.expires,
+            enabled: k.enabled,
+            credits: k.credits,
+            recoverable: None,
+            roles: k.roles,
+            permissions: k.permissions,
+            ratelimits: k.ratelimits,
+        };
+        match CreateKey::try_from(as_create) {
+            Ok(cmd) => keys.push((k.hash, hash, cmd)),
+            Err(ApiError::BadRequest { errors, .. }) => {
+                for mut e in errors {
+                    e.location = e.location.replacen("body.", &format!("{at}."), 1);
+                    c.0.push(e);
+                }
+            }
+            Err(ApiError::Conflict(detail)) => {
+                return Err(ApiError::Conflict(detail.replacen(
+                    "body.",
+                    &format!("{at}."),
+                    1,
+                )))
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    c.finish((ApiId::from(req.api_id), keys))
+}
+
 /// `ratelimit.limit`.
 pub fn parse_limit(req: RatelimitLimitRequest) -> Result<LimitRequest, ApiError> {
     let mut c = Checks::default();

@@ -691,3 +691,73 @@ pub struct OverrideData {
     pub identifier: String,
     pub limit: u64,
 }
+
+// ---- reroll and migration ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RerollKeyRequest {
+    pub key_id: String,
+    /// How long the old secret keeps verifying, in ms: 0 (it stops at once) to
+    /// 31,536,000,000 (a year).
+    pub expiration: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RerollKeyData {
+    /// The same key: its id, balance, limits and identity stay.
+    pub key_id: String,
+    /// The new secret: returned once, stored only as a SHA-256 hash.
+    pub key: String,
+}
+
+/// A key to import: the SHA-256 of its secret and its settings (as `createKey`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MigrateKeyWire {
+    /// SHA-256 of the secret: 64 hexadecimal digits, or base64 (standard or URL-safe,
+    /// padded or not).
+    pub hash: String,
+    pub name: Option<String>,
+    pub external_id: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Map<String, Value>>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub roles: Option<Vec<Value>>,
+    /// Not supported (only an empty list is accepted).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub permissions: Option<Vec<Value>>,
+    pub expires: Option<i64>,
+    pub enabled: Option<bool>,
+    pub credits: Option<CreditsWire>,
+    pub ratelimits: Option<Vec<RatelimitWire>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MigrateKeysRequest {
+    /// Names the import (1..=255 characters); creditgate keeps no migration providers,
+    /// so it only has to be present.
+    pub migration_id: String,
+    pub api_id: String,
+    /// 1..=100 keys.
+    pub keys: Vec<MigrateKeyWire>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigratedKey {
+    /// The hash as sent.
+    pub hash: String,
+    pub key_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrateKeysData {
+    pub migrated: Vec<MigratedKey>,
+    /// Hashes of keys not created: a key with that secret exists already.
+    pub failed: Vec<String>,
+}

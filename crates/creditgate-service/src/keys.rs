@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use creditgate_domain::{
-    hash_secret, new_secret, secret_start, Action, KeyId, KeyPatch, KeyRecord, NewKey,
-    RatelimitRule, Refill,
+    hash_secret, new_secret, secret_start, Action, ApiId, ApiRecord, KeyId, KeyPatch, KeyRecord,
+    NewKey, RatelimitRule, Refill, StoreError,
 };
 use creditgate_limiter::CreditOp;
 
@@ -31,6 +31,19 @@ pub struct CreatedKey {
 
 /// A refill needs a balance to refill. Known from the request alone it is invalid input;
 /// known only from the stored key it is a conflict with the key's state.
+/// Random bytes in a secret that `createKey` did not size, and in rerolled secrets.
+pub const DEFAULT_BYTE_LENGTH: usize = 16;
+
+/// The prefix of a key's secret, from its visible start (`<prefix>_` and 4 characters).
+fn key_prefix(start: &str) -> Option<&str> {
+    let cut = start.len().checked_sub(5)?;
+    start
+        .get(cut..)
+        .filter(|tail| tail.starts_with('_'))
+        .and_then(|_| start.get(..cut))
+        .filter(|p| !p.is_empty())
+}
+
 fn refill_needs_balance(
     refill: Option<&Refill>,
     limited: bool,
@@ -130,13 +143,58 @@ impl Service {
             .await?
             .ok_or(ServiceError::ApiNotFound)?;
         let secret = new_secret(cmd.prefix.as_deref(), cmd.byte_length);
+        let hash = hash_secret(&secret);
+        let start = secret_start(&secret, cmd.prefix.as_deref());
+        let key_id = self.insert_key(&api, cmd, hash, start).await?;
+        Ok(CreatedKey { key_id, secret })
+    }
+
+    /// `keys.migrateKeys`: keys whose secrets exist elsewhere, imported by the SHA-256
+    /// of the secret with their settings, so their holders keep them. Each key on its
+    /// own: one whose hash is already known fails (`None`), the others are created
+    /// (their id), answered in the order sent.
+    pub async fn migrate_keys(
+        &self,
+        caller: &Caller,
+        api_id: &ApiId,
+        keys: Vec<(String, CreateKey)>,
+    ) -> Result<Vec<Option<KeyId>>, ServiceError> {
+        caller.require(Action::CreateKey, Some(api_id))?;
+        for (_, cmd) in &keys {
+            refill_needs_balance(cmd.refill.as_ref(), cmd.remaining.is_some(), true)?;
+        }
+        let api = self
+            .store
+            .get_api(caller.workspace(), api_id)
+            .await?
+            .ok_or(ServiceError::ApiNotFound)?;
+        let mut outcomes = Vec::with_capacity(keys.len());
+        for (hash, cmd) in keys {
+            // The secret is not known: nothing of it is shown.
+            match self.insert_key(&api, cmd, hash, String::new()).await {
+                Ok(id) => outcomes.push(Some(id)),
+                Err(ServiceError::Store(StoreError::Conflict(_))) => outcomes.push(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Stores a new key of `api` with the secret hash `hash`.
+    async fn insert_key(
+        &self,
+        api: &ApiRecord,
+        cmd: CreateKey,
+        hash: String,
+        start: String,
+    ) -> Result<KeyId, ServiceError> {
         let now = self.clock.now_ms();
         let record = KeyRecord {
             id: KeyId::generate(),
-            workspace_id: api.workspace_id,
-            api_id: api.id,
-            hash: hash_secret(&secret),
-            start: secret_start(&secret, cmd.prefix.as_deref()),
+            workspace_id: api.workspace_id.clone(),
+            api_id: api.id.clone(),
+            hash,
+            start,
             name: cmd.name,
             external_id: cmd.external_id,
             meta: cmd.meta,
@@ -149,6 +207,7 @@ impl Service {
             last_refill_at: Some(now),
             identity: None,
             ratelimits: RatelimitRule::replacing(&[], cmd.ratelimits),
+            previous: None,
         };
         let key_id = record.id.clone();
         self.store
@@ -157,7 +216,41 @@ impl Service {
                 remaining: cmd.remaining,
             })
             .await?;
-        Ok(CreatedKey { key_id, secret })
+        Ok(key_id)
+    }
+
+    /// Gives the key a new secret with the same prefix; everything else stays (id,
+    /// balance, limits, identity). The old secret keeps verifying for `grace_ms`
+    /// (`0`: it stops at once).
+    pub async fn reroll_key(
+        &self,
+        caller: &Caller,
+        key_id: &KeyId,
+        grace_ms: u64,
+    ) -> Result<CreatedKey, ServiceError> {
+        let key = self.find_key(caller, key_id, Action::CreateKey).await?;
+        let prefix = key_prefix(&key.start);
+        let secret = new_secret(prefix, DEFAULT_BYTE_LENGTH);
+        let now = self.clock.now_ms();
+        let previous_expires =
+            (grace_ms > 0).then(|| now.saturating_add(i64::try_from(grace_ms).unwrap_or(i64::MAX)));
+        let rerolled = self
+            .store
+            .reroll_key(
+                &key.id,
+                &hash_secret(&secret),
+                &secret_start(&secret, prefix),
+                previous_expires,
+                now,
+            )
+            .await?
+            .ok_or(ServiceError::KeyNotFound)?;
+        // Every node forgets the key under its old secret (and the one before).
+        self.invalidate_key(&key).await;
+        Ok(CreatedKey {
+            key_id: rerolled.id,
+            secret,
+        })
     }
 
     pub async fn get_key(&self, caller: &Caller, key_id: &KeyId) -> Result<KeyView, ServiceError> {
@@ -179,7 +272,7 @@ impl Service {
     pub async fn delete_key(&self, caller: &Caller, key_id: &KeyId) -> Result<(), ServiceError> {
         let key = self.find_key(caller, key_id, Action::DeleteKey).await?;
         let deleted = self.store.delete_key(&key.id, self.clock.now_ms()).await?;
-        self.invalidate_key(&key.hash).await;
+        self.invalidate_key(&key).await;
         if !deleted {
             return Err(ServiceError::KeyNotFound);
         }
@@ -245,7 +338,7 @@ impl Service {
                 .ok_or(ServiceError::KeyNotFound)?;
         }
         record.limited = !matches!(op, CreditOp::Set(None));
-        self.invalidate_key(&key.hash).await;
+        self.invalidate_key(&key).await;
         Ok(record)
     }
 
@@ -288,7 +381,21 @@ impl Service {
                 .await?
                 .ok_or(ServiceError::KeyNotFound)?;
         }
-        self.invalidate_key(&key.hash).await;
+        self.invalidate_key(&key).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_prefix;
+
+    #[test]
+    fn the_prefix_is_read_back_from_the_start() {
+        assert_eq!(key_prefix("sk_live_AbCd"), Some("sk_live"));
+        assert_eq!(key_prefix("sk_AbCd"), Some("sk"));
+        assert_eq!(key_prefix("AbCd"), None);
+        assert_eq!(key_prefix("_AbCd"), None);
+        assert_eq!(key_prefix(""), None);
     }
 }

@@ -35,7 +35,7 @@ pub use idempotency::{
     AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,
 };
 pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
-pub use keys::{CreatedKey, KeyView};
+pub use keys::{CreatedKey, KeyView, DEFAULT_BYTE_LENGTH};
 pub use ratelimit::{override_for, LimitAnswer, LimitRequest, SetOverride, MAX_LIMIT};
 pub use verify::{LimitOutcome, Verdict};
 
@@ -186,24 +186,30 @@ impl Service {
         }
     }
 
-    /// A live key by the hash of its secret, through the cache.
+    /// A live key by the hash of its secret, through the cache: its current secret, or
+    /// the one before its last reroll until that one expires.
     async fn key_by_hash(&self, hash: &str) -> Result<Option<Arc<KeyRecord>>, ServiceError> {
-        if let Some(k) = self.keys.get(hash).await {
-            return Ok(Some(k));
-        }
-        let Some(found) = self.store.key_by_hash(hash).await? else {
-            return Ok(None);
+        let found = match self.keys.get(hash).await {
+            Some(k) => k,
+            None => {
+                let Some(found) = self.store.key_by_hash(hash).await? else {
+                    return Ok(None);
+                };
+                let found = Arc::new(found);
+                self.keys.insert(hash.to_owned(), found.clone()).await;
+                found
+            }
         };
-        let found = Arc::new(found);
-        self.keys.insert(hash.to_owned(), found.clone()).await;
-        Ok(Some(found))
+        Ok(Some(found).filter(|k| k.opens_with(hash, self.clock.now_ms())))
     }
 
     /// Forgets a key on this node at once and tells every other node (best effort: a
     /// node that misses it drops its whole cache when its subscription reconnects).
-    async fn invalidate_key(&self, hash: &str) {
-        self.keys.invalidate(hash).await;
-        self.publish(hash).await;
+    async fn invalidate_key(&self, key: &KeyRecord) {
+        for hash in std::iter::once(&key.hash).chain(key.previous.as_ref().map(|p| &p.hash)) {
+            self.keys.invalidate(hash).await;
+            self.publish(hash).await;
+        }
     }
 
     /// Forgets every cached key on every node (an API was deleted).

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
-    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitOverride,
-    RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PreviousSecret,
+    RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
+    WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -29,6 +30,7 @@ macro_rules! live_keys_where {
             "SELECT k.id, k.workspace_id, k.api_id, k.hash, k.start, k.name, k.external_id, ",
             "k.meta, k.created_at, k.updated_at, k.expires, k.enabled, k.remaining, ",
             "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, k.ratelimits, ",
+            "k.previous_hash, k.previous_hash_expires, ",
             "i.id AS identity_id, i.meta AS identity_meta, i.ratelimits AS identity_ratelimits, ",
             "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at ",
             "FROM keys k JOIN apis a ON a.id = k.api_id ",
@@ -194,6 +196,13 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         last_refill_at: get_opt_int("last_refill_at")?,
         identity,
         ratelimits: ratelimits_column(row, "ratelimits")?,
+        previous: match (
+            get_opt_text("previous_hash")?,
+            get_opt_int("previous_hash_expires")?,
+        ) {
+            (Some(hash), Some(expires)) => Some(PreviousSecret { hash, expires }),
+            _ => None,
+        },
     })
 }
 
@@ -515,7 +524,9 @@ impl KeyStore for SqlStore {
     }
 
     async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(live_keys_where!("k.hash = $1"))
+        // The current secret, or the one before the last reroll (the caller checks
+        // whether that one still verifies).
+        let row = sqlx::query(live_keys_where!("(k.hash = $1 OR k.previous_hash = $1)"))
             .bind(hash)
             .fetch_optional(&self.read)
             .await
@@ -590,6 +601,46 @@ impl KeyStore for SqlStore {
                     .await
                     .map_err(store_error)?;
             ensure_identity(&mut tx, &WorkspaceId::from(workspace), external_id, now_ms).await?;
+        }
+        let row = sqlx::query(live_keys_where!("k.id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let key = row.as_ref().map(key_from_row).transpose()?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(key)
+    }
+
+    async fn reroll_key(
+        &self,
+        id: &KeyId,
+        hash: &str,
+        start: &str,
+        previous_expires: Option<i64>,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        let updated = sqlx::query(
+            "UPDATE keys SET \
+             previous_hash = CASE WHEN $4 = 1 THEN hash ELSE NULL END, \
+             previous_hash_expires = CASE WHEN $4 = 1 THEN $5 ELSE NULL END, \
+             hash = $2, start = $3, updated_at = $6 \
+             WHERE id = $1 AND deleted_at IS NULL \
+             AND api_id IN (SELECT id FROM apis WHERE deleted_at IS NULL)",
+        )
+        .bind(id.as_str())
+        .bind(hash)
+        .bind(start)
+        .bind(i64::from(previous_expires.is_some()))
+        .bind(previous_expires.unwrap_or(0))
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(None);
         }
         let row = sqlx::query(live_keys_where!("k.id = $1"))
             .bind(id.as_str())

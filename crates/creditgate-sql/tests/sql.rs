@@ -12,8 +12,8 @@ use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityPatch, IdentityRecord, KeyId, KeyPatch,
-    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, RatelimitOverride, RatelimitRule,
-    Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PreviousSecret, RatelimitOverride,
+    RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::{AllocateOutcome, AllocateRequest, DirectSpend, Ledger};
@@ -160,6 +160,7 @@ on_both_backends!(
     update_key_applies_patches,
     identities_link_keys_by_external_id,
     ratelimit_overrides_are_set_listed_and_deleted,
+    rerolled_keys_answer_to_both_secrets_until_told,
     deleting_hides_keys,
     sink_writes_every_row,
     sink_is_all_or_nothing,
@@ -216,6 +217,7 @@ fn key(api: &ApiRecord, id: &str) -> KeyRecord {
         last_refill_at: Some(3_000),
         identity: None,
         ratelimits: Vec::new(),
+        previous: None,
     }
 }
 
@@ -540,6 +542,55 @@ async fn list_keys_paginates_by_id(db: &Db) {
     // A limit of 0 does not fail.
     let one = s.list_keys(&a.id, 0, None, None).await.expect("list");
     assert_eq!(one.keys.len(), 1);
+}
+
+async fn rerolled_keys_answer_to_both_secrets_until_told(db: &Db) {
+    let s = &db.store;
+    let a = api("ws_1", "api_reroll");
+    s.create_api(&a).await.expect("api");
+    let k = create(s, key(&a, "key_reroll"), Some(10)).await;
+    let old = k.hash.clone();
+    let rolled = s
+        .reroll_key(&k.id, "hash-new", "sk_new1", Some(5_000), 4_000)
+        .await
+        .expect("reroll")
+        .expect("live");
+    assert_eq!(
+        (rolled.hash.as_str(), rolled.start.as_str()),
+        ("hash-new", "sk_new1")
+    );
+    assert_eq!(
+        rolled.previous,
+        Some(PreviousSecret {
+            hash: old.clone(),
+            expires: 5_000
+        })
+    );
+    assert_eq!(rolled.updated_at, Some(4_000));
+    // Both hashes find the key; whether the old one still opens it is the caller's call.
+    for h in ["hash-new", old.as_str()] {
+        let found = s.key_by_hash(h).await.expect("get").expect("found");
+        assert_eq!(found.id, k.id);
+        assert!(found.opens_with(h, 4_999));
+    }
+    assert!(!rolled.opens_with(&old, 5_000));
+    // Rerolled again without a grace period: only the newest hash is known.
+    let again = s
+        .reroll_key(&k.id, "hash-newer", "sk_new2", None, 6_000)
+        .await
+        .expect("reroll")
+        .expect("live");
+    assert_eq!(again.previous, None);
+    for gone in [old.as_str(), "hash-new"] {
+        assert_eq!(s.key_by_hash(gone).await.expect("get"), None);
+    }
+    assert!(s.delete_key(&k.id, 7_000).await.expect("delete"));
+    assert_eq!(
+        s.reroll_key(&k.id, "hash-x", "sk_x", None, 8_000)
+            .await
+            .expect("reroll"),
+        None
+    );
 }
 
 fn ovr(id: &str, workspace: &str, identifier: &str, limit: u64, at: i64) -> RatelimitOverride {

@@ -11,7 +11,7 @@ use super::{identity, ok, once};
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, IdemJson};
-use crate::parse::{parse_key_id, parse_secret, refill_wire};
+use crate::parse::{parse_key_id, parse_migrate, parse_reroll, parse_secret, refill_wire};
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -132,4 +132,54 @@ pub async fn update_key(
         .update_key(&caller, UpdateKey::try_from(req)?)
         .await?;
     Ok(ok(Empty {}))
+}
+
+#[utoipa::path(post, path = "/v2/keys.rerollKey", tag = "keys", request_body = RerollKeyRequest,
+    responses((status = 200, description = "A new secret for the same key", body = Envelope<RerollKeyData>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn reroll_key(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<RerollKeyRequest>,
+) -> Result<Json<Envelope<RerollKeyData>>, ApiError> {
+    let (key_id, grace_ms) = parse_reroll(&req)?;
+    let created = state.service.reroll_key(&caller, &key_id, grace_ms).await?;
+    Ok(ok(RerollKeyData {
+        key_id: created.key_id.0.to_string(),
+        key: created.secret,
+    }))
+}
+
+#[utoipa::path(post, path = "/v2/keys.migrateKeys", tag = "keys", request_body = MigrateKeysRequest,
+    responses((status = 200, description = "Keys created, and hashes already known", body = Envelope<MigrateKeysData>), (status = 400, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn migrate_keys(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<MigrateKeysRequest>,
+) -> Result<Json<Envelope<MigrateKeysData>>, ApiError> {
+    let (api_id, keys) = parse_migrate(req)?;
+    // The service answers in the order sent; each answer carries the hash as sent.
+    let (sent, commands): (Vec<String>, Vec<_>) = keys
+        .into_iter()
+        .map(|(as_sent, hash, cmd)| (as_sent, (hash, cmd)))
+        .unzip();
+    let outcomes = state
+        .service
+        .migrate_keys(&caller, &api_id, commands)
+        .await?;
+    let mut data = MigrateKeysData {
+        migrated: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (as_sent, outcome) in sent.into_iter().zip(outcomes) {
+        match outcome {
+            Some(id) => data.migrated.push(MigratedKey {
+                hash: as_sent,
+                key_id: id.0.to_string(),
+            }),
+            None => data.failed.push(as_sent),
+        }
+    }
+    Ok(ok(data))
 }

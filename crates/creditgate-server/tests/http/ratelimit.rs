@@ -293,7 +293,10 @@ async fn overrides_replace_the_limit_of_matching_identifiers() {
     let d = app
         .ok(
             "/v2/ratelimit.multiLimit",
-            json!([check("api", "zed@acme.com", 100, 1), check("api", "x", 100, 1)]),
+            json!([
+                check("api", "zed@acme.com", 100, 1),
+                check("api", "x", 100, 1)
+            ]),
         )
         .await;
     assert_eq!(d["limits"][0]["overrideId"], json!(domain), "{d}");

@@ -240,7 +240,8 @@ async fn an_override_set_on_one_node_applies_on_the_others_at_once() {
         .await
         .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
     let root = cluster.root_key.clone();
-    let check = json!({ "namespace": "api", "identifier": "vip_1", "limit": 100, "duration": 60_000 });
+    let check =
+        json!({ "namespace": "api", "identifier": "vip_1", "limit": 100, "duration": 60_000 });
     for node in &cluster.nodes[1..] {
         let d = node.ok("ratelimit.limit", &root, check.clone()).await;
         assert_eq!(d["limit"], 100, "{d}");
@@ -268,6 +269,9 @@ async fn an_override_set_on_one_node_applies_on_the_others_at_once() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    println!("override applied on every node after {:?}", started.elapsed());
+    println!(
+        "override applied on every node after {:?}",
+        started.elapsed()
+    );
     cluster.shutdown().await.expect("shutdown");
 }
