@@ -338,7 +338,7 @@ impl Service {
                 .ok_or(ServiceError::KeyNotFound)?;
         }
         record.limited = !matches!(op, CreditOp::Set(None));
-        self.invalidate_key(&key).await;
+        self.invalidate_key(key).await;
         Ok(record)
     }
 
