@@ -8,6 +8,7 @@
 
 import { Unkey } from "@unkey/api";
 import { Ratelimit, Overrides } from "@unkey/ratelimit";
+import { createHash } from "node:crypto";
 import { UnkeyError, ResponseValidationError, SDKValidationError } from "@unkey/api/models/errors";
 
 const serverURL = process.env.CREDITGATE_URL;
@@ -341,6 +342,37 @@ async function run() {
     assertEq(got.data.overrideId, set.data.overrideId, "Overrides.getOverride");
     const vip = await limiter.limit(`${externalId}-vip`);
     assertEq(vip.limit, 5, "Ratelimit.limit under an override");
+  });
+
+  await step("keys.rerollKey: a new secret for the same key; the old one stops (expiration 0)", async () => {
+    const res = await unkey.keys.rerollKey({ keyId: state.keyId, expiration: 0 });
+    assertMeta(res, "rerollKey");
+    assertEq(res.data.keyId, state.keyId, "rerollKey.keyId");
+    assert(res.data.key !== state.key, "rerollKey: the secret did not change");
+    const old = await unkey.keys.verifyKey({ key: state.key, credits: { cost: 0 } });
+    assertEq(old.data.code, "NOT_FOUND", "the old secret after a reroll");
+    const fresh = await unkey.keys.verifyKey({ key: res.data.key, credits: { cost: 0 } });
+    assertEq(fresh.data.code, "VALID", "the new secret");
+    assertEq(fresh.data.keyId, state.keyId, "the new secret opens the same key");
+    state.key = res.data.key;
+  });
+
+  await step("keys.migrateKeys: a key imported by its SHA-256 verifies with its secret", async () => {
+    const secret = `legacy_${externalId}`;
+    const hash = createHash("sha256").update(secret).digest("hex");
+    const res = await unkey.keys.migrateKeys({
+      migrationId: "sdk-compat",
+      apiId: state.apiId,
+      keys: [{ hash, credits: { remaining: 5 } }, { hash }],
+    });
+    assertMeta(res, "migrateKeys");
+    assertEq(res.data.migrated.length, 1, "migrateKeys.migrated");
+    assertEq(res.data.migrated[0].hash, hash, "migrateKeys.migrated[0].hash");
+    assertEq(JSON.stringify(res.data.failed), JSON.stringify([hash]), "migrateKeys.failed (the same hash twice)");
+    const v = await unkey.keys.verifyKey({ key: secret, credits: { cost: 2 } });
+    assertEq(v.data.code, "VALID", "verifyKey of a migrated key");
+    assertEq(v.data.credits, 3, "verifyKey.credits of a migrated key");
+    await unkey.keys.deleteKey({ keyId: res.data.migrated[0].keyId });
   });
 
   await step("keys.deleteKey", async () => {
