@@ -35,6 +35,12 @@ use serde::Serialize;
 
 use crate::{Batch, RequestEvent, Sink, SinkError, VerificationEvent};
 
+/// Columns of the verifications table added after its first version: (name, type).
+const ADDED_VERIFICATION_COLUMNS: [(&str, &str); 2] = [
+    ("identity_id", "String"),
+    ("exceeded_ratelimits", "Array(String)"),
+];
+
 /// How long an idle HTTP connection is kept for the next batch.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest server error message kept in an error (ClickHouse can return stack traces).
@@ -212,7 +218,8 @@ impl ClickHouseSink {
         self.database.as_deref()
     }
 
-    /// The DDL this sink runs at connect: `CREATE TABLE IF NOT EXISTS` for both tables.
+    /// The DDL this sink runs at connect: `CREATE TABLE IF NOT EXISTS` for both tables
+    /// (then the columns of [`ADDED_VERIFICATION_COLUMNS`] a table made before lacks).
     pub fn schema(&self) -> [String; 2] {
         [
             format!(
@@ -230,7 +237,9 @@ impl ClickHouseSink {
                  spent_credits UInt64, \
                  remaining Nullable(UInt64), \
                  latency_us UInt64, \
-                 tags Array(String)\
+                 tags Array(String), \
+                 identity_id String, \
+                 exceeded_ratelimits Array(String)\
                  ) ENGINE = ReplacingMergeTree() \
                  PARTITION BY toYYYYMM(time) \
                  ORDER BY (workspace_id, key_id, time, request_id)",
@@ -263,6 +272,30 @@ impl ClickHouseSink {
         }
         for ddl in self.schema() {
             self.execute(&ddl, true).await?;
+        }
+        // A table made by an earlier version gets the columns added since (18.16 has no
+        // `ADD COLUMN IF NOT EXISTS`: ask `system.columns`).
+        for (column, kind) in ADDED_VERIFICATION_COLUMNS {
+            let found = self
+                .execute(
+                    &format!(
+                        "SELECT count() FROM system.columns WHERE database = currentDatabase() \
+                         AND table = '{}' AND name = '{column}'",
+                        self.verifications_table
+                    ),
+                    true,
+                )
+                .await?;
+            if found.trim() == "0" {
+                self.execute(
+                    &format!(
+                        "ALTER TABLE `{}` ADD COLUMN {column} {kind}",
+                        self.verifications_table
+                    ),
+                    true,
+                )
+                .await?;
+            }
         }
         Ok(())
     }
@@ -363,6 +396,8 @@ struct VerificationRow<'a> {
     remaining: Option<u64>,
     latency_us: u64,
     tags: &'a [String],
+    identity_id: &'a str,
+    exceeded_ratelimits: &'a [String],
 }
 
 impl<'a> From<&'a VerificationEvent> for VerificationRow<'a> {
@@ -383,6 +418,8 @@ impl<'a> From<&'a VerificationEvent> for VerificationRow<'a> {
             remaining: e.remaining,
             latency_us: e.latency_us,
             tags: &e.tags,
+            identity_id: &e.identity_id,
+            exceeded_ratelimits: &e.exceeded_ratelimits,
         }
     }
 }
@@ -514,6 +551,8 @@ mod tests {
             remaining: None,
             latency_us: 42,
             tags: vec!["a".into()],
+            identity_id: "id_1".into(),
+            exceeded_ratelimits: vec!["requests".into()],
         };
         let body = rows([&v, &v].into_iter().map(VerificationRow::from)).unwrap();
         let text = String::from_utf8(body).unwrap();
@@ -524,6 +563,8 @@ mod tests {
         assert_eq!(row["time_ms"], 1_700_000_000_123_u64);
         assert_eq!(row["remaining"], serde_json::Value::Null);
         assert_eq!(row["tags"][0], "a");
+        assert_eq!(row["identity_id"], "id_1");
+        assert_eq!(row["exceeded_ratelimits"][0], "requests");
         assert!(text.ends_with('\n'));
     }
 

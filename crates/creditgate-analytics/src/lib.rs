@@ -36,6 +36,10 @@ pub struct VerificationEvent {
     pub remaining: Option<u64>,
     pub latency_us: u64,
     pub tags: Vec<String>,
+    /// The key's identity; empty when it has none (or the key was not found).
+    pub identity_id: Arc<str>,
+    /// Names of the rate limits that refused the verification (`RATE_LIMITED`).
+    pub exceeded_ratelimits: Vec<String>,
 }
 
 /// One row of `api_requests`.

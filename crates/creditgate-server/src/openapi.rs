@@ -14,8 +14,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::{
-    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_MIGRATE_KEYS,
-    MAX_RATELIMITS, MAX_REROLL_GRACE_MS, MIN_LIMIT_DURATION_MS,
+    MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_MIGRATE_KEYS, MAX_RATELIMITS,
+    MAX_REROLL_GRACE_MS, MIN_LIMIT_DURATION_MS,
 };
 use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
 

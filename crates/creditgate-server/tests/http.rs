@@ -26,10 +26,10 @@ mod key_ratelimits;
 mod limits;
 #[path = "http/ratelimit.rs"]
 mod ratelimit;
-#[path = "http/reroll_migrate.rs"]
-mod reroll_migrate;
 #[path = "http/refill.rs"]
 mod refill;
+#[path = "http/reroll_migrate.rs"]
+mod reroll_migrate;
 #[path = "http/routes.rs"]
 mod routes;
 #[path = "http/verify.rs"]

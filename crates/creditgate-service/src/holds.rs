@@ -87,6 +87,7 @@ impl Service {
             remaining: decision.remaining,
             started,
             tags: Vec::new(),
+            exceeded: Vec::new(),
         });
         Ok(decision)
     }
@@ -222,6 +223,7 @@ impl Service {
                 remaining: closing.remaining,
                 started,
                 tags: Vec::new(),
+                exceeded: Vec::new(),
             });
         }
         if closing.done && closing.hold.state != wanted {
@@ -294,6 +296,7 @@ pub(crate) fn expiry_recorder(
                     remaining: None,
                     started: Instant::now(),
                     tags: Vec::new(),
+                    exceeded: Vec::new(),
                 };
                 analytics.verification(row.event(clock.now_ms(), &settings));
             }

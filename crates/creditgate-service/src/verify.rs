@@ -125,6 +125,8 @@ pub(crate) struct Decided<'a> {
     pub remaining: Option<u64>,
     pub started: Instant,
     pub tags: Vec<String>,
+    /// Names of the rate limits that refused it.
+    pub exceeded: Vec<String>,
 }
 
 impl Decided<'_> {
@@ -144,6 +146,10 @@ impl Decided<'_> {
             remaining: self.remaining,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             tags: self.tags,
+            identity_id: key
+                .and_then(|k| k.identity.as_deref())
+                .map_or_else(|| "".into(), |i| i.id.shared()),
+            exceeded_ratelimits: self.exceeded,
         }
     }
 }
@@ -182,6 +188,12 @@ impl Service {
             remaining: verdict.remaining,
             started,
             tags: cmd.tags,
+            exceeded: verdict
+                .ratelimits
+                .iter()
+                .filter(|l| l.exceeded)
+                .map(|l| l.rule.name.clone())
+                .collect(),
         });
         Ok(verdict)
     }

@@ -12,7 +12,7 @@ use sqlx::Any;
 use crate::error::sink_error;
 use crate::{Backend, SqlStore};
 
-/// Rows per `INSERT` statement: 13 columns × 500 = 6500 parameters.
+/// Rows per `INSERT` statement: 15 columns × 500 = 7500 parameters.
 pub(crate) const ROWS_PER_INSERT: usize = 500;
 
 const VERIFICATION_COLUMNS: &[&str] = &[
@@ -29,6 +29,8 @@ const VERIFICATION_COLUMNS: &[&str] = &[
     "remaining",
     "latency_us",
     "tags",
+    "identity_id",
+    "exceeded_ratelimits",
 ];
 
 const REQUEST_COLUMNS: &[&str] = &[
@@ -101,6 +103,8 @@ fn bind_verification<'q>(
     e: &'q VerificationEvent,
 ) -> Result<Query<'q, Any, AnyArguments<'q>>, SinkError> {
     let tags = serde_json::to_string(&e.tags).map_err(|e| SinkError(e.to_string()))?;
+    let exceeded =
+        serde_json::to_string(&e.exceeded_ratelimits).map_err(|e| SinkError(e.to_string()))?;
     Ok(q.bind(&*e.request_id)
         .bind(e.time)
         .bind(&*e.workspace_id)
@@ -113,7 +117,9 @@ fn bind_verification<'q>(
         .bind(clamp(e.spent_credits))
         .bind(e.remaining.map(clamp))
         .bind(clamp(e.latency_us))
-        .bind(tags))
+        .bind(tags)
+        .bind(&*e.identity_id)
+        .bind(exceeded))
 }
 
 fn bind_request<'q>(

@@ -303,7 +303,7 @@ async fn schema_has_the_documented_columns(db: &Db) {
         (
             "key_verifications",
             "request_id, time, workspace_id, api_id, key_id, node_id, region, outcome, cost, \
-             spent_credits, remaining, latency_us, tags",
+             spent_credits, remaining, latency_us, tags, identity_id, exceeded_ratelimits",
         ),
         (
             "api_requests",
@@ -972,6 +972,12 @@ fn verification(i: usize) -> VerificationEvent {
         },
         latency_us: 123,
         tags: vec!["a".to_owned(), format!("t{i}")],
+        identity_id: if i % 5 == 0 { "id_1".into() } else { "".into() },
+        exceeded_ratelimits: if i % 4 == 0 {
+            vec!["requests".to_owned()]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -1019,6 +1025,21 @@ async fn sink_writes_every_row(db: &Db) {
             r#"["a","t3"]"#.to_owned()
         )
     );
+    // The identity and the limits that refused: req_v20 has both, req_v3 neither.
+    for (id, want) in [
+        ("req_v20", ("id_1".to_owned(), r#"["requests"]"#.to_owned())),
+        ("req_v3", (String::new(), "[]".to_owned())),
+    ] {
+        let got: (String, String) = sqlx::query_as(
+            "SELECT identity_id, exceeded_ratelimits FROM key_verifications \
+             WHERE request_id = $1",
+        )
+        .bind(id)
+        .fetch_one(s.pool())
+        .await
+        .expect("row");
+        assert_eq!(got, want, "{id}");
+    }
     let remaining: Option<i64> =
         sqlx::query_scalar("SELECT remaining FROM key_verifications WHERE request_id = $1")
             .bind("req_v4")

@@ -35,6 +35,12 @@ fn verification(i: u64, remaining: Option<u64>) -> VerificationEvent {
         remaining,
         latency_us: 100 + i,
         tags: vec![format!("tag{i}"), "path=/x".into()],
+        identity_id: format!("id_{}", i % 2).into(),
+        exceeded_ratelimits: if i % 3 == 0 {
+            vec!["requests".into()]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -83,6 +89,41 @@ fn count(ch: &ClickHouse, db: &str, table: &str) -> u64 {
         .unwrap()
 }
 
+/// A verifications table made by a version before identities gets their columns.
+#[tokio::test]
+async fn clickhouse_sink_adds_new_columns_to_an_older_table() {
+    let ch = ClickHouse::shared();
+    let db = unique_name("cg");
+    let prefix = format!("{}_", unique_name("p"));
+    ch.query(&format!("CREATE DATABASE `{db}`")).unwrap();
+    ch.query(&format!(
+        "CREATE TABLE `{db}`.`{prefix}key_verifications` (request_id String, \
+         time DateTime('UTC'), time_ms UInt64, workspace_id String, api_id String, \
+         key_id String, node_id String, region String, outcome String, cost UInt64, \
+         spent_credits UInt64, remaining Nullable(UInt64), latency_us UInt64, \
+         tags Array(String)) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(time) \
+         ORDER BY (workspace_id, key_id, time, request_id)"
+    ))
+    .unwrap();
+    let options = ClickHouseOptions {
+        table_prefix: prefix.clone(),
+        ..ClickHouseOptions::default()
+    };
+    let url = format!("{}?database={db}", ch.url());
+    let sink = ClickHouseSink::connect(&url, options.clone())
+        .await
+        .unwrap();
+    sink.write(&batch()).await.unwrap();
+    let ids = ch
+        .query(&format!(
+            "SELECT identity_id FROM `{db}`.`{prefix}key_verifications` ORDER BY request_id"
+        ))
+        .unwrap();
+    assert_eq!(ids, "id_1\nid_0\nid_1\n");
+    // Connecting again finds the columns there.
+    ClickHouseSink::connect(&url, options).await.unwrap();
+}
+
 #[tokio::test]
 async fn clickhouse_sink_writes_a_batch_that_select_count_returns() {
     let ch = ClickHouse::shared();
@@ -113,6 +154,16 @@ async fn clickhouse_sink_writes_a_batch_that_select_count_returns() {
     assert_eq!(rows[2]["remaining"], u64::MAX.to_string());
     assert_eq!(rows[2]["tags"], serde_json::json!(["tag3", "path=/x"]));
     assert_eq!(rows[1]["outcome"], "NOT_FOUND");
+    let extra = ch
+        .query(&format!(
+            "SELECT identity_id, exceeded_ratelimits FROM `{db}`.`{}` ORDER BY request_id",
+            sink.verifications_table()
+        ))
+        .unwrap();
+    assert_eq!(
+        extra, "id_1\t[]\nid_0\t[]\nid_1\t['requests']\n",
+        "the identity and the limits that refused"
+    );
     let status = ch
         .query(&format!(
             "SELECT status, method, path FROM `{db}`.`{}` LIMIT 1",

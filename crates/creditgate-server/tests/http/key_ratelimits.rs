@@ -217,6 +217,25 @@ async fn an_identity_limit_is_shared_and_a_key_limit_of_its_name_wins() {
     let d = app.verify(&k1, None).await;
     assert_verdict(&d, "VALID", None);
     assert_eq!(entry(&d, "requests")["remaining"], 45);
+
+    // Analytics rows name the identity, and the limit that refused a RATE_LIMITED one.
+    let mut app = app;
+    app.stop().await;
+    let sql = app.analytics_sql().await;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT outcome, identity_id, exceeded_ratelimits FROM key_verifications")
+            .fetch_all(sql.pool())
+            .await
+            .expect("reading key_verifications");
+    assert_eq!(rows.len(), 14, "{rows:?}");
+    assert!(rows.iter().all(|r| r.1 == identity), "{rows:?}");
+    let limited: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.0 == "RATE_LIMITED")
+        .map(|r| r.2.as_str())
+        .collect();
+    assert_eq!(limited, vec![r#"["requests"]"#; 3], "{rows:?}");
+    assert!(rows.iter().filter(|r| r.0 == "VALID").all(|r| r.2 == "[]"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

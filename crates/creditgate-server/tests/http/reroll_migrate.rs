@@ -79,7 +79,10 @@ async fn a_rerolled_key_keeps_everything_but_its_secret() {
     assert_verdict(&d, "VALID", Some(8));
     assert_eq!(d["keyId"], key_id.as_str());
     assert_eq!(d["identity"]["externalId"], "acme");
-    assert_eq!(d["ratelimits"][0]["remaining"], 98, "the same counters: {d}");
+    assert_eq!(
+        d["ratelimits"][0]["remaining"], 98,
+        "the same counters: {d}"
+    );
     assert_verdict(&app.verify(&old, None).await, "VALID", Some(7));
     clock.set(T0 + 60_000);
     assert_verdict(&app.verify(&old, None).await, "NOT_FOUND", None);
@@ -97,14 +100,15 @@ async fn a_rerolled_key_keeps_everything_but_its_secret() {
         .to_owned();
     assert_verdict(&app.verify(&new, None).await, "NOT_FOUND", None);
     assert_verdict(&app.verify(&newest, None).await, "VALID", Some(5));
-    let (status, body) = app
-        .post("/v2/keys.whoami", json!({ "key": newest }))
-        .await;
+    let (status, body) = app.post("/v2/keys.whoami", json!({ "key": newest })).await;
     assert_eq!((status, &body["data"]["keyId"]), (200, &json!(key_id)));
 
     // Bad input and unknown keys change nothing.
     for (body, location) in [
-        (json!({ "keyId": key_id, "expiration": -1 }), "body.expiration"),
+        (
+            json!({ "keyId": key_id, "expiration": -1 }),
+            "body.expiration",
+        ),
         (
             json!({ "keyId": key_id, "expiration": 31_536_000_001_i64 }),
             "body.expiration",
@@ -193,7 +197,10 @@ async fn migrated_keys_verify_with_their_old_secrets() {
     // Bad input anywhere: a 400 naming the key's field, and no key is created.
     let four = hex::encode(sha256("legacy_four"));
     let bad: Vec<(Value, &str)> = vec![
-        (json!([{ "hash": four }, { "hash": "abc" }]), "body.keys[1].hash"),
+        (
+            json!([{ "hash": four }, { "hash": "abc" }]),
+            "body.keys[1].hash",
+        ),
         (json!([{ "hash": four, "name": "" }]), "body.keys[0].name"),
         (
             json!([{ "hash": four, "credits": { "remaining": -1 } }]),
