@@ -36,7 +36,7 @@ fn verification(i: u64, remaining: Option<u64>) -> VerificationEvent {
         latency_us: 100 + i,
         tags: vec![format!("tag{i}"), "path=/x".into()],
         identity_id: format!("id_{}", i % 2).into(),
-        exceeded_ratelimits: if i % 3 == 0 {
+        exceeded_ratelimits: if i.is_multiple_of(3) {
             vec!["requests".into()]
         } else {
             Vec::new()
