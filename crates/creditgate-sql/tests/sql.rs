@@ -972,7 +972,11 @@ fn verification(i: usize) -> VerificationEvent {
         },
         latency_us: 123,
         tags: vec!["a".to_owned(), format!("t{i}")],
-        identity_id: if i.is_multiple_of(5) { "id_1".into() } else { "".into() },
+        identity_id: if i.is_multiple_of(5) {
+            "id_1".into()
+        } else {
+            "".into()
+        },
         exceeded_ratelimits: if i.is_multiple_of(4) {
             vec!["requests".to_owned()]
         } else {
