@@ -11,7 +11,7 @@
 //! idempotency checks on their ids cannot race.
 
 use async_trait::async_trait;
-use creditgate_domain::{Cost, Credits, KeyId};
+use creditgate_domain::{Cost, Credits, IdentityId, KeyId};
 use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
     ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState,
@@ -81,10 +81,32 @@ impl KeyRow {
     }
 }
 
-const SELECT_KEY_ROW: &str = "SELECT remaining, hot_allocated, generation, version, hot_epoch, \
-     last_refill_at, held, deleted_at FROM keys WHERE id = $1";
-const SELECT_KEY_ROW_FOR_UPDATE: &str = "SELECT remaining, hot_allocated, generation, version, \
-     hot_epoch, last_refill_at, held, deleted_at FROM keys WHERE id = $1 FOR UPDATE";
+/// The table of an account's ledger row: `pools` for an identity's shared pool (its id
+/// is the identity's), `keys` for a key.
+pub(crate) fn account_table(account: &KeyId) -> &'static str {
+    let is_pool = account
+        .as_str()
+        .strip_prefix(IdentityId::PREFIX)
+        .is_some_and(|rest| rest.starts_with('_'));
+    if is_pool {
+        "pools"
+    } else {
+        "keys"
+    }
+}
+
+/// The tables that hold ledger accounts.
+const ACCOUNT_TABLES: [&str; 2] = ["keys", "pools"];
+
+/// `SELECT` of an account's ledger row (`FOR UPDATE` where the backend locks rows).
+fn select_row(account: &KeyId, for_update: bool) -> String {
+    format!(
+        "SELECT remaining, hot_allocated, generation, version, hot_epoch, last_refill_at, \
+         held, deleted_at FROM {} WHERE id = $1{}",
+        account_table(account),
+        if for_update { " FOR UPDATE" } else { "" }
+    )
+}
 
 fn fence_op(kind: &str, value: Option<i64>, period_start: Option<i64>) -> Result<FenceOp, String> {
     let amount = |v: Option<i64>| -> Result<u64, String> {
@@ -142,12 +164,9 @@ impl SqlStore {
         conn: &mut AnyConnection,
         key: &KeyId,
     ) -> Result<Option<KeyRow>, LedgerError> {
-        let sql = match self.backend {
-            Backend::Postgres => SELECT_KEY_ROW_FOR_UPDATE,
-            // The transaction began IMMEDIATE: no other writer can run.
-            Backend::Sqlite => SELECT_KEY_ROW,
-        };
-        let row = sqlx::query(sql)
+        // SQLite: the transaction began IMMEDIATE, no other writer can run.
+        let sql = select_row(key, self.backend == Backend::Postgres);
+        let row = sqlx::query(&sql)
             .bind(key.as_str())
             .fetch_optional(&mut *conn)
             .await
@@ -314,10 +333,11 @@ async fn write_account(
     key: &KeyId,
     a: &Account,
 ) -> Result<(), LedgerError> {
-    sqlx::query(
-        "UPDATE keys SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
+    sqlx::query(&format!(
+        "UPDATE {} SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
          hot_epoch = $6, last_refill_at = $7, held = $8 WHERE id = $1",
-    )
+        account_table(key)
+    ))
     .bind(key.as_str())
     .bind(a.remaining.map(|r| db(r, "remaining")).transpose()?)
     .bind(db(a.hot_allocated, "hot_allocated")?)
@@ -527,7 +547,7 @@ async fn store_closed_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), Led
 #[async_trait]
 impl Ledger for SqlStore {
     async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
-        let row = sqlx::query(SELECT_KEY_ROW)
+        let row = sqlx::query(&select_row(key, false))
             .bind(key.as_str())
             .fetch_optional(&self.read)
             .await
@@ -814,24 +834,28 @@ impl Ledger for SqlStore {
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         // Locks every candidate in id order (no deadlock with another such call).
-        let sql = match self.backend {
-            Backend::Postgres => {
-                "SELECT id FROM keys WHERE hot_epoch IS NOT NULL AND hot_epoch <> $1 \
-                 ORDER BY id FOR UPDATE"
-            }
-            Backend::Sqlite => {
-                "SELECT id FROM keys WHERE hot_epoch IS NOT NULL AND hot_epoch <> $1 ORDER BY id"
-            }
+        let lock = if self.backend == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
         };
-        let ids: Vec<KeyId> = sqlx::query(sql)
-            .bind(epoch)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(ledger_error)?
-            .iter()
-            .map(|r| r.try_get::<String, _>("id").map(KeyId::from))
-            .collect::<Result<_, _>>()
-            .map_err(ledger_error)?;
+        let mut ids: Vec<KeyId> = Vec::new();
+        for table in ACCOUNT_TABLES {
+            let sql = format!(
+                "SELECT id FROM {table} WHERE hot_epoch IS NOT NULL AND hot_epoch <> $1 \
+                 ORDER BY id{lock}"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(epoch)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(ledger_error)?;
+            for r in &rows {
+                ids.push(KeyId::from(
+                    r.try_get::<String, _>("id").map_err(ledger_error)?,
+                ));
+            }
+        }
         let mut out = Vec::new();
         for key in ids {
             let Some(row) = self.lock_key(&mut tx, &key).await? else {
@@ -1140,5 +1164,34 @@ mod tests {
         assert!(fence_op("refill", Some(1), None).is_err());
         assert!(fence_op("decrement", Some(-1), None).is_err());
         assert!(fence_op("bogus", None, None).is_err());
+    }
+}
+
+impl SqlStore {
+    /// Opens the ledger account of an identity's shared pool with `remaining` credits
+    /// (`None`: unlimited). Its id is the identity's; `Conflict` when it exists.
+    pub async fn create_pool(
+        &self,
+        identity: &IdentityId,
+        workspace: &str,
+        remaining: Option<u64>,
+        now_ms: i64,
+    ) -> Result<(), creditgate_domain::StoreError> {
+        let remaining = remaining
+            .map(|r| db(r, "remaining"))
+            .transpose()
+            .map_err(|e| creditgate_domain::StoreError::Backend(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO pools (id, workspace_id, remaining, last_refill_at, created_at) \
+             VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(identity.as_str())
+        .bind(workspace)
+        .bind(remaining)
+        .bind(now_ms)
+        .execute(&self.write)
+        .await
+        .map_err(crate::error::store_error)?;
+        Ok(())
     }
 }

@@ -160,6 +160,7 @@ on_both_backends!(
     update_key_applies_patches,
     identities_link_keys_by_external_id,
     ratelimit_overrides_are_set_listed_and_deleted,
+    ledger_conformance_on_pools,
     rerolled_keys_answer_to_both_secrets_until_told,
     deleting_hides_keys,
     sink_writes_every_row,
@@ -1119,6 +1120,49 @@ impl LedgerFixture for Fixture {
 async fn ledger_conformance(db: &Db) {
     let fixture = Fixture::new(db.store.clone()).await;
     conformance::run_all(&fixture).await;
+}
+
+/// Opens ledger accounts of identities' shared pools (`pools` rows, ids of identities).
+struct PoolFixture {
+    store: SqlStore,
+    next: AtomicU64,
+}
+
+#[async_trait]
+impl LedgerFixture for PoolFixture {
+    fn ledger(&self) -> Arc<dyn Ledger> {
+        Arc::new(self.store.clone())
+    }
+
+    async fn create_key(&self, remaining: Option<u64>) -> KeyId {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = IdentityId::from(format!("id_pool{n:04}"));
+        self.store
+            .create_pool(&id, "ws_ledger", remaining, 1_000)
+            .await
+            .expect("create pool");
+        KeyId::from(id.as_str())
+    }
+}
+
+/// Every rule of the ledger holds for pool accounts as for keys.
+async fn ledger_conformance_on_pools(db: &Db) {
+    let fixture = PoolFixture {
+        store: db.store.clone(),
+        next: AtomicU64::new(0),
+    };
+    conformance::run_all(&fixture).await;
+    // The rows are in `pools`, not in `keys`.
+    let pools: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pools")
+        .fetch_one(db.store.pool())
+        .await
+        .expect("count");
+    assert!(pools > 0);
+    let in_keys: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys WHERE id LIKE 'id_%'")
+        .fetch_one(db.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(in_keys, 0);
 }
 
 async fn direct_spends_from_two_processes_never_overspend(db: &Db) {
