@@ -1143,30 +1143,6 @@ impl Ledger for SqlStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fence_ops_round_trip_through_columns() {
-        for op in [
-            FenceOp::Set(None),
-            FenceOp::Set(Some(7)),
-            FenceOp::Decrement(3),
-            FenceOp::Refill {
-                amount: 10,
-                period_start: 86_400_000,
-            },
-        ] {
-            let (kind, value, period_start) = fence_columns(op).unwrap();
-            assert_eq!(fence_op(kind, value, period_start), Ok(op));
-        }
-        assert!(fence_op("refill", Some(1), None).is_err());
-        assert!(fence_op("decrement", Some(-1), None).is_err());
-        assert!(fence_op("bogus", None, None).is_err());
-    }
-}
-
 impl SqlStore {
     /// Opens the ledger account of an identity's shared pool with `remaining` credits
     /// (`None`: unlimited). Its id is the identity's; `Conflict` when it exists.
@@ -1193,5 +1169,29 @@ impl SqlStore {
         .await
         .map_err(crate::error::store_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_ops_round_trip_through_columns() {
+        for op in [
+            FenceOp::Set(None),
+            FenceOp::Set(Some(7)),
+            FenceOp::Decrement(3),
+            FenceOp::Refill {
+                amount: 10,
+                period_start: 86_400_000,
+            },
+        ] {
+            let (kind, value, period_start) = fence_columns(op).unwrap();
+            assert_eq!(fence_op(kind, value, period_start), Ok(op));
+        }
+        assert!(fence_op("refill", Some(1), None).is_err());
+        assert!(fence_op("decrement", Some(-1), None).is_err());
+        assert!(fence_op("bogus", None, None).is_err());
     }
 }
