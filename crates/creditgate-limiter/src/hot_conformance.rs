@@ -26,6 +26,7 @@ pub async fn run_all(hot: Arc<dyn HotStore>) {
     spend_replies(hot, &p).await;
     only_a_valid_snapshot_answers(hot, &p).await;
     spends_are_atomic(hot, &p).await;
+    spend_all_pays_from_every_account_or_none(hot, &p).await;
     credit_is_idempotent_and_reports_spent(hot, &p).await;
     credit_respects_generations(hot, &p).await;
     sync_unalloc_orders_versions(hot, &p).await;
@@ -284,6 +285,108 @@ async fn futures_join<'a, T>(
     })
     .await;
     out.into_iter().flatten().collect()
+}
+
+/// A key and its pool pay together: the cost leaves every account or none, each
+/// account's reply is what `spend` would say of it alone, and a probe never spends.
+pub async fn spend_all_pays_from_every_account_or_none(hot: &dyn HotStore, p: &str) {
+    let k = key(p, "all_key");
+    let pool = key(p, "all_pool");
+    let both = [k.clone(), pool.clone()];
+    let all = |c: u64, probe: bool| {
+        let both = both.clone();
+        async move {
+            hot.spend_all(&both, cost(c), probe)
+                .await
+                .expect("spend_all")
+        }
+    };
+    // No entries: nothing spent, both Miss.
+    assert_eq!(
+        all(1, false).await,
+        (false, vec![SpendReply::Miss, SpendReply::Miss])
+    );
+    credit(hot, &k, "t1", 0, 5, 0, 1).await;
+    credit(hot, &pool, "t1", 0, 3, 100, 1).await;
+    // A probe decides and spends nothing.
+    assert_eq!(
+        all(2, true).await,
+        (
+            false,
+            vec![
+                SpendReply::Valid {
+                    remaining: 5,
+                    bal: 5
+                },
+                SpendReply::Valid {
+                    remaining: 103,
+                    bal: 3
+                }
+            ]
+        )
+    );
+    assert_eq!(
+        all(2, false).await,
+        (
+            true,
+            vec![
+                SpendReply::Valid {
+                    remaining: 3,
+                    bal: 3
+                },
+                SpendReply::Valid {
+                    remaining: 101,
+                    bal: 1
+                }
+            ]
+        )
+    );
+    // The pool is low (1 < 2, more in the ledger): nothing leaves the key either.
+    assert_eq!(
+        all(2, false).await,
+        (
+            false,
+            vec![
+                SpendReply::Valid {
+                    remaining: 3,
+                    bal: 3
+                },
+                SpendReply::Low {
+                    bal: 1,
+                    generation: 0
+                }
+            ]
+        )
+    );
+    assert_eq!((bal(hot, &k).await, bal(hot, &pool).await), (3, 1));
+    // The key cannot cover 4 at all (3 in all, valid snapshot): Exceeded.
+    assert_eq!(
+        all(4, false).await.1[0],
+        SpendReply::Exceeded { remaining: 3 }
+    );
+    // Both can pay 1: both pay.
+    assert!(all(1, false).await.0);
+    assert_eq!((bal(hot, &k).await, bal(hot, &pool).await), (2, 0));
+    let spent = |e: Option<crate::ports::HotEntry>| e.expect("entry").spent;
+    assert_eq!(spent(hot.peek(&k).await.expect("peek")), 3);
+    assert_eq!(spent(hot.peek(&pool).await.expect("peek")), 3);
+
+    // Concurrent joint spends never take more than either account holds.
+    let k = key(p, "all_race_key");
+    let pool = key(p, "all_race_pool");
+    credit(hot, &k, "t1", 0, 30, 0, 1).await;
+    credit(hot, &pool, "t1", 0, 20, 0, 1).await;
+    let pair = [k.clone(), pool.clone()];
+    let spends = (0..50)
+        .map(|_| hot.spend_all(&pair, cost(1), false))
+        .collect();
+    let passed = futures_join(spends)
+        .await
+        .into_iter()
+        .filter(|r| r.as_ref().expect("spend_all").0)
+        .count();
+    assert_eq!(passed, 20, "the pool's 20 decide");
+    assert_eq!((bal(hot, &k).await, bal(hot, &pool).await), (10, 0));
 }
 
 pub async fn credit_is_idempotent_and_reports_spent(hot: &dyn HotStore, p: &str) {

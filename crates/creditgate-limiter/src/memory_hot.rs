@@ -177,6 +177,55 @@ impl HotStore for MemoryHotStore {
         })
     }
 
+    async fn spend_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+        probe: bool,
+    ) -> Result<(bool, Vec<SpendReply>), HotError> {
+        let cost = cost.get();
+        let mut inner = self.lock_inner();
+        let mut replies: Vec<SpendReply> = accounts
+            .iter()
+            .map(|a| match inner.entries.get(a) {
+                None => SpendReply::Miss,
+                Some(e) if e.bal >= cost && e.unalloc_valid => SpendReply::Valid {
+                    remaining: e.bal.saturating_add(e.unalloc),
+                    bal: e.bal,
+                },
+                Some(e) => {
+                    let total = e.bal.saturating_add(e.unalloc);
+                    if e.unalloc_valid && total < cost {
+                        SpendReply::Exceeded { remaining: total }
+                    } else {
+                        SpendReply::Low {
+                            bal: e.bal,
+                            generation: e.generation,
+                        }
+                    }
+                }
+            })
+            .collect();
+        let all = replies
+            .iter()
+            .all(|r| matches!(r, SpendReply::Valid { .. }));
+        if !all || probe {
+            return Ok((false, replies));
+        }
+        for (a, reply) in accounts.iter().zip(replies.iter_mut()) {
+            if let Some(e) = inner.entries.get_mut(a) {
+                e.bal -= cost;
+                e.spent = e.spent.saturating_add(cost);
+                e.last_used = Instant::now();
+                *reply = SpendReply::Valid {
+                    remaining: e.bal.saturating_add(e.unalloc),
+                    bal: e.bal,
+                };
+            }
+        }
+        Ok((true, replies))
+    }
+
     async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError> {
         let &Credit {
             transfer_id,

@@ -137,6 +137,19 @@ pub trait HotStore: Send + Sync {
     /// `Exceeded` (valid snapshot, `bal + unalloc < cost`), `Low` or `Miss`.
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError>;
 
+    /// Spends `cost` from every one of `accounts` (distinct) in one atomic step, or from
+    /// none: each account's reply is what [`HotStore::spend`] would answer for it alone,
+    /// and the spend happens only if every one is `Valid` (the replies are then after
+    /// it). Otherwise, or with `probe`, nothing is spent and a `Valid` reply says the
+    /// account could pay, with its balance as it is. Answers whether it spent. (Shared
+    /// pools: a key and its identity's pool pay together.)
+    async fn spend_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+        probe: bool,
+    ) -> Result<(bool, Vec<SpendReply>), HotError>;
+
     /// Adds `credit.amount` to `bal` (creating the entry), idempotent on its transfer id;
     /// refused when the entry serves a newer generation or the transfer was refused. Also
     /// records the ledger snapshot `unalloc` if `version` is newer than the one held.

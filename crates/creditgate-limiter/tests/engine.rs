@@ -1176,6 +1176,14 @@ impl HotStore for DrainFailsFor {
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
         self.inner.spend(key, cost).await
     }
+    async fn spend_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+        probe: bool,
+    ) -> Result<(bool, Vec<SpendReply>), HotError> {
+        self.inner.spend_all(accounts, cost, probe).await
+    }
     async fn credit(&self, key: &KeyId, c: &Credit<'_>) -> Result<CreditReply, HotError> {
         self.inner.credit(key, c).await
     }

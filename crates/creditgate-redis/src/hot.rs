@@ -687,6 +687,45 @@ impl HotStore for RedisHotStore {
             .await
     }
 
+    async fn spend_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+        probe: bool,
+    ) -> Result<(bool, Vec<SpendReply>), HotError> {
+        let mut inv = self.scripts.spend_all.prepare_invoke();
+        for a in accounts {
+            check_key(a.as_str())?;
+            inv.key(entry_key(a.as_str()));
+        }
+        common_args(
+            &mut inv,
+            &self.cached_epoch(),
+            self.empty_ttl_ms,
+            self.mark_ttl_ms,
+            false,
+        );
+        inv.arg(cost.get())
+            .arg(u8::from(probe))
+            .arg(self.clock.deadline(self.spend_window));
+        let r: Vec<u64> = self.run(&inv).await?;
+        let (&spent, items) = r.split_first().ok_or_else(|| unexpected("spend_all", &r))?;
+        if spent == 4 && items.is_empty() {
+            metrics::counter!(m::SPENDS_TOO_LATE).increment(1);
+            return Err(HotError::Unreachable(
+                "the spend reached Redis after its deadline; nothing was spent".into(),
+            ));
+        }
+        if items.len() != 3 * accounts.len() || spent > 1 {
+            return Err(unexpected("spend_all", &r));
+        }
+        let replies = items
+            .chunks(3)
+            .map(spend_reply)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((spent == 1, replies))
+    }
+
     async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError> {
         let key = key.as_str();
         let &Credit {

@@ -151,6 +151,58 @@ end
 return out
 "#;
 
+/// `HotStore::spend_all`: `KEYS` are distinct entries; ARGV[5] the cost, ARGV[6] 1 to
+/// decide without spending, ARGV[7] the deadline (as in [`SPEND_ONE`]). Every entry is
+/// decided before anything is written; the cost leaves all of them or none. Returns
+/// `{spent}` then three numbers per entry as `spend_one` answers (`{1, remaining, bal}`
+/// for an entry that can pay, after the spend if it happened), or `{4}` too late.
+const SPEND_ALL: &str = r#"
+local cost = uint(5, 'cost')
+local probe = ARGV[6] == '1'
+local deadline = uint(7, 'deadline')
+local now = now_ms()
+if deadline > 0 and now > deadline then return {4} end
+local replies, entries, all = {}, {}, true
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
+  if v[1] ~= EPOCH then
+    replies[i] = {0, 0, 0}
+    all = false
+  else
+    local e = {bal = tonumber(v[2]) or 0, unalloc = tonumber(v[3]) or 0,
+               uvalid = tonumber(v[4]) == 1, gen = tonumber(v[5]) or 0,
+               spent = tonumber(v[6]) or 0}
+    entries[i] = e
+    local total = math.min(e.bal + e.unalloc, MAXN)
+    if e.bal >= cost and e.uvalid then
+      replies[i] = {1, total, e.bal}
+    else
+      all = false
+      if e.uvalid and total < cost then replies[i] = {2, total, 0}
+      else replies[i] = {3, e.bal, e.gen} end
+    end
+  end
+end
+local spend = all and not probe
+local out = {spend and 1 or 0}
+for i = 1, #KEYS do
+  local r = replies[i]
+  if spend then
+    local e = entries[i]
+    E = KEYS[i]
+    e.bal = e.bal - cost
+    e.spent = math.min(e.spent + cost, MAXN)
+    redis.call('HSET', E, 'bal', int(e.bal), 'spent', int(e.spent), 'last_ms', int(now))
+    expiry(e)
+    r = {1, math.min(e.bal + e.unalloc, MAXN), e.bal}
+  end
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+  out[#out + 1] = r[3]
+end
+return out
+"#;
+
 /// KEYS[2]: mark. ARGV[5..8]: generation, amount, unalloc, version.
 /// Returns `{0, spent}` credited, `{1}` duplicate, `{2}` refused, `{-1}` stale epoch.
 const CREDIT: &str = r#"
@@ -289,6 +341,7 @@ pub(crate) struct Scripts {
     pub fence: redis::Script,
     pub resolve: redis::Script,
     pub peek: redis::Script,
+    pub spend_all: redis::Script,
     pub lock: redis::Script,
     pub unlock: redis::Script,
 }
@@ -304,12 +357,13 @@ impl Scripts {
             fence: entry(FENCE),
             resolve: entry(RESOLVE),
             peek: entry(PEEK),
+            spend_all: entry(SPEND_ALL),
             lock: redis::Script::new(LOCK),
             unlock: redis::Script::new(UNLOCK),
         }
     }
 
-    pub(crate) fn all(&self) -> [&redis::Script; 9] {
+    pub(crate) fn all(&self) -> [&redis::Script; 10] {
         [
             &self.spend_many,
             &self.credit,
@@ -318,6 +372,7 @@ impl Scripts {
             &self.fence,
             &self.resolve,
             &self.peek,
+            &self.spend_all,
             &self.lock,
             &self.unlock,
         ]
