@@ -61,6 +61,7 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     fences(f).await;
     refill_once_per_period(f).await;
     direct_spend_and_increment(f).await;
+    direct_spends_of_several_accounts_are_all_or_none(f).await;
     direct_spend_never_refuses_while_the_hot_store_holds_credits(f).await;
     epochs_and_orphans(f).await;
     engine_is_exact_under_concurrency(f).await;
@@ -529,6 +530,58 @@ pub async fn direct_spend_never_refuses_while_the_hot_store_holds_credits(f: &dy
         l.spend_direct(&key, cost(4), None).await.expect("spend"),
         DirectSpend::Valid { remaining: 0 }
     );
+}
+
+/// A key and its pool spent together on the ledger: both or neither.
+pub async fn direct_spends_of_several_accounts_are_all_or_none(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let a = f.create_key(Some(10)).await;
+    let b = f.create_key(Some(3)).await;
+    let both = [a.clone(), b.clone()];
+    assert_eq!(
+        l.spend_direct_all(&both, cost(2)).await.expect("spend"),
+        (
+            true,
+            vec![
+                DirectSpend::Valid { remaining: 8 },
+                DirectSpend::Valid { remaining: 1 }
+            ]
+        )
+    );
+    assert_eq!(
+        l.spend_direct_all(&both, cost(2)).await.expect("spend"),
+        (
+            false,
+            vec![
+                DirectSpend::Valid { remaining: 6 },
+                DirectSpend::Exceeded { remaining: 1 }
+            ]
+        ),
+        "b cannot pay: a pays nothing either"
+    );
+    let remaining = |k: KeyId| {
+        let l = l.clone();
+        async move { l.state(&k).await.expect("state").expect("row").remaining }
+    };
+    assert_eq!(
+        (remaining(a.clone()).await, remaining(b.clone()).await),
+        (Some(8), Some(1))
+    );
+    // An unlimited account pays anything; a missing one stops the spend.
+    let free = f.create_key(None).await;
+    let (spent, _) = l
+        .spend_direct_all(&[a.clone(), free], cost(8))
+        .await
+        .expect("spend");
+    assert!(spent);
+    let missing = KeyId::from("key_missing_account");
+    let (spent, outcomes) = l
+        .spend_direct_all(&[b.clone(), missing], cost(1))
+        .await
+        .expect("spend");
+    assert!(!spent);
+    assert_eq!(outcomes[1], DirectSpend::NotFound);
+    assert_eq!((remaining(a).await, remaining(b).await), (Some(0), Some(1)));
 }
 
 pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {

@@ -289,6 +289,35 @@ impl Ledger for MemoryLedger {
         Ok(outcome)
     }
 
+    async fn spend_direct_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+    ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
+        let mut inner = self.lock();
+        let found: Option<Vec<Account>> = accounts
+            .iter()
+            .map(|a| inner.accounts.get(a).cloned())
+            .collect();
+        let Some(mut found) = found else {
+            let outcomes = accounts
+                .iter()
+                .map(|a| match inner.accounts.get(a) {
+                    Some(_) => DirectSpend::Unlimited,
+                    None => DirectSpend::NotFound,
+                })
+                .collect();
+            return Ok((false, outcomes));
+        };
+        let (spent, outcomes) = rules::spend_direct_all(&mut found, cost.get());
+        if spent {
+            for (a, account) in accounts.iter().zip(found) {
+                inner.accounts.insert(a.clone(), account);
+            }
+        }
+        Ok((spent, outcomes))
+    }
+
     async fn pending_allocations(
         &self,
         key: Option<&KeyId>,

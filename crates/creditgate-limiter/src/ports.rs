@@ -577,6 +577,17 @@ pub trait Ledger: Send + Sync {
         mark: Option<&IdemMark<'_>>,
     ) -> Result<DirectSpend, LedgerError>;
 
+    /// [`Ledger::spend_direct`] on several accounts (a key and its pool) in one
+    /// transaction: the cost leaves every one or none (see
+    /// [`rules::spend_direct_all`](crate::rules::spend_direct_all)). A missing account
+    /// stops it: nothing is spent, that account answers `NotFound` and the others are
+    /// left undecided (answered `Unlimited`).
+    async fn spend_direct_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+    ) -> Result<(bool, Vec<DirectSpend>), LedgerError>;
+
     /// Pending allocations created before `older_than_ms`, of one key or of all.
     async fn pending_allocations(
         &self,

@@ -368,6 +368,21 @@ pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
     }
 }
 
+/// [`spend_direct`] on several accounts at once (a key and its pool): each decides as
+/// alone, and the cost leaves them only if every one is `Valid` or `Unlimited`; else
+/// none changes. Answers whether it spent, and each decision.
+pub fn spend_direct_all(accounts: &mut [Account], cost: u64) -> (bool, Vec<DirectSpend>) {
+    let mut after: Vec<Account> = accounts.to_vec();
+    let outcomes: Vec<DirectSpend> = after.iter_mut().map(|a| spend_direct(a, cost)).collect();
+    let all = outcomes
+        .iter()
+        .all(|o| matches!(o, DirectSpend::Valid { .. } | DirectSpend::Unlimited));
+    if all {
+        accounts.clone_from_slice(&after);
+    }
+    (all, outcomes)
+}
+
 /// The ledger's `remaining` cannot cover what a hold call needs (the hot store holds
 /// `hot_allocated` more); nothing changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -163,6 +163,13 @@ impl Ledger for FaultyLedger {
     ) -> Result<DirectSpend, LedgerError> {
         faulty!(self, self.inner.spend_direct(key, cost, mark).await)
     }
+    async fn spend_direct_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+    ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
+        faulty!(self, self.inner.spend_direct_all(accounts, cost).await)
+    }
     async fn pending_allocations(
         &self,
         key: Option<&KeyId>,

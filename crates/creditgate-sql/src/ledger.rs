@@ -779,6 +779,41 @@ impl Ledger for SqlStore {
         Ok(outcome)
     }
 
+    async fn spend_direct_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+    ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        // Rows locked in id order, as every batch does (no deadlock on Postgres).
+        let mut rows: Vec<Option<Account>> = vec![None; accounts.len()];
+        for i in key_order(accounts.iter()) {
+            rows[i] = self
+                .lock_key(&mut tx, &accounts[i])
+                .await?
+                .and_then(KeyRow::live);
+        }
+        if rows.iter().any(Option::is_none) {
+            let outcomes = rows
+                .iter()
+                .map(|r| match r {
+                    Some(_) => DirectSpend::Unlimited,
+                    None => DirectSpend::NotFound,
+                })
+                .collect();
+            return Ok((false, outcomes));
+        }
+        let mut found: Vec<Account> = rows.into_iter().flatten().collect();
+        let (spent, outcomes) = rules::spend_direct_all(&mut found, cost.get());
+        if spent {
+            for (key, account) in accounts.iter().zip(&found) {
+                write_account(&mut tx, key, account).await?;
+            }
+            commit(tx).await?;
+        }
+        Ok((spent, outcomes))
+    }
+
     async fn pending_allocations(
         &self,
         key: Option<&KeyId>,
