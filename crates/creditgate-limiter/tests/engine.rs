@@ -1284,3 +1284,143 @@ async fn a_failing_key_does_not_stop_the_reconciler_or_the_shutdown_drain() {
     assert!(err.to_string().contains("1 keys"), "{err}");
     assert_eq!(remaining(b).await, Some(98), "b was drained despite a");
 }
+
+/// A pool and its keys: concurrent joint spends take from a key and the pool together,
+/// both or neither. With 5 keys of 50 and a pool of 100, exactly 100 spends pass, no key
+/// passes its own 50, and the pool ends at 0; with the pool at 1,000, the keys decide
+/// (250). Then the same with increments and a `set` of the pool racing the spends:
+/// every credit granted to the pool is accounted for, to the credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_pools_spend_with_their_keys_both_or_neither() {
+    use creditgate_limiter::SharedOutcome;
+    for (pool_credits, want) in [(100u64, 100u64), (1_000, 250)] {
+        let ledger = Arc::new(MemoryLedger::new());
+        let keys: Vec<KeyId> = (0..5).map(|i| KeyId::from(format!("key_{i}"))).collect();
+        for k in &keys {
+            ledger.create_key(k.clone(), Some(50), 0);
+        }
+        let pool = KeyId::from("id_pool");
+        ledger.create_key(pool.clone(), Some(pool_credits), 0);
+        let engine = Arc::new(Engine::new(
+            Arc::new(MemoryHotStore::new()),
+            ledger.clone(),
+            Arc::new(ManualClock::new(0)),
+            EngineConfig::default(),
+        ));
+        let mut tasks = Vec::new();
+        for i in 0..500usize {
+            let (engine, key, pool) = (engine.clone(), keys[i % 5].clone(), pool.clone());
+            tasks.push(tokio::spawn(async move {
+                let d = engine
+                    .spend_shared(&key, &pool, Cost::new(1).unwrap())
+                    .await
+                    .expect("spend");
+                (i % 5, d)
+            }));
+        }
+        let mut per_key = [0u64; 5];
+        let mut valid = 0;
+        for t in tasks {
+            let (k, d) = t.await.unwrap();
+            match d.outcome {
+                SharedOutcome::Valid => {
+                    valid += 1;
+                    per_key[k] += 1;
+                }
+                SharedOutcome::KeyExceeded => assert_eq!(d.key, Some(0), "{d:?}"),
+                SharedOutcome::PoolExceeded => assert_eq!(d.pool, Some(0), "{d:?}"),
+                SharedOutcome::NotFound => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(valid, want, "pool {pool_credits}");
+        assert!(per_key.iter().all(|&n| n <= 50), "{per_key:?}");
+        engine.drain_all().await.unwrap();
+        let remaining = |k: KeyId| {
+            let ledger = ledger.clone();
+            async move { ledger.state(&k).await.unwrap().unwrap().remaining.unwrap() }
+        };
+        assert_eq!(remaining(pool.clone()).await, pool_credits - want);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(remaining(k.clone()).await, 50 - per_key[i], "key {i}");
+        }
+    }
+
+    // Increments and a set of the pool race the spends.
+    let seed = rand::rng().random::<u64>();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ledger = Arc::new(MemoryLedger::new());
+    let key = KeyId::from("key_racing");
+    let pool = KeyId::from("id_racing");
+    ledger.create_key(key.clone(), Some(1_000_000), 0);
+    ledger.create_key(pool.clone(), Some(300), 0);
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig {
+            idle_return: Duration::ZERO,
+            ..EngineConfig::default()
+        },
+    ));
+    tokio::spawn(engine.clone().run_prefetcher(std::future::pending::<()>()));
+    let spent = Arc::new(AtomicU64::new(0));
+    let spent_after_set = Arc::new(AtomicU64::new(0));
+    let set_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (engine, key, pool) = (engine.clone(), key.clone(), pool.clone());
+        let (spent, spent_after_set, set_done) =
+            (spent.clone(), spent_after_set.clone(), set_done.clone());
+        let cost = 1 + t % 3;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..150 {
+                let after = set_done.load(Ordering::SeqCst);
+                let d = engine
+                    .spend_shared(&key, &pool, Cost::new(cost).unwrap())
+                    .await
+                    .expect("spend");
+                if d.outcome == SharedOutcome::Valid {
+                    spent.fetch_add(cost, Ordering::SeqCst);
+                    if after {
+                        spent_after_set.fetch_add(cost, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    let mut increments = 0;
+    for i in 0..20 {
+        let v = rng.random_range(0..40);
+        engine
+            .update(&pool, CreditOp::Increment(credits(v)))
+            .await
+            .expect("increment");
+        increments += v;
+        if i == 10 {
+            engine
+                .update(&pool, CreditOp::Set(Some(credits(200))))
+                .await
+                .expect("set");
+            set_done.store(true, Ordering::SeqCst);
+            increments = 0;
+        }
+        engine.reconcile_once().await.expect("reconcile");
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    engine.drain_all().await.unwrap();
+    let spent = spent.load(Ordering::SeqCst);
+    let key_left = ledger.state(&key).await.unwrap().unwrap().remaining.unwrap();
+    assert_eq!(key_left, 1_000_000 - spent, "seed {seed}: the key paid every spend");
+    // After the set, the pool had 200 plus the later increments; spends that began
+    // before the set may land after it, so the pool is bounded by what it was granted.
+    let pool_left = ledger.state(&pool).await.unwrap().unwrap().remaining.unwrap();
+    let after = spent_after_set.load(Ordering::SeqCst);
+    assert!(
+        pool_left <= 200 + increments - after,
+        "seed {seed}: pool {pool_left} > 200 + {increments} - {after}"
+    );
+}

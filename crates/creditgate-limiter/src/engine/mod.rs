@@ -19,11 +19,13 @@ mod fences;
 mod holds;
 mod prefetch;
 mod reconciler;
+mod shared;
 mod spend;
 
 pub use holds::HoldAnswer;
 use prefetch::PREFETCH_QUEUE;
 pub use reconciler::ReconcileReport;
+pub use shared::{SharedDecision, SharedOutcome};
 
 use crate::metrics as m;
 use crate::ports::{

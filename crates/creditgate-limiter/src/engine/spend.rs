@@ -154,15 +154,52 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let result = self.refill_locked(key, cost).await;
+        let result = self.refill_locked(key, cost, false).await;
         self.unlock(key, &token).await;
         result.map(Some)
+    }
+
+    /// Under the key's lock: moves credits from the ledger until the hot store could pay
+    /// `cost` from it, spending nothing (`Valid`: it could; `Exceeded`: the whole balance
+    /// cannot). `None` when another holder had the lock.
+    pub(super) async fn refill_for(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+    ) -> Result<Option<Decision>, EngineError> {
+        let Some(token) = self
+            .hot
+            .lock(key, self.config.lock_ttl, self.config.lock_wait)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let result = self.refill_locked(key, cost, true).await;
+        self.unlock(key, &token).await;
+        result.map(Some)
+    }
+
+    /// One hot-store decision on `key`: a spend, or with `probe` the same decision
+    /// without spending.
+    async fn hot_step(&self, key: &KeyId, cost: Cost, probe: bool) -> Result<SpendReply, HotError> {
+        if !probe {
+            return self.hot_spend(key, cost).await;
+        }
+        let (_, replies) = self
+            .hot
+            .spend_all(std::slice::from_ref(key), cost, true)
+            .await?;
+        replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| HotError::Other("a probe answered nothing".into()))
     }
 
     pub(super) async fn refill_locked(
         &self,
         key: &KeyId,
         cost: Cost,
+        probe: bool,
     ) -> Result<Decision, EngineError> {
         let started = Instant::now();
         self.settle_pending(key).await?;
@@ -171,7 +208,7 @@ impl Engine {
         // runs dry, or the lock's lifetime is near.
         let mut boost = 1u64;
         while started.elapsed() < self.config.lock_ttl / 2 {
-            let (generation, bal) = match self.hot_spend(key, cost).await? {
+            let (generation, bal) = match self.hot_step(key, cost, probe).await? {
                 SpendReply::Valid { remaining, .. } => {
                     return Ok(Decision::Valid {
                         remaining: Some(remaining),

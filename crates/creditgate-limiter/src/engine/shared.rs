@@ -1,0 +1,226 @@
+//! Spends from a key and its identity's shared pool together: the cost leaves both or
+//! neither, in one atomic hot-store step ([`HotStore::spend_all`]) or, when the hot
+//! store is unreachable, in one ledger transaction ([`Ledger::spend_direct_all`]). Each
+//! account keeps an escrow of its own — chunks, refills, drains, fences — exactly as a
+//! key does; only the spend is joint. An account the hot store cannot pay from yet is
+//! refilled under its own lock without spending, then the joint step runs again.
+
+use super::*;
+
+/// The decision on a spend from a key and its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedDecision {
+    pub outcome: SharedOutcome,
+    /// The key's exact balance after the decision, where known (`None`: unlimited, or
+    /// not known).
+    pub key: Option<u64>,
+    /// The pool's exact balance after the decision, where known.
+    pub pool: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedOutcome {
+    /// Spent from both.
+    Valid,
+    /// Nothing spent: the key's balance cannot cover the cost.
+    KeyExceeded,
+    /// Nothing spent: the pool cannot cover the cost.
+    PoolExceeded,
+    /// The key or the pool has no ledger row.
+    NotFound,
+}
+
+impl SharedDecision {
+    fn of(outcome: SharedOutcome, key: Option<u64>, pool: Option<u64>) -> Self {
+        Self { outcome, key, pool }
+    }
+}
+
+/// The exact balance a reply states, if it states one.
+fn stated(reply: &SpendReply) -> Option<u64> {
+    match *reply {
+        SpendReply::Valid { remaining, .. } | SpendReply::Exceeded { remaining } => Some(remaining),
+        SpendReply::Low { .. } | SpendReply::Miss => None,
+    }
+}
+
+impl Engine {
+    /// Spends `cost` from `key` and from `pool` (its identity's shared pool), both or
+    /// neither, or says exactly which cannot pay.
+    #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key, pool_id = %pool))]
+    pub async fn spend_shared(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        cost: Cost,
+    ) -> Result<SharedDecision, EngineError> {
+        let accounts = [key.clone(), pool.clone()];
+        let deadline = Instant::now() + self.config.spend_deadline;
+        loop {
+            if self.breaker.skip(self.config.breaker_cooldown) {
+                return self.spend_shared_direct(&accounts, cost, None).await;
+            }
+            let (spent, replies) = match self.hot_spend_all(&accounts, cost).await {
+                Ok(r) => r,
+                Err(HotError::Unreachable(e)) => {
+                    return self.spend_shared_direct(&accounts, cost, Some(&e)).await
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut known = [stated(&replies[0]), stated(&replies[1])];
+            if spent {
+                for (a, r) in accounts.iter().zip(&replies) {
+                    if let SpendReply::Valid { remaining, bal } = *r {
+                        let chunk = self.note_spend(a, cost.get());
+                        if bal.saturating_mul(2) < chunk && remaining > bal {
+                            self.request_prefetch(a, cost.get());
+                        }
+                    }
+                }
+                return Ok(SharedDecision::of(SharedOutcome::Valid, known[0], known[1]));
+            }
+            // An account whose whole balance cannot pay decides.
+            for (i, outcome) in [
+                (0, SharedOutcome::KeyExceeded),
+                (1, SharedOutcome::PoolExceeded),
+            ] {
+                if matches!(replies[i], SpendReply::Exceeded { .. }) {
+                    return Ok(SharedDecision::of(outcome, known[0], known[1]));
+                }
+            }
+            // Refill the accounts the hot store cannot pay from yet, spending nothing.
+            for i in 0..2 {
+                if !matches!(replies[i], SpendReply::Low { .. } | SpendReply::Miss) {
+                    continue;
+                }
+                match self.refill_for(&accounts[i], cost).await? {
+                    // Another holder had the lock, or it can pay now: try again.
+                    None | Some(Decision::Valid { remaining: Some(_) }) => {}
+                    // Unlimited: only the other account pays.
+                    Some(Decision::Valid { remaining: None }) => {
+                        return self.spend_one_of(&accounts[1 - i], i, cost).await;
+                    }
+                    Some(Decision::Exceeded { remaining }) => {
+                        known[i] = Some(remaining);
+                        let outcome = if i == 0 {
+                            SharedOutcome::KeyExceeded
+                        } else {
+                            SharedOutcome::PoolExceeded
+                        };
+                        return Ok(SharedDecision::of(outcome, known[0], known[1]));
+                    }
+                    Some(Decision::NotFound) => {
+                        return Ok(SharedDecision::of(SharedOutcome::NotFound, None, None))
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                metrics::counter!(m::SPEND_TIMEOUTS).increment(1);
+                return Err(EngineError::Busy(
+                    "could not refill the hot balances in time".into(),
+                ));
+            }
+        }
+    }
+
+    /// One of the two accounts is unlimited (`unlimited`: its index): the other alone
+    /// pays.
+    async fn spend_one_of(
+        &self,
+        payer: &KeyId,
+        unlimited: usize,
+        cost: Cost,
+    ) -> Result<SharedDecision, EngineError> {
+        let decision = self.spend(payer, cost).await?;
+        let (outcome, remaining) = match decision {
+            Decision::Valid { remaining } => (SharedOutcome::Valid, remaining),
+            Decision::Exceeded { remaining } if unlimited == 0 => {
+                (SharedOutcome::PoolExceeded, Some(remaining))
+            }
+            Decision::Exceeded { remaining } => (SharedOutcome::KeyExceeded, Some(remaining)),
+            Decision::NotFound => (SharedOutcome::NotFound, None),
+        };
+        Ok(if unlimited == 0 {
+            SharedDecision::of(outcome, None, remaining)
+        } else {
+            SharedDecision::of(outcome, remaining, None)
+        })
+    }
+
+    /// `HotStore::spend_all`, feeding the breaker as [`Engine::hot_spend`] does.
+    async fn hot_spend_all(
+        &self,
+        accounts: &[KeyId],
+        cost: Cost,
+    ) -> Result<(bool, Vec<SpendReply>), HotError> {
+        let reply = self.hot.spend_all(accounts, cost, false).await;
+        match &reply {
+            Ok(_) => self.breaker.success(),
+            Err(HotError::Ambiguous(why)) => {
+                metrics::counter!(m::OUTCOME_UNKNOWN).increment(1);
+                metrics::counter!(m::OUTCOME_UNKNOWN_CREDITS)
+                    .increment(cost.get().saturating_mul(2));
+                tracing::warn!(
+                    accounts = ?accounts,
+                    cost = cost.get(),
+                    error = %why,
+                    "shared spend outcome unknown: the hot store did not answer in time"
+                );
+                self.breaker.timeout(&self.config);
+            }
+            Err(_) => {}
+        }
+        reply
+    }
+
+    /// The hot store is unreachable (`why`) or the breaker is open: one ledger
+    /// transaction that spends from both rows or neither, never touching credits the hot
+    /// store holds.
+    async fn spend_shared_direct(
+        &self,
+        accounts: &[KeyId; 2],
+        cost: Cost,
+        why: Option<&str>,
+    ) -> Result<SharedDecision, EngineError> {
+        metrics::counter!(m::DIRECT_SPENDS).increment(1);
+        if let Some(why) = why {
+            tracing::warn!(
+                key_id = %accounts[0],
+                pool_id = %accounts[1],
+                error = why,
+                "hot store unreachable, spending on the ledger"
+            );
+        }
+        let (spent, outcomes) = self.ledger.spend_direct_all(accounts, cost).await?;
+        let exact = |o: &DirectSpend| match *o {
+            DirectSpend::Valid { remaining } | DirectSpend::Exceeded { remaining } => {
+                Some(remaining)
+            }
+            _ => None,
+        };
+        let (key, pool) = (exact(&outcomes[0]), exact(&outcomes[1]));
+        if spent {
+            return Ok(SharedDecision::of(SharedOutcome::Valid, key, pool));
+        }
+        if outcomes.iter().any(|o| matches!(o, DirectSpend::NotFound)) {
+            return Ok(SharedDecision::of(SharedOutcome::NotFound, None, None));
+        }
+        if let Some(i) = outcomes
+            .iter()
+            .position(|o| matches!(o, DirectSpend::Exceeded { .. }))
+        {
+            let outcome = if i == 0 {
+                SharedOutcome::KeyExceeded
+            } else {
+                SharedOutcome::PoolExceeded
+            };
+            return Ok(SharedDecision::of(outcome, key, pool));
+        }
+        metrics::counter!(m::DIRECT_UNDECIDED).increment(1);
+        Err(EngineError::Unavailable(
+            "the ledger cannot cover the cost from its part of the key's or the pool's \
+             balance, and the unreachable hot store holds more; nothing was spent"
+                .into(),
+        ))
+    }
+}
