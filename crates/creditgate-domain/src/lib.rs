@@ -20,8 +20,8 @@ pub use ids::{
 pub use outcome::Outcome;
 pub use permission::{Action, Permission, PermissionSet};
 pub use record::{
-    ApiRecord, IdentityRecord, KeyRecord, NewKey, PreviousSecret, RatelimitOverride, RatelimitRule,
-    RootKeyRecord,
+    ApiRecord, IdentityRecord, KeyRecord, NewKey, PoolRecord, PreviousSecret, RatelimitOverride,
+    RatelimitRule, RootKeyRecord,
 };
 pub use refill::{Refill, RefillError, RefillInterval};
 pub use store::{IdentityPage, IdentityPatch, KeyPatch, KeyStore, StoreError};

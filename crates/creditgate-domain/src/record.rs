@@ -67,6 +67,17 @@ pub struct IdentityRecord {
     pub updated_at: Option<i64>,
     /// Named rate limits shared by all keys of the identity.
     pub ratelimits: Vec<RatelimitRule>,
+    /// The identity's shared credit pool, when it has one: every verification of its
+    /// keys also spends from it (the balance lives in the ledger, account = the id).
+    pub pool: Option<PoolRecord>,
+}
+
+/// An identity's shared credit pool, as the key store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRecord {
+    pub refill: Option<Refill>,
+    /// When the last periodic refill was applied (creation time before the first).
+    pub last_refill_at: Option<i64>,
 }
 
 /// A named rate limit on a key or an identity (stored as JSON with its owner). A

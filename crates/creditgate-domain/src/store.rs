@@ -5,8 +5,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::{
-    ApiId, ApiRecord, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride, RatelimitRule,
-    Refill, RootKeyRecord, WorkspaceId,
+    ApiId, ApiRecord, Credits, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride,
+    RatelimitRule, Refill, RootKeyRecord, WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +122,23 @@ pub trait KeyStore: Send + Sync {
         now_ms: i64,
     ) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Creates the identity; `Conflict` when the workspace has one with its external id.
-    async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError>;
+    /// Creates the identity (and, when it has a pool, the pool's ledger account with
+    /// `pool` credits, `None`: unlimited), in one transaction; `Conflict` when the
+    /// workspace has an identity with its external id.
+    async fn create_identity(
+        &self,
+        identity: &IdentityRecord,
+        pool: Option<Credits>,
+    ) -> Result<(), StoreError>;
+    /// Opens the shared pool of an identity that has none, with `remaining` credits;
+    /// `Conflict` when it has one.
+    async fn open_pool(
+        &self,
+        identity: &IdentityRecord,
+        remaining: Credits,
+        refill: Option<&Refill>,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     /// The workspace's identity whose id or external id is `identity`.
     async fn identity(
         &self,

@@ -539,7 +539,9 @@ pub async fn direct_spends_of_several_accounts_are_all_or_none(f: &dyn LedgerFix
     let b = f.create_key(Some(3)).await;
     let both = [a.clone(), b.clone()];
     assert_eq!(
-        l.spend_direct_all(&both, cost(2)).await.expect("spend"),
+        l.spend_direct_all(&both, cost(2), None)
+            .await
+            .expect("spend"),
         (
             true,
             vec![
@@ -549,7 +551,9 @@ pub async fn direct_spends_of_several_accounts_are_all_or_none(f: &dyn LedgerFix
         )
     );
     assert_eq!(
-        l.spend_direct_all(&both, cost(2)).await.expect("spend"),
+        l.spend_direct_all(&both, cost(2), None)
+            .await
+            .expect("spend"),
         (
             false,
             vec![
@@ -570,13 +574,13 @@ pub async fn direct_spends_of_several_accounts_are_all_or_none(f: &dyn LedgerFix
     // An unlimited account pays anything; a missing one stops the spend.
     let free = f.create_key(None).await;
     let (spent, _) = l
-        .spend_direct_all(&[a.clone(), free], cost(8))
+        .spend_direct_all(&[a.clone(), free], cost(8), None)
         .await
         .expect("spend");
     assert!(spent);
     let missing = KeyId::from("key_missing_account");
     let (spent, outcomes) = l
-        .spend_direct_all(&[b.clone(), missing], cost(1))
+        .spend_direct_all(&[b.clone(), missing], cost(1), None)
         .await
         .expect("spend");
     assert!(!spent);

@@ -293,8 +293,10 @@ impl Ledger for MemoryLedger {
         &self,
         accounts: &[KeyId],
         cost: Cost,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
         let mut inner = self.lock();
+        inner.check_mark(mark)?;
         let found: Option<Vec<Account>> = accounts
             .iter()
             .map(|a| inner.accounts.get(a).cloned())
@@ -315,6 +317,7 @@ impl Ledger for MemoryLedger {
                 inner.accounts.insert(a.clone(), account);
             }
         }
+        inner.decided(mark, spent);
         Ok((spent, outcomes))
     }
 

@@ -582,10 +582,12 @@ pub trait Ledger: Send + Sync {
     /// [`rules::spend_direct_all`](crate::rules::spend_direct_all)). A missing account
     /// stops it: nothing is spent, that account answers `NotFound` and the others are
     /// left undecided (answered `Unlimited`).
+    /// With a mark, a spend that happens records the decision in the same transaction.
     async fn spend_direct_all(
         &self,
         accounts: &[KeyId],
         cost: Cost,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<(bool, Vec<DirectSpend>), LedgerError>;
 
     /// Pending allocations created before `older_than_ms`, of one key or of all.

@@ -167,8 +167,12 @@ impl Ledger for FaultyLedger {
         &self,
         accounts: &[KeyId],
         cost: Cost,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
-        faulty!(self, self.inner.spend_direct_all(accounts, cost).await)
+        faulty!(
+            self,
+            self.inner.spend_direct_all(accounts, cost, mark).await
+        )
     }
     async fn pending_allocations(
         &self,
@@ -1413,14 +1417,98 @@ async fn shared_pools_spend_with_their_keys_both_or_neither() {
     }
     engine.drain_all().await.unwrap();
     let spent = spent.load(Ordering::SeqCst);
-    let key_left = ledger.state(&key).await.unwrap().unwrap().remaining.unwrap();
-    assert_eq!(key_left, 1_000_000 - spent, "seed {seed}: the key paid every spend");
+    let key_left = ledger
+        .state(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .remaining
+        .unwrap();
+    assert_eq!(
+        key_left,
+        1_000_000 - spent,
+        "seed {seed}: the key paid every spend"
+    );
     // After the set, the pool had 200 plus the later increments; spends that began
     // before the set may land after it, so the pool is bounded by what it was granted.
-    let pool_left = ledger.state(&pool).await.unwrap().unwrap().remaining.unwrap();
+    let pool_left = ledger
+        .state(&pool)
+        .await
+        .unwrap()
+        .unwrap()
+        .remaining
+        .unwrap();
     let after = spent_after_set.load(Ordering::SeqCst);
     assert!(
         pool_left <= 200 + increments - after,
         "seed {seed}: pool {pool_left} > 200 + {increments} - {after}"
     );
+}
+
+/// An idempotent verification of a pooled key: the ledger spends from both in the
+/// transaction that decides the claim; nothing from either when one cannot pay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_shared_spend_decides_with_both_balances() {
+    use creditgate_limiter::SharedOutcome;
+    let ledger = Arc::new(MemoryLedger::new());
+    let (key, pool) = (KeyId::from("key_i"), KeyId::from("id_i"));
+    ledger.create_key(key.clone(), Some(10), 0);
+    ledger.create_key(pool.clone(), Some(4), 0);
+    let engine = Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig::default(),
+    );
+    // Credits in the hot store first: the idempotent spend drains them back.
+    let d = engine
+        .spend_shared(&key, &pool, Cost::new(1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.outcome, d.key, d.pool),
+        (SharedOutcome::Valid, Some(9), Some(3))
+    );
+    for (n, (idem, cost, want, key_left, pool_left)) in [
+        ("a", 2, SharedOutcome::Valid, 7, 1),
+        ("b", 2, SharedOutcome::PoolExceeded, 7, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let claim = IdemClaim {
+            scope: "ws",
+            key: idem,
+            fingerprint: "f",
+            token: idem,
+            now_ms: 0,
+            lease_until_ms: 10_000,
+            expired_before_ms: -1,
+        };
+        assert_eq!(
+            ledger.claim_idempotency(&claim).await.unwrap(),
+            ClaimOutcome::Claimed
+        );
+        let mark = IdemMark {
+            scope: "ws",
+            key: idem,
+            token: idem,
+        };
+        let d = engine
+            .spend_shared_once(&key, &pool, Cost::new(cost).unwrap(), &mark)
+            .await
+            .unwrap();
+        assert_eq!(
+            (d.outcome, d.key, d.pool),
+            (want, Some(key_left), Some(pool_left)),
+            "call {n}"
+        );
+        let record = ledger.idempotency("ws", idem).await.unwrap().unwrap();
+        let decided = want == SharedOutcome::Valid;
+        assert_eq!(
+            record.state == IdemState::Decided,
+            decided,
+            "call {n}: decided only with the spend"
+        );
+    }
 }

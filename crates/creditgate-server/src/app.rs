@@ -318,6 +318,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v2/ratelimit.limit", post(ratelimit::limit))
         .route("/v2/ratelimit.multiLimit", post(ratelimit::multi_limit))
+        .route(
+            "/v2/identities.updateCredits",
+            post(identities::update_credits),
+        )
         .route("/v2/keys.rerollKey", post(keys::reroll_key))
         .route("/v2/keys.migrateKeys", post(keys::migrate_keys))
         .route("/v2/ratelimit.setOverride", post(ratelimit::set_override))

@@ -28,7 +28,8 @@ use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
         keys::delete_key, keys::whoami, keys::reroll_key, keys::migrate_keys, verify::verify_key, holds::reserve_credits,
         holds::settle_credits, holds::release_credits, holds::get_hold,
         identities::create_identity, identities::get_identity, identities::list_identities,
-        identities::update_identity, identities::delete_identity, ratelimit::limit,
+        identities::update_identity, identities::delete_identity, identities::update_credits,
+        ratelimit::limit,
         ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
         ratelimit::list_overrides, ratelimit::delete_override, system::liveness,
     ),
@@ -104,6 +105,10 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     (
         "/v2/identities.updateIdentity",
+        &[400, 401, 403, 404, 409, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.updateCredits",
         &[400, 401, 403, 404, 409, 413, 500, 503],
     ),
     (
@@ -302,6 +307,18 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     // No control character (C0, DEL, C1), as `char::is_control` says.
     let identifier = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$" });
     vec![
+        ("PoolCreditsWire", "remaining", credits.clone()),
+        (
+            "UpdateIdentityCreditsRequest",
+            "identity",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        (
+            "UpdateIdentityCreditsRequest",
+            "operation",
+            json!({ "enum": ["set", "increment", "decrement"] }),
+        ),
+        ("UpdateIdentityCreditsRequest", "value", credits.clone()),
         ("RerollKeyRequest", "keyId", key_id.clone()),
         (
             "RerollKeyRequest",

@@ -543,6 +543,33 @@ impl TryFrom<UpdateCreditsRequest> for (KeyId, UpdateCredits) {
     }
 }
 
+/// `identities.updateCredits`: the identity and the operation on its pool.
+pub fn parse_identity_credits(
+    req: &UpdateIdentityCreditsRequest,
+) -> Result<(&str, CreditOp), ApiError> {
+    let mut c = Checks::default();
+    c.len("body.identity", &req.identity, 1, 255);
+    let value = c.credits("body.value", req.value);
+    let op = value.and_then(|v| match req.operation.as_str() {
+        "set" => Some(CreditOp::Set(Some(v))),
+        "increment" => Some(CreditOp::Increment(v)),
+        "decrement" => Some(CreditOp::Decrement(v)),
+        _ => None,
+    });
+    if !matches!(req.operation.as_str(), "set" | "increment" | "decrement") {
+        c.push(
+            "body.operation",
+            format!(
+                "must be set, increment or decrement, got '{}'",
+                req.operation
+            ),
+            "send 'set', 'increment' or 'decrement'",
+        );
+    }
+    // `op` is `None` only when a check above failed.
+    c.finish((req.identity.as_str(), op.unwrap_or(CreditOp::Set(None))))
+}
+
 impl TryFrom<ListKeysRequest> for ListKeys {
     type Error = ApiError;
 
@@ -572,10 +599,19 @@ impl TryFrom<CreateIdentityRequest> for CreateIdentity {
         c.meta(req.meta.as_ref());
         let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
         unique_names(&ratelimits)?;
+        let credits = req.credits.as_ref().and_then(|p| {
+            let remaining = c.credits("body.credits.remaining", p.remaining);
+            let refill = p
+                .refill
+                .as_ref()
+                .and_then(|r| c.refill("body.credits.refill", r));
+            remaining.map(|r| (r, refill))
+        });
         c.finish(CreateIdentity {
             external_id: req.external_id,
             meta: req.meta,
             ratelimits,
+            credits,
         })
     }
 }

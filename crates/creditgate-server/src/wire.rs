@@ -273,6 +273,10 @@ pub struct IdentityData {
     pub meta: Option<Map<String, Value>>,
     /// The identity's rate limits, shared by all its keys.
     pub ratelimits: Vec<RatelimitData>,
+    /// The identity's shared credit pool (creditgate's extension); omitted when it has
+    /// none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<PoolCreditsData>,
 }
 
 // ---- identities ----
@@ -286,6 +290,49 @@ pub struct CreateIdentityRequest {
     pub meta: Option<Map<String, Value>>,
     /// Named rate limits shared by the identity's keys (at most 50, names unique).
     pub ratelimits: Option<Vec<RatelimitWire>>,
+    /// A shared credit pool (creditgate's extension): every verification of the
+    /// identity's keys spends its cost from the key (if limited) and from the pool, both
+    /// or neither.
+    pub credits: Option<PoolCreditsWire>,
+}
+
+/// An identity's shared credit pool.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PoolCreditsWire {
+    /// The pool's balance: 0..=2^53 - 1.
+    pub remaining: i64,
+    pub refill: Option<RefillWire>,
+}
+
+/// A pool's balance as verifications and identities show it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolCreditsData {
+    /// The exact balance (after this verification, in `verifyKey`).
+    pub remaining: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill: Option<RefillWire>,
+}
+
+/// `identities.updateCredits` (creditgate's extension).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateIdentityCreditsRequest {
+    /// The identity's id or external id.
+    pub identity: String,
+    /// `set` (opens the pool when the identity has none), `increment` or `decrement`.
+    pub operation: String,
+    /// 0..=2^53 - 1.
+    pub value: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityCreditsData {
+    pub identity_id: String,
+    /// The pool's exact balance after the change.
+    pub remaining: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

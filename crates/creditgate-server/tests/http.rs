@@ -24,6 +24,8 @@ mod identities;
 mod key_ratelimits;
 #[path = "http/limits.rs"]
 mod limits;
+#[path = "http/pools.rs"]
+mod pools;
 #[path = "http/ratelimit.rs"]
 mod ratelimit;
 #[path = "http/refill.rs"]

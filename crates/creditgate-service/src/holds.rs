@@ -109,6 +109,13 @@ impl Service {
             Ok(key) => key,
             Err((outcome, key)) => return Ok(refused(outcome, key)),
         };
+        if key.identity.as_deref().is_some_and(|i| i.pool.is_some()) {
+            return Err(ServiceError::Conflict(
+                "holds on keys whose identity has a shared credit pool are not built yet: \
+                 verify with the cost instead; nothing was reserved"
+                    .into(),
+            ));
+        }
         let hold_id = ticket.map_or_else(|| new_id("hold"), Ticket::hold_id);
         let (engine, key_id, amount) = (self.engine.clone(), key.id.clone(), cmd.amount.get());
         let expires_at_ms = now.saturating_add(cmd.ttl_ms);

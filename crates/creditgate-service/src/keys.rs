@@ -20,6 +20,8 @@ pub struct KeyView {
     pub remaining: Option<u64>,
     /// Credits in open holds.
     pub reserved: u64,
+    /// The exact balance of its identity's shared pool, when it has one.
+    pub pool_remaining: Option<u64>,
 }
 
 /// A new key: its id and its secret (shown once, stored only as a hash).
@@ -99,10 +101,15 @@ impl Service {
     pub(crate) async fn view(&self, key: Arc<KeyRecord>) -> Result<KeyView, ServiceError> {
         let key = self.refill_if_due(key, self.clock.now_ms()).await?;
         let (remaining, reserved) = self.books(&key).await?;
+        let pool_remaining = match key.identity.as_deref() {
+            Some(identity) => self.pool_balance(identity).await?,
+            None => None,
+        };
         Ok(KeyView {
             record: (*key).clone(),
             remaining,
             reserved,
+            pool_remaining,
         })
     }
 
@@ -306,10 +313,15 @@ impl Service {
         }
         let record = self.apply_credit_op(&key, cmd.op, ticket).await?;
         let (remaining, reserved) = self.books(&record).await?;
+        let pool_remaining = match record.identity.as_deref() {
+            Some(identity) => self.pool_balance(identity).await?,
+            None => None,
+        };
         Ok(KeyView {
             record,
             remaining,
             reserved,
+            pool_remaining,
         })
     }
 

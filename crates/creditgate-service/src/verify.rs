@@ -5,8 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use creditgate_analytics::VerificationEvent;
-use creditgate_domain::{hash_secret, Action, Cost, KeyRecord, Outcome, RatelimitRule};
-use creditgate_limiter::{Decision, EngineError, LimitCheck};
+use creditgate_domain::{
+    hash_secret, Action, Cost, IdentityRecord, KeyRecord, Outcome, RatelimitRule,
+};
+use creditgate_limiter::{Decision, EngineError, LimitCheck, SharedDecision, SharedOutcome};
+
+use crate::identities::pool_account;
 
 use crate::{
     metrics as names, Caller, NamedLimit, Service, ServiceError, ServiceSettings, Ticket, Verify,
@@ -24,6 +28,9 @@ pub struct Verdict {
     pub spent: u64,
     /// The rate limits checked, in the order checked (named ones, then auto-applied).
     pub ratelimits: Vec<LimitOutcome>,
+    /// Exact balance of the identity's shared pool after the decision, when it has one
+    /// and the decision states it.
+    pub pool_remaining: Option<u64>,
 }
 
 /// One rate limit a verification checked: the rule as applied (overrides included)
@@ -46,6 +53,7 @@ impl Verdict {
             remaining: None,
             spent: 0,
             ratelimits: Vec::new(),
+            pool_remaining: None,
         }
     }
 }
@@ -288,6 +296,11 @@ impl Service {
         // Decided before: the spend is made, its answer was never sent. Nothing is
         // counted again.
         if ticket.is_some_and(|t| t.replay) {
+            let pool_remaining = match key.identity.as_deref() {
+                Some(identity) => self.pool_balance(identity).await?,
+                None => None,
+            };
+            let pays = key.limited || pool_remaining.is_some();
             return Ok(Verdict {
                 outcome: Outcome::Valid,
                 remaining: if key.limited {
@@ -295,9 +308,10 @@ impl Service {
                 } else {
                     None
                 },
-                spent: if key.limited { cost.get() } else { 0 },
+                spent: if pays { cost.get() } else { 0 },
                 key: Some(key),
                 ratelimits: Vec::new(),
+                pool_remaining,
             });
         }
         // Rate limits before credits: a rate-limited verification spends nothing.
@@ -313,6 +327,12 @@ impl Service {
             Err(e) if ticket.is_some() => return Err(e),
             Err(e) => return self.on_backend_failure(Some(key), e),
         };
+        // A key of an identity with a shared pool pays with the pool.
+        if let Some(identity) = key.identity.clone().filter(|i| i.pool.is_some()) {
+            return self
+                .decide_pooled(key, &identity, cost, ratelimits, ticket)
+                .await;
+        }
         if !key.limited {
             return Ok(Verdict {
                 ratelimits,
@@ -334,6 +354,7 @@ impl Service {
                 key: Some(key),
                 remaining,
                 ratelimits,
+                pool_remaining: None,
             }),
             Ok(Decision::Exceeded { remaining }) => Ok(Verdict {
                 outcome: Outcome::UsageExceeded,
@@ -341,12 +362,113 @@ impl Service {
                 remaining: Some(remaining),
                 spent: 0,
                 ratelimits,
+                pool_remaining: None,
             }),
             Ok(Decision::NotFound) => Ok(Verdict::without_credits(Outcome::NotFound, None)),
             // An idempotent request never fails open: its retry is safe instead.
             Err(e) if ticket.is_some() => Err(e),
             Err(e) => self.on_backend_failure(Some(key), e),
         }
+    }
+
+    /// The credit step of a key whose identity has a shared pool: the key (if limited)
+    /// and the pool pay together, both or neither; `USAGE_EXCEEDED` when either cannot,
+    /// with both exact balances where known.
+    async fn decide_pooled(
+        &self,
+        key: Arc<KeyRecord>,
+        identity: &IdentityRecord,
+        cost: Cost,
+        ratelimits: Vec<LimitOutcome>,
+        ticket: Option<&Ticket>,
+    ) -> Result<Verdict, ServiceError> {
+        let pool = pool_account(identity);
+        let decided = match self.refill_pool_if_due(identity, self.clock.now_ms()).await {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let (engine, key_id, limited) = (self.engine.clone(), key.id.clone(), key.limited);
+                let mark = ticket.cloned();
+                self.in_engine_task(async move {
+                    match (limited, mark) {
+                        (true, None) => engine.spend_shared(&key_id, &pool, cost).await,
+                        (true, Some(t)) => {
+                            engine
+                                .spend_shared_once(&key_id, &pool, cost, &t.mark())
+                                .await
+                        }
+                        // An unlimited key: the pool alone pays.
+                        (false, mark) => {
+                            let d = match mark {
+                                None => engine.spend(&pool, cost).await?,
+                                Some(t) => engine.spend_once(&pool, cost, &t.mark()).await?,
+                            };
+                            Ok(match d {
+                                Decision::Valid { remaining } => SharedDecision {
+                                    outcome: SharedOutcome::Valid,
+                                    key: None,
+                                    pool: remaining,
+                                },
+                                Decision::Exceeded { remaining } => SharedDecision {
+                                    outcome: SharedOutcome::PoolExceeded,
+                                    key: None,
+                                    pool: Some(remaining),
+                                },
+                                Decision::NotFound => SharedDecision {
+                                    outcome: SharedOutcome::NotFound,
+                                    key: None,
+                                    pool: None,
+                                },
+                            })
+                        }
+                    }
+                })
+                .await
+            }
+        };
+        let d = match decided {
+            Ok(d) => d,
+            // An idempotent request never fails open: its retry is safe instead.
+            Err(e) if ticket.is_some() => return Err(e),
+            Err(e) => return self.on_backend_failure(Some(key), e),
+        };
+        let mut remaining = d.key.filter(|_| key.limited);
+        let mut pool_remaining = d.pool;
+        if matches!(
+            d.outcome,
+            SharedOutcome::KeyExceeded | SharedOutcome::PoolExceeded
+        ) {
+            // The side that decided is exact; read the other one's exact balance.
+            if remaining.is_none() && key.limited {
+                remaining = self.engine.balance(&key.id).await.ok().flatten();
+            }
+            if pool_remaining.is_none() {
+                pool_remaining = self
+                    .engine
+                    .balance(&pool_account(identity))
+                    .await
+                    .ok()
+                    .flatten();
+            }
+        }
+        Ok(match d.outcome {
+            SharedOutcome::Valid => Verdict {
+                outcome: Outcome::Valid,
+                spent: cost.get(),
+                key: Some(key),
+                remaining,
+                ratelimits,
+                pool_remaining,
+            },
+            SharedOutcome::KeyExceeded | SharedOutcome::PoolExceeded => Verdict {
+                outcome: Outcome::UsageExceeded,
+                key: Some(key),
+                remaining,
+                spent: 0,
+                ratelimits,
+                pool_remaining,
+            },
+            SharedOutcome::NotFound => Verdict::without_credits(Outcome::NotFound, None),
+        })
     }
 
     /// A spend on the hot path.

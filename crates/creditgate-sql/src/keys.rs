@@ -11,7 +11,7 @@ use std::sync::Arc;
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
-    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PreviousSecret,
+    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord, PreviousSecret,
     RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
     WorkspaceId,
 };
@@ -32,10 +32,14 @@ macro_rules! live_keys_where {
             "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, k.ratelimits, ",
             "k.previous_hash, k.previous_hash_expires, ",
             "i.id AS identity_id, i.meta AS identity_meta, i.ratelimits AS identity_ratelimits, ",
-            "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at ",
+            "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at, ",
+            "p.id AS pool_id, p.refill_interval AS pool_refill_interval, ",
+            "p.refill_amount AS pool_refill_amount, p.refill_day AS pool_refill_day, ",
+            "p.last_refill_at AS pool_last_refill_at ",
             "FROM keys k JOIN apis a ON a.id = k.api_id ",
             "LEFT JOIN identities i ON i.workspace_id = k.workspace_id ",
             "AND i.external_id = k.external_id ",
+            "LEFT JOIN pools p ON p.id = i.id AND p.deleted_at IS NULL ",
             "WHERE k.deleted_at IS NULL AND a.deleted_at IS NULL AND ",
             $where
         )
@@ -82,9 +86,51 @@ fn ratelimits_json(rules: &[RatelimitRule]) -> Result<Option<String>, StoreError
 const IDENTITY_COLUMNS: &str =
     "id, workspace_id, external_id, meta, created_at, updated_at, ratelimits";
 
+/// `SELECT` of identities (`i`) with their live pool (`p`), followed by `$where`.
+macro_rules! identities_where {
+    ($where:literal) => {
+        concat!(
+            "SELECT i.id, i.workspace_id, i.external_id, i.meta, i.created_at, i.updated_at, ",
+            "i.ratelimits, p.id AS pool_id, p.refill_interval AS pool_refill_interval, ",
+            "p.refill_amount AS pool_refill_amount, p.refill_day AS pool_refill_day, ",
+            "p.last_refill_at AS pool_last_refill_at ",
+            "FROM identities i LEFT JOIN pools p ON p.id = i.id AND p.deleted_at IS NULL ",
+            "WHERE ",
+            $where
+        )
+    };
+}
+
 /// The workspace's (`$1`) identity whose id or external id is `$2`.
-const IDENTITY_BY_HANDLE: &str = "SELECT id, workspace_id, external_id, meta, created_at, \
-     updated_at, ratelimits FROM identities WHERE workspace_id = $1 AND (id = $2 OR external_id = $2)";
+const IDENTITY_BY_HANDLE: &str =
+    identities_where!("i.workspace_id = $1 AND (i.id = $2 OR i.external_id = $2)");
+
+/// Opens the ledger account of a pool (in the transaction `conn`).
+pub(crate) async fn insert_pool(
+    conn: &mut AnyConnection,
+    identity: &IdentityId,
+    workspace: &WorkspaceId,
+    remaining: Option<Credits>,
+    refill: Option<&Refill>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let (interval, amount, day) = refill_columns(refill);
+    sqlx::query(
+        "INSERT INTO pools (id, workspace_id, remaining, refill_interval, refill_amount, \
+         refill_day, last_refill_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+    )
+    .bind(identity.as_str())
+    .bind(workspace.as_str())
+    .bind(remaining.map(Credits::as_i64))
+    .bind(interval)
+    .bind(amount)
+    .bind(day)
+    .bind(now_ms)
+    .execute(conn)
+    .await
+    .map_err(store_error)?;
+    Ok(())
+}
 
 /// One page of `limit` records from `rows` (fetched with `LIMIT limit + 1`), and the
 /// cursor of the next page (the last record's id) when there is one.
@@ -131,6 +177,41 @@ fn override_from_row(row: &AnyRow) -> Result<RatelimitOverride, StoreError> {
     })
 }
 
+/// A refill from its three columns (`<prefix>refill_interval`, …), or none.
+fn refill_from_row(row: &AnyRow, prefix: &str) -> Result<Option<Refill>, StoreError> {
+    let get_opt_int = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(store_error);
+    let interval_col = format!("{prefix}refill_interval");
+    let Some(interval) = row
+        .try_get::<Option<String>, _>(interval_col.as_str())
+        .map_err(store_error)?
+    else {
+        return Ok(None);
+    };
+    let interval =
+        RefillInterval::parse(&interval).ok_or_else(|| corrupt(&interval_col, &interval))?;
+    let amount_col = format!("{prefix}refill_amount");
+    let amount = get_opt_int(&amount_col)?.ok_or_else(|| corrupt(&amount_col, "NULL"))?;
+    let amount = Credits::from_i64(amount).map_err(|e| corrupt(&amount_col, e))?;
+    let day = get_opt_int(&format!("{prefix}refill_day"))?;
+    Refill::new(interval, amount, day)
+        .map(Some)
+        .map_err(|e| corrupt("refill", e))
+}
+
+/// The pool of an identity row joined with `pools` (columns `pool_…`).
+fn pool_from_row(row: &AnyRow) -> Result<Option<PoolRecord>, StoreError> {
+    let id: Option<String> = row.try_get("pool_id").map_err(store_error)?;
+    if id.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(PoolRecord {
+        refill: refill_from_row(row, "pool_")?,
+        last_refill_at: row
+            .try_get::<Option<i64>, _>("pool_last_refill_at")
+            .map_err(store_error)?,
+    }))
+}
+
 fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
     let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
     Ok(IdentityRecord {
@@ -143,6 +224,7 @@ fn identity_from_row(row: &AnyRow) -> Result<IdentityRecord, StoreError> {
             .try_get::<Option<i64>, _>("updated_at")
             .map_err(store_error)?,
         ratelimits: ratelimits_column(row, "ratelimits")?,
+        pool: pool_from_row(row)?,
     })
 }
 
@@ -163,21 +245,11 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
                 .ok_or_else(|| corrupt("identities.created_at", "NULL"))?,
             updated_at: get_opt_int("identity_updated_at")?,
             ratelimits: ratelimits_column(row, "identity_ratelimits")?,
+            pool: pool_from_row(row)?,
         })),
         _ => None,
     };
-    let refill = match get_opt_text("refill_interval")? {
-        Some(interval) => {
-            let interval = RefillInterval::parse(&interval)
-                .ok_or_else(|| corrupt("refill_interval", &interval))?;
-            let amount =
-                get_opt_int("refill_amount")?.ok_or_else(|| corrupt("refill_amount", "NULL"))?;
-            let amount = Credits::from_i64(amount).map_err(|e| corrupt("refill_amount", e))?;
-            let day = get_opt_int("refill_day")?;
-            Some(Refill::new(interval, amount, day).map_err(|e| corrupt("refill", e))?)
-        }
-        None => None,
-    };
+    let refill = refill_from_row(row, "")?;
     Ok(KeyRecord {
         id: KeyId::from(get_text("id")?),
         workspace_id: WorkspaceId::from(get_text("workspace_id")?),
@@ -666,7 +738,12 @@ impl KeyStore for SqlStore {
         Ok(deleted > 0)
     }
 
-    async fn create_identity(&self, identity: &IdentityRecord) -> Result<(), StoreError> {
+    async fn create_identity(
+        &self,
+        identity: &IdentityRecord,
+        pool: Option<Credits>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.map_err(store_error)?;
         let inserted = sqlx::query(&format!(
             "INSERT INTO identities ({IDENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (workspace_id, external_id) DO NOTHING"
@@ -678,7 +755,7 @@ impl KeyStore for SqlStore {
         .bind(identity.created_at)
         .bind(identity.updated_at)
         .bind(ratelimits_json(&identity.ratelimits)?)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(store_error)?
         .rows_affected();
@@ -688,7 +765,38 @@ impl KeyStore for SqlStore {
                 identity.external_id
             )));
         }
-        Ok(())
+        if let Some(p) = &identity.pool {
+            insert_pool(
+                &mut tx,
+                &identity.id,
+                &identity.workspace_id,
+                pool,
+                p.refill.as_ref(),
+                identity.created_at,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn open_pool(
+        &self,
+        identity: &IdentityRecord,
+        remaining: Credits,
+        refill: Option<&Refill>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.map_err(store_error)?;
+        insert_pool(
+            &mut tx,
+            &identity.id,
+            &identity.workspace_id,
+            Some(remaining),
+            refill,
+            now_ms,
+        )
+        .await?;
+        tx.commit().await.map_err(store_error)
     }
 
     async fn identity(
@@ -712,9 +820,8 @@ impl KeyStore for SqlStore {
         cursor: Option<&str>,
     ) -> Result<IdentityPage, StoreError> {
         let limit = limit.max(1);
-        let rows = sqlx::query(&format!(
-            "SELECT {IDENTITY_COLUMNS} FROM identities \
-             WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        let rows = sqlx::query(identities_where!(
+            "i.workspace_id = $1 AND i.id > $2 ORDER BY i.id LIMIT $3"
         ))
         .bind(workspace.as_str())
         .bind(cursor.unwrap_or(""))
@@ -786,6 +893,13 @@ impl KeyStore for SqlStore {
         };
         sqlx::query("DELETE FROM identities WHERE id = $1")
             .bind(record.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        // Its pool's row stays, deleted: credits the hot store holds can still return.
+        sqlx::query("UPDATE pools SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL")
+            .bind(record.id.as_str())
+            .bind(now_ms)
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;

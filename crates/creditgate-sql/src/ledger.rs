@@ -783,6 +783,7 @@ impl Ledger for SqlStore {
         &self,
         accounts: &[KeyId],
         cost: Cost,
+        mark: Option<&IdemMark<'_>>,
     ) -> Result<(bool, Vec<DirectSpend>), LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         // Rows locked in id order, as every batch does (no deadlock on Postgres).
@@ -806,6 +807,7 @@ impl Ledger for SqlStore {
         let mut found: Vec<Account> = rows.into_iter().flatten().collect();
         let (spent, outcomes) = rules::spend_direct_all(&mut found, cost.get());
         if spent {
+            decide_mark(&mut tx, mark).await?;
             for (key, account) in accounts.iter().zip(&found) {
                 write_account(&mut tx, key, account).await?;
             }
@@ -1180,7 +1182,8 @@ impl Ledger for SqlStore {
 
 impl SqlStore {
     /// Opens the ledger account of an identity's shared pool with `remaining` credits
-    /// (`None`: unlimited). Its id is the identity's; `Conflict` when it exists.
+    /// (`None`: unlimited), for tests of the ledger on pool accounts; `Conflict` when it
+    /// exists.
     pub async fn create_pool(
         &self,
         identity: &IdentityId,
@@ -1189,21 +1192,23 @@ impl SqlStore {
         now_ms: i64,
     ) -> Result<(), creditgate_domain::StoreError> {
         let remaining = remaining
-            .map(|r| db(r, "remaining"))
+            .map(Credits::new)
             .transpose()
             .map_err(|e| creditgate_domain::StoreError::Backend(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO pools (id, workspace_id, remaining, last_refill_at, created_at) \
-             VALUES ($1, $2, $3, $4, $4)",
+        let mut tx = self
+            .begin_write()
+            .await
+            .map_err(crate::error::store_error)?;
+        crate::keys::insert_pool(
+            &mut tx,
+            identity,
+            &creditgate_domain::WorkspaceId::from(workspace),
+            remaining,
+            None,
+            now_ms,
         )
-        .bind(identity.as_str())
-        .bind(workspace)
-        .bind(remaining)
-        .bind(now_ms)
-        .execute(&self.write)
-        .await
-        .map_err(crate::error::store_error)?;
-        Ok(())
+        .await?;
+        tx.commit().await.map_err(crate::error::store_error)
     }
 }
 

@@ -12,8 +12,9 @@ use creditgate_analytics::{Batch, RequestEvent, Sink, VerificationEvent};
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
     ApiId, ApiRecord, Cost, Credits, IdentityId, IdentityPatch, IdentityRecord, KeyId, KeyPatch,
-    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PreviousSecret, RatelimitOverride,
-    RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError, WorkspaceId,
+    KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord, PreviousSecret,
+    RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
+    WorkspaceId,
 };
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::{AllocateOutcome, AllocateRequest, DirectSpend, Ledger};
@@ -677,22 +678,34 @@ async fn identities_link_keys_by_external_id(db: &Db) {
         created_at: 1_000,
         updated_at: None,
         ratelimits: vec![rule("rl_a", "requests", 10, true)],
+        pool: Some(PoolRecord {
+            refill: Some(Refill::new(RefillInterval::Daily, credits(100), None).expect("refill")),
+            last_refill_at: Some(1_000),
+        }),
     };
-    s.create_identity(&acme).await.expect("create identity");
+    s.create_identity(&acme, Some(credits(100)))
+        .await
+        .expect("create identity");
+    // The pool is a ledger account named by the identity's id.
+    let pool_state = Ledger::state(s, &KeyId::from("id_acme"))
+        .await
+        .expect("state")
+        .expect("the pool's account");
+    assert_eq!(pool_state.remaining, Some(100));
     // The external id is taken in this workspace, not in another.
     let again = IdentityRecord {
         id: IdentityId::from("id_acme_2"),
         ..acme.clone()
     };
     assert!(matches!(
-        s.create_identity(&again).await,
+        s.create_identity(&again, Some(credits(5))).await,
         Err(StoreError::Conflict(_))
     ));
     let elsewhere = IdentityRecord {
         workspace_id: ws("ws_2"),
         ..again.clone()
     };
-    s.create_identity(&elsewhere)
+    s.create_identity(&elsewhere, Some(credits(5)))
         .await
         .expect("another workspace");
     for handle in ["id_acme", "acme"] {
@@ -716,6 +729,22 @@ async fn identities_link_keys_by_external_id(db: &Db) {
     let n = create(s, n, None).await;
     let newco = n.identity.clone().expect("created with the key");
     assert_eq!(newco.external_id, "newco");
+    assert_eq!(newco.pool, None, "an identity made with a key has no pool");
+    s.open_pool(&newco, credits(7), None, 1_500)
+        .await
+        .expect("open a pool");
+    assert!(matches!(
+        s.open_pool(&newco, credits(7), None, 1_500).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let n_again = s.key_by_id(&n.id).await.expect("get").expect("key");
+    assert_eq!(
+        n_again.identity.and_then(|i| i.pool.clone()),
+        Some(PoolRecord {
+            refill: None,
+            last_refill_at: Some(1_500)
+        })
+    );
 
     // Pages of one, by id, each identity once.
     let mut seen = Vec::new();
@@ -781,6 +810,12 @@ async fn identities_link_keys_by_external_id(db: &Db) {
         .await
         .expect("delete");
     assert_eq!(deleted.map(|i| i.id), Some(acme.id.clone()));
+    let deleted_at: Option<i64> = sqlx::query_scalar("SELECT deleted_at FROM pools WHERE id = $1")
+        .bind("id_acme")
+        .fetch_one(s.pool())
+        .await
+        .expect("the pool's row stays");
+    assert_eq!(deleted_at, Some(3_000));
     let read = s.key_by_id(&k.id).await.expect("get").expect("key");
     assert_eq!((read.external_id, read.identity), (None, None));
     assert_eq!(s.identity(&ws("ws_1"), "acme").await.expect("get"), None);

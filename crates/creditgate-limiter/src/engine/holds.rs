@@ -188,7 +188,7 @@ impl Engine {
     /// Under the key's lock with the snapshot unknown (so no spend completes on the hot
     /// store, and no refill moves credits): the exact balance outside holds, `remaining
     /// + bal`; then the snapshot is synced again.
-    async fn exact_and_sync(
+    pub(super) async fn exact_and_sync(
         &self,
         key: &KeyId,
         state: &LedgerState,
@@ -207,7 +207,7 @@ impl Engine {
     /// The whole hot balance back to the ledger, so a hold can use it; the snapshot
     /// stays unknown. A failed ledger step is queued for retry and fails the call (the
     /// credits are not lost, but the ledger cannot use them yet).
-    async fn drain_for_hold(&self, key: &KeyId) -> Result<(), EngineError> {
+    pub(super) async fn drain_for_hold(&self, key: &KeyId) -> Result<(), EngineError> {
         let transfer_id = new_id_for_transfer("holddrain");
         let drained = self.hot.drain(key, &transfer_id, 0).await?;
         match self.ledger.return_drained(key, &transfer_id, drained).await {

@@ -325,7 +325,7 @@ impl Engine {
     }
 
     /// Takes the key's lock, waiting for other holders up to the spend deadline.
-    async fn lock_waiting(&self, key: &KeyId) -> Result<LockToken, EngineError> {
+    pub(super) async fn lock_waiting(&self, key: &KeyId) -> Result<LockToken, EngineError> {
         let deadline = Instant::now() + self.config.spend_deadline;
         loop {
             if let Some(t) = self
@@ -341,7 +341,7 @@ impl Engine {
         }
     }
 
-    async fn unlock(&self, key: &KeyId, token: &LockToken) {
+    pub(super) async fn unlock(&self, key: &KeyId, token: &LockToken) {
         if let Err(e) = self.hot.unlock(key, token).await {
             tracing::warn!(key_id = %key, error = %e, "unlock failed; the lock will expire");
         }

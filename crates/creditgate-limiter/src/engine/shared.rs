@@ -123,6 +123,99 @@ impl Engine {
         }
     }
 
+    /// [`Engine::spend_shared`] deciding an idempotency claim: under both accounts'
+    /// locks (taken in id order), the ledger spends from both or neither in the
+    /// transaction that records the decision; a hot balance that keeps the ledger from
+    /// deciding is drained to it first.
+    pub async fn spend_shared_once(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        cost: Cost,
+        mark: &IdemMark<'_>,
+    ) -> Result<SharedDecision, EngineError> {
+        let (first, second) = if key.as_str() <= pool.as_str() {
+            (key, pool)
+        } else {
+            (pool, key)
+        };
+        let t1 = self.lock_waiting(first).await?;
+        let t2 = match self.lock_waiting(second).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.unlock(first, &t1).await;
+                return Err(e);
+            }
+        };
+        let result = self.spend_shared_once_locked(key, pool, cost, mark).await;
+        self.unlock(second, &t2).await;
+        self.unlock(first, &t1).await;
+        result
+    }
+
+    async fn spend_shared_once_locked(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        cost: Cost,
+        mark: &IdemMark<'_>,
+    ) -> Result<SharedDecision, EngineError> {
+        let accounts = [key.clone(), pool.clone()];
+        for a in &accounts {
+            self.settle_pending(a).await?;
+            // The ledger's part is about to change: spends that would state it wait.
+            self.hot.sync_unalloc(a, None, 0).await?;
+        }
+        let mut drained = [false, false];
+        loop {
+            let (spent, outcomes) = self
+                .ledger
+                .spend_direct_all(&accounts, cost, Some(mark))
+                .await?;
+            if !spent {
+                let mut again = false;
+                for i in 0..2 {
+                    if matches!(outcomes[i], DirectSpend::Undecided { .. }) && !drained[i] {
+                        self.drain_for_hold(&accounts[i]).await?;
+                        drained[i] = true;
+                        again = true;
+                    }
+                }
+                if again {
+                    continue;
+                }
+                if outcomes.iter().any(|o| matches!(o, DirectSpend::NotFound)) {
+                    return Ok(SharedDecision::of(SharedOutcome::NotFound, None, None));
+                }
+            }
+            let mut exact = [None, None];
+            for i in 0..2 {
+                if let Some(state) = self.ledger.state(&accounts[i]).await? {
+                    exact[i] = self.exact_and_sync(&accounts[i], &state).await?;
+                }
+            }
+            if spent {
+                return Ok(SharedDecision::of(SharedOutcome::Valid, exact[0], exact[1]));
+            }
+            let short = |o: &DirectSpend| {
+                matches!(
+                    o,
+                    DirectSpend::Exceeded { .. } | DirectSpend::Undecided { .. }
+                )
+            };
+            let outcome = if short(&outcomes[0]) {
+                SharedOutcome::KeyExceeded
+            } else if short(&outcomes[1]) {
+                SharedOutcome::PoolExceeded
+            } else {
+                return Err(EngineError::Unavailable(
+                    "the ledger could not decide the shared spend; nothing was spent".into(),
+                ));
+            };
+            return Ok(SharedDecision::of(outcome, exact[0], exact[1]));
+        }
+    }
+
     /// One of the two accounts is unlimited (`unlimited`: its index): the other alone
     /// pays.
     async fn spend_one_of(
@@ -191,7 +284,7 @@ impl Engine {
                 "hot store unreachable, spending on the ledger"
             );
         }
-        let (spent, outcomes) = self.ledger.spend_direct_all(accounts, cost).await?;
+        let (spent, outcomes) = self.ledger.spend_direct_all(accounts, cost, None).await?;
         let exact = |o: &DirectSpend| match *o {
             DirectSpend::Valid { remaining } | DirectSpend::Exceeded { remaining } => {
                 Some(remaining)

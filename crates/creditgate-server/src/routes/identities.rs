@@ -10,17 +10,25 @@ use super::ok;
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::parse::parse_identity;
+use crate::parse::{parse_identity, parse_identity_credits, refill_wire};
 use crate::state::AppState;
 use crate::wire::*;
 
 /// The response shape of an identity.
-pub fn identity_data(i: &IdentityRecord) -> IdentityData {
+pub fn identity_data(i: &IdentityRecord, pool_remaining: Option<u64>) -> IdentityData {
     IdentityData {
         id: i.id.0.to_string(),
         external_id: i.external_id.clone(),
         meta: i.meta.clone(),
         ratelimits: i.ratelimits.iter().map(super::ratelimit_data).collect(),
+        credits: i
+            .pool
+            .as_ref()
+            .zip(pool_remaining)
+            .map(|(p, remaining)| PoolCreditsData {
+                remaining: i64::try_from(remaining).unwrap_or(i64::MAX),
+                refill: p.refill.as_ref().map(refill_wire),
+            }),
     }
 }
 
@@ -51,7 +59,8 @@ pub async fn get_identity(
 ) -> Result<Json<Envelope<IdentityData>>, ApiError> {
     let identity = parse_identity(&req.identity)?;
     let found = state.service.get_identity(&caller, identity).await?;
-    Ok(ok(identity_data(&found)))
+    let pool = state.service.pool_balance(&found).await?;
+    Ok(ok(identity_data(&found, pool)))
 }
 
 #[utoipa::path(post, path = "/v2/identities.listIdentities", tag = "identities", request_body = ListIdentitiesRequest,
@@ -66,10 +75,12 @@ pub async fn list_identities(
         .service
         .list_identities(&caller, ListIdentities::try_from(req)?)
         .await?;
-    Ok(super::paged(
-        page.identities.iter().map(identity_data).collect(),
-        page.cursor,
-    ))
+    let mut data = Vec::with_capacity(page.identities.len());
+    for i in &page.identities {
+        let pool = state.service.pool_balance(i).await?;
+        data.push(identity_data(i, pool));
+    }
+    Ok(super::paged(data, page.cursor))
 }
 
 #[utoipa::path(post, path = "/v2/identities.updateIdentity", tag = "identities", request_body = UpdateIdentityRequest,
@@ -84,7 +95,8 @@ pub async fn update_identity(
         .service
         .update_identity(&caller, UpdateIdentity::try_from(req)?)
         .await?;
-    Ok(ok(identity_data(&updated)))
+    let pool = state.service.pool_balance(&updated).await?;
+    Ok(ok(identity_data(&updated, pool)))
 }
 
 #[utoipa::path(post, path = "/v2/identities.deleteIdentity", tag = "identities", request_body = IdentityRequest,
@@ -98,4 +110,23 @@ pub async fn delete_identity(
     let identity = parse_identity(&req.identity)?;
     state.service.delete_identity(&caller, identity).await?;
     Ok(ok(Empty {}))
+}
+
+#[utoipa::path(post, path = "/v2/identities.updateCredits", tag = "identities", request_body = UpdateIdentityCreditsRequest,
+    responses((status = 200, description = "The pool's exact balance after the change", body = Envelope<IdentityCreditsData>), (status = 404, body = crate::error::ErrorEnvelope), (status = 409, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn update_credits(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<UpdateIdentityCreditsRequest>,
+) -> Result<Json<Envelope<IdentityCreditsData>>, ApiError> {
+    let (identity, op) = parse_identity_credits(&req)?;
+    let (found, remaining) = state
+        .service
+        .update_identity_credits(&caller, identity, op)
+        .await?;
+    Ok(ok(IdentityCreditsData {
+        identity_id: found.id.0.to_string(),
+        remaining: remaining.map_or(0, |r| i64::try_from(r).unwrap_or(i64::MAX)),
+    }))
 }

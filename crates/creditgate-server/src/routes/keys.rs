@@ -26,7 +26,7 @@ fn credits_data(v: &KeyView) -> KeyCreditsData {
 /// The response shape of a key, with its exact balance.
 pub fn key_data(v: KeyView) -> KeyData {
     let credits = v.record.limited.then(|| credits_data(&v));
-    let identity = identity(&v.record);
+    let identity = identity(&v.record, v.pool_remaining);
     let k = v.record;
     KeyData {
         key_id: k.id.0.to_string(),

@@ -123,6 +123,8 @@ pub fn ratelimit_data(r: &RatelimitRule) -> RatelimitData {
 }
 
 /// The identity of a key, when it has one.
-pub fn identity(k: &KeyRecord) -> Option<IdentityData> {
-    k.identity.as_deref().map(identities::identity_data)
+pub fn identity(k: &KeyRecord, pool_remaining: Option<u64>) -> Option<IdentityData> {
+    k.identity
+        .as_deref()
+        .map(|i| identities::identity_data(i, pool_remaining))
 }

@@ -45,7 +45,7 @@ fn verify_data(verdict: &creditgate_service::Verdict) -> VerifyKeyData {
         expires: key.and_then(|k| k.expires),
         credits: verdict.remaining.and_then(|r| i64::try_from(r).ok()),
         enabled: key.map(|k| k.enabled),
-        identity: key.and_then(identity),
+        identity: key.and_then(|k| identity(k, verdict.pool_remaining)),
         ratelimits: (!verdict.ratelimits.is_empty()).then(|| {
             verdict
                 .ratelimits

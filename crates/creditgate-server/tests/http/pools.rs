@@ -1,0 +1,189 @@
+//! Shared credit pools on identities (creditgate's extension) over HTTP: a verification
+//! of a key whose identity has a pool spends from the key (if limited) and the pool,
+//! both or neither; `identity.credits` answers the pool's exact balance;
+//! `identities.updateCredits` sets, increments and decrements it; bad input and states
+//! that do not allow a change are refused with nothing changed.
+
+use serde_json::{json, Value};
+
+use crate::support::{assert_bad_request, assert_error, assert_verdict, TestApp};
+
+async fn pool_of(app: &TestApp, identity: &str) -> Value {
+    app.ok(
+        "/v2/identities.getIdentity",
+        json!({ "identity": identity }),
+    )
+    .await["credits"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_spend_from_their_identity_pool_both_or_neither() {
+    let app = TestApp::start().await;
+    let api = app.create_api().await;
+    app.ok(
+        "/v2/identities.createIdentity",
+        json!({ "externalId": "acme", "credits": { "remaining": 10 } }),
+    )
+    .await;
+    assert_eq!(pool_of(&app, "acme").await, json!({ "remaining": 10 }));
+    let (k1_id, k1) = app
+        .create_key_with(
+            json!({ "apiId": api, "externalId": "acme", "credits": { "remaining": 4 } }),
+        )
+        .await;
+    // An unlimited key of the identity: the pool alone pays.
+    let (_, free) = app
+        .create_key_with(json!({ "apiId": api, "externalId": "acme" }))
+        .await;
+
+    let d = app.verify(&k1, Some(3)).await;
+    assert_verdict(&d, "VALID", Some(1));
+    assert_eq!(d["identity"]["credits"], json!({ "remaining": 7 }), "{d}");
+    // The key cannot pay 2: nothing leaves the pool either.
+    let d = app.verify(&k1, Some(2)).await;
+    assert_verdict(&d, "USAGE_EXCEEDED", Some(1));
+    assert_eq!(d["identity"]["credits"]["remaining"], 7, "{d}");
+    let d = app.verify(&free, Some(6)).await;
+    assert_verdict(&d, "VALID", None);
+    assert_eq!(d["identity"]["credits"]["remaining"], 1, "{d}");
+    // The pool cannot pay 2: nothing leaves the key either.
+    let d = app.verify(&k1, Some(1)).await;
+    assert_verdict(&d, "VALID", Some(0));
+    assert_eq!(d["identity"]["credits"]["remaining"], 0);
+    let d = app.verify(&free, Some(1)).await;
+    assert_verdict(&d, "USAGE_EXCEEDED", None);
+    assert_eq!(d["identity"]["credits"]["remaining"], 0);
+
+    // Top up the pool: increment, decrement, set; getKey answers both balances.
+    for (operation, value, want) in [("increment", 5, 5), ("decrement", 2, 3), ("set", 20, 20)] {
+        let r = app
+            .ok(
+                "/v2/identities.updateCredits",
+                json!({ "identity": "acme", "operation": operation, "value": value }),
+            )
+            .await;
+        assert_eq!(r["remaining"], want, "{operation}: {r}");
+    }
+    let got = app.get_key(&k1_id).await;
+    assert_eq!(got["credits"]["remaining"], 0);
+    assert_eq!(got["identity"]["credits"]["remaining"], 20);
+    let d = app.verify(&k1, Some(1)).await;
+    assert_verdict(&d, "USAGE_EXCEEDED", Some(0));
+    assert_eq!(
+        d["identity"]["credits"]["remaining"], 20,
+        "the key is short"
+    );
+    let d = app.verify(&free, Some(5)).await;
+    assert_verdict(&d, "VALID", None);
+    assert_eq!(d["identity"]["credits"]["remaining"], 15);
+
+    // Holds on pooled keys are refused with nothing reserved (not built yet).
+    let (status, body) = app
+        .post(
+            "/v2/keys.reserveCredits",
+            json!({ "key": free, "amount": 1 }),
+        )
+        .await;
+    assert_error(status, &body, 409, "conflict");
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 15);
+
+    // Idempotent verifications of a pooled key spend once.
+    let body = json!({ "key": free, "credits": { "cost": 2 } });
+    for _ in 0..2 {
+        let (status, resp, _) = app
+            .post_idem("/v2/keys.verifyKey", "pool-retry-1", body.clone())
+            .await;
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(
+            resp["data"]["identity"]["credits"]["remaining"], 13,
+            "{resp}"
+        );
+    }
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 13);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_open_with_a_set_and_refuse_bad_changes() {
+    let app = TestApp::start().await;
+    let api = app.create_api().await;
+    let (_, key) = app
+        .create_key_with(
+            json!({ "apiId": api, "externalId": "newco", "credits": { "remaining": 5 } }),
+        )
+        .await;
+    // No pool yet: the key pays alone; identity answers no credits.
+    let d = app.verify(&key, Some(1)).await;
+    assert_verdict(&d, "VALID", Some(4));
+    assert!(d["identity"].get("credits").is_none(), "{d}");
+    for operation in ["increment", "decrement"] {
+        let (status, body) = app
+            .post(
+                "/v2/identities.updateCredits",
+                json!({ "identity": "newco", "operation": operation, "value": 1 }),
+            )
+            .await;
+        assert_error(status, &body, 409, "conflict");
+    }
+    assert_eq!(pool_of(&app, "newco").await, Value::Null);
+    // `set` opens it; the next verification spends from it at once.
+    let r = app
+        .ok(
+            "/v2/identities.updateCredits",
+            json!({ "identity": "newco", "operation": "set", "value": 2 }),
+        )
+        .await;
+    assert_eq!(r["remaining"], 2);
+    let d = app.verify(&key, Some(2)).await;
+    assert_verdict(&d, "VALID", Some(2));
+    assert_eq!(d["identity"]["credits"]["remaining"], 0);
+
+    for (body, location) in [
+        (
+            json!({ "identity": "newco", "operation": "set", "value": -1 }),
+            "body.value",
+        ),
+        (
+            json!({ "identity": "newco", "operation": "double", "value": 1 }),
+            "body.operation",
+        ),
+        (
+            json!({ "identity": "", "operation": "set", "value": 1 }),
+            "body.identity",
+        ),
+    ] {
+        let (status, resp) = app.post("/v2/identities.updateCredits", body).await;
+        assert_bad_request(status, &resp, location);
+    }
+    let (status, resp) = app
+        .post(
+            "/v2/identities.updateCredits",
+            json!({ "identity": "nobody", "operation": "set", "value": 1 }),
+        )
+        .await;
+    assert_error(status, &resp, 404, "identity_not_found");
+    let (status, resp) = app
+        .post(
+            "/v2/identities.createIdentity",
+            json!({ "externalId": "bad", "credits": { "remaining": -5 } }),
+        )
+        .await;
+    assert_bad_request(status, &resp, "body.credits.remaining");
+    assert_eq!(pool_of(&app, "newco").await["remaining"], 0);
+    // A root key without update_identity may not change a pool.
+    let reader = app
+        .root_key(
+            creditgate_server::DEFAULT_WORKSPACE,
+            &["identity.*.read_identity"],
+        )
+        .await;
+    let (status, resp) = app
+        .post_as(
+            Some(&reader),
+            "/v2/identities.updateCredits",
+            json!({ "identity": "newco", "operation": "set", "value": 100 }),
+        )
+        .await;
+    assert_error(status, &resp, 403, "/insufficient_permissions");
+    assert_eq!(pool_of(&app, "newco").await["remaining"], 0);
+}
