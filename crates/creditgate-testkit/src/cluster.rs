@@ -301,17 +301,20 @@ impl Cluster {
 
     /// `SELECT remaining FROM keys WHERE id = …` on the Postgres ledger.
     pub fn sql_remaining(&self, key_id: &str) -> Result<Option<i64>> {
-        let Some(s) = &self.services else {
-            bail!("sql_remaining needs a Postgres ledger");
-        };
-        let out = s.postgres.query(
-            &s.databases.postgres_database,
-            &format!(
-                "SELECT remaining FROM keys WHERE id = '{}'",
-                key_id.replace('\'', "")
-            ),
-        )?;
+        let out = self.postgres_query(&format!(
+            "SELECT remaining FROM keys WHERE id = '{}'",
+            key_id.replace('\'', "")
+        ))?;
         Ok(out.trim().parse().ok())
+    }
+
+    /// A query on this cluster's Postgres database; its output as `psql` prints it
+    /// unaligned.
+    pub fn postgres_query(&self, sql: &str) -> Result<String> {
+        let Some(s) = &self.services else {
+            bail!("no Postgres in this cluster");
+        };
+        s.postgres.query(&s.databases.postgres_database, sql)
     }
 
     /// A query on this cluster's ClickHouse database.

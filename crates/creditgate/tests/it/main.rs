@@ -6,6 +6,7 @@ mod holds;
 mod idempotency;
 mod loadtest;
 mod multinode;
+mod pools;
 mod process;
 mod ratelimit;
 mod support;
