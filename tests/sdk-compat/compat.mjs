@@ -278,6 +278,24 @@ async function run() {
     await unkey.keys.deleteKey({ keyId: created.data.keyId });
   });
 
+  await step("a shared pool (opened over plain HTTP, creditgate's extension): the SDK's verifyKey tolerates identity.credits", async () => {
+    const res = await fetch(`${serverURL}/v2/identities.updateCredits`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${rootKey}` },
+      body: JSON.stringify({ identity: state.identityId, operation: "set", value: 3 }),
+    });
+    assertEq(res.status, 200, "identities.updateCredits status");
+    const v = await unkey.keys.verifyKey({ key: state.key, credits: { cost: 2 } });
+    assertEq(v.data.code, "VALID", "verifyKey of a pooled key");
+    const raw = await fetch(`${serverURL}/v2/keys.verifyKey`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${rootKey}` },
+      body: JSON.stringify({ key: state.key, credits: { cost: 2 } }),
+    }).then((r) => r.json());
+    assertEq(raw.data.code, "USAGE_EXCEEDED", "the pool (1 left) cannot pay 2");
+    assertEq(raw.data.identity?.credits?.remaining, 1, "identity.credits.remaining");
+  });
+
   await step("identities.deleteIdentity", async () => {
     const res = await unkey.identities.deleteIdentity({ identity: state.identityId });
     assertMeta(res, "deleteIdentity");
