@@ -14,7 +14,8 @@ use creditgate_domain::{Clock, Cost, Credits, KeyId, ManualClock, Refill, Refill
 use creditgate_limiter::conformance::{self, LedgerFixture};
 use creditgate_limiter::ports::*;
 use creditgate_limiter::{
-    CreditOp, Decision, Engine, EngineConfig, EngineError, HoldAnswer, MemoryHotStore, MemoryLedger,
+    CreditOp, Decision, Engine, EngineConfig, EngineError, HoldAnswer, MemoryHotStore,
+    MemoryLedger, SharedOutcome,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -284,9 +285,17 @@ enum Op {
         idem: usize,
         cost: u64,
     },
+    /// A verification of the key with its identity's shared pool: both pay, or neither.
+    Shared(u64),
+    /// An increment of the pool.
+    PoolIncrement(u64),
 }
 
 fn random_op(rng: &mut StdRng) -> Op {
+    // A quarter of spends go through the shared pool.
+    if rng.random_range(0..4) == 0 {
+        return Op::Shared(rng.random_range(0..5));
+    }
     match rng.random_range(0..100) {
         0..=51 => Op::Spend(match rng.random_range(0..10) {
             0 => 0,
@@ -314,6 +323,7 @@ fn random_op(rng: &mut StdRng) -> Op {
         97 => Op::Release {
             pick: rng.random_range(0..8),
         },
+        99 => Op::PoolIncrement(rng.random_range(0..30)),
         52..=54 | 98 => Op::Once {
             idem: rng.random_range(0..4),
             cost: rng.random_range(1..4),
@@ -347,6 +357,13 @@ struct Sim {
     /// and the answer stored ("VALID" / "EXCEEDED").
     idem: std::collections::HashMap<usize, ModelIdem>,
     next_token: u64,
+    /// The identity's shared pool: its account and the model's balance, what it was
+    /// granted, what shared spends took from it and what a crash lost of it.
+    pool: KeyId,
+    pool_balance: u64,
+    pool_granted: u64,
+    pool_spent: u64,
+    pool_lost: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -383,8 +400,18 @@ impl Sim {
             spend_deadline: Duration::from_millis(500),
             ..EngineConfig::default()
         };
+        let pool = KeyId::from("id_model");
+        let pool_initial = 60;
+        ledger
+            .inner
+            .create_key(pool.clone(), Some(pool_initial), clock.now_ms());
         let engine = Engine::new(hot.clone(), ledger.clone(), clock.clone(), config);
         Self {
+            pool,
+            pool_balance: pool_initial,
+            pool_granted: pool_initial,
+            pool_spent: 0,
+            pool_lost: 0,
             engine,
             hot,
             ledger,
@@ -435,8 +462,13 @@ impl Sim {
 
     /// Ledger remaining + hot balance: what the stores hold between operations.
     async fn stored(&self) -> Option<u64> {
-        let state = self.ledger.inner.state(&self.key).await.unwrap().unwrap();
-        let hot = self.hot.peek(&self.key).await.unwrap();
+        self.stored_of(&self.key).await
+    }
+
+    /// An account's balance as the ledger and the hot store hold it.
+    async fn stored_of(&self, account: &KeyId) -> Option<u64> {
+        let state = self.ledger.inner.state(account).await.unwrap().unwrap();
+        let hot = self.hot.peek(account).await.unwrap();
         let bal = match hot {
             Some(e) if e.generation == state.generation => e.bal,
             _ => 0,
@@ -481,6 +513,42 @@ impl Sim {
         );
         let state = self.ledger.inner.state(&self.key).await.unwrap().unwrap();
         assert_eq!(state.held, self.model_held(), "{ctx}: held after {op:?}");
+        assert_eq!(
+            self.engine.balance(&self.pool).await.unwrap(),
+            Some(self.pool_balance),
+            "{ctx}: the pool's balance after {op:?}"
+        );
+    }
+
+    /// An increment of the pool; after a fault, whether it applied is what the ledger
+    /// says once healed.
+    async fn pool_step(&mut self, v: u64, fault: Option<Fault>, ctx: &str) {
+        self.step_back = 0;
+        self.ledger.arm(fault);
+        let before = self.pool_balance;
+        let result = self
+            .engine
+            .update(&self.pool, CreditOp::Increment(credits(v)))
+            .await;
+        self.heal().await;
+        let now = self.engine.balance(&self.pool).await.unwrap().unwrap();
+        match &result {
+            Ok(_) => assert_eq!(now, before + v, "{ctx}: increment of the pool"),
+            Err(e) => assert!(
+                now == before || now == before + v,
+                "{ctx}: after {e:?} the pool holds {now}, expected {before} or {}",
+                before + v
+            ),
+        }
+        if now == before + v {
+            self.pool_granted += v;
+        }
+        self.pool_balance = now;
+        let back = self.due_back();
+        self.balance = self.balance.map(|b| b + back);
+        self.expire_model();
+        self.balance = self.balance.map(|b| b - back);
+        self.check(ctx, Op::PoolIncrement(v)).await;
     }
 
     /// A hold operation: answers checked against the model; after a fault, the hold's
@@ -857,6 +925,9 @@ impl Sim {
         if let Op::Once { idem, cost } = op {
             return self.once_step(idem, cost, fault, ctx).await;
         }
+        if let Op::PoolIncrement(v) = op {
+            return self.pool_step(v, fault, ctx).await;
+        }
         self.step_back = 0;
         self.ledger.arm(fault);
         let fired_before = self.ledger.fired.load(Ordering::SeqCst);
@@ -896,9 +967,69 @@ impl Sim {
                     Err(e)
                 }
             },
+            Op::Shared(cost) => {
+                let d = self
+                    .engine
+                    .spend_shared(&self.key, &self.pool, Cost::new(cost).unwrap())
+                    .await;
+                match d {
+                    Ok(d) => {
+                        let key_ok = self.balance.is_none_or(|b| b >= cost);
+                        let pool_ok = self.pool_balance >= cost;
+                        match d.outcome {
+                            SharedOutcome::Valid => {
+                                assert!(
+                                    key_ok && pool_ok,
+                                    "{ctx}: over-spend: key {:?}, pool {}, cost {cost}",
+                                    self.balance,
+                                    self.pool_balance
+                                );
+                                if let Some(b) = self.balance {
+                                    self.balance = Some(b - cost);
+                                    self.spent += cost;
+                                    assert_eq!(d.key, self.balance, "{ctx}: the key after");
+                                }
+                                self.pool_balance -= cost;
+                                self.pool_spent += cost;
+                                assert_eq!(d.pool, Some(self.pool_balance), "{ctx}: the pool");
+                            }
+                            SharedOutcome::KeyExceeded => {
+                                assert!(!key_ok, "{ctx}: refused: the key covers {cost}");
+                                assert_eq!(d.key, self.balance, "{ctx}: the key's balance");
+                            }
+                            SharedOutcome::PoolExceeded => {
+                                assert!(!pool_ok, "{ctx}: refused: the pool covers {cost}");
+                                assert_eq!(d.pool, Some(self.pool_balance), "{ctx}: the pool");
+                            }
+                            SharedOutcome::NotFound => panic!("{ctx}: an account vanished"),
+                        }
+                        expected_after = self.balance;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        expected_after = before;
+                        Err(e)
+                    }
+                }
+            }
             Op::Crash => {
+                let pool_hot = self
+                    .hot
+                    .peek(&self.pool)
+                    .await
+                    .unwrap()
+                    .map_or(0, |e| e.bal);
+                let pool_before = self.stored_of(&self.pool).await.unwrap_or(0);
                 let hot_bal = self.hot.peek(&self.key).await.unwrap().map_or(0, |e| e.bal);
                 self.hot.wipe();
+                let pool_after = self.stored_of(&self.pool).await.unwrap_or(0);
+                assert!(
+                    pool_after <= pool_before && pool_before - pool_after <= pool_hot,
+                    "{ctx}: the crash lost {} of the pool, which held {pool_hot} hot",
+                    pool_before - pool_after
+                );
+                self.pool_lost += pool_before - pool_after;
+                self.pool_balance = pool_after;
                 let after = self.stored().await;
                 match (before, after) {
                     (Some(b), Some(a)) => {
@@ -976,7 +1107,8 @@ impl Sim {
             | Op::Settle { .. }
             | Op::Release { .. }
             | Op::RetryReserve { .. }
-            | Op::Once { .. } => {
+            | Op::Once { .. }
+            | Op::PoolIncrement(_) => {
                 unreachable!("hold and idempotent ops run in their own steps")
             }
         };
@@ -986,7 +1118,7 @@ impl Sim {
                 self.balance = expected_after;
                 self.check(ctx, op).await;
             }
-            Ok(()) if matches!(op, Op::Spend(_)) => {
+            Ok(()) if matches!(op, Op::Spend(_) | Op::Shared(_)) => {
                 // A spend's answer is definitive even if a later bookkeeping call failed.
                 self.heal().await;
                 self.balance = expected_after;
@@ -1006,7 +1138,7 @@ impl Sim {
                      expected {before:?} (not applied) or {expected_after:?} (applied), \
                      plus {back} from expired holds"
                 );
-                if now != plus(before) && matches!(op, Op::Spend(_)) {
+                if now != plus(before) && matches!(op, Op::Spend(_) | Op::Shared(_)) {
                     panic!("{ctx}: a failed spend ({result:?}) spent credits");
                 }
                 self.balance = now.map(|n| n.saturating_sub(back));
@@ -1021,6 +1153,8 @@ impl Sim {
             (Op::Refill(_), Some(b), Some(a)) if a > b => self.refilled += a - b,
             (
                 Op::Spend(_)
+                | Op::Shared(_)
+                | Op::PoolIncrement(_)
                 | Op::Drain
                 | Op::Crash
                 | Op::Increment(_)
@@ -1067,6 +1201,18 @@ async fn run_sequence(seed: u64) {
         "seed {seed}: nothing left allocated"
     );
     assert_eq!(state.held, sim.model_held(), "seed {seed}: held at the end");
+    // The pool: exact in the ledger, and its books balance to the credit.
+    let pool = sim.ledger.inner.state(&sim.pool).await.unwrap().unwrap();
+    assert_eq!(
+        (pool.remaining, pool.hot_allocated),
+        (Some(sim.pool_balance), 0),
+        "seed {seed}: the pool after the final drain"
+    );
+    assert_eq!(
+        sim.pool_spent + sim.pool_balance + sim.pool_lost,
+        sim.pool_granted,
+        "seed {seed}: the pool's books"
+    );
     // Conservation: what was granted is outside holds, held, spent, or reported lost
     // (with no set or decrement in the sequence the books must balance exactly).
     if let (Some(b), Some(_)) = (sim.balance, initial) {

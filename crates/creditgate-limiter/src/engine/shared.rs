@@ -93,7 +93,11 @@ impl Engine {
                 if !matches!(replies[i], SpendReply::Low { .. } | SpendReply::Miss) {
                     continue;
                 }
-                match self.refill_for(&accounts[i], cost).await? {
+                let refilled = self.refill_for(&accounts[i], cost).await?;
+                // Credits it moved to the hot store are returned when the account idles
+                // (the drains follow the accounts the engine saw in use).
+                self.note_spend(&accounts[i], 0);
+                match refilled {
                     // Another holder had the lock, or it can pay now: try again.
                     None | Some(Decision::Valid { remaining: Some(_) }) => {}
                     // Unlimited: only the other account pays.
