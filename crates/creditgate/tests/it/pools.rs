@@ -132,9 +132,9 @@ async fn three_nodes_spend_a_pool_and_its_keys_together() {
         let node = c.nodes[1].remote();
         let (root, identity) = (c.root_key.clone(), identity.clone());
         tokio::spawn(async move {
-            let mut after_set = 0;
+            let mut after_set: u64 = 0;
             for i in 0..10 {
-                let (operation, value) = if i == 5 {
+                let (operation, value): (&str, u64) = if i == 5 {
                     ("set", 30)
                 } else {
                     ("increment", 7)
@@ -172,13 +172,11 @@ async fn three_nodes_spend_a_pool_and_its_keys_together() {
         keys_paid, passed,
         "the keys paid every verification that passed"
     );
+    let ceiling = i64::try_from(30 + after_set).expect("small");
     assert!(
-        pool_left >= 0 && pool_left <= 30 + after_set,
+        (0..=ceiling).contains(&pool_left),
         "pool {pool_left} after a set of 30 and {after_set} incremented"
     );
-    assert!(
-        passed <= 60 + 7 * 5 + 30 + after_set as u64,
-        "passed {passed}"
-    );
+    assert!(passed <= 60 + 7 * 5 + 30 + after_set, "passed {passed}");
     c.shutdown().await.expect("shutdown");
 }
