@@ -187,3 +187,42 @@ async fn pools_open_with_a_set_and_refuse_bad_changes() {
     assert_error(status, &resp, 403, "/insufficient_permissions");
     assert_eq!(pool_of(&app, "newco").await["remaining"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_refills_once_per_period() {
+    use std::sync::Arc;
+
+    use creditgate_domain::ManualClock;
+
+    // 2023-11-14 22:13:20 UTC; the next day starts 6,400 s later.
+    let t0 = 1_700_000_000_000;
+    let clock = Arc::new(ManualClock::new(t0));
+    let app = TestApp::start_with_clock(clock.clone()).await;
+    let api = app.create_api().await;
+    app.ok(
+        "/v2/identities.createIdentity",
+        json!({ "externalId": "daily", "credits": { "remaining": 10,
+                "refill": { "interval": "daily", "amount": 10 } } }),
+    )
+    .await;
+    assert_eq!(
+        pool_of(&app, "daily").await,
+        json!({ "remaining": 10, "refill": { "interval": "daily", "amount": 10 } })
+    );
+    let (_, key) = app
+        .create_key_with(json!({ "apiId": api, "externalId": "daily" }))
+        .await;
+    let d = app.verify(&key, Some(8)).await;
+    assert_eq!(d["identity"]["credits"]["remaining"], 2);
+    assert_verdict(&app.verify(&key, Some(3)).await, "USAGE_EXCEEDED", None);
+    // The next day the pool is back to 10, once.
+    clock.set(t0 + 6_400_000);
+    let d = app.verify(&key, Some(3)).await;
+    assert_verdict(&d, "VALID", None);
+    assert_eq!(d["identity"]["credits"]["remaining"], 7, "{d}");
+    let d = app.verify(&key, Some(3)).await;
+    assert_eq!(
+        d["identity"]["credits"]["remaining"], 4,
+        "refilled once: {d}"
+    );
+}
