@@ -66,6 +66,7 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     epochs_and_orphans(f).await;
     engine_is_exact_under_concurrency(f).await;
     holds_close_exactly_once(f).await;
+    pooled_holds_move_both_balances_or_neither(f).await;
     concurrent_reserves_and_settles_conserve_credits(f).await;
     idempotency_records_decide_with_the_change(f).await;
     concurrent_idempotent_spends_spend_once(f).await;
@@ -761,6 +762,117 @@ fn hold_of(o: HoldOutcome) -> (crate::ports::Hold, bool, (Option<u64>, u64)) {
         }
         other => panic!("expected a hold, got {other:?}"),
     }
+}
+
+/// A pooled key's hold: reserve, settle, release and expiry move the key's and the
+/// pool's balances together, both or neither, each exactly once.
+pub async fn pooled_holds_move_both_balances_or_neither(f: &dyn LedgerFixture) {
+    use crate::ports::PairHoldOutcome;
+    let l = f.ledger();
+    let key = f.create_key(Some(50)).await;
+    let pool = f.create_key(Some(30)).await;
+    let books = |k: KeyId| {
+        let l = l.clone();
+        async move {
+            let s = l.state(&k).await.unwrap().unwrap();
+            (s.remaining, s.held)
+        }
+    };
+    let hold_of = |o: PairHoldOutcome| match o {
+        PairHoldOutcome::Hold { hold, changed, .. } => (hold, changed),
+        other => panic!("expected a hold, got {other:?}"),
+    };
+    // The pool (30) cannot cover 40: nothing moves from either.
+    assert_eq!(
+        l.reserve_pair(&reserve_req(&key, "hold_p1", 40), &pool)
+            .await
+            .unwrap(),
+        PairHoldOutcome::Short {
+            account: 1,
+            remaining: 30,
+            hot_allocated: 0
+        }
+    );
+    let (h, changed) = hold_of(
+        l.reserve_pair(&reserve_req(&key, "hold_p1", 20), &pool)
+            .await
+            .unwrap(),
+    );
+    assert!(changed && h.state == HoldState::Open && h.key == key);
+    assert_eq!(books(key.clone()).await, (Some(30), 20));
+    assert_eq!(books(pool.clone()).await, (Some(10), 20));
+    // Again with the same id: nothing moves.
+    let (_, changed) = hold_of(
+        l.reserve_pair(&reserve_req(&key, "hold_p1", 5), &pool)
+            .await
+            .unwrap(),
+    );
+    assert!(!changed);
+    // Settling 35 needs 15 more from each: the pool has 10, nothing changes.
+    let settle = |cost| {
+        let (l, key, pool) = (l.clone(), key.clone(), pool.clone());
+        async move {
+            l.close_hold_pair(&key, &pool, "hold_p1", HoldClose::Settle(cost), 2_000, None)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(
+        settle(35).await,
+        PairHoldOutcome::Short { account: 1, .. }
+    ));
+    let (h, changed) = hold_of(settle(12).await);
+    assert!(changed && h.state == HoldState::Settled && h.cost == Some(12));
+    assert_eq!(books(key.clone()).await, (Some(38), 0));
+    assert_eq!(books(pool.clone()).await, (Some(18), 0));
+    let (_, changed) = hold_of(settle(1).await);
+    assert!(!changed, "settled once");
+    // A hold expired alone on one account (the reconciler expires per account) takes
+    // the other along at the next close.
+    hold_of(
+        l.reserve_pair(&reserve_req(&key, "hold_p2", 8), &pool)
+            .await
+            .unwrap(),
+    );
+    let (expired, _) = l.expire_holds(&pool, 61_000, 10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(books(pool.clone()).await, (Some(18), 0));
+    assert_eq!(books(key.clone()).await, (Some(30), 8));
+    let (h, changed) = hold_of(
+        l.close_hold_pair(&key, &pool, "hold_p2", HoldClose::Settle(8), 3_000, None)
+            .await
+            .unwrap(),
+    );
+    assert!(changed && h.state == HoldState::Expired, "{h:?}");
+    assert_eq!(books(key.clone()).await, (Some(38), 0));
+    // Release returns both.
+    hold_of(
+        l.reserve_pair(&reserve_req(&key, "hold_p3", 5), &pool)
+            .await
+            .unwrap(),
+    );
+    hold_of(
+        l.close_hold_pair(&key, &pool, "hold_p3", HoldClose::Release, 2_000, None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(books(key.clone()).await, (Some(38), 0));
+    assert_eq!(books(pool.clone()).await, (Some(18), 0));
+    // A plain hold of the key is not a pooled hold.
+    hold_of_plain(l.reserve(&reserve_req(&key, "hold_p4", 1)).await.unwrap());
+    assert_eq!(
+        l.close_hold_pair(&key, &pool, "hold_p4", HoldClose::Release, 2_000, None)
+            .await
+            .unwrap(),
+        PairHoldOutcome::NotFound
+    );
+}
+
+fn hold_of_plain(o: HoldOutcome) {
+    assert!(
+        matches!(o, HoldOutcome::Hold { changed: true, .. }),
+        "{o:?}"
+    );
 }
 
 pub async fn holds_close_exactly_once(f: &dyn LedgerFixture) {

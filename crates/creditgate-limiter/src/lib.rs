@@ -17,7 +17,7 @@ pub mod rules;
 
 pub use engine::{
     CreditOp, Decision, Engine, EngineConfig, EngineError, ExpiryObserver, HoldAnswer,
-    ReconcileReport, SharedDecision, SharedOutcome, IDEMPOTENCY_RETENTION_MS,
+    ReconcileReport, SharedDecision, SharedHoldAnswer, SharedOutcome, IDEMPOTENCY_RETENTION_MS,
 };
 pub use memory_hot::MemoryHotStore;
 #[cfg(feature = "testing")]

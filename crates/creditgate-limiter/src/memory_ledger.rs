@@ -11,8 +11,8 @@ use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 use crate::ports::{
     AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, DirectSpend, Drained, FenceOp,
     Hold, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemRecord, IdemState,
-    IncrementOutcome, Ledger, LedgerError, LedgerState, PendingAllocation, PendingFence,
-    ReserveRequest,
+    IncrementOutcome, Ledger, LedgerError, LedgerState, PairHoldOutcome, PendingAllocation,
+    PendingFence, ReserveRequest,
 };
 use crate::rules::{self, Account, FenceState, Transfer, TransferState};
 
@@ -425,6 +425,104 @@ impl Ledger for MemoryLedger {
                 })
             }
             Err(short) => Ok(short.into()),
+        }
+    }
+
+    async fn reserve_pair(
+        &self,
+        req: &ReserveRequest<'_>,
+        pool: &KeyId,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.check_mark(req.mark)?;
+        let (Some(mut k), Some(mut p)) = (
+            inner.accounts.get(req.key).cloned(),
+            inner.accounts.get(pool).cloned(),
+        ) else {
+            return Ok(PairHoldOutcome::NotFound);
+        };
+        if let Some(first) = inner.holds.get(req.hold_id) {
+            return Ok(PairHoldOutcome::Hold {
+                hold: first.clone(),
+                changed: false,
+                key_state: Some(k.state()),
+                pool_state: Some(p.state()),
+            });
+        }
+        match rules::reserve_pair(&mut k, &mut p, pool, req) {
+            Ok((key_hold, pool_hold)) => {
+                let (key_state, pool_state) = (Some(k.state()), Some(p.state()));
+                inner.accounts.insert(req.key.clone(), k);
+                inner.accounts.insert(pool.clone(), p);
+                inner.holds.insert(pool_hold.id.clone(), pool_hold);
+                inner.holds.insert(key_hold.id.clone(), key_hold.clone());
+                inner.decided(req.mark, true);
+                Ok(PairHoldOutcome::Hold {
+                    hold: key_hold,
+                    changed: true,
+                    key_state,
+                    pool_state,
+                })
+            }
+            Err((account, short)) => Ok(PairHoldOutcome::Short {
+                account,
+                remaining: short.remaining,
+                hot_allocated: short.hot_allocated,
+            }),
+        }
+    }
+
+    async fn close_hold_pair(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.check_mark(mark)?;
+        let pool_hold_id = rules::pool_hold_id(hold_id);
+        let (Some(mut kh), Some(mut ph)) = (
+            inner.holds.get(hold_id).filter(|h| h.key == *key).cloned(),
+            inner
+                .holds
+                .get(&pool_hold_id)
+                .filter(|h| h.key == *pool)
+                .cloned(),
+        ) else {
+            return Ok(PairHoldOutcome::NotFound);
+        };
+        let mut k = inner.accounts.get(key).cloned();
+        let mut p = inner.accounts.get(pool).cloned();
+        match rules::close_pair(k.as_mut(), p.as_mut(), &mut kh, &mut ph, close, now_ms) {
+            Ok(changed) => {
+                let (key_state, pool_state) =
+                    (k.as_ref().map(|a| a.state()), p.as_ref().map(|a| a.state()));
+                if let Some(k) = k {
+                    inner.accounts.insert(key.clone(), k);
+                }
+                if let Some(p) = p {
+                    inner.accounts.insert(pool.clone(), p);
+                }
+                inner.holds.insert(pool_hold_id, ph);
+                inner.holds.insert(hold_id.to_owned(), kh.clone());
+                inner.decided(mark, changed);
+                Ok(PairHoldOutcome::Hold {
+                    hold: kh,
+                    changed,
+                    key_state,
+                    pool_state,
+                })
+            }
+            Err((account, short)) => Ok(PairHoldOutcome::Short {
+                account,
+                remaining: short.remaining,
+                hot_allocated: short.hot_allocated,
+            }),
         }
     }
 

@@ -371,6 +371,27 @@ pub enum HoldOutcome {
     NotFound,
 }
 
+/// Result of a hold call on a pooled key (its hold and its pool's hold together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairHoldOutcome {
+    /// The key's hold after the call, and both accounts' states (`None`: deleted).
+    Hold {
+        hold: Hold,
+        changed: bool,
+        key_state: Option<LedgerState>,
+        pool_state: Option<LedgerState>,
+    },
+    /// Account `account` (0 the key, 1 the pool) cannot cover what the call needs;
+    /// the hot store holds `hot_allocated` more of it. Nothing changed.
+    Short {
+        account: usize,
+        remaining: u64,
+        hot_allocated: u64,
+    },
+    /// No such key or pool (reserve), or no such pooled hold of this key (close).
+    NotFound,
+}
+
 /// Request to move credits from the ledger to the hot store.
 #[derive(Debug, Clone)]
 pub struct AllocateRequest<'a> {
@@ -623,6 +644,27 @@ pub trait Ledger: Send + Sync {
         now_ms: i64,
         mark: Option<&IdemMark<'_>>,
     ) -> Result<HoldOutcome, LedgerError>;
+
+    /// [`Ledger::reserve`] from a key and its identity's pool together: one transaction
+    /// makes the key's hold and the pool's ([`rules::pool_hold_id`](crate::rules::pool_hold_id)),
+    /// both or neither. Idempotent on the hold id.
+    async fn reserve_pair(
+        &self,
+        req: &ReserveRequest<'_>,
+        pool: &KeyId,
+    ) -> Result<PairHoldOutcome, LedgerError>;
+
+    /// [`Ledger::close_hold`] on a pooled key's hold and its pool's hold, in one
+    /// transaction (see [`rules::close_pair`](crate::rules::close_pair)).
+    async fn close_hold_pair(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<PairHoldOutcome, LedgerError>;
 
     /// One transaction: expires up to `limit` open holds of `key` whose time is up;
     /// returns them and the key's state after.

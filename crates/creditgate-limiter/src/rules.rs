@@ -485,6 +485,70 @@ pub fn close_hold(
     Ok(true)
 }
 
+/// The id of the hold a pooled key's hold `hold_id` has on its identity's pool.
+pub fn pool_hold_id(hold_id: &str) -> String {
+    format!("{hold_id}.pool")
+}
+
+/// [`reserve`] on a key and on its identity's pool (`pool`), both or neither: the key's
+/// hold (`req.hold_id`) and the pool's ([`pool_hold_id`]), or the index (0 key, 1 pool)
+/// of the account that cannot cover it, nothing changed.
+pub fn reserve_pair(
+    key: &mut Account,
+    pool: &mut Account,
+    pool_id: &KeyId,
+    req: &ReserveRequest<'_>,
+) -> Result<(Hold, Hold), (usize, Short)> {
+    let (mut k, mut p) = (key.clone(), pool.clone());
+    let key_hold = reserve(&mut k, req).map_err(|s| (0, s))?;
+    let pool_hold_id = pool_hold_id(req.hold_id);
+    let pool_req = ReserveRequest {
+        key: pool_id,
+        hold_id: &pool_hold_id,
+        ..req.clone()
+    };
+    let pool_hold = reserve(&mut p, &pool_req).map_err(|s| (1, s))?;
+    (*key, *pool) = (k, p);
+    Ok((key_hold, pool_hold))
+}
+
+/// [`close_hold`] on both holds of a pooled key's hold, both or neither (`Err`: the
+/// index of the account that cannot cover a settle above the hold, nothing changed).
+/// The reconciler expires each account's holds on its own, so one of the two may have
+/// expired alone: the other then expires too (at its own time, the same), whatever
+/// `close` asked. `Ok(true)`: something closed now.
+pub fn close_pair(
+    key: Option<&mut Account>,
+    pool: Option<&mut Account>,
+    key_hold: &mut Hold,
+    pool_hold: &mut Hold,
+    close: HoldClose,
+    now_ms: i64,
+) -> Result<bool, (usize, Short)> {
+    let expired = |h: &Hold| h.state == HoldState::Expired;
+    let open = |h: &Hold| h.state == HoldState::Open;
+    if expired(key_hold) && open(pool_hold) {
+        let at = now_ms.max(pool_hold.expires_at_ms);
+        return close_hold(pool, pool_hold, HoldClose::Expire, at).map_err(|s| (1, s));
+    }
+    if expired(pool_hold) && open(key_hold) {
+        let at = now_ms.max(key_hold.expires_at_ms);
+        return close_hold(key, key_hold, HoldClose::Expire, at).map_err(|s| (0, s));
+    }
+    let (mut ka, mut pa) = (key.as_deref().cloned(), pool.as_deref().cloned());
+    let (mut kh, mut ph) = (key_hold.clone(), pool_hold.clone());
+    let key_closed = close_hold(ka.as_mut(), &mut kh, close, now_ms).map_err(|s| (0, s))?;
+    let pool_closed = close_hold(pa.as_mut(), &mut ph, close, now_ms).map_err(|s| (1, s))?;
+    if let (Some(k), Some(a)) = (key, ka) {
+        *k = a;
+    }
+    if let (Some(p), Some(a)) = (pool, pa) {
+        *p = a;
+    }
+    (*key_hold, *pool_hold) = (kh, ph);
+    Ok(key_closed || pool_closed)
+}
+
 /// A claim on an idempotency key, given the key's record (if any): the outcome, and the
 /// record to store (`None`: leave it as it is). The same key with another request is a
 /// mismatch whatever its state; a lapsed claim that decided nothing is taken over.

@@ -210,6 +210,29 @@ impl Ledger for FaultyLedger {
             self.inner.close_hold(key, hold_id, close, now, mark).await
         )
     }
+    async fn reserve_pair(
+        &self,
+        req: &ReserveRequest<'_>,
+        pool: &KeyId,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        faulty!(self, self.inner.reserve_pair(req, pool).await)
+    }
+    async fn close_hold_pair(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now: i64,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        faulty!(
+            self,
+            self.inner
+                .close_hold_pair(key, pool, hold_id, close, now, mark)
+                .await
+        )
+    }
     async fn expire_holds(
         &self,
         key: &KeyId,

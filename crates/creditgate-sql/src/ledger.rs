@@ -16,7 +16,7 @@ use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
     ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState,
     IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger, LedgerError, LedgerState,
-    PendingAllocation, PendingFence, ReserveRequest, Settlement,
+    PairHoldOutcome, PendingAllocation, PendingFence, ReserveRequest, Settlement,
 };
 use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
 use sqlx::any::AnyRow;
@@ -176,6 +176,24 @@ impl SqlStore {
 }
 
 impl SqlStore {
+    /// Locks and reads the live accounts of a key and its pool, in id order.
+    async fn lock_pair(
+        &self,
+        conn: &mut AnyConnection,
+        key: &KeyId,
+        pool: &KeyId,
+    ) -> Result<(Option<Account>, Option<Account>), LedgerError> {
+        if key.as_str() <= pool.as_str() {
+            let k = self.lock_key(conn, key).await?.and_then(KeyRow::live);
+            let p = self.lock_key(conn, pool).await?.and_then(KeyRow::live);
+            Ok((k, p))
+        } else {
+            let p = self.lock_key(conn, pool).await?.and_then(KeyRow::live);
+            let k = self.lock_key(conn, key).await?.and_then(KeyRow::live);
+            Ok((k, p))
+        }
+    }
+
     /// [`Ledger::allocate`] inside the write transaction `conn`.
     async fn allocate_in(
         &self,
@@ -940,6 +958,101 @@ impl Ledger for SqlStore {
             hold,
             changed: true,
             state: Some(account.state()),
+        })
+    }
+
+    async fn reserve_pair(
+        &self,
+        req: &ReserveRequest<'_>,
+        pool: &KeyId,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let (key_before, pool_before) = self.lock_pair(&mut tx, req.key, pool).await?;
+        let (Some(key_before), Some(pool_before)) = (key_before, pool_before) else {
+            return Ok(PairHoldOutcome::NotFound);
+        };
+        if let Some(first) = find_hold(&mut tx, req.hold_id).await? {
+            return Ok(PairHoldOutcome::Hold {
+                hold: first,
+                changed: false,
+                key_state: Some(key_before.state()),
+                pool_state: Some(pool_before.state()),
+            });
+        }
+        let (mut k, mut p) = (key_before.clone(), pool_before.clone());
+        let (key_hold, pool_hold) = match rules::reserve_pair(&mut k, &mut p, pool, req) {
+            Ok(holds) => holds,
+            Err((account, short)) => {
+                return Ok(PairHoldOutcome::Short {
+                    account,
+                    remaining: short.remaining,
+                    hot_allocated: short.hot_allocated,
+                })
+            }
+        };
+        decide_mark(&mut tx, req.mark).await?;
+        insert_hold(&mut tx, &key_hold).await?;
+        insert_hold(&mut tx, &pool_hold).await?;
+        store_account(&mut tx, req.key, &key_before, &k).await?;
+        store_account(&mut tx, pool, &pool_before, &p).await?;
+        commit(tx).await?;
+        Ok(PairHoldOutcome::Hold {
+            hold: key_hold,
+            changed: true,
+            key_state: Some(k.state()),
+            pool_state: Some(p.state()),
+        })
+    }
+
+    async fn close_hold_pair(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        now_ms: i64,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<PairHoldOutcome, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let (key_before, pool_before) = self.lock_pair(&mut tx, key, pool).await?;
+        let pool_hold_id = rules::pool_hold_id(hold_id);
+        let (Some(mut kh), Some(mut ph)) = (
+            find_hold(&mut tx, hold_id).await?.filter(|h| h.key == *key),
+            find_hold(&mut tx, &pool_hold_id)
+                .await?
+                .filter(|h| h.key == *pool),
+        ) else {
+            return Ok(PairHoldOutcome::NotFound);
+        };
+        let (mut k, mut p) = (key_before.clone(), pool_before.clone());
+        let changed =
+            match rules::close_pair(k.as_mut(), p.as_mut(), &mut kh, &mut ph, close, now_ms) {
+                Ok(changed) => changed,
+                Err((account, short)) => {
+                    return Ok(PairHoldOutcome::Short {
+                        account,
+                        remaining: short.remaining,
+                        hot_allocated: short.hot_allocated,
+                    })
+                }
+            };
+        if changed {
+            decide_mark(&mut tx, mark).await?;
+            store_closed_hold(&mut tx, &kh).await?;
+            store_closed_hold(&mut tx, &ph).await?;
+            if let (Some(before), Some(after)) = (&key_before, &k) {
+                store_account(&mut tx, key, before, after).await?;
+            }
+            if let (Some(before), Some(after)) = (&pool_before, &p) {
+                store_account(&mut tx, pool, before, after).await?;
+            }
+            commit(tx).await?;
+        }
+        Ok(PairHoldOutcome::Hold {
+            hold: kh,
+            changed,
+            key_state: k.map(|a| a.state()),
+            pool_state: p.map(|a| a.state()),
         })
     }
 

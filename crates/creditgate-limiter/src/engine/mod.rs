@@ -25,7 +25,7 @@ mod spend;
 pub use holds::HoldAnswer;
 use prefetch::PREFETCH_QUEUE;
 pub use reconciler::ReconcileReport;
-pub use shared::{SharedDecision, SharedOutcome};
+pub use shared::{SharedDecision, SharedHoldAnswer, SharedOutcome};
 
 use crate::metrics as m;
 use crate::ports::{

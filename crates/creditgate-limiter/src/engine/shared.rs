@@ -6,6 +6,7 @@
 //! refilled under its own lock without spending, then the joint step runs again.
 
 use super::*;
+use crate::ports::PairHoldOutcome;
 
 /// The decision on a spend from a key and its pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,5 +320,157 @@ impl Engine {
              balance, and the unreachable hot store holds more; nothing was spent"
                 .into(),
         ))
+    }
+}
+
+/// The answer to a hold call on a pooled key (its hold and its pool's hold together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedHoldAnswer {
+    /// The key's hold after the call; `changed` as in [`HoldAnswer::Hold`]; the exact
+    /// balances outside holds of the key (`None`: unlimited or deleted) and the pool.
+    Hold {
+        hold: Hold,
+        changed: bool,
+        key: Option<u64>,
+        pool: Option<u64>,
+    },
+    /// Nothing moved: the key (`pool_short` false) or the pool cannot cover it; the
+    /// exact balances after.
+    Exceeded {
+        pool_short: bool,
+        key: Option<u64>,
+        pool: Option<u64>,
+    },
+    /// No such key or pool (reserve), or no such pooled hold of this key (close).
+    NotFound,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PairCall<'a> {
+    Reserve(&'a ReserveRequest<'a>),
+    Close {
+        hold_id: &'a str,
+        close: HoldClose,
+        mark: Option<&'a IdemMark<'a>>,
+    },
+}
+
+impl Engine {
+    /// [`Engine::reserve`] on a key of an identity with a shared pool: the amount moves
+    /// into the key's hold and the pool's, both or neither.
+    pub async fn reserve_shared(
+        &self,
+        req: &ReserveRequest<'_>,
+        pool: &KeyId,
+    ) -> Result<SharedHoldAnswer, EngineError> {
+        self.pair_call(req.key, pool, PairCall::Reserve(req)).await
+    }
+
+    /// [`Engine::close_hold`] on a pooled key's hold: both holds close together.
+    pub async fn close_hold_shared(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        hold_id: &str,
+        close: HoldClose,
+        mark: Option<&IdemMark<'_>>,
+    ) -> Result<SharedHoldAnswer, EngineError> {
+        self.pair_call(
+            key,
+            pool,
+            PairCall::Close {
+                hold_id,
+                close,
+                mark,
+            },
+        )
+        .await
+    }
+
+    async fn pair_call(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        call: PairCall<'_>,
+    ) -> Result<SharedHoldAnswer, EngineError> {
+        let (first, second) = if key.as_str() <= pool.as_str() {
+            (key, pool)
+        } else {
+            (pool, key)
+        };
+        let t1 = self.lock_waiting(first).await?;
+        let t2 = match self.lock_waiting(second).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.unlock(first, &t1).await;
+                return Err(e);
+            }
+        };
+        let result = self.pair_call_locked(key, pool, call).await;
+        self.unlock(second, &t2).await;
+        self.unlock(first, &t1).await;
+        result
+    }
+
+    async fn pair_call_locked(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+        call: PairCall<'_>,
+    ) -> Result<SharedHoldAnswer, EngineError> {
+        let accounts = [key.clone(), pool.clone()];
+        for a in &accounts {
+            self.settle_pending(a).await?;
+            // The ledger's parts are about to change: spends that would state them wait.
+            self.hot.sync_unalloc(a, None, 0).await?;
+        }
+        let mut drained = [false, false];
+        loop {
+            let outcome = match call {
+                PairCall::Reserve(req) => self.ledger.reserve_pair(req, pool).await?,
+                PairCall::Close {
+                    hold_id,
+                    close,
+                    mark,
+                } => {
+                    self.ledger
+                        .close_hold_pair(key, pool, hold_id, close, self.clock.now_ms(), mark)
+                        .await?
+                }
+            };
+            if let PairHoldOutcome::Short {
+                account,
+                hot_allocated,
+                ..
+            } = outcome
+            {
+                if hot_allocated > 0 && !drained[account] {
+                    self.drain_for_hold(&accounts[account]).await?;
+                    drained[account] = true;
+                    continue;
+                }
+            }
+            // Every path leaves both snapshots valid again, with the exact balances.
+            let mut exact = [None, None];
+            for (i, a) in accounts.iter().enumerate() {
+                if let Some(state) = self.ledger.state(a).await? {
+                    exact[i] = self.exact_and_sync(a, &state).await?;
+                }
+            }
+            return Ok(match outcome {
+                PairHoldOutcome::Hold { hold, changed, .. } => SharedHoldAnswer::Hold {
+                    hold,
+                    changed,
+                    key: exact[0],
+                    pool: exact[1],
+                },
+                PairHoldOutcome::Short { account, .. } => SharedHoldAnswer::Exceeded {
+                    pool_short: account == 1,
+                    key: exact[0],
+                    pool: exact[1],
+                },
+                PairHoldOutcome::NotFound => SharedHoldAnswer::NotFound,
+            });
+        }
     }
 }
