@@ -10,8 +10,10 @@ use std::time::Instant;
 use creditgate_analytics::Analytics;
 use creditgate_domain::{new_id, Action, Clock, Cost, KeyRecord, KeyStore, Outcome};
 use creditgate_limiter::ports::{Hold, HoldClose, HoldState, ReserveRequest};
-use creditgate_limiter::{EngineError, ExpiryObserver, HoldAnswer};
+use creditgate_limiter::rules::pool_hold_id;
+use creditgate_limiter::{EngineError, ExpiryObserver, HoldAnswer, SharedHoldAnswer};
 
+use crate::identities::pool_account;
 use crate::verify::Decided;
 use crate::{Caller, Service, ServiceError, ServiceSettings, Ticket};
 
@@ -109,13 +111,12 @@ impl Service {
             Ok(key) => key,
             Err((outcome, key)) => return Ok(refused(outcome, key)),
         };
-        if key.identity.as_deref().is_some_and(|i| i.pool.is_some()) {
-            return Err(ServiceError::Conflict(
-                "holds on keys whose identity has a shared credit pool are not built yet: \
-                 verify with the cost instead; nothing was reserved"
-                    .into(),
-            ));
-        }
+        // A key of an identity with a shared pool holds from both.
+        let pool = key
+            .identity
+            .as_deref()
+            .filter(|i| i.pool.is_some())
+            .map(pool_account);
         let hold_id = ticket.map_or_else(|| new_id("hold"), Ticket::hold_id);
         let (engine, key_id, amount) = (self.engine.clone(), key.id.clone(), cmd.amount.get());
         let expires_at_ms = now.saturating_add(cmd.ttl_ms);
@@ -131,11 +132,14 @@ impl Service {
                     expires_at_ms,
                     mark: mark.as_ref(),
                 };
-                engine.reserve(&req).await
+                Ok(match pool {
+                    Some(pool) => Answer::from(engine.reserve_shared(&req, &pool).await?),
+                    None => Answer::from(engine.reserve(&req).await?),
+                })
             })
             .await?;
         Ok(match answer {
-            HoldAnswer::Hold {
+            Answer::Hold {
                 hold, remaining, ..
             } => Reservation {
                 outcome: Outcome::Valid,
@@ -143,14 +147,14 @@ impl Service {
                 hold: Some(hold),
                 remaining,
             },
-            HoldAnswer::Exceeded { remaining } => Reservation {
+            Answer::Exceeded { remaining } => Reservation {
                 outcome: Outcome::UsageExceeded,
                 key: Some(key),
                 hold: None,
-                remaining: Some(remaining),
+                remaining,
             },
             // Deleted since it was cached.
-            HoldAnswer::NotFound => refused(Outcome::NotFound, None),
+            Answer::NotFound => refused(Outcome::NotFound, None),
         })
     }
 
@@ -172,11 +176,26 @@ impl Service {
             CloseHold::Settle(cost) => HoldClose::Settle(cost.get()),
             CloseHold::Release => HoldClose::Release,
         };
+        // A pooled key's hold has a twin on the pool: both close together.
+        let pool = self
+            .engine
+            .ledger()
+            .hold(&pool_hold_id(&hold.id))
+            .await
+            .map_err(EngineError::from)?
+            .map(|twin| twin.key);
         let ticket = ticket.cloned();
         let answer = self
             .in_engine_task(async move {
                 let mark = ticket.as_ref().map(Ticket::mark);
-                engine.close_hold(&key_id, &id, op, mark.as_ref()).await
+                Ok(match pool {
+                    Some(pool) => Answer::from(
+                        engine
+                            .close_hold_shared(&key_id, &pool, &id, op, mark.as_ref())
+                            .await?,
+                    ),
+                    None => Answer::from(engine.close_hold(&key_id, &id, op, mark.as_ref()).await?),
+                })
             })
             .await?;
         let wanted = match close {
@@ -184,7 +203,7 @@ impl Service {
             CloseHold::Release => HoldState::Released,
         };
         let (closing, changed) = match answer {
-            HoldAnswer::Hold {
+            Answer::Hold {
                 hold,
                 changed,
                 remaining,
@@ -196,15 +215,15 @@ impl Service {
                 },
                 changed,
             ),
-            HoldAnswer::Exceeded { remaining } => (
+            Answer::Exceeded { remaining } => (
                 Closing {
                     done: false,
                     hold,
-                    remaining: Some(remaining),
+                    remaining,
                 },
                 true,
             ),
-            HoldAnswer::NotFound => return Err(ServiceError::HoldNotFound),
+            Answer::NotFound => return Err(ServiceError::HoldNotFound),
         };
         if changed {
             let h = &closing.hold;
@@ -265,6 +284,56 @@ impl Service {
             .filter(|k| caller.sees(&k.workspace_id, Action::VerifyKey, &k.api_id))
             .ok_or(ServiceError::HoldNotFound)?;
         Ok((hold, key))
+    }
+}
+
+/// A hold call's answer, for a plain key's hold or a pooled one (`remaining`: the key's
+/// exact balance outside holds; `None` for an unlimited key).
+enum Answer {
+    Hold {
+        hold: Hold,
+        changed: bool,
+        remaining: Option<u64>,
+    },
+    Exceeded {
+        remaining: Option<u64>,
+    },
+    NotFound,
+}
+
+impl From<HoldAnswer> for Answer {
+    fn from(a: HoldAnswer) -> Self {
+        match a {
+            HoldAnswer::Hold {
+                hold,
+                changed,
+                remaining,
+            } => Answer::Hold {
+                hold,
+                changed,
+                remaining,
+            },
+            HoldAnswer::Exceeded { remaining } => Answer::Exceeded {
+                remaining: Some(remaining),
+            },
+            HoldAnswer::NotFound => Answer::NotFound,
+        }
+    }
+}
+
+impl From<SharedHoldAnswer> for Answer {
+    fn from(a: SharedHoldAnswer) -> Self {
+        match a {
+            SharedHoldAnswer::Hold {
+                hold, changed, key, ..
+            } => Answer::Hold {
+                hold,
+                changed,
+                remaining: key,
+            },
+            SharedHoldAnswer::Exceeded { key, .. } => Answer::Exceeded { remaining: key },
+            SharedHoldAnswer::NotFound => Answer::NotFound,
+        }
     }
 }
 

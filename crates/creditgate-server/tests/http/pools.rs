@@ -78,15 +78,64 @@ async fn keys_spend_from_their_identity_pool_both_or_neither() {
     assert_verdict(&d, "VALID", None);
     assert_eq!(d["identity"]["credits"]["remaining"], 15);
 
-    // Holds on pooled keys are refused with nothing reserved (not built yet).
-    let (status, body) = app
-        .post(
+    // Holds on pooled keys reserve from the key and the pool, both or neither.
+    let r = app
+        .ok(
             "/v2/keys.reserveCredits",
-            json!({ "key": free, "amount": 1 }),
+            json!({ "key": free, "amount": 20 }),
         )
         .await;
-    assert_error(status, &body, 409, "conflict");
+    assert_eq!(r["code"], "USAGE_EXCEEDED", "the pool has 15: {r}");
     assert_eq!(pool_of(&app, "acme").await["remaining"], 15);
+    let r = app
+        .ok(
+            "/v2/keys.reserveCredits",
+            json!({ "key": free, "amount": 6 }),
+        )
+        .await;
+    assert_eq!(r["code"], "VALID", "{r}");
+    let hold = r["holdId"].as_str().expect("holdId").to_owned();
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 9, "6 held");
+    let s = app
+        .ok(
+            "/v2/keys.settleCredits",
+            json!({ "holdId": hold, "cost": 4 }),
+        )
+        .await;
+    assert_eq!(s["code"], "VALID", "{s}");
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 11, "2 back");
+    let again = app
+        .ok(
+            "/v2/keys.settleCredits",
+            json!({ "holdId": hold, "cost": 4 }),
+        )
+        .await;
+    assert_eq!(again["spent"], s["spent"], "settled once: {again}");
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 11);
+    // A limited key: both hold; the key's 0 cannot cover 1, nothing leaves the pool.
+    let r = app
+        .ok("/v2/keys.reserveCredits", json!({ "key": k1, "amount": 1 }))
+        .await;
+    assert_eq!(
+        (&r["code"], &r["credits"]),
+        (&json!("USAGE_EXCEEDED"), &json!(0))
+    );
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 11);
+    app.ok(
+        "/v2/identities.updateCredits",
+        json!({ "identity": "acme", "operation": "set", "value": 15 }),
+    )
+    .await;
+    let r = app
+        .ok(
+            "/v2/keys.reserveCredits",
+            json!({ "key": free, "amount": 3 }),
+        )
+        .await;
+    let hold = r["holdId"].as_str().expect("holdId").to_owned();
+    app.ok("/v2/keys.releaseCredits", json!({ "holdId": hold }))
+        .await;
+    assert_eq!(pool_of(&app, "acme").await["remaining"], 15, "released");
 
     // Idempotent verifications of a pooled key spend once.
     let body = json!({ "key": free, "credits": { "cost": 2 } });
@@ -225,4 +274,56 @@ async fn a_pool_refills_once_per_period() {
         d["identity"]["credits"]["remaining"], 4,
         "refilled once: {d}"
     );
+}
+
+/// A pooled key's hold expires on both balances, and a settle after that is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_hold_expires_on_both_balances() {
+    use std::time::{Duration, Instant};
+
+    let app = TestApp::start().await;
+    let api = app.create_api().await;
+    app.ok(
+        "/v2/identities.createIdentity",
+        json!({ "externalId": "exp", "credits": { "remaining": 100 } }),
+    )
+    .await;
+    let (key_id, key) = app
+        .create_key_with(
+            json!({ "apiId": api, "externalId": "exp", "credits": { "remaining": 50 } }),
+        )
+        .await;
+    let r = app
+        .ok(
+            "/v2/keys.reserveCredits",
+            json!({ "key": key, "amount": 20, "ttlMs": 200 }),
+        )
+        .await;
+    assert_eq!((&r["code"], &r["credits"]), (&json!("VALID"), &json!(30)));
+    let hold = r["holdId"].as_str().expect("holdId").to_owned();
+    assert_eq!(pool_of(&app, "exp").await["remaining"], 80);
+    let started = Instant::now();
+    loop {
+        let (k, p) = (
+            app.balance(&key_id).await,
+            pool_of(&app, "exp").await["remaining"].clone(),
+        );
+        if k == Some(50) && p == 100 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(2_000),
+            "credits of the expired hold not back: key {k:?}, pool {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = app
+        .post(
+            "/v2/keys.settleCredits",
+            json!({ "holdId": hold, "cost": 5 }),
+        )
+        .await;
+    assert_error(status, &body, 409, "hold_expired");
+    assert_eq!(app.balance(&key_id).await, Some(50));
+    assert_eq!(pool_of(&app, "exp").await["remaining"], 100);
 }
