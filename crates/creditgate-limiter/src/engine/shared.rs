@@ -139,22 +139,9 @@ impl Engine {
         cost: Cost,
         mark: &IdemMark<'_>,
     ) -> Result<SharedDecision, EngineError> {
-        let (first, second) = if key.as_str() <= pool.as_str() {
-            (key, pool)
-        } else {
-            (pool, key)
-        };
-        let t1 = self.lock_waiting(first).await?;
-        let t2 = match self.lock_waiting(second).await {
-            Ok(t) => t,
-            Err(e) => {
-                self.unlock(first, &t1).await;
-                return Err(e);
-            }
-        };
+        let tokens = self.lock_pair(key, pool).await?;
         let result = self.spend_shared_once_locked(key, pool, cost, mark).await;
-        self.unlock(second, &t2).await;
-        self.unlock(first, &t1).await;
+        self.unlock_pair(key, pool, tokens).await;
         result
     }
 
@@ -219,6 +206,31 @@ impl Engine {
             };
             return Ok(SharedDecision::of(outcome, exact[0], exact[1]));
         }
+    }
+
+    /// Takes the locks of a key and its pool, in id order (no deadlock between two
+    /// callers); the tokens come back in the same order as the arguments.
+    async fn lock_pair(
+        &self,
+        key: &KeyId,
+        pool: &KeyId,
+    ) -> Result<(LockToken, LockToken), EngineError> {
+        let key_first = key.as_str() <= pool.as_str();
+        let (first, second) = if key_first { (key, pool) } else { (pool, key) };
+        let t1 = self.lock_waiting(first).await?;
+        let t2 = match self.lock_waiting(second).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.unlock(first, &t1).await;
+                return Err(e);
+            }
+        };
+        Ok(if key_first { (t1, t2) } else { (t2, t1) })
+    }
+
+    async fn unlock_pair(&self, key: &KeyId, pool: &KeyId, tokens: (LockToken, LockToken)) {
+        self.unlock(key, &tokens.0).await;
+        self.unlock(pool, &tokens.1).await;
     }
 
     /// One of the two accounts is unlimited (`unlimited`: its index): the other alone
@@ -393,22 +405,9 @@ impl Engine {
         pool: &KeyId,
         call: PairCall<'_>,
     ) -> Result<SharedHoldAnswer, EngineError> {
-        let (first, second) = if key.as_str() <= pool.as_str() {
-            (key, pool)
-        } else {
-            (pool, key)
-        };
-        let t1 = self.lock_waiting(first).await?;
-        let t2 = match self.lock_waiting(second).await {
-            Ok(t) => t,
-            Err(e) => {
-                self.unlock(first, &t1).await;
-                return Err(e);
-            }
-        };
+        let tokens = self.lock_pair(key, pool).await?;
         let result = self.pair_call_locked(key, pool, call).await;
-        self.unlock(second, &t2).await;
-        self.unlock(first, &t1).await;
+        self.unlock_pair(key, pool, tokens).await;
         result
     }
 

@@ -147,16 +147,7 @@ impl Engine {
         key: &KeyId,
         cost: Cost,
     ) -> Result<Option<Decision>, EngineError> {
-        let Some(token) = self
-            .hot
-            .lock(key, self.config.lock_ttl, self.config.lock_wait)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let result = self.refill_locked(key, cost, false).await;
-        self.unlock(key, &token).await;
-        result.map(Some)
+        self.refill_under_lock(key, cost, false).await
     }
 
     /// Under the key's lock: moves credits from the ledger until the hot store could pay
@@ -167,6 +158,16 @@ impl Engine {
         key: &KeyId,
         cost: Cost,
     ) -> Result<Option<Decision>, EngineError> {
+        self.refill_under_lock(key, cost, true).await
+    }
+
+    /// [`Engine::refill_locked`] under the key's lock, if free (`None` otherwise).
+    async fn refill_under_lock(
+        &self,
+        key: &KeyId,
+        cost: Cost,
+        probe: bool,
+    ) -> Result<Option<Decision>, EngineError> {
         let Some(token) = self
             .hot
             .lock(key, self.config.lock_ttl, self.config.lock_wait)
@@ -174,7 +175,7 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let result = self.refill_locked(key, cost, true).await;
+        let result = self.refill_locked(key, cost, probe).await;
         self.unlock(key, &token).await;
         result.map(Some)
     }
