@@ -465,11 +465,7 @@ impl Ledger for MemoryLedger {
                     pool_state,
                 })
             }
-            Err((account, short)) => Ok(PairHoldOutcome::Short {
-                account,
-                remaining: short.remaining,
-                hot_allocated: short.hot_allocated,
-            }),
+            Err(e) => Ok(e.into()),
         }
     }
 
@@ -518,11 +514,7 @@ impl Ledger for MemoryLedger {
                     pool_state,
                 })
             }
-            Err((account, short)) => Ok(PairHoldOutcome::Short {
-                account,
-                remaining: short.remaining,
-                hot_allocated: short.hot_allocated,
-            }),
+            Err(e) => Ok(e.into()),
         }
     }
 

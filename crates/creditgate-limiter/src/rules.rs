@@ -15,7 +15,7 @@ use creditgate_domain::KeyId;
 use crate::ports::{
     AllocateOutcome, AllocateRequest, ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose,
     HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState, IncrementOutcome, LedgerState,
-    ReserveRequest,
+    PairHoldOutcome, ReserveRequest,
 };
 
 /// The ledger columns of one key.
@@ -396,6 +396,17 @@ impl Short {
         Self {
             remaining,
             hot_allocated: account.hot_allocated,
+        }
+    }
+}
+
+/// The account (0 the key, 1 the pool) that cannot cover a pooled hold call.
+impl From<(usize, Short)> for PairHoldOutcome {
+    fn from((account, s): (usize, Short)) -> Self {
+        PairHoldOutcome::Short {
+            account,
+            remaining: s.remaining,
+            hot_allocated: s.hot_allocated,
         }
     }
 }

@@ -105,6 +105,21 @@ macro_rules! identities_where {
 const IDENTITY_BY_HANDLE: &str =
     identities_where!("i.workspace_id = $1 AND (i.id = $2 OR i.external_id = $2)");
 
+/// The live key `id` as the transaction `tx` left it, then commits.
+async fn read_back(
+    mut tx: sqlx::Transaction<'static, Any>,
+    id: &KeyId,
+) -> Result<Option<KeyRecord>, StoreError> {
+    let row = sqlx::query(live_keys_where!("k.id = $1"))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    let key = row.as_ref().map(key_from_row).transpose()?;
+    tx.commit().await.map_err(store_error)?;
+    Ok(key)
+}
+
 /// Opens the ledger account of a pool (in the transaction `conn`).
 pub(crate) async fn insert_pool(
     conn: &mut AnyConnection,
@@ -674,14 +689,7 @@ impl KeyStore for SqlStore {
                     .map_err(store_error)?;
             ensure_identity(&mut tx, &WorkspaceId::from(workspace), external_id, now_ms).await?;
         }
-        let row = sqlx::query(live_keys_where!("k.id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        let key = row.as_ref().map(key_from_row).transpose()?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(key)
+        read_back(tx, id).await
     }
 
     async fn reroll_key(
@@ -714,14 +722,7 @@ impl KeyStore for SqlStore {
         if updated == 0 {
             return Ok(None);
         }
-        let row = sqlx::query(live_keys_where!("k.id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        let key = row.as_ref().map(key_from_row).transpose()?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(key)
+        read_back(tx, id).await
     }
 
     async fn delete_key(&self, id: &KeyId, now_ms: i64) -> Result<bool, StoreError> {

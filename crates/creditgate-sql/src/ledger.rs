@@ -982,13 +982,7 @@ impl Ledger for SqlStore {
         let (mut k, mut p) = (key_before.clone(), pool_before.clone());
         let (key_hold, pool_hold) = match rules::reserve_pair(&mut k, &mut p, pool, req) {
             Ok(holds) => holds,
-            Err((account, short)) => {
-                return Ok(PairHoldOutcome::Short {
-                    account,
-                    remaining: short.remaining,
-                    hot_allocated: short.hot_allocated,
-                })
-            }
+            Err(e) => return Ok(e.into()),
         };
         decide_mark(&mut tx, req.mark).await?;
         insert_hold(&mut tx, &key_hold).await?;
@@ -1028,13 +1022,7 @@ impl Ledger for SqlStore {
         let changed =
             match rules::close_pair(k.as_mut(), p.as_mut(), &mut kh, &mut ph, close, now_ms) {
                 Ok(changed) => changed,
-                Err((account, short)) => {
-                    return Ok(PairHoldOutcome::Short {
-                        account,
-                        remaining: short.remaining,
-                        hot_allocated: short.hot_allocated,
-                    })
-                }
+                Err(e) => return Ok(e.into()),
             };
         if changed {
             decide_mark(&mut tx, mark).await?;
