@@ -22,12 +22,14 @@ mod node;
 mod postgres;
 mod process;
 mod redis;
+mod redis_cluster;
 
 pub use clickhouse::ClickHouse;
 pub use cluster::{Databases, LocalCluster, LocalClusterOptions, ServiceUrls, Services};
 pub use node::{NodeOptions, NodeProcess, NODE_START_TIMEOUT};
 pub use postgres::Postgres;
 pub use redis::RedisServer;
+pub use redis_cluster::{RedisCluster, CLUSTER_NODE_TIMEOUT_MS};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

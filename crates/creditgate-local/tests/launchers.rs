@@ -151,3 +151,83 @@ fn clickhouse_starts_answers_and_survives_kill_and_pause() {
         "7"
     );
 }
+
+/// `redis-cli -c -p <port> <args…>` (follows MOVED redirections); its output, trimmed.
+fn cluster_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-c", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_redis_cluster_forms_survives_a_master_kill9_and_fails_over() {
+    let cluster = creditgate_local::RedisCluster::start(3, 1).expect("a 3-master cluster");
+    assert_eq!(cluster.nodes().len(), 6);
+    assert_eq!(cluster.masters().len(), 3);
+    let seed = cluster.nodes()[0].port();
+    for k in ["a", "b", "c", "{user_1}:x"] {
+        assert_eq!(cluster_cli(seed, &["SET", k, "1"]), "OK");
+    }
+    // Written to the replica before the master dies.
+    let owner = cluster.master_of("a").expect("an owner of a");
+    let port = cluster.nodes()[owner].port();
+    // WAIT counts the acknowledgements of its own connection's writes: both on one.
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    cli.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"SET a 2\nWAIT 1 2000\n")
+        .expect("commands");
+    let out = cli.wait_with_output().expect("redis-cli output");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK\n1",
+        "the write reached the replica"
+    );
+    cluster.nodes()[owner].kill9().expect("kill -9 a master");
+    // Its replica takes over after the node timeout.
+    let started = std::time::Instant::now();
+    loop {
+        let now = cluster.master_of("a");
+        if now.is_ok_and(|n| n != owner) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no replica took over slot of 'a'"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cluster
+        .wait_ok(std::time::Duration::from_secs(30))
+        .expect("whole again");
+    let alive = (0..6).find(|&i| i != owner).expect("a live node");
+    assert_eq!(
+        cluster_cli(cluster.nodes()[alive].port(), &["GET", "a"]),
+        "2"
+    );
+    // A planned failover of another shard: its replica becomes master.
+    let other = cluster.master_of("b").expect("an owner of b");
+    let replica = (0..6)
+        .find(|&i| {
+            i != owner
+                && cluster.role(i).as_deref() == Some("slave")
+                && cluster_cli(cluster.nodes()[i].port(), &["INFO", "replication"])
+                    .contains(&format!("master_port:{}", cluster.nodes()[other].port()))
+        })
+        .expect("a replica of b's master");
+    cluster.failover(replica).expect("failover");
+    assert_eq!(cluster.master_of("b").expect("b served"), replica);
+    assert_eq!(
+        cluster_cli(cluster.nodes()[replica].port(), &["GET", "b"]),
+        "1"
+    );
+}
