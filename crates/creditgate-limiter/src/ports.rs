@@ -125,6 +125,28 @@ pub trait HotStore: Send + Sync {
     /// failover). Balances credited under another epoch are never spent again.
     async fn epoch(&self) -> Result<String, HotError>;
 
+    /// The epoch `key`'s entry lives under. A store whose data is split into shards
+    /// that lose data independently (Redis Cluster) has one epoch per shard; the others
+    /// have one for all keys.
+    async fn epoch_of(&self, key: &KeyId) -> Result<String, HotError> {
+        let _ = key;
+        self.epoch().await
+    }
+
+    /// Whether [`HotStore::epoch`] names the epoch of every key. `false` (per-shard
+    /// epochs): the reconciler does not write off by [`HotStore::epoch`]; what a lost
+    /// shard held is written off per key, by the key's next allocation.
+    fn one_epoch(&self) -> bool {
+        true
+    }
+
+    /// Whether [`HotStore::spend_all`] can spend from any set of accounts in one atomic
+    /// step. `false` (accounts on different shards): the engine spends from several
+    /// accounts together on the ledger, in one transaction.
+    fn joint_spends(&self) -> bool {
+        true
+    }
+
     /// Whether a `spend` that was polled once is applied whole or not at all even when
     /// its caller stops waiting (drops the future): it never suspends (an in-process
     /// store), or it hands the call to a task of its own. Then the engine runs a spend

@@ -23,7 +23,8 @@ pub enum RedisError {
 ///
 /// * `Unreachable` — the request was never sent, or the server refused it before running
 ///   it: connection refused, host unreachable, a failed (re)connect of the connection
-///   manager, a server still loading its data, a read-only replica, out of memory.
+///   manager, a server still loading its data, a read-only replica, out of memory, a
+///   cluster redirection the caller gave up following.
 /// * `Ambiguous` — the request may have run: a response timeout, or a connection that
 ///   dropped while the request could have been in flight.
 /// * `Other` — the script ran and failed (bad argument, wrong type, script bug).
@@ -42,7 +43,9 @@ pub(crate) fn classify(e: &redis::RedisError) -> HotError {
         | ErrorKind::ReadOnly
         | ErrorKind::MasterDown
         | ErrorKind::ClusterDown
-        | ErrorKind::TryAgain => HotError::Unreachable(text),
+        | ErrorKind::TryAgain
+        | ErrorKind::Moved
+        | ErrorKind::Ask => HotError::Unreachable(text),
         // A script's first write under `maxmemory` fails before anything was written.
         _ if e.code() == Some("OOM") => HotError::Unreachable(text),
         _ => HotError::Other(text),

@@ -1,15 +1,20 @@
-//! `RedisHotStore`: the [`HotStore`] of multi-node mode. Every operation is one Lua script
-//! (see [`crate::scripts`]) on the keys of one creditgate key, so each is atomic like a
-//! `MemoryHotStore` critical section and runs unchanged on Redis Cluster (one slot).
+//! `RedisHotStore`: the [`HotStore`] of multi-node mode, on one Redis or a Redis Cluster.
+//! Every operation is one Lua script (see [`crate::scripts`]) on the keys of one
+//! creditgate key, so each is atomic like a `MemoryHotStore` critical section and, on a
+//! cluster, touches one hash slot.
 //!
-//! Epochs: the store's epoch is `<marker>:<master_replid>`, where the marker is a random
-//! id kept in `cg:epoch` (created with `SET NX` when missing). A restart without
-//! persistence, a `FLUSHALL` or a failover changes it. [`HotStore::epoch`] refreshes the
-//! cached value (the engine calls it on every refill and reconciler pass); every script
-//! receives the cached epoch and treats entries of another epoch as absent, so balances
-//! of a lost epoch are never spent again (the ledger writes them off). Before a script
-//! replaces an entry of another epoch (credit, fence, resolve), the store re-reads its
-//! epoch, so a node whose cached epoch is stale never wipes an entry of the new one.
+//! Epochs: an epoch is `<marker>:<master_replid>`, where the marker is a random id kept
+//! in `cg:epoch` on one Redis, and in one marker key per hash slot on a cluster
+//! (`cg:{<tag>}:epoch`, in the slot itself, created with `SET NX` when missing). A
+//! restart without persistence, a `FLUSHALL` or a failover changes it — on a cluster,
+//! only for the slots of the shard it happened to; a slot moved to another shard gets
+//! that shard's `master_replid`, so it too starts a new epoch. Every script receives
+//! the epoch the node believes current, checks it against the server's own first
+//! (answering "stale" and doing nothing when they differ, after which the node re-reads
+//! it and calls again), and treats entries of another epoch as absent: balances of a
+//! lost epoch are never spent again, and the ledger writes off what it had allocated to
+//! them (per key, at the key's next allocation; on one Redis also at once, by the
+//! reconciler).
 //!
 //! Errors: `Unreachable` when the call certainly did not run (such a call is tried once
 //! more, as the connection manager has just started a new connection), `Ambiguous`
@@ -20,6 +25,7 @@
 //! `empty_entry_ttl` after their last write, so [`HotStore::expire_idle`] has nothing to
 //! scan and returns 0.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -30,19 +36,23 @@ use creditgate_limiter::ports::{
     Credit, CreditReply, Drained, HotEntry, HotError, HotStore, LockToken, SpendReply, TransferFate,
 };
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::{ProtocolVersion, ScriptInvocation};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::conn::{slot_of_tag, tag_of_slot, Conn, Target};
 use crate::error::{classify, not_sent, RedisError};
 use crate::metrics as m;
 use crate::scripts::Scripts;
 
-/// The key holding the epoch marker.
+/// The key holding the epoch marker on one Redis.
 const EPOCH_KEY: &str = "cg:epoch";
 /// Longest pause between two checks of a held lock.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(8);
+/// Calls a cluster refused with a redirection or "try again" (not run) are sent again
+/// this many times at most, a few milliseconds apart.
+const REDIRECT_ATTEMPTS: u32 = 6;
 
 /// Settings of the Redis hot store.
 #[derive(Debug, Clone)]
@@ -72,17 +82,10 @@ impl Default for RedisOptions {
 }
 
 /// The Redis hot store. Cheap to share behind an `Arc`; calls run concurrently over one
-/// multiplexed connection that reconnects by itself.
+/// multiplexed connection (per cluster node) that reconnects by itself.
 pub struct RedisHotStore {
-    conn: ConnectionManager,
-    scripts: Scripts,
-    epoch: Arc<RwLock<Arc<str>>>,
-    /// Serializes epoch refreshes, so a slow read never overwrites a newer one.
-    refresh: tokio::sync::Mutex<()>,
+    inner: Arc<Inner>,
     risky_eviction_policy: Option<String>,
-    empty_ttl_ms: u64,
-    mark_ttl_ms: u64,
-    clock: RedisClock,
     /// How long after it is sent a spend may still be applied: a little less than the
     /// response timeout, after which the caller no longer waits for the answer.
     spend_window: Duration,
@@ -90,21 +93,108 @@ pub struct RedisHotStore {
     spends: SpendBatcher,
 }
 
+/// What every call needs: the connection, the scripts, the epochs.
+struct Inner {
+    conn: Conn,
+    scripts: Scripts,
+    epochs: Epochs,
+    empty_ttl_ms: u64,
+    mark_ttl_ms: u64,
+    clock: RedisClock,
+}
+
 impl std::fmt::Debug for RedisHotStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisHotStore")
-            .field("epoch", &self.cached_epoch())
-            .field("empty_ttl_ms", &self.empty_ttl_ms)
-            .field("mark_ttl_ms", &self.mark_ttl_ms)
+            .field("cluster", &self.inner.conn.is_cluster())
+            .field("empty_ttl_ms", &self.inner.empty_ttl_ms)
+            .field("mark_ttl_ms", &self.inner.mark_ttl_ms)
             .finish_non_exhaustive()
     }
 }
 
-/// A duration as script argument: whole milliseconds in `1..=MAX_INT`.
+/// The epochs this node believes current: one for a single Redis, one per hash slot on
+/// a cluster (`<marker of the slot>:<master_replid of the shard serving it>`), read
+/// lazily. The scripts check them (see [`crate::scripts`]), so a stale one costs a
+/// re-read, never a wrong answer.
+struct Epochs {
+    cluster: bool,
+    /// Single Redis: the one epoch (empty before the first read).
+    one: RwLock<Arc<str>>,
+    /// Cluster: the epoch of each slot read so far.
+    slots: RwLock<HashMap<u16, Arc<str>>>,
+    /// Serializes re-reads, so a slow read never overwrites a newer one.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl Epochs {
+    fn new(cluster: bool) -> Self {
+        Self {
+            cluster,
+            one: RwLock::new(Arc::from("")),
+            slots: RwLock::new(HashMap::new()),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The slot of a creditgate key on a cluster (`None` on one Redis).
+    fn slot(&self, key: &str) -> Option<u16> {
+        self.cluster.then(|| slot_of_tag(key))
+    }
+
+    /// The marker key of `slot` (`None`: the one Redis's).
+    fn marker_key(slot: Option<u16>) -> String {
+        match slot {
+            None => EPOCH_KEY.to_owned(),
+            Some(slot) => format!("cg:{{{}}}:epoch", tag_of_slot(slot)),
+        }
+    }
+
+    /// The cached epoch of `slot`, empty when not read yet.
+    fn cached(&self, slot: Option<u16>) -> Arc<str> {
+        match slot {
+            None => self.one.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            Some(slot) => self
+                .slots
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&slot)
+                .cloned()
+                .unwrap_or_else(|| Arc::from("")),
+        }
+    }
+
+    fn store(&self, slot: Option<u16>, epoch: &str) {
+        let old = match slot {
+            None => {
+                let mut one = self.one.write().unwrap_or_else(|e| e.into_inner());
+                std::mem::replace(&mut *one, Arc::from(epoch))
+            }
+            Some(slot) => self
+                .slots
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(slot, Arc::from(epoch))
+                .unwrap_or_else(|| Arc::from("")),
+        };
+        if !old.is_empty() && *old != *epoch {
+            metrics::counter!(m::EPOCH_CHANGES).increment(1);
+            tracing::warn!(
+                old = %old,
+                new = %epoch,
+                slot = ?slot,
+                "the Redis hot store lost or replaced its data (new epoch): balances of the old epoch are never spent again"
+            );
+        }
+    }
+}
+
 /// Redis's clock as this node sees it, so that a spend can carry a deadline in Redis's
 /// own milliseconds. Each `TIME` sample taken around a call gives `offset = redis −
 /// (sent + received) / 2`, on a monotonic local clock; samples whose round trip is too
-/// long to be precise are ignored.
+/// long to be precise are ignored. (On a cluster the shards' clocks are taken as one:
+/// a deadline only has to be close, and a shard whose clock runs ahead refuses late
+/// spends earlier.)
 #[derive(Debug)]
 struct RedisClock {
     origin: std::time::Instant,
@@ -149,6 +239,7 @@ impl RedisClock {
     }
 }
 
+/// A duration as script argument: whole milliseconds in `1..=MAX_INT`.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
@@ -180,9 +271,20 @@ fn check_key(key: &str) -> Result<(), HotError> {
     Ok(())
 }
 
-fn unexpected(what: &str, reply: &[u64]) -> HotError {
+fn unexpected<T: std::fmt::Debug>(what: &str, reply: &[T]) -> HotError {
     HotError::Other(format!("unexpected reply to {what}: {reply:?}"))
 }
+
+/// A script's reply as non-negative numbers.
+fn unsigned(what: &str, r: &[i64]) -> Result<Vec<u64>, HotError> {
+    r.iter()
+        .map(|v| u64::try_from(*v))
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(|_| unexpected(what, r))
+}
+
+/// The reply of an entry script that found the node's epoch stale (it did nothing).
+const EPOCH_CHANGED: [i64; 1] = [-2];
 
 /// A client for `url` speaking RESP3, so the connection manager hears of a dropped
 /// connection at once and reconnects before the next call.
@@ -206,24 +308,17 @@ pub(crate) fn manager_config(
         .set_connection_timeout(connection_timeout)
 }
 
-/// Parses `master_replid` out of `INFO replication`.
-fn master_replid(info: &str) -> Option<&str> {
-    info.lines()
-        .find_map(|l| l.strip_prefix("master_replid:"))
-        .map(str::trim)
-}
-
 impl RedisHotStore {
-    /// Connects, loads the scripts, reads the epoch, and warns when the server may evict
-    /// keys that hold credits.
+    /// Connects to one Redis (see [`RedisHotStore::connect_to`]).
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, RedisError> {
-        let client = client(url)?;
-        let mut conn = ConnectionManager::new_with_config(
-            client,
-            manager_config(options.response_timeout, options.connection_timeout),
-        )
-        .await
-        .map_err(|e| RedisError::Connect(e.to_string()))?;
+        Self::connect_to(&Target::Single(url.to_owned()), options).await
+    }
+
+    /// Connects to one Redis or a cluster, loads the scripts, reads the epoch, and warns
+    /// when the server may evict keys that hold credits.
+    pub async fn connect_to(target: &Target, options: RedisOptions) -> Result<Self, RedisError> {
+        let mut conn =
+            Conn::connect(target, options.response_timeout, options.connection_timeout).await?;
         let scripts = Scripts::new();
         for s in scripts.all() {
             s.prepare_invoke()
@@ -232,31 +327,23 @@ impl RedisHotStore {
                 .map_err(|e| RedisError::Connect(format!("loading a script: {e}")))?;
         }
         let risky_eviction_policy = check_eviction_policy(&mut conn).await;
-        let epoch = Arc::new(RwLock::new(Arc::from("")));
-        let spends = SpendBatcher::start(
-            SpendCaller {
-                conn: conn.clone(),
-                script: scripts.spend_many.clone(),
-                epoch: epoch.clone(),
-                empty_ttl_ms: millis(options.empty_entry_ttl),
-                mark_ttl_ms: millis(options.mark_ttl),
-            },
-            options.response_timeout,
-        );
-        let store = Self {
-            spends,
-            risky_eviction_policy,
+        let inner = Arc::new(Inner {
+            epochs: Epochs::new(conn.is_cluster()),
             conn,
             scripts,
-            epoch,
-            refresh: tokio::sync::Mutex::new(()),
             empty_ttl_ms: millis(options.empty_entry_ttl),
             mark_ttl_ms: millis(options.mark_ttl),
             clock: RedisClock::new(),
+        });
+        let store = Self {
+            spends: SpendBatcher::start(inner.clone(), options.response_timeout),
+            inner,
+            risky_eviction_policy,
             spend_window: options.response_timeout.mul_f64(0.8),
         };
         store
-            .refresh_epoch()
+            .inner
+            .refresh_epoch(None)
             .await
             .map_err(|e| RedisError::Connect(format!("reading the epoch: {e}")))?;
         Ok(store)
@@ -268,6 +355,11 @@ impl RedisHotStore {
         self.risky_eviction_policy.as_deref()
     }
 
+    /// Whether the store runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
     /// Batched spend calls made so far and the spends they carried.
     pub fn spend_batches(&self) -> (u64, u64) {
         let q = &self.spends.queue;
@@ -277,76 +369,10 @@ impl RedisHotStore {
         )
     }
 
-    /// The epoch the scripts currently run under (refreshed by [`HotStore::epoch`]).
-    pub fn cached_epoch(&self) -> Arc<str> {
-        self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    async fn refresh_epoch(&self) -> Result<String, HotError> {
-        let _serial = self.refresh.lock().await;
-        let mut conn = self.conn.clone();
-        let read = || {
-            let mut p = redis::pipe();
-            p.cmd("GET").arg(EPOCH_KEY).cmd("INFO").arg("replication");
-            p.cmd("TIME");
-            p
-        };
-        let sent = self.clock.local_ms();
-        let (mut marker, mut info, time): (Option<String>, String, (i64, i64)) =
-            self.query_pipe(&mut conn, &read()).await?;
-        self.clock.observe(sent, self.clock.local_ms(), time);
-        if marker.is_none() {
-            // Missing: a new store, or one that lost its data. Create it (first writer
-            // wins) and read back whichever marker won.
-            let mut p = redis::pipe();
-            p.cmd("SET")
-                .arg(EPOCH_KEY)
-                .arg(random_id())
-                .arg("NX")
-                .ignore();
-            p.cmd("GET").arg(EPOCH_KEY).cmd("INFO").arg("replication");
-            p.cmd("TIME");
-            let sent = self.clock.local_ms();
-            let time;
-            (marker, info, time) = self.query_pipe(&mut conn, &p).await?;
-            self.clock.observe(sent, self.clock.local_ms(), time);
-        }
-        let marker = marker.ok_or_else(|| HotError::Other("epoch marker vanished".into()))?;
-        let replid = master_replid(&info)
-            .ok_or_else(|| HotError::Other("INFO replication has no master_replid".into()))?;
-        let epoch = format!("{marker}:{replid}");
-        let mut cached = self.epoch.write().unwrap_or_else(|e| e.into_inner());
-        if **cached != *epoch {
-            if !cached.is_empty() {
-                metrics::counter!(m::EPOCH_CHANGES).increment(1);
-                tracing::warn!(
-                    old = %cached,
-                    new = %epoch,
-                    "the Redis hot store lost or replaced its data (new epoch): balances of the old epoch are never spent again"
-                );
-            }
-            *cached = Arc::from(epoch.as_str());
-        }
-        Ok(epoch)
-    }
-
-    async fn query_pipe<T: redis::FromRedisValue>(
-        &self,
-        conn: &mut ConnectionManager,
-        p: &redis::Pipeline,
-    ) -> Result<T, HotError> {
-        match p.query_async(conn).await {
-            Err(e) if not_sent(&e) => p.query_async(conn).await.map_err(|e| fail(&e)),
-            r => r.map_err(|e| fail(&e)),
-        }
-    }
-
-    /// Runs one script on the store's connection (see [`invoke`]).
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        inv: &ScriptInvocation<'_>,
-    ) -> Result<T, HotError> {
-        invoke(&self.conn, inv).await
+    /// The epoch `key`'s scripts currently run under, as cached (empty: not read yet).
+    pub fn cached_epoch(&self, key: &str) -> Arc<str> {
+        let epochs = &self.inner.epochs;
+        epochs.cached(epochs.slot(key))
     }
 
     /// `spend` with the cost passed to the batch script as given, for tests of the
@@ -354,41 +380,111 @@ impl RedisHotStore {
     #[cfg(feature = "testing")]
     pub async fn spend_raw_cost(&self, key: &str, cost: &str) -> Result<SpendReply, HotError> {
         check_key(key)?;
-        let mut inv = self.entry_call(&self.scripts.spend_many, key, None, false);
-        inv.arg(cost);
-        inv.arg(self.clock.deadline(self.spend_window));
-        let r: Vec<u64> = self.run(&inv).await?;
-        spend_reply(&r)
+        let deadline = self.inner.clock.deadline(self.spend_window).to_string();
+        let r = self
+            .inner
+            .run_entry(
+                &self.inner.scripts.spend_many,
+                key,
+                None,
+                false,
+                &[cost, &deadline],
+            )
+            .await?;
+        spend_reply(&unsigned("spend", &r)?)
+    }
+}
+
+impl Inner {
+    /// Re-reads the epoch of `key`'s slot (`None`: the one Redis's, or slot 0's on a
+    /// cluster), creating its marker when missing.
+    async fn refresh_epoch(&self, key: Option<&str>) -> Result<String, HotError> {
+        let slot = if self.epochs.cluster {
+            Some(key.map_or(0, slot_of_tag))
+        } else {
+            None
+        };
+        let _serial = self.epochs.refresh.lock().await;
+        let mut inv = self.scripts.epoch.prepare_invoke();
+        inv.key(Epochs::marker_key(slot)).arg(random_id());
+        let sent = self.clock.local_ms();
+        let (marker, replid, secs, micros): (String, String, i64, i64) = self.run(&inv).await?;
+        self.clock
+            .observe(sent, self.clock.local_ms(), (secs, micros));
+        if replid.is_empty() || replid == "nil" {
+            return Err(HotError::Other(
+                "INFO replication has no master_replid".into(),
+            ));
+        }
+        let epoch = format!("{marker}:{replid}");
+        self.epochs.store(slot, &epoch);
+        Ok(epoch)
     }
 
-    /// An entry-script invocation with the common arguments (cached epoch, TTLs,
-    /// `overwrite`); `mark` is `KEYS[2]`. The caller adds the script's own arguments.
-    fn entry_call<'a>(
+    /// The epoch of `key`'s slot: cached, or read.
+    async fn epoch_of(&self, key: &str) -> Result<String, HotError> {
+        let cached = self.epochs.cached(self.epochs.slot(key));
+        if cached.is_empty() {
+            return self.refresh_epoch(Some(key)).await;
+        }
+        Ok(cached.to_string())
+    }
+
+    /// Runs one script (see [`invoke`]).
+    async fn run<T: redis::FromRedisValue>(
         &self,
-        script: &'a redis::Script,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<T, HotError> {
+        invoke(&self.conn, inv).await
+    }
+
+    /// Runs an entry script on `key` (`mark`: a transfer id whose mark is `KEYS[2]`)
+    /// with the common arguments and `args`, under the epoch this node believes
+    /// current. If the script finds that epoch stale (`{-2}`, it did nothing), the epoch
+    /// is re-read and the script runs once more.
+    async fn run_entry<A: redis::ToRedisArgs>(
+        &self,
+        script: &redis::Script,
         key: &str,
         mark: Option<&str>,
         overwrite: bool,
-    ) -> ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        inv.key(entry_key(key));
-        if let Some(transfer_id) = mark {
-            inv.key(mark_key(key, transfer_id));
+        args: &[A],
+    ) -> Result<Vec<i64>, HotError> {
+        let slot = self.epochs.slot(key);
+        for _ in 0..2 {
+            let epoch = self.epochs.cached(slot);
+            let mut inv = script.prepare_invoke();
+            inv.key(entry_key(key));
+            if let Some(transfer_id) = mark {
+                inv.key(mark_key(key, transfer_id));
+            }
+            inv.key(Epochs::marker_key(slot));
+            common_args(
+                &mut inv,
+                &epoch,
+                self.empty_ttl_ms,
+                self.mark_ttl_ms,
+                overwrite,
+            );
+            for a in args {
+                inv.arg(a);
+            }
+            let r: Vec<i64> = self.run(&inv).await?;
+            if r == EPOCH_CHANGED {
+                self.refresh_epoch(Some(key)).await?;
+                continue;
+            }
+            return Ok(r);
         }
-        common_args(
-            &mut inv,
-            &self.cached_epoch(),
-            self.empty_ttl_ms,
-            self.mark_ttl_ms,
-            overwrite,
-        );
-        inv
+        Err(HotError::Unreachable(
+            "the hot store's epoch changed twice during one call; nothing was done".into(),
+        ))
     }
 
     /// Runs a script that may replace an entry of another epoch (credit, fence,
-    /// resolve). If it finds one (`[-1]`), the cached epoch may be the stale one: the
-    /// epoch is re-read and the script runs once more, now allowed to replace it. The
-    /// first run changed nothing, so running it again is safe.
+    /// resolve). If it finds one (`[-1]`), it runs once more, now allowed to replace it
+    /// (the epoch check has just confirmed the node's epoch is the server's). The first
+    /// run changed nothing, so running it again is safe.
     async fn run_replacing(
         &self,
         script: &redis::Script,
@@ -397,22 +493,11 @@ impl RedisHotStore {
         args: &[u64],
     ) -> Result<Vec<u64>, HotError> {
         for overwrite in [false, true] {
-            let mut inv = self.entry_call(script, key, mark, overwrite);
-            for a in args {
-                inv.arg(*a);
-            }
-            let r: Vec<i64> = self.run(&inv).await?;
+            let r = self.run_entry(script, key, mark, overwrite, args).await?;
             if r == [-1] {
-                if !overwrite {
-                    self.refresh_epoch().await?;
-                }
                 continue;
             }
-            return r
-                .iter()
-                .map(|v| u64::try_from(*v))
-                .collect::<Result<Vec<u64>, _>>()
-                .map_err(|_| HotError::Other(format!("unexpected reply: {r:?}")));
+            return unsigned("an entry script", &r);
         }
         Err(HotError::Other(
             "an entry of another epoch was not replaced".into(),
@@ -422,16 +507,38 @@ impl RedisHotStore {
 
 /// Runs one script. A call that certainly did not leave (refused connection, a reconnect
 /// that had failed before this call) is tried once more, since the manager has started a
-/// fresh connection attempt; an ambiguous one never is.
-async fn invoke<T: redis::FromRedisValue>(
-    conn: &ConnectionManager,
+/// fresh connection attempt; a call a cluster redirected or asked to try again (it did
+/// not run) is sent again a few times, a few milliseconds apart, while the slot map
+/// settles; an ambiguous one never is.
+pub(crate) async fn invoke<T: redis::FromRedisValue>(
+    conn: &Conn,
     inv: &ScriptInvocation<'_>,
 ) -> Result<T, HotError> {
     let mut conn = conn.clone();
-    match inv.invoke_async(&mut conn).await {
-        Err(e) if not_sent(&e) => inv.invoke_async(&mut conn).await.map_err(|e| fail(&e)),
-        r => r.map_err(|e| fail(&e)),
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match inv.invoke_async(&mut conn).await {
+            Err(e) if not_sent(&e) && attempt == 1 => {}
+            Err(e) if redirected(&e) && attempt < REDIRECT_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+            }
+            r => return r.map_err(|e| fail(&e)),
+        }
     }
+}
+
+/// A cluster answered that another node serves the slot, or that the slot is moving
+/// or its shard has no master yet: the script did not run.
+fn redirected(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Moved
+            | redis::ErrorKind::Ask
+            | redis::ErrorKind::TryAgain
+            | redis::ErrorKind::ClusterDown
+            | redis::ErrorKind::MasterDown
+    )
 }
 
 /// Counts a failed call by kind and classifies it.
@@ -453,14 +560,15 @@ const MAX_SPEND_BATCHES_IN_FLIGHT: usize = 2;
 
 /// One caller's spend, waiting for its batch.
 struct PendingSpend {
-    entry: String,
+    key: String,
     cost: u64,
     deadline: u64,
     reply: oneshot::Sender<Result<SpendReply, HotError>>,
 }
 
 /// Spends of concurrent callers, sent to Redis together: one script call (`SPEND_MANY`)
-/// for what queued while earlier batches were in flight. A lone spend goes at once; under
+/// for what queued while earlier batches were in flight (on a cluster, one call per
+/// hash slot among them, sent at once). A lone spend goes at once; under
 /// load, each round trip carries many, which saves Redis most of its per-call work and
 /// this node most of the client's. Each item's reply is exactly what the one-key
 /// `spend_one` would answer, in the order the items were queued.
@@ -490,18 +598,8 @@ impl SpendQueue {
     }
 }
 
-/// What a batch call needs of the store.
-#[derive(Clone)]
-struct SpendCaller {
-    conn: ConnectionManager,
-    script: redis::Script,
-    epoch: Arc<RwLock<Arc<str>>>,
-    empty_ttl_ms: u64,
-    mark_ttl_ms: u64,
-}
-
 impl SpendBatcher {
-    fn start(caller: SpendCaller, response_timeout: Duration) -> Self {
+    fn start(caller: Arc<Inner>, response_timeout: Duration) -> Self {
         let queue = Arc::new(SpendQueue::default());
         let driver = tokio::spawn(Self::drive(queue.clone(), caller));
         Self {
@@ -511,14 +609,14 @@ impl SpendBatcher {
         }
     }
 
-    async fn spend(&self, entry: String, cost: u64, deadline: u64) -> Result<SpendReply, HotError> {
+    async fn spend(&self, key: String, cost: u64, deadline: u64) -> Result<SpendReply, HotError> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(PendingSpend {
-                entry,
+                key,
                 cost,
                 deadline,
                 reply,
@@ -538,7 +636,7 @@ impl SpendBatcher {
         }
     }
 
-    async fn drive(queue: Arc<SpendQueue>, caller: SpendCaller) {
+    async fn drive(queue: Arc<SpendQueue>, caller: Arc<Inner>) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SPEND_BATCHES_IN_FLIGHT));
         loop {
             queue.wake.notified().await;
@@ -556,7 +654,7 @@ impl SpendBatcher {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let caller = caller.clone();
                 tokio::spawn(async move {
-                    caller.run(batch).await;
+                    caller.spend_batch(batch).await;
                     drop(slot);
                 });
             }
@@ -570,22 +668,57 @@ impl Drop for SpendBatcher {
     }
 }
 
-impl SpendCaller {
-    async fn run(&self, batch: Vec<PendingSpend>) {
+impl Inner {
+    /// Runs one batch of spends: one call, or on a cluster one call per slot, all at
+    /// once.
+    async fn spend_batch(&self, batch: Vec<PendingSpend>) {
         metrics::histogram!(m::SPEND_BATCH_SIZE).record(batch.len() as f64);
-        let epoch = self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut inv = self.script.prepare_invoke();
-        for item in &batch {
-            inv.key(item.entry.as_str());
+        if !self.epochs.cluster {
+            return self.spend_group(batch).await;
         }
-        common_args(&mut inv, &epoch, self.empty_ttl_ms, self.mark_ttl_ms, false);
-        for item in &batch {
-            inv.arg(item.cost).arg(item.deadline);
+        let mut groups: HashMap<u16, Vec<PendingSpend>> = HashMap::new();
+        for item in batch {
+            groups.entry(slot_of_tag(&item.key)).or_default().push(item);
         }
-        let reply: Result<Vec<u64>, HotError> = invoke(&self.conn, &inv).await;
+        futures_util::future::join_all(groups.into_values().map(|g| self.spend_group(g))).await;
+    }
+
+    /// The spends of one call (one slot on a cluster), answered each.
+    async fn spend_group(&self, batch: Vec<PendingSpend>) {
+        let Some(first) = batch.first() else {
+            return;
+        };
+        let slot = self.epochs.slot(&first.key);
+        let mut reply = Err(HotError::Unreachable(
+            "the hot store's epoch changed twice during one call; nothing was spent".into(),
+        ));
+        for _ in 0..2 {
+            let epoch = self.epochs.cached(slot);
+            let mut inv = self.scripts.spend_many.prepare_invoke();
+            for item in &batch {
+                inv.key(entry_key(&item.key));
+            }
+            inv.key(Epochs::marker_key(slot));
+            common_args(&mut inv, &epoch, self.empty_ttl_ms, self.mark_ttl_ms, false);
+            for item in &batch {
+                inv.arg(item.cost).arg(item.deadline);
+            }
+            match self.run::<Vec<i64>>(&inv).await {
+                Ok(r) if r == EPOCH_CHANGED => {
+                    if let Err(e) = self.refresh_epoch(Some(&first.key)).await {
+                        reply = Err(e);
+                        break;
+                    }
+                }
+                r => {
+                    reply = r;
+                    break;
+                }
+            }
+        }
         let replies = reply.and_then(|r| {
             if r.len() == 3 * batch.len() {
-                Ok(r)
+                unsigned("a batch of spends", &r)
             } else {
                 Err(HotError::Other(format!(
                     "unexpected reply to a batch of {} spends: {} numbers",
@@ -644,7 +777,7 @@ fn spend_reply(r: &[u64]) -> Result<SpendReply, HotError> {
 /// Keys holding credits have no TTL; a policy that evicts such keys under memory
 /// pressure (`allkeys-*`) would silently lose balances. Returns such a policy (warned
 /// about), `None` when safe or unreadable (`CONFIG` may be disabled on managed Redis).
-async fn check_eviction_policy(conn: &mut ConnectionManager) -> Option<String> {
+async fn check_eviction_policy(conn: &mut Conn) -> Option<String> {
     let reply: redis::RedisResult<std::collections::HashMap<String, String>> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
@@ -669,8 +802,26 @@ async fn check_eviction_policy(conn: &mut ConnectionManager) -> Option<String> {
 
 #[async_trait]
 impl HotStore for RedisHotStore {
+    /// One Redis: its epoch. A cluster: the epoch of slot 0 (each slot has its own; see
+    /// [`HotStore::epoch_of`]).
     async fn epoch(&self) -> Result<String, HotError> {
-        self.refresh_epoch().await
+        self.inner.refresh_epoch(None).await
+    }
+
+    async fn epoch_of(&self, key: &KeyId) -> Result<String, HotError> {
+        if !self.is_cluster() {
+            return self.inner.refresh_epoch(None).await;
+        }
+        self.inner.epoch_of(key.as_str()).await
+    }
+
+    fn one_epoch(&self) -> bool {
+        !self.is_cluster()
+    }
+
+    /// On a cluster the entries of a key and of its pool sit in different slots.
+    fn joint_spends(&self) -> bool {
+        !self.is_cluster()
     }
 
     /// Once queued, a spend is run by the batcher whether or not its caller still waits.
@@ -681,9 +832,9 @@ impl HotStore for RedisHotStore {
     async fn spend(&self, key: &KeyId, cost: Cost) -> Result<SpendReply, HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let deadline = self.clock.deadline(self.spend_window);
+        let deadline = self.inner.clock.deadline(self.spend_window);
         self.spends
-            .spend(entry_key(key), cost.get(), deadline)
+            .spend(key.to_owned(), cost.get(), deadline)
             .await
     }
 
@@ -693,22 +844,39 @@ impl HotStore for RedisHotStore {
         cost: Cost,
         probe: bool,
     ) -> Result<(bool, Vec<SpendReply>), HotError> {
-        let mut inv = self.scripts.spend_all.prepare_invoke();
+        let inner = &self.inner;
+        if inner.epochs.cluster {
+            return Err(HotError::Other(
+                "joint spends across keys need one Redis, not a cluster".into(),
+            ));
+        }
         for a in accounts {
             check_key(a.as_str())?;
-            inv.key(entry_key(a.as_str()));
         }
-        common_args(
-            &mut inv,
-            &self.cached_epoch(),
-            self.empty_ttl_ms,
-            self.mark_ttl_ms,
-            false,
-        );
-        inv.arg(cost.get())
-            .arg(u8::from(probe))
-            .arg(self.clock.deadline(self.spend_window));
-        let r: Vec<u64> = self.run(&inv).await?;
+        let mut reply = Vec::new();
+        for _ in 0..2 {
+            let mut inv = inner.scripts.spend_all.prepare_invoke();
+            for a in accounts {
+                inv.key(entry_key(a.as_str()));
+            }
+            inv.key(EPOCH_KEY);
+            common_args(
+                &mut inv,
+                &inner.epochs.cached(None),
+                inner.empty_ttl_ms,
+                inner.mark_ttl_ms,
+                false,
+            );
+            inv.arg(cost.get())
+                .arg(u8::from(probe))
+                .arg(inner.clock.deadline(self.spend_window));
+            reply = inner.run::<Vec<i64>>(&inv).await?;
+            if reply != EPOCH_CHANGED {
+                break;
+            }
+            inner.refresh_epoch(None).await?;
+        }
+        let r = unsigned("spend_all", &reply)?;
         let (&spent, items) = r.split_first().ok_or_else(|| unexpected("spend_all", &r))?;
         if spent == 4 && items.is_empty() {
             metrics::counter!(m::SPENDS_TOO_LATE).increment(1);
@@ -737,8 +905,9 @@ impl HotStore for RedisHotStore {
         } = credit;
         check_key(key)?;
         let r = self
+            .inner
             .run_replacing(
-                &self.scripts.credit,
+                &self.inner.scripts.credit,
                 key,
                 Some(transfer_id),
                 &[generation, amount, unalloc, version],
@@ -760,12 +929,15 @@ impl HotStore for RedisHotStore {
     ) -> Result<(), HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let mut inv = self.entry_call(&self.scripts.sync_unalloc, key, None, false);
-        inv.arg(u64::from(unalloc.is_some()))
-            .arg(unalloc.unwrap_or(0))
-            .arg(version);
-        let _: u64 = self.run(&inv).await?;
-        Ok(())
+        let args = [u64::from(unalloc.is_some()), unalloc.unwrap_or(0), version];
+        let inner = &self.inner;
+        let r = inner
+            .run_entry(&inner.scripts.sync_unalloc, key, None, false, &args)
+            .await?;
+        match r.as_slice() {
+            [0] => Ok(()),
+            _ => Err(unexpected("sync_unalloc", &r)),
+        }
     }
 
     async fn drain(
@@ -776,14 +948,21 @@ impl HotStore for RedisHotStore {
     ) -> Result<Drained, HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let mut inv = self.entry_call(&self.scripts.drain, key, Some(transfer_id), false);
-        inv.arg(min_idle_ms.min(crate::MAX_INT));
-        let r: Vec<u64> = self.run(&inv).await?;
-        match r.as_slice() {
-            [amount, spent, generation] => Ok(Drained {
-                amount: *amount,
-                spent: *spent,
-                generation: *generation,
+        let inner = &self.inner;
+        let r = inner
+            .run_entry(
+                &inner.scripts.drain,
+                key,
+                Some(transfer_id),
+                false,
+                &[min_idle_ms.min(crate::MAX_INT)],
+            )
+            .await?;
+        match unsigned("drain", &r)?.as_slice() {
+            &[amount, spent, generation] => Ok(Drained {
+                amount,
+                spent,
+                generation,
             }),
             _ => Err(unexpected("drain", &r)),
         }
@@ -792,8 +971,9 @@ impl HotStore for RedisHotStore {
     async fn fence(&self, key: &KeyId, generation: u64) -> Result<Drained, HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let r = self
-            .run_replacing(&self.scripts.fence, key, None, &[generation])
+        let inner = &self.inner;
+        let r = inner
+            .run_replacing(&inner.scripts.fence, key, None, &[generation])
             .await?;
         match r.as_slice() {
             [amount, spent, generation] => Ok(Drained {
@@ -813,8 +993,14 @@ impl HotStore for RedisHotStore {
     ) -> Result<TransferFate, HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let r = self
-            .run_replacing(&self.scripts.resolve, key, Some(transfer_id), &[generation])
+        let inner = &self.inner;
+        let r = inner
+            .run_replacing(
+                &inner.scripts.resolve,
+                key,
+                Some(transfer_id),
+                &[generation],
+            )
             .await?;
         match r.as_slice() {
             [0, spent] => Ok(TransferFate::Credited { spent: *spent }),
@@ -833,9 +1019,9 @@ impl HotStore for RedisHotStore {
         check_key(key)?;
         let token = random_id();
         let lock = lock_key(key);
-        let mut inv = self.scripts.lock.prepare_invoke();
+        let mut inv = self.inner.scripts.lock.prepare_invoke();
         inv.key(&lock).arg(&token).arg(millis(ttl));
-        let r: Vec<i64> = self.run(&inv).await?;
+        let r: Vec<i64> = self.inner.run(&inv).await?;
         let held_ms = match r.as_slice() {
             [1] => return Ok(Some(LockToken(token))),
             [0, pttl] => u64::try_from(*pttl).unwrap_or(0),
@@ -846,7 +1032,7 @@ impl HotStore for RedisHotStore {
         // (A little past the expiry, so the expired lock is seen gone.)
         let deadline = Instant::now() + wait.min(Duration::from_millis(held_ms) + LOCK_POLL_MAX);
         let mut pause = Duration::from_millis(1);
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -866,27 +1052,29 @@ impl HotStore for RedisHotStore {
     async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let mut inv = self.scripts.unlock.prepare_invoke();
+        let mut inv = self.inner.scripts.unlock.prepare_invoke();
         inv.key(lock_key(key)).arg(&token.0);
-        let _: i64 = self.run(&inv).await?;
+        let _: i64 = self.inner.run(&inv).await?;
         Ok(())
     }
 
     async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let inv = self.entry_call(&self.scripts.peek, key, None, false);
-        let r: Option<Vec<u64>> = self.run(&inv).await?;
-        let Some(r) = r else {
+        let inner = &self.inner;
+        let r = inner
+            .run_entry::<u64>(&inner.scripts.peek, key, None, false, &[])
+            .await?;
+        if r.is_empty() {
             return Ok(None);
-        };
-        match r.as_slice() {
-            [bal, unalloc, uvalid, generation, spent, idle_ms] => Ok(Some(HotEntry {
-                bal: *bal,
-                unalloc: (*uvalid == 1).then_some(*unalloc),
-                generation: *generation,
-                spent: *spent,
-                idle_ms: *idle_ms,
+        }
+        match unsigned("peek", &r)?.as_slice() {
+            &[bal, unalloc, uvalid, generation, spent, idle_ms] => Ok(Some(HotEntry {
+                bal,
+                unalloc: (uvalid == 1).then_some(unalloc),
+                generation,
+                spent,
+                idle_ms,
             })),
             _ => Err(unexpected("peek", &r)),
         }
@@ -910,12 +1098,5 @@ mod tests {
         assert_eq!(lock_key("key_1"), "cg:{key_1}:lock");
         assert!(check_key("a}b").is_err());
         assert!(check_key("key_abc").is_ok());
-    }
-
-    #[test]
-    fn replid_is_parsed() {
-        let info = "# Replication\r\nrole:master\r\nmaster_replid:abc123\r\nmaster_replid2:000\r\n";
-        assert_eq!(master_replid(info), Some("abc123"));
-        assert_eq!(master_replid("role:master"), None);
     }
 }

@@ -2,11 +2,11 @@
 //! engine's hot store as one Lua script per operation with epoch fencing, and
 //! [`CacheBus`], cross-node cache invalidation over pub/sub.
 //!
-//! Needs Redis ≥ 6 (RESP3). Every per-key script touches one hash slot, so the scripts
-//! run unchanged on Redis Cluster; the connection itself is a single-node
-//! `ConnectionManager`.
+//! Needs Redis ≥ 6 (RESP3). Runs on one Redis or on a Redis Cluster ([`Target`]): every
+//! per-key script touches one hash slot, and epochs are kept per slot.
 
 mod bus;
+mod conn;
 mod error;
 mod hot;
 pub mod metrics;
@@ -14,6 +14,7 @@ mod ratelimit;
 mod scripts;
 
 pub use bus::{CacheBus, CHANNEL};
+pub use conn::Target;
 pub use error::RedisError;
 pub use hot::{RedisHotStore, RedisOptions};
 pub use ratelimit::RedisRateLimiter;

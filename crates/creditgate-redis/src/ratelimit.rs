@@ -7,15 +7,19 @@
 //! of its window. When Redis loses its data (a restart without persistence, a flush),
 //! the first node that had used it notices the missing marker; windows that began
 //! before the loss then count as full until they end (see `LIMIT`).
+//!
+//! On a Redis Cluster every counter and the marker carry the hash tag `{cg:rl}`, so the
+//! checks of one call stay one atomic script on one slot: exact, all or nothing, with
+//! all rate limits on one shard (they do not scale out with the cluster; the credits
+//! do).
 
 use async_trait::async_trait;
 use creditgate_limiter::ports::HotError;
 use creditgate_limiter::{LimitCheck, LimitError, LimitState, RateLimiter};
-use redis::aio::ConnectionManager;
 use redis::Script;
 
-use crate::error::classify;
-use crate::hot::{client, manager_config};
+use crate::conn::{Conn, Target};
+use crate::hot::invoke;
 use crate::{RedisError, RedisOptions};
 
 /// Mirrors `creditgate_limiter::ratelimit::decide`: read every counter of the current
@@ -76,12 +80,11 @@ end
 return out
 ";
 
-/// The marker of this Redis's counters.
-const MARKER_KEY: &str = "cg:rl:since";
-
 /// Rate limits on Redis (multi-node mode). Cheap to share behind an `Arc`.
 pub struct RedisRateLimiter {
-    conn: ConnectionManager,
+    conn: Conn,
+    /// `cg:rl:` on one Redis, `{cg:rl}:` on a cluster (one slot for all).
+    prefix: &'static str,
     script: Script,
     /// The marker this node last saw (`since:lost`), empty before its first call.
     known: std::sync::Mutex<String>,
@@ -89,20 +92,26 @@ pub struct RedisRateLimiter {
 
 impl RedisRateLimiter {
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, RedisError> {
-        let conn = ConnectionManager::new_with_config(
-            client(url)?,
-            manager_config(options.response_timeout, options.connection_timeout),
-        )
-        .await
-        .map_err(|e| RedisError::Connect(e.to_string()))?;
+        Self::connect_to(&Target::Single(url.to_owned()), options).await
+    }
+
+    pub async fn connect_to(target: &Target, options: RedisOptions) -> Result<Self, RedisError> {
+        let conn =
+            Conn::connect(target, options.response_timeout, options.connection_timeout).await?;
+        let prefix = if target.is_cluster() {
+            "{cg:rl}:"
+        } else {
+            "cg:rl:"
+        };
         // A node that starts after others knows the marker they made from the outset.
         let known: Option<String> = redis::cmd("GET")
-            .arg(MARKER_KEY)
+            .arg(format!("{prefix}since"))
             .query_async(&mut conn.clone())
             .await
             .map_err(|e| RedisError::Connect(format!("reading the rate limit marker: {e}")))?;
         Ok(Self {
             conn,
+            prefix,
             script: Script::new(LIMIT),
             known: std::sync::Mutex::new(known.unwrap_or_default()),
         })
@@ -111,8 +120,11 @@ impl RedisRateLimiter {
 
 /// The Redis key of a counter. Counter names are built by the service from validated
 /// parts; braces are escaped so a name never picks a hash tag of its own.
-fn counter_key(counter: &str) -> String {
-    format!("cg:rl:{}", counter.replace('{', "%7B").replace('}', "%7D"))
+fn counter_key(prefix: &str, counter: &str) -> String {
+    format!(
+        "{prefix}{}",
+        counter.replace('{', "%7B").replace('}', "%7D")
+    )
 }
 
 #[async_trait]
@@ -124,22 +136,18 @@ impl RateLimiter for RedisRateLimiter {
             .map_err(|_| LimitError::Other("rate limit marker poisoned".into()))?
             .clone();
         let mut call = self.script.prepare_invoke();
-        call.key(MARKER_KEY).arg(known);
+        call.key(format!("{}since", self.prefix)).arg(known);
         for c in checks {
-            call.key(counter_key(&c.counter))
+            call.key(counter_key(self.prefix, &c.counter))
                 .arg(c.limit)
                 .arg(c.duration_ms.max(1))
                 .arg(c.cost);
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<u64> =
-            call.invoke_async(&mut conn)
-                .await
-                .map_err(|e| match classify(&e) {
-                    HotError::Unreachable(s) => LimitError::Unavailable(s),
-                    HotError::Ambiguous(s) => LimitError::Ambiguous(s),
-                    other => LimitError::Other(other.to_string()),
-                })?;
+        let reply: Vec<u64> = invoke(&self.conn, &call).await.map_err(|e| match e {
+            HotError::Unreachable(s) => LimitError::Unavailable(s),
+            HotError::Ambiguous(s) => LimitError::Ambiguous(s),
+            other => LimitError::Other(other.to_string()),
+        })?;
         if reply.len() != 3 + 3 * checks.len() {
             return Err(LimitError::Other(format!(
                 "unexpected reply to the rate limit script: {reply:?}"

@@ -11,13 +11,23 @@
 //!   `r` (refused), `d:<amount>:<spent>:<generation>` (drained).
 //! * `cg:{k}:lock` — the refill lock, `SET NX PX <token>`.
 //!
-//! Every entry script gets `KEYS[1]` = the entry (`KEYS[2]` = a mark, where used) and
-//! the common arguments `ARGV[1..4]` = the store's cached epoch, the TTL of an entry
-//! holding nothing (ms), the TTL of a mark (ms), and `overwrite` (0/1); its own
-//! arguments follow from `ARGV[5]`. An entry of another epoch is treated as absent. The
-//! scripts that would overwrite such an entry (credit, fence, resolve) first answer
-//! `{-1}` unless `overwrite` is 1, so the caller re-reads the epoch before replacing it:
-//! a node whose cached epoch is stale never destroys an entry of the newer epoch.
+//! Every entry script gets `KEYS[1]` = the entry (`KEYS[2]` = a mark, where used), the
+//! epoch marker as its **last** key (`cg:epoch` on one Redis, `cg:{<slot tag>}:epoch`,
+//! in the entry's own slot, on a cluster), and the common arguments `ARGV[1..4]` = the
+//! epoch the node believes current, the TTL of an entry holding nothing (ms), the TTL
+//! of a mark (ms), and `overwrite` (0/1); its own arguments follow from `ARGV[5]`.
+//!
+//! **Epoch check.** Before anything else each entry script compares that epoch with the
+//! server's own: `<marker>:<master_replid>`, read in the script (`GET` of the marker,
+//! `INFO replication`). If they differ it answers `{-2}` and does nothing; the node
+//! re-reads the epoch and calls again. So a node never acts on a stale epoch: after a
+//! flush (marker gone), a restart without data (new marker and replid) or a failover
+//! (the promoted replica has a new `master_replid`, whatever writes it missed), every
+//! entry of the old epoch is treated as absent from the first call on.
+//!
+//! An entry of another epoch is treated as absent. The scripts that would overwrite
+//! such an entry (credit, fence, resolve) first answer `{-1}` unless `overwrite` is 1,
+//! so the caller re-reads the epoch before replacing it.
 //!
 //! An entry that holds credits (`bal > 0` or unreported `spent > 0`) has no TTL; one
 //! that holds nothing expires after its last write. Numbers are exact up to 2^53 - 1
@@ -31,6 +41,14 @@ local EMPTY_TTL = ARGV[2]
 local MARK_TTL = ARGV[3]
 local OVERWRITE = ARGV[4] == '1'
 local MAXN = 9007199254740991
+
+-- The node's epoch is the server's: `<marker>:<master_replid>`.
+local function epoch_ok()
+  local m = redis.call('GET', KEYS[#KEYS])
+  if not m then return false end
+  local r = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  return EPOCH == m .. ':' .. tostring(r)
+end
 
 local function int(n) return string.format('%d', n) end
 
@@ -134,7 +152,8 @@ end
 /// with nothing spent. Returns three numbers per item, in order: `spend_one`'s reply
 /// padded with zeros. A key may appear more than once; its spends apply in order.
 const SPEND_MANY: &str = r#"
-local n = #KEYS
+if not epoch_ok() then return {-2} end
+local n = #KEYS - 1
 local items = {}
 for i = 1, n do
   items[i] = {uint(3 + 2 * i, 'cost'), uint(4 + 2 * i, 'deadline')}
@@ -160,10 +179,12 @@ const SPEND_ALL: &str = r#"
 local cost = uint(5, 'cost')
 local probe = ARGV[6] == '1'
 local deadline = uint(7, 'deadline')
+if not epoch_ok() then return {-2} end
 local now = now_ms()
 if deadline > 0 and now > deadline then return {4} end
+local n = #KEYS - 1
 local replies, entries, all = {}, {}, true
-for i = 1, #KEYS do
+for i = 1, n do
   local v = redis.call('HMGET', KEYS[i], 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
   if v[1] ~= EPOCH then
     replies[i] = {0, 0, 0}
@@ -185,7 +206,7 @@ for i = 1, #KEYS do
 end
 local spend = all and not probe
 local out = {spend and 1 or 0}
-for i = 1, #KEYS do
+for i = 1, n do
   local r = replies[i]
   if spend then
     local e = entries[i]
@@ -210,6 +231,7 @@ local gen = uint(5, 'generation')
 local amount = uint(6, 'amount')
 local unalloc = uint(7, 'unalloc')
 local version = uint(8, 'version')
+if not epoch_ok() then return {-2} end
 local now = now_ms()
 local e, stale = load()
 if stale then return {-1} end
@@ -245,19 +267,21 @@ const SYNC_UNALLOC: &str = r#"
 local known = uint(5, 'known')
 local unalloc = uint(6, 'unalloc')
 local version = uint(7, 'version')
+if not epoch_ok() then return {-2} end
 local e = load()
-if e == nil then return 0 end
+if e == nil then return {0} end
 if known == 0 then
   redis.call('HSET', E, 'uvalid', '0')
 elseif version >= e.version then
   redis.call('HSET', E, 'unalloc', int(unalloc), 'version', int(version), 'uvalid', '1')
 end
-return 0
+return {0}
 "#;
 
 /// KEYS[2]: mark. ARGV[5]: min idle ms. Returns `{amount, spent, generation}`.
 const DRAIN: &str = r#"
 local min_idle = uint(5, 'min_idle_ms')
+if not epoch_ok() then return {-2} end
 local e = load()
 if e == nil then return {0, 0, 0} end
 local mark = redis.call('GET', KEYS[2])
@@ -278,6 +302,7 @@ return d
 /// ARGV[5]: generation. Returns `{amount, spent, generation}`, `{-1}` stale epoch.
 const FENCE: &str = r#"
 local gen = uint(5, 'generation')
+if not epoch_ok() then return {-2} end
 local e, stale = load()
 if stale then return {-1} end
 if e == nil then
@@ -301,6 +326,7 @@ return d
 /// Returns `{0, spent}` credited, `{1}` refused, `{-1}` stale epoch.
 const RESOLVE: &str = r#"
 local gen = uint(5, 'generation')
+if not epoch_ok() then return {-2} end
 local e, stale = load()
 if stale then return {-1} end
 if e == nil then save(fresh(gen, now_ms())) end
@@ -312,11 +338,27 @@ mark_set('r')
 return {1}
 "#;
 
-/// Returns nil or `{bal, unalloc, uvalid, generation, spent, idle_ms}`.
+/// Returns `{}` (no entry) or `{bal, unalloc, uvalid, generation, spent, idle_ms}`.
 const PEEK: &str = r#"
+if not epoch_ok() then return {-2} end
 local e = load()
-if e == nil then return nil end
+if e == nil then return {} end
 return {e.bal, e.unalloc, e.uvalid, e.gen, e.spent, math.max(now_ms() - e.last_ms, 0)}
+"#;
+
+/// Reads the epoch, creating the marker when missing (first writer wins; a read-only
+/// replica can read an existing one). `KEYS[1]`:
+/// the marker; `ARGV[1]`: a new random marker. Returns `{marker, master_replid,
+/// seconds, microseconds}` (the last two: the server's `TIME`).
+const EPOCH: &str = r#"
+local m = redis.call('GET', KEYS[1])
+if not m then
+  redis.call('SET', KEYS[1], ARGV[1], 'NX')
+  m = redis.call('GET', KEYS[1])
+end
+local r = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+local t = redis.call('TIME')
+return {m, tostring(r), t[1], t[2]}
 "#;
 
 /// KEYS: lock. ARGV: token, ttl ms. Returns `{1}` taken, `{0, pttl}` held.
@@ -344,6 +386,7 @@ pub(crate) struct Scripts {
     pub spend_all: redis::Script,
     pub lock: redis::Script,
     pub unlock: redis::Script,
+    pub epoch: redis::Script,
 }
 
 impl Scripts {
@@ -360,10 +403,11 @@ impl Scripts {
             spend_all: entry(SPEND_ALL),
             lock: redis::Script::new(LOCK),
             unlock: redis::Script::new(UNLOCK),
+            epoch: redis::Script::new(EPOCH),
         }
     }
 
-    pub(crate) fn all(&self) -> [&redis::Script; 10] {
+    pub(crate) fn all(&self) -> [&redis::Script; 11] {
         [
             &self.spend_many,
             &self.credit,
@@ -375,6 +419,7 @@ impl Scripts {
             &self.spend_all,
             &self.lock,
             &self.unlock,
+            &self.epoch,
         ]
     }
 }

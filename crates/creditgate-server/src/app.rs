@@ -16,7 +16,7 @@ use creditgate_domain::{
 };
 use creditgate_limiter::ports::{HotStore, Ledger};
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore, MemoryRateLimiter, RateLimiter};
-use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions, RedisRateLimiter};
+use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions, RedisRateLimiter, Target};
 use creditgate_service::{Caches, Invalidations, Service, ServiceSettings};
 use creditgate_sql::SqlStore;
 use tokio::net::TcpListener;
@@ -77,27 +77,28 @@ impl App {
             ),
             (None, None) => Arc::new(sql),
         };
-        let hot: Arc<dyn HotStore> = match &config.redis_url {
-            Some(url) => Arc::new(
-                RedisHotStore::connect(url, RedisOptions::default())
+        let redis = redis_target(&config)?;
+        let hot: Arc<dyn HotStore> = match &redis {
+            Some((target, shown)) => Arc::new(
+                RedisHotStore::connect_to(target, RedisOptions::default())
                     .await
-                    .with_context(|| format!("connecting the hot store {}", redact(url)))?,
+                    .with_context(|| format!("connecting the hot store {shown}"))?,
             ),
             None => Arc::new(MemoryHotStore::new()),
         };
-        let ratelimiter: Arc<dyn RateLimiter> = match &config.redis_url {
-            Some(url) => Arc::new(
-                RedisRateLimiter::connect(url, RedisOptions::default())
+        let ratelimiter: Arc<dyn RateLimiter> = match &redis {
+            Some((target, shown)) => Arc::new(
+                RedisRateLimiter::connect_to(target, RedisOptions::default())
                     .await
-                    .with_context(|| format!("connecting the rate limiter {}", redact(url)))?,
+                    .with_context(|| format!("connecting the rate limiter {shown}"))?,
             ),
             None => Arc::new(MemoryRateLimiter::new(clock.clone())),
         };
-        let bus = match &config.redis_url {
-            Some(url) => Some(
-                CacheBus::connect(url)
+        let bus = match &redis {
+            Some((target, shown)) => Some(
+                CacheBus::connect_to(target)
                     .await
-                    .with_context(|| format!("connecting the cache bus {}", redact(url)))?,
+                    .with_context(|| format!("connecting the cache bus {shown}"))?,
             ),
             None => None,
         };
@@ -241,6 +242,24 @@ async fn serve_http(
             );
             Ok(())
         }
+    }
+}
+
+/// The hot store's Redis (`--redis-url`) or Redis Cluster (`--redis-cluster`), with how
+/// to name it in messages (passwords redacted); `None`: the embedded default.
+fn redis_target(config: &ServeConfig) -> anyhow::Result<Option<(Target, String)>> {
+    match (&config.redis_url, &config.redis_cluster) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--redis-url and --redis-cluster exclude each other: give one Redis or the seeds of one cluster"
+        ),
+        (Some(url), None) => Ok(Some((Target::Single(url.clone()), redact(url)))),
+        (None, Some(seeds)) => {
+            let target = Target::cluster_from_list(seeds)
+                .context("--redis-cluster (CREDITGATE_REDIS_CLUSTER)")?;
+            let shown = seeds.split(',').map(|s| redact(s.trim())).collect::<Vec<_>>();
+            Ok(Some((target, format!("cluster {}", shown.join(",")))))
+        }
+        (None, None) => Ok(None),
     }
 }
 

@@ -37,8 +37,13 @@ pub struct ServeConfig {
 
     /// Hot store: `redis://host:port` (multi-node mode). Default: in-process memory
     /// (only correct for a single node).
-    #[arg(long, env = "CREDITGATE_REDIS_URL")]
+    #[arg(long, env = "CREDITGATE_REDIS_URL", conflicts_with = "redis_cluster")]
     pub redis_url: Option<String>,
+
+    /// Hot store on a Redis Cluster: seed nodes `redis://host:port[,redis://…]`
+    /// (multi-node mode; instead of `--redis-url`).
+    #[arg(long, env = "CREDITGATE_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
 
     /// Analytics: `http://host:8123[?database=db]` (ClickHouse HTTP interface).
     /// Default: the SQL database (`analytics.db` beside a SQLite ledger).
@@ -115,6 +120,7 @@ impl ServeConfig {
             data_dir: data_dir.into(),
             database_url: None,
             redis_url: None,
+            redis_cluster: None,
             clickhouse_url: None,
             node_id: None,
             region: "local".into(),

@@ -161,7 +161,15 @@ impl Engine {
         if wanted.is_empty() {
             return Ok(());
         }
-        let epoch = self.hot.epoch().await?;
+        let mut epochs = Vec::with_capacity(wanted.len());
+        if self.hot.one_epoch() {
+            let epoch = self.hot.epoch().await?;
+            epochs.resize(wanted.len(), epoch);
+        } else {
+            for (key, _, _) in &wanted {
+                epochs.push(self.hot.epoch_of(key).await?);
+            }
+        }
         let now_ms = self.clock.now_ms();
         let ids: Vec<String> = wanted
             .iter()
@@ -170,15 +178,18 @@ impl Engine {
         let reqs: Vec<AllocateRequest<'_>> = wanted
             .iter()
             .zip(&ids)
-            .map(|(&(key, generation, chunk), transfer_id)| AllocateRequest {
-                key,
-                transfer_id,
-                generation: Some(generation),
-                epoch: &epoch,
-                need: 0,
-                chunk,
-                now_ms,
-            })
+            .zip(&epochs)
+            .map(
+                |((&(key, generation, chunk), transfer_id), epoch)| AllocateRequest {
+                    key,
+                    transfer_id,
+                    generation: Some(generation),
+                    epoch,
+                    need: 0,
+                    chunk,
+                    now_ms,
+                },
+            )
             .collect();
         let outcomes = self.ledger.allocate_many(&reqs).await;
         let mut settlements = Vec::new();

@@ -29,10 +29,11 @@ impl Engine {
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, EngineError> {
         let mut report = ReconcileReport::default();
 
-        // 1. A hot store that lost its data: write off what it held, once.
+        // 1. A hot store that lost its data: write off what it held, once. (With one
+        // epoch per shard, a key's next allocation writes off what a lost shard held.)
         let epoch = self.hot.epoch().await?;
         let changed = lock_map(&self.epoch_seen).as_deref() != Some(epoch.as_str());
-        if changed {
+        if changed && self.hot.one_epoch() {
             for (key, lost) in self.ledger.write_off_other_epochs(&epoch).await? {
                 self.report_lost(&key, lost);
                 report.lost_credits += lost;

@@ -58,7 +58,7 @@ impl Engine {
         let accounts = [key.clone(), pool.clone()];
         let deadline = Instant::now() + self.config.spend_deadline;
         loop {
-            if self.breaker.skip(self.config.breaker_cooldown) {
+            if !self.hot.joint_spends() || self.breaker.skip(self.config.breaker_cooldown) {
                 return self.spend_shared_direct(&accounts, cost, None).await;
             }
             let (spent, replies) = match self.hot_spend_all(&accounts, cost).await {

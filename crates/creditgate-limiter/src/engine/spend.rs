@@ -220,7 +220,7 @@ impl Engine {
                 SpendReply::Miss => (None, 0),
             };
             let need = cost.get().saturating_sub(bal);
-            let epoch = self.hot.epoch().await?;
+            let epoch = self.hot.epoch_of(key).await?;
             let transfer_id = new_id_for_transfer("alloc");
             let req = AllocateRequest {
                 key,
