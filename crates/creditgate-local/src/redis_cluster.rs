@@ -2,8 +2,8 @@
 //! node a [`RedisServer`] with `--cluster-enabled yes` on free ports (its cluster bus on
 //! a free port of its own, `--cluster-port`), joined by `redis-cli --cluster create`.
 //! Tests can kill a master (its replica takes over after the node timeout) or fail one
-//! over on purpose (`CLUSTER FAILOVER` on a replica). The groundwork of the hot store on
-//! Redis Cluster (issue 13): nothing in creditgate runs on it yet.
+//! over on purpose (`CLUSTER FAILOVER` on a replica), or move a slot to another master
+//! (`CLUSTER SETSLOT` + `MIGRATE`, as `redis-cli --cluster reshard` does).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -205,5 +205,60 @@ impl RedisCluster {
             }
         }
         bail!("no master serves slot {slot} of {key:?}")
+    }
+
+    /// `redis-cli` on node `node`: its whole standard output.
+    pub fn cli(&self, node: usize, args: &[&str]) -> Result<String> {
+        cli(self.nodes[node].port(), args)
+    }
+
+    /// The slot of `key`, as the cluster computes it.
+    pub fn slot_of(&self, key: &str) -> Result<u16> {
+        cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])?
+            .trim()
+            .parse()
+            .context("CLUSTER KEYSLOT")
+    }
+
+    /// Moves `slot` from master `from` to master `to` with its keys, as `redis-cli
+    /// --cluster reshard` does: `to` imports, `from` migrates, the keys move with
+    /// `MIGRATE` in batches, then every master learns the slot's new owner. Clients see
+    /// `ASK` for keys already moved while it runs, `MOVED` after.
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize) -> Result<()> {
+        let id = |n: usize| -> Result<String> {
+            Ok(cli(self.nodes[n].port(), &["CLUSTER", "MYID"])?
+                .trim()
+                .to_owned())
+        };
+        let (from_id, to_id) = (id(from)?, id(to)?);
+        let slot_s = slot.to_string();
+        let (src, dst) = (self.nodes[from].port(), self.nodes[to].port());
+        cli(dst, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id])?;
+        cli(src, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id])?;
+        let dst_s = dst.to_string();
+        loop {
+            let keys = cli(src, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"])?;
+            let keys: Vec<&str> = keys
+                .lines()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &dst_s, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            let reply = cli(src, &args)?;
+            if !reply.trim().starts_with("OK") && !reply.trim().starts_with("NOKEY") {
+                bail!("MIGRATE of slot {slot} answered {reply:?}");
+            }
+        }
+        for n in self.masters() {
+            cli(
+                self.nodes[n].port(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id],
+            )?;
+        }
+        Ok(())
     }
 }

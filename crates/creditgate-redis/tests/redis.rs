@@ -1,7 +1,9 @@
 //! Tests of the Redis hot store and the cache bus against real `redis-server` processes,
 //! each test with its own server on a free loopback port: the hot-store conformance
 //! suite, the escrow engine end to end (one and two nodes), epochs (flush, lost marker,
-//! failover), an unreachable Redis, the cache bus, and the spend latency.
+//! failover), an unreachable Redis, the cache bus, and the spend latency; then the same
+//! store on a Redis Cluster (conformance, exactness over every shard, a killed master,
+//! a promoted replica that missed writes, the cache bus losing a node).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,8 +15,8 @@ use creditgate_limiter::ports::{
     Credit, CreditReply, Drained, HotError, HotStore, Ledger, SpendReply,
 };
 use creditgate_limiter::{Decision, Engine, EngineConfig, MemoryLedger};
-use creditgate_local::RedisServer;
-use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions};
+use creditgate_local::{RedisCluster, RedisServer};
+use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions, Target};
 use tokio::sync::mpsc;
 
 /// A `redis-server` of this test (creditgate-local's launcher: free port, killed on drop).
@@ -894,4 +896,263 @@ async fn rate_limit_windows_that_began_before_a_redis_data_loss_count_as_full() 
             .expect("short")
             .0
     );
+}
+
+// ---- Redis Cluster ----
+
+fn cluster(masters: usize, replicas: usize) -> RedisCluster {
+    RedisCluster::start(masters, replicas)
+        .unwrap_or_else(|e| panic!("starting a Redis Cluster: {e:#}"))
+}
+
+async fn cluster_store(c: &RedisCluster) -> Arc<RedisHotStore> {
+    let hot = RedisHotStore::connect_to(&Target::Cluster(c.seeds()), RedisOptions::default())
+        .await
+        .expect("connect to the cluster");
+    assert!(hot.is_cluster());
+    Arc::new(hot)
+}
+
+/// The Redis key of a creditgate key's entry (what the cluster places).
+fn entry(key: &KeyId) -> String {
+    format!("cg:{{{key}}}:e")
+}
+
+/// Spends 1 from `key` until the engine says the balance is gone; returns the VALIDs.
+/// While a failover settles a spend may be refused (503): it is tried again, within a
+/// bound.
+async fn spend_until_exhausted(e: &Engine, key: &KeyId, credits: u64) -> u64 {
+    let mut valid = 0;
+    let started = Instant::now();
+    loop {
+        match e.spend(key, c(1)).await {
+            Ok(Decision::Valid { .. }) => valid += 1,
+            Ok(Decision::Exceeded { remaining }) => {
+                assert_eq!(
+                    remaining, 0,
+                    "{key}: exceeded only when the balance is gone"
+                );
+                return valid;
+            }
+            Ok(Decision::NotFound) => panic!("{key} vanished"),
+            Err(err) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{key}: still failing after 30 s: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert!(valid <= credits, "{key}: over-spend");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_store_conforms() {
+    let rc = cluster(3, 0);
+    hot_conformance::run_all(cluster_store(&rc).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_a_cluster_are_exact_over_many_keys_on_every_shard() {
+    let rc = cluster(3, 0);
+    let ledger = Arc::new(MemoryLedger::new());
+    let nodes = [
+        engine(cluster_store(&rc).await, ledger.clone()),
+        engine(cluster_store(&rc).await, ledger.clone()),
+    ];
+    let credits = 20;
+    let keys: Vec<KeyId> = (0..60)
+        .map(|i| new_key(&ledger, &format!("ck{i}"), credits))
+        .collect();
+    let shards: BTreeSet<usize> = keys
+        .iter()
+        .map(|k| rc.master_of(&entry(k)).expect("master"))
+        .collect();
+    assert_eq!(shards.len(), 3, "the keys sit on every shard");
+    let mut tasks = Vec::new();
+    for k in &keys {
+        let nodes = nodes.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            concurrent_spends(&nodes, &k, 30).await
+        }));
+    }
+    for (k, t) in keys.iter().zip(tasks) {
+        let (valid, exceeded) = t.await.expect("task");
+        assert_exact(&valid, credits);
+        assert_eq!(exceeded, 10, "{k}");
+    }
+    for n in &nodes {
+        n.drain_all().await.expect("drain_all");
+    }
+    for k in &keys {
+        let state = ledger.state(k).await.expect("state").expect("row");
+        assert_eq!(
+            (state.remaining, state.hot_allocated),
+            (Some(0), 0),
+            "{k}: the ledger converges"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_writes_off_only_what_its_shard_held() {
+    let rc = cluster(3, 1);
+    let ledger = Arc::new(MemoryLedger::new());
+    let hot = cluster_store(&rc).await;
+    let e = engine(hot.clone(), ledger.clone());
+    let credits = 200;
+    let keys: Vec<KeyId> = (0..30)
+        .map(|i| new_key(&ledger, &format!("fk{i}"), credits))
+        .collect();
+    let mut held = Vec::new();
+    for k in &keys {
+        for _ in 0..5 {
+            assert!(matches!(e.spend(k, c(1)).await, Ok(Decision::Valid { .. })));
+        }
+        held.push(hot.peek(k).await.expect("peek").map_or(0, |h| h.bal));
+    }
+    let victim = rc.master_of(&entry(&keys[0])).expect("master");
+    let on_victim: Vec<bool> = keys
+        .iter()
+        .map(|k| rc.master_of(&entry(k)).expect("master") == victim)
+        .collect();
+    rc.nodes()[victim].kill9().expect("kill -9");
+    rc.wait_ok(Duration::from_secs(30))
+        .expect("a replica took over");
+
+    for (i, k) in keys.iter().enumerate() {
+        let valid = 5 + spend_until_exhausted(&e, k, credits).await;
+        let lost = credits - valid;
+        if on_victim[i] {
+            assert!(
+                lost <= held[i],
+                "{k}: lost {lost}, more than the {} its shard held",
+                held[i]
+            );
+        } else {
+            assert_eq!(lost, 0, "{k}: a key of another shard lost credits");
+        }
+    }
+    assert!(
+        on_victim.iter().any(|v| *v) && on_victim.iter().any(|v| !*v),
+        "keys on the lost shard and on others"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_that_missed_writes_resurrects_no_spent_credit() {
+    let rc = cluster(3, 1);
+    let ledger = Arc::new(MemoryLedger::new());
+    let hot = cluster_store(&rc).await;
+    // Chunks of 400: the hot entry holds plenty for the replica to hold stale.
+    let e = Arc::new(Engine::new(
+        hot.clone(),
+        ledger.clone(),
+        Arc::new(SystemClock),
+        EngineConfig {
+            min_chunk_requests: 400,
+            ..EngineConfig::default()
+        },
+    ));
+    let credits = 1_000;
+    let k = new_key(&ledger, "rk", credits);
+    let mut valid = 0;
+    for _ in 0..10 {
+        assert!(matches!(
+            e.spend(&k, c(1)).await,
+            Ok(Decision::Valid { .. })
+        ));
+        valid += 1;
+    }
+    let master = rc.master_of(&entry(&k)).expect("master");
+    let master_port = rc.nodes()[master].port();
+    let replica = (0..rc.nodes().len())
+        .find(|&i| {
+            rc.cli(i, &["INFO", "replication"])
+                .is_ok_and(|info| info.contains(&format!("master_port:{master_port}")))
+        })
+        .expect("the master's replica");
+    // The replica stops receiving writes; the master takes spends it will never see.
+    rc.nodes()[replica].pause().expect("SIGSTOP the replica");
+    // Cut its link too (what the kernel buffered for a stopped process still arrives).
+    rc.cli(master, &["CLIENT", "KILL", "TYPE", "replica"])
+        .expect("CLIENT KILL");
+    let seen_by_replica = hot.peek(&k).await.expect("peek").expect("entry").bal;
+    for _ in 0..20 {
+        assert!(matches!(
+            e.spend(&k, c(1)).await,
+            Ok(Decision::Valid { .. })
+        ));
+        valid += 1;
+    }
+    let last = hot.peek(&k).await.expect("peek").expect("entry");
+    rc.nodes()[master].kill9().expect("kill -9 the master");
+    rc.nodes()[replica].resume().expect("SIGCONT the replica");
+    let reply = rc
+        .cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .expect("takeover");
+    assert_eq!(reply.trim(), "OK");
+    rc.wait_ok(Duration::from_secs(30))
+        .expect("the replica serves the slots");
+    // The promoted replica holds the entry as it was before the last 20 spends.
+    let stale: u64 = rc
+        .cli(replica, &["HGET", &entry(&k), "bal"])
+        .expect("HGET")
+        .trim()
+        .parse()
+        .expect("a stale balance");
+    assert!(
+        stale > 0 && stale != last.bal,
+        "stale {stale}, last {last:?}"
+    );
+
+    valid += spend_until_exhausted(&e, &k, credits).await;
+    assert!(valid <= credits, "over-spend: {valid} of {credits}");
+    assert!(
+        credits - valid <= seen_by_replica.max(stale),
+        "lost at most what the replica's stale entry held"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_bus_reaches_every_node_within_100ms_after_its_node_is_lost() {
+    let rc = cluster(3, 1);
+    let target = Target::Cluster(rc.seeds());
+    let publisher = CacheBus::connect_to(&target).await.expect("bus");
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let bus = CacheBus::connect_to(&target).await.expect("bus");
+        let mut rx = bus.subscribe();
+        assert_eq!(recv_within(&mut rx, Duration::from_secs(5)).await, "*");
+        subscribers.push(rx);
+    }
+    publisher.publish("before").await.expect("publish");
+    for rx in &mut subscribers {
+        assert_eq!(recv_within(rx, Duration::from_secs(1)).await, "before");
+    }
+    // The node the subscribers are on (the first one they try) is lost.
+    let on = (0..rc.nodes().len())
+        .find(|&i| {
+            rc.cli(i, &["PUBSUB", "NUMSUB", creditgate_redis::CHANNEL])
+                .is_ok_and(|r| r.lines().nth(1).is_some_and(|n| n.trim() == "3"))
+        })
+        .expect("the subscribers' node");
+    rc.nodes()[on].kill9().expect("kill -9");
+    let sent = Instant::now();
+    publisher
+        .publish("after")
+        .await
+        .expect("publish with a node lost");
+    for rx in &mut subscribers {
+        // The message itself, or "*" (drop everything) once resubscribed elsewhere.
+        loop {
+            let msg = recv_within(rx, Duration::from_millis(100)).await;
+            if msg == "after" || msg == "*" {
+                break;
+            }
+        }
+    }
+    assert!(sent.elapsed() < Duration::from_millis(300));
 }
