@@ -1156,3 +1156,81 @@ async fn the_cache_bus_reaches_every_node_within_100ms_after_its_node_is_lost() 
     }
     assert!(sent.elapsed() < Duration::from_millis(300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_under_load_over_spends_nothing_and_costs_other_slots_nothing() {
+    let rc = cluster(3, 0);
+    let ledger = Arc::new(MemoryLedger::new());
+    let hot = cluster_store(&rc).await;
+    let e = engine(hot.clone(), ledger.clone());
+    let credits = 300;
+    let keys: Vec<KeyId> = (0..12)
+        .map(|i| new_key(&ledger, &format!("mk{i}"), credits))
+        .collect();
+    let mut held = Vec::new();
+    for k in &keys {
+        for _ in 0..5 {
+            assert!(matches!(e.spend(k, c(1)).await, Ok(Decision::Valid { .. })));
+        }
+        held.push(hot.peek(k).await.expect("peek").map_or(0, |h| h.bal));
+    }
+    let moved_key = &keys[0];
+    let slot = rc.slot_of(&entry(moved_key)).expect("slot");
+    let from = rc.master_of(&entry(moved_key)).expect("master");
+    let to = rc
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    // Spends of every key run while the slot moves.
+    let load = {
+        let e = e.clone();
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let mut valid = vec![0u64; keys.len()];
+            for _ in 0..20 {
+                for (i, k) in keys.iter().enumerate() {
+                    if let Ok(Decision::Valid { .. }) = e.spend(k, c(1)).await {
+                        valid[i] += 1;
+                    }
+                }
+            }
+            valid
+        })
+    };
+    // (The cluster goes to the blocking task and comes back.)
+    let _rc = tokio::task::spawn_blocking(move || {
+        rc.migrate_slot(slot, from, to).expect("migrate the slot");
+        rc
+    })
+    .await
+    .expect("migration");
+    let during = load.await.expect("load");
+    for (i, k) in keys.iter().enumerate() {
+        let valid = 5 + during[i] + spend_until_exhausted(&e, k, credits).await;
+        assert!(valid <= credits, "{k}: over-spend");
+        let lost = credits - valid;
+        if slot_of_key(k) == slot {
+            assert!(lost <= held[i] + 20, "{k}: lost {lost}");
+        } else {
+            assert_eq!(lost, 0, "{k}: a key of another slot lost credits");
+        }
+    }
+}
+
+/// The cluster slot of a creditgate key (CRC16 of its hash tag), computed here
+/// independently of the store.
+fn slot_of_key(key: &KeyId) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in key.as_str().as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
