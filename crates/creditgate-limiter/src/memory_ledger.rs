@@ -399,6 +399,21 @@ impl Ledger for MemoryLedger {
         Ok(out)
     }
 
+    async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
+        let mut inner = self.lock();
+        let Some(account) = inner.accounts.get_mut(key) else {
+            return Ok(0);
+        };
+        if account.hot_epoch.is_none() {
+            return Ok(0);
+        }
+        let lost = rules::write_off(account, epoch);
+        if lost.is_some() {
+            inner.mark_lost(key);
+        }
+        Ok(lost.unwrap_or(0))
+    }
+
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError> {
         let mut inner = self.lock();
         let inner = &mut *inner;

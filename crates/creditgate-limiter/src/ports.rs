@@ -652,6 +652,11 @@ pub trait Ledger: Send + Sync {
     /// returns (key, credits lost) for each key.
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError>;
 
+    /// Writes off what `key` had allocated to a hot-store epoch other than `epoch` (a
+    /// store with one epoch per shard: that key's shard lost its data); returns the
+    /// credits written off (0: same epoch, or nothing allocated).
+    async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError>;
+
     /// One transaction: moves `amount` from `remaining` into a new open hold (on an
     /// unlimited key: an unfunded hold). Idempotent on the hold id.
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError>;

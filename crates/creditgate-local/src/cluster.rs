@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::node::{NodeOptions, NodeProcess};
-use crate::{unique_name, ClickHouse, Postgres, RedisServer};
+use crate::{unique_name, ClickHouse, Postgres, RedisCluster, RedisServer};
 
 /// Bound on stopping one node gracefully.
 const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -20,6 +20,9 @@ const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ServiceUrls {
     /// `--redis-url`.
     pub redis_url: String,
+    /// `--redis-cluster` (comma-separated seeds): when set, the nodes use this Redis
+    /// Cluster instead of `redis_url`.
+    pub redis_cluster: Option<String>,
     /// `--database-url` (Postgres).
     pub database_url: String,
     /// `--clickhouse-url`, with its `?database=`.
@@ -85,6 +88,7 @@ impl Databases {
         Ok(Self {
             urls: ServiceUrls {
                 redis_url: redis.url(),
+                redis_cluster: None,
                 database_url,
                 clickhouse_url,
             },
@@ -122,6 +126,9 @@ pub struct LocalClusterOptions {
     pub binary: PathBuf,
     /// The cluster's root key (every node bootstraps it).
     pub root_key: String,
+    /// `Some(n)`: the hot store is a Redis Cluster of `n` masters with one replica each
+    /// (instead of one Redis).
+    pub redis_cluster_shards: Option<usize>,
 }
 
 impl LocalClusterOptions {
@@ -131,6 +138,7 @@ impl LocalClusterOptions {
             nodes,
             binary: binary.into(),
             root_key: format!("cg_root_local_{:032x}", rand::random::<u128>()),
+            redis_cluster_shards: None,
         }
     }
 }
@@ -141,6 +149,7 @@ impl LocalClusterOptions {
 pub struct LocalCluster {
     // Declared in stop order: nodes, then the services, then the data directories.
     nodes: Vec<NodeProcess>,
+    redis_cluster: Option<RedisCluster>,
     services: Services,
     databases: Databases,
     root_key: String,
@@ -158,8 +167,16 @@ impl LocalCluster {
             .tempdir()
             .context("creating the cluster's data directory")?;
         let services = Services::start()?;
-        let databases =
+        let mut databases =
             Databases::create(&services.redis, &services.postgres, &services.clickhouse)?;
+        let redis_cluster = options
+            .redis_cluster_shards
+            .map(|shards| RedisCluster::start(shards, 1))
+            .transpose()
+            .context("starting the Redis Cluster")?;
+        if let Some(rc) = &redis_cluster {
+            databases.urls.redis_cluster = Some(rc.seeds().join(","));
+        }
         let mut nodes = Vec::with_capacity(options.nodes);
         for i in 0..options.nodes {
             let dir = data.path().join(format!("node{i}"));
@@ -172,6 +189,7 @@ impl LocalCluster {
         }
         Ok(Self {
             nodes,
+            redis_cluster,
             services,
             databases,
             root_key: options.root_key,
@@ -190,6 +208,11 @@ impl LocalCluster {
 
     pub fn root_key(&self) -> &str {
         &self.root_key
+    }
+
+    /// The Redis Cluster of the hot store, when started with `redis_cluster_shards`.
+    pub fn redis_cluster(&self) -> Option<&RedisCluster> {
+        self.redis_cluster.as_ref()
     }
 
     pub fn services(&self) -> &Services {

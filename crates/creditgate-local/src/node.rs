@@ -135,7 +135,10 @@ impl NodeProcess {
             cmd.env("CREDITGATE_ROOT_KEY", key);
         }
         if let Some(s) = &o.services {
-            cmd.arg("--redis-url").arg(&s.redis_url);
+            match &s.redis_cluster {
+                Some(seeds) => cmd.arg("--redis-cluster").arg(seeds),
+                None => cmd.arg("--redis-url").arg(&s.redis_url),
+            };
             cmd.arg("--database-url").arg(&s.database_url);
             cmd.arg("--clickhouse-url").arg(&s.clickhouse_url);
         }

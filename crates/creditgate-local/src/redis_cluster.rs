@@ -183,10 +183,7 @@ impl RedisCluster {
 
     /// The node serving `key`'s slot as a master now, asked of any running node.
     pub fn master_of(&self, key: &str) -> Result<usize> {
-        let slot: u16 = cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])?
-            .trim()
-            .parse()
-            .context("CLUSTER KEYSLOT")?;
+        let slot = self.slot_of(key)?;
         for i in self.masters() {
             let nodes = cli(self.nodes[i].port(), &["CLUSTER", "NODES"])?;
             let mine = nodes.lines().find(|l| l.contains("myself"));
@@ -214,7 +211,12 @@ impl RedisCluster {
 
     /// The slot of `key`, as the cluster computes it.
     pub fn slot_of(&self, key: &str) -> Result<u16> {
-        cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key])?
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.pid().is_some())
+            .context("no node of the cluster runs")?;
+        cli(live.port(), &["CLUSTER", "KEYSLOT", key])?
             .trim()
             .parse()
             .context("CLUSTER KEYSLOT")

@@ -6,13 +6,19 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use creditgate_limiter::ports::HotError;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, Value};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, Pipeline, ProtocolVersion, RedisFuture, RedisResult,
+    ToRedisArgs, Value,
+};
 
-use crate::error::RedisError;
+use crate::error::{classify, not_sent, RedisError};
 use crate::hot::{client, manager_config};
+use crate::metrics as m;
 
 /// Where the hot store lives.
 #[derive(Debug, Clone)]
@@ -95,6 +101,188 @@ impl Conn {
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
     }
+
+    /// Sends `cmd`; on a cluster to the node a redirection named (`ASK`: preceded by
+    /// `ASKING` on the same connection), else where the slot map says.
+    async fn send(&mut self, cmd: &Cmd, to: Option<&Redirect>) -> RedisResult<Value> {
+        let (Conn::Cluster(c), Some(to)) = (&mut *self, to) else {
+            return cmd.query_async(self).await;
+        };
+        let route = SingleNodeRoutingInfo::ByAddress {
+            host: to.host.clone(),
+            port: to.port,
+        };
+        if to.ask {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ASKING").add_command(cmd.clone());
+            let mut replies = c.route_pipeline(&pipe, 0, 2, route).await?;
+            return replies.pop().ok_or_else(|| {
+                redis::RedisError::from((ErrorKind::ClientError, "no reply after ASKING"))
+            });
+        }
+        c.route_command(cmd, RoutingInfo::SingleNode(route)).await
+    }
+}
+
+/// Where a cluster redirected a call.
+#[derive(Debug, Clone)]
+struct Redirect {
+    host: String,
+    port: u16,
+    ask: bool,
+}
+
+impl Redirect {
+    fn of(e: &redis::RedisError) -> Option<Self> {
+        let (addr, _slot) = e.redirect_node()?;
+        let (host, port) = addr.rsplit_once(':')?;
+        Some(Self {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+            ask: e.kind() == ErrorKind::Ask,
+        })
+    }
+}
+
+/// A Lua script: its source (to load it where it is missing) and its SHA-1.
+pub(crate) struct Lua {
+    script: redis::Script,
+    source: String,
+}
+
+impl Lua {
+    pub(crate) fn new(source: &str) -> Self {
+        Self {
+            script: redis::Script::new(source),
+            source: source.to_owned(),
+        }
+    }
+
+    /// `SCRIPT LOAD` (on a cluster, on every master the client knows of).
+    pub(crate) async fn load(&self, conn: &Conn) -> RedisResult<()> {
+        let mut conn = conn.clone();
+        let _: Value = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&self.source)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One call of a [`Lua`] script: its keys and arguments.
+pub(crate) struct Call<'a> {
+    lua: &'a Lua,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(lua: &'a Lua) -> Self {
+        Self {
+            lua,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub(crate) fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    fn command(&self, verb: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k.as_slice());
+        }
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
+    }
+}
+
+/// Calls a cluster refused with a redirection or "try again" (not run) are sent again
+/// this many times at most.
+const ATTEMPTS: u32 = 8;
+
+/// Runs one script call. What the server certainly did not run is sent again: a call
+/// that never left (refused connection, a reconnect that had failed before it) once;
+/// one a cluster redirected (`MOVED`, `ASK`: straight to the node it named) or refused
+/// for now (`TRYAGAIN`, `CLUSTERDOWN`, no connection to the slot's node: after a few
+/// milliseconds) up to [`ATTEMPTS`] times; a script missing on the node (after a
+/// failover or restart) is loaded there and the call sent again. A call that may have
+/// run (its connection broke, no answer in time) never is.
+pub(crate) async fn invoke<T: FromRedisValue>(conn: &Conn, call: &Call<'_>) -> Result<T, HotError> {
+    let evalsha = call.command("EVALSHA", call.lua.script.get_hash());
+    let mut conn = conn.clone();
+    let mut to: Option<Redirect> = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = conn.send(&evalsha, to.as_ref()).await;
+        let e = match result {
+            Ok(v) => return T::from_redis_value(&v).map_err(|e| fail(&e)),
+            Err(e) => e,
+        };
+        if attempt >= ATTEMPTS {
+            return Err(fail(&e));
+        }
+        match e.kind() {
+            // `EVAL` loads the script into the node's cache as it runs it.
+            ErrorKind::NoScriptError => {
+                let eval = call.command("EVAL", &call.lua.source);
+                match conn.send(&eval, to.as_ref()).await {
+                    Ok(v) => return T::from_redis_value(&v).map_err(|e| fail(&e)),
+                    Err(e2) => {
+                        if let Some(r) = Redirect::of(&e2) {
+                            to = Some(r);
+                            continue;
+                        }
+                        return Err(fail(&e2));
+                    }
+                }
+            }
+            ErrorKind::Moved | ErrorKind::Ask => match Redirect::of(&e) {
+                Some(r) => to = Some(r),
+                None => return Err(fail(&e)),
+            },
+            ErrorKind::TryAgain
+            | ErrorKind::ClusterDown
+            | ErrorKind::MasterDown
+            | ErrorKind::ClusterConnectionNotFound => {
+                to = None;
+                tokio::time::sleep(std::time::Duration::from_millis(2 << attempt.min(3))).await;
+            }
+            // A redirection to a node the client has no connection to (a replica
+            // still naming the master that just died): back to the slot map.
+            ErrorKind::ClientError if to.is_some() => {
+                to = None;
+                tokio::time::sleep(std::time::Duration::from_millis(2 << attempt.min(3))).await;
+            }
+            _ if not_sent(&e) && attempt == 1 => {}
+            _ => return Err(fail(&e)),
+        }
+    }
+}
+
+/// Counts a failed call by kind and classifies it.
+pub(crate) fn fail(e: &redis::RedisError) -> HotError {
+    let err = classify(e);
+    let kind = match err {
+        HotError::Unreachable(_) => "unreachable",
+        HotError::Ambiguous(_) => "ambiguous",
+        HotError::Other(_) => "other",
+    };
+    metrics::counter!(m::ERRORS, "kind" => kind).increment(1);
+    err
 }
 
 impl ConnectionLike for Conn {

@@ -45,7 +45,12 @@ pub(crate) fn classify(e: &redis::RedisError) -> HotError {
         | ErrorKind::ClusterDown
         | ErrorKind::TryAgain
         | ErrorKind::Moved
-        | ErrorKind::Ask => HotError::Unreachable(text),
+        | ErrorKind::Ask
+        | ErrorKind::ClusterConnectionNotFound => HotError::Unreachable(text),
+        // A cluster client with no connection to the node a call is for sent nothing.
+        ErrorKind::ClientError if text.contains("connection not found") => {
+            HotError::Unreachable(text)
+        }
         // A script's first write under `maxmemory` fails before anything was written.
         _ if e.code() == Some("OOM") => HotError::Unreachable(text),
         _ => HotError::Other(text),

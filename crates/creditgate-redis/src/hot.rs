@@ -37,12 +37,12 @@ use creditgate_limiter::ports::{
 };
 use rand::Rng;
 use redis::aio::ConnectionManagerConfig;
-use redis::{ProtocolVersion, ScriptInvocation};
+use redis::ProtocolVersion;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::conn::{slot_of_tag, tag_of_slot, Conn, Target};
-use crate::error::{classify, not_sent, RedisError};
+use crate::conn::{invoke, slot_of_tag, tag_of_slot, Call, Conn, Lua, Target};
+use crate::error::RedisError;
 use crate::metrics as m;
 use crate::scripts::Scripts;
 
@@ -50,9 +50,6 @@ use crate::scripts::Scripts;
 const EPOCH_KEY: &str = "cg:epoch";
 /// Longest pause between two checks of a held lock.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(8);
-/// Calls a cluster refused with a redirection or "try again" (not run) are sent again
-/// this many times at most, a few milliseconds apart.
-const REDIRECT_ATTEMPTS: u32 = 6;
 
 /// Settings of the Redis hot store.
 #[derive(Debug, Clone)]
@@ -125,6 +122,9 @@ struct Epochs {
     slots: RwLock<HashMap<u16, Arc<str>>>,
     /// Serializes re-reads, so a slow read never overwrites a newer one.
     refresh: tokio::sync::Mutex<()>,
+    /// For rate-limiting the warning of an epoch change: seconds since `started`.
+    started: std::time::Instant,
+    warned_at: AtomicU64,
 }
 
 impl Epochs {
@@ -134,6 +134,8 @@ impl Epochs {
             one: RwLock::new(Arc::from("")),
             slots: RwLock::new(HashMap::new()),
             refresh: tokio::sync::Mutex::new(()),
+            started: std::time::Instant::now(),
+            warned_at: AtomicU64::new(0),
         }
     }
 
@@ -179,11 +181,17 @@ impl Epochs {
         };
         if !old.is_empty() && *old != *epoch {
             metrics::counter!(m::EPOCH_CHANGES).increment(1);
+            // On a cluster a shard's failover changes thousands of slots' epochs: one
+            // warning a second, the rest in the metric.
+            let now = self.started.elapsed().as_secs();
+            if self.warned_at.swap(now + 1, Ordering::Relaxed) > now {
+                return;
+            }
             tracing::warn!(
                 old = %old,
                 new = %epoch,
                 slot = ?slot,
-                "the Redis hot store lost or replaced its data (new epoch): balances of the old epoch are never spent again"
+                "the Redis hot store lost or replaced its data (new epoch): balances of the old epoch are never spent again (further changes within a second are counted in creditgate_redis_epoch_changes_total)"
             );
         }
     }
@@ -321,8 +329,7 @@ impl RedisHotStore {
             Conn::connect(target, options.response_timeout, options.connection_timeout).await?;
         let scripts = Scripts::new();
         for s in scripts.all() {
-            s.prepare_invoke()
-                .load_async(&mut conn)
+            s.load(&conn)
                 .await
                 .map_err(|e| RedisError::Connect(format!("loading a script: {e}")))?;
         }
@@ -404,8 +411,14 @@ impl Inner {
         } else {
             None
         };
-        let _serial = self.epochs.refresh.lock().await;
-        let mut inv = self.scripts.epoch.prepare_invoke();
+        // One Redis: serialized, so a slow read never overwrites a newer one. Per slot
+        // they run at once; a stale value cached by a race is caught by the next
+        // script's epoch check.
+        let _serial = match slot {
+            None => Some(self.epochs.refresh.lock().await),
+            Some(_) => None,
+        };
+        let mut inv = Call::new(&self.scripts.epoch);
         inv.key(Epochs::marker_key(slot)).arg(random_id());
         let sent = self.clock.local_ms();
         let (marker, replid, secs, micros): (String, String, i64, i64) = self.run(&inv).await?;
@@ -421,20 +434,8 @@ impl Inner {
         Ok(epoch)
     }
 
-    /// The epoch of `key`'s slot: cached, or read.
-    async fn epoch_of(&self, key: &str) -> Result<String, HotError> {
-        let cached = self.epochs.cached(self.epochs.slot(key));
-        if cached.is_empty() {
-            return self.refresh_epoch(Some(key)).await;
-        }
-        Ok(cached.to_string())
-    }
-
     /// Runs one script (see [`invoke`]).
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        inv: &ScriptInvocation<'_>,
-    ) -> Result<T, HotError> {
+    async fn run<T: redis::FromRedisValue>(&self, inv: &Call<'_>) -> Result<T, HotError> {
         invoke(&self.conn, inv).await
     }
 
@@ -444,7 +445,7 @@ impl Inner {
     /// is re-read and the script runs once more.
     async fn run_entry<A: redis::ToRedisArgs>(
         &self,
-        script: &redis::Script,
+        script: &Lua,
         key: &str,
         mark: Option<&str>,
         overwrite: bool,
@@ -453,7 +454,7 @@ impl Inner {
         let slot = self.epochs.slot(key);
         for _ in 0..2 {
             let epoch = self.epochs.cached(slot);
-            let mut inv = script.prepare_invoke();
+            let mut inv = Call::new(script);
             inv.key(entry_key(key));
             if let Some(transfer_id) = mark {
                 inv.key(mark_key(key, transfer_id));
@@ -487,7 +488,7 @@ impl Inner {
     /// run changed nothing, so running it again is safe.
     async fn run_replacing(
         &self,
-        script: &redis::Script,
+        script: &Lua,
         key: &str,
         mark: Option<&str>,
         args: &[u64],
@@ -503,54 +504,6 @@ impl Inner {
             "an entry of another epoch was not replaced".into(),
         ))
     }
-}
-
-/// Runs one script. A call that certainly did not leave (refused connection, a reconnect
-/// that had failed before this call) is tried once more, since the manager has started a
-/// fresh connection attempt; a call a cluster redirected or asked to try again (it did
-/// not run) is sent again a few times, a few milliseconds apart, while the slot map
-/// settles; an ambiguous one never is.
-pub(crate) async fn invoke<T: redis::FromRedisValue>(
-    conn: &Conn,
-    inv: &ScriptInvocation<'_>,
-) -> Result<T, HotError> {
-    let mut conn = conn.clone();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match inv.invoke_async(&mut conn).await {
-            Err(e) if not_sent(&e) && attempt == 1 => {}
-            Err(e) if redirected(&e) && attempt < REDIRECT_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
-            }
-            r => return r.map_err(|e| fail(&e)),
-        }
-    }
-}
-
-/// A cluster answered that another node serves the slot, or that the slot is moving
-/// or its shard has no master yet: the script did not run.
-fn redirected(e: &redis::RedisError) -> bool {
-    matches!(
-        e.kind(),
-        redis::ErrorKind::Moved
-            | redis::ErrorKind::Ask
-            | redis::ErrorKind::TryAgain
-            | redis::ErrorKind::ClusterDown
-            | redis::ErrorKind::MasterDown
-    )
-}
-
-/// Counts a failed call by kind and classifies it.
-fn fail(e: &redis::RedisError) -> HotError {
-    let err = classify(e);
-    let kind = match err {
-        HotError::Unreachable(_) => "unreachable",
-        HotError::Ambiguous(_) => "ambiguous",
-        HotError::Other(_) => "other",
-    };
-    metrics::counter!(m::ERRORS, "kind" => kind).increment(1);
-    err
 }
 
 /// Most spends one batch carries (one script call, `KEYS` of this many entries).
@@ -694,7 +647,7 @@ impl Inner {
         ));
         for _ in 0..2 {
             let epoch = self.epochs.cached(slot);
-            let mut inv = self.scripts.spend_many.prepare_invoke();
+            let mut inv = Call::new(&self.scripts.spend_many);
             for item in &batch {
                 inv.key(entry_key(&item.key));
             }
@@ -744,7 +697,7 @@ impl Inner {
 
 /// `ARGV[1..4]` of every entry script: the cached epoch, the TTLs, `overwrite`.
 fn common_args(
-    inv: &mut ScriptInvocation<'_>,
+    inv: &mut Call<'_>,
     epoch: &str,
     empty_ttl_ms: u64,
     mark_ttl_ms: u64,
@@ -808,11 +761,13 @@ impl HotStore for RedisHotStore {
         self.inner.refresh_epoch(None).await
     }
 
+    /// Read afresh, as [`HotStore::epoch`]: the ledger writes off what a key had
+    /// allocated to any other epoch, so a stale one must never reach it.
     async fn epoch_of(&self, key: &KeyId) -> Result<String, HotError> {
-        if !self.is_cluster() {
-            return self.inner.refresh_epoch(None).await;
-        }
-        self.inner.epoch_of(key.as_str()).await
+        let key = key.as_str();
+        self.inner
+            .refresh_epoch(self.is_cluster().then_some(key))
+            .await
     }
 
     fn one_epoch(&self) -> bool {
@@ -855,7 +810,7 @@ impl HotStore for RedisHotStore {
         }
         let mut reply = Vec::new();
         for _ in 0..2 {
-            let mut inv = inner.scripts.spend_all.prepare_invoke();
+            let mut inv = Call::new(&inner.scripts.spend_all);
             for a in accounts {
                 inv.key(entry_key(a.as_str()));
             }
@@ -1019,7 +974,7 @@ impl HotStore for RedisHotStore {
         check_key(key)?;
         let token = random_id();
         let lock = lock_key(key);
-        let mut inv = self.inner.scripts.lock.prepare_invoke();
+        let mut inv = Call::new(&self.inner.scripts.lock);
         inv.key(&lock).arg(&token).arg(millis(ttl));
         let r: Vec<i64> = self.inner.run(&inv).await?;
         let held_ms = match r.as_slice() {
@@ -1052,7 +1007,7 @@ impl HotStore for RedisHotStore {
     async fn unlock(&self, key: &KeyId, token: &LockToken) -> Result<(), HotError> {
         let key = key.as_str();
         check_key(key)?;
-        let mut inv = self.inner.scripts.unlock.prepare_invoke();
+        let mut inv = Call::new(&self.inner.scripts.unlock);
         inv.key(lock_key(key)).arg(&token.0);
         let _: i64 = self.inner.run(&inv).await?;
         Ok(())

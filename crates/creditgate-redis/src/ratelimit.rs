@@ -13,14 +13,11 @@
 //! all rate limits on one shard (they do not scale out with the cluster; the credits
 //! do).
 
+use crate::conn::{invoke, Call, Conn, Lua, Target};
+use crate::{RedisError, RedisOptions};
 use async_trait::async_trait;
 use creditgate_limiter::ports::HotError;
 use creditgate_limiter::{LimitCheck, LimitError, LimitState, RateLimiter};
-use redis::Script;
-
-use crate::conn::{Conn, Target};
-use crate::hot::invoke;
-use crate::{RedisError, RedisOptions};
 
 /// Mirrors `creditgate_limiter::ratelimit::decide`: read every counter of the current
 /// window, checks of one call counting one after the other, pass only if every check
@@ -85,7 +82,7 @@ pub struct RedisRateLimiter {
     conn: Conn,
     /// `cg:rl:` on one Redis, `{cg:rl}:` on a cluster (one slot for all).
     prefix: &'static str,
-    script: Script,
+    script: Lua,
     /// The marker this node last saw (`since:lost`), empty before its first call.
     known: std::sync::Mutex<String>,
 }
@@ -112,7 +109,7 @@ impl RedisRateLimiter {
         Ok(Self {
             conn,
             prefix,
-            script: Script::new(LIMIT),
+            script: Lua::new(LIMIT),
             known: std::sync::Mutex::new(known.unwrap_or_default()),
         })
     }
@@ -135,7 +132,7 @@ impl RateLimiter for RedisRateLimiter {
             .lock()
             .map_err(|_| LimitError::Other("rate limit marker poisoned".into()))?
             .clone();
-        let mut call = self.script.prepare_invoke();
+        let mut call = Call::new(&self.script);
         call.key(format!("{}since", self.prefix)).arg(known);
         for c in checks {
             call.key(counter_key(self.prefix, &c.counter))

@@ -33,6 +33,8 @@
 //! that holds nothing expires after its last write. Numbers are exact up to 2^53 - 1
 //! (`Credits::MAX`).
 
+use crate::conn::Lua;
+
 /// Shared helpers, prepended to every entry script.
 const PRELUDE: &str = r#"
 local E = KEYS[1]
@@ -373,25 +375,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-/// The scripts, hashed once; `invoke_async` calls them by SHA (`EVALSHA`, loading on
-/// `NOSCRIPT`, e.g. after a Redis restart).
+/// The scripts, hashed once; [`crate::conn::invoke`] calls them by SHA (`EVALSHA`, and
+/// `EVAL` where a node lacks one, e.g. after a restart or a failover).
 pub(crate) struct Scripts {
-    pub spend_many: redis::Script,
-    pub credit: redis::Script,
-    pub sync_unalloc: redis::Script,
-    pub drain: redis::Script,
-    pub fence: redis::Script,
-    pub resolve: redis::Script,
-    pub peek: redis::Script,
-    pub spend_all: redis::Script,
-    pub lock: redis::Script,
-    pub unlock: redis::Script,
-    pub epoch: redis::Script,
+    pub spend_many: Lua,
+    pub credit: Lua,
+    pub sync_unalloc: Lua,
+    pub drain: Lua,
+    pub fence: Lua,
+    pub resolve: Lua,
+    pub peek: Lua,
+    pub spend_all: Lua,
+    pub lock: Lua,
+    pub unlock: Lua,
+    pub epoch: Lua,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let entry = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        let entry = |body: &str| Lua::new(&format!("{PRELUDE}{body}"));
         Self {
             spend_many: entry(&format!("{SPEND_ONE}{SPEND_MANY}")),
             credit: entry(CREDIT),
@@ -401,13 +403,13 @@ impl Scripts {
             resolve: entry(RESOLVE),
             peek: entry(PEEK),
             spend_all: entry(SPEND_ALL),
-            lock: redis::Script::new(LOCK),
-            unlock: redis::Script::new(UNLOCK),
-            epoch: redis::Script::new(EPOCH),
+            lock: Lua::new(LOCK),
+            unlock: Lua::new(UNLOCK),
+            epoch: Lua::new(EPOCH),
         }
     }
 
-    pub(crate) fn all(&self) -> [&redis::Script; 11] {
+    pub(crate) fn all(&self) -> [&Lua; 11] {
         [
             &self.spend_many,
             &self.credit,

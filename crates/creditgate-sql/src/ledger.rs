@@ -929,6 +929,24 @@ impl Ledger for SqlStore {
         Ok(out)
     }
 
+    async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
+        let mut tx = self.begin_write().await.map_err(ledger_error)?;
+        let Some(row) = self.lock_key(&mut tx, key).await? else {
+            return Ok(0);
+        };
+        let mut account = row.account;
+        if account.hot_epoch.is_none() {
+            return Ok(0);
+        }
+        let Some(lost) = rules::write_off(&mut account, epoch) else {
+            return Ok(0);
+        };
+        mark_lost(&mut tx, key).await?;
+        write_account(&mut tx, key, &account).await?;
+        commit(tx).await?;
+        Ok(lost)
+    }
+
     async fn reserve(&self, req: &ReserveRequest<'_>) -> Result<HoldOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(before) = self

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use creditgate_local::{ClickHouse, Databases, NodeOptions, Postgres, RedisServer};
+use creditgate_local::{ClickHouse, Databases, NodeOptions, Postgres, RedisCluster, RedisServer};
 use creditgate_server::ServeConfig;
 
 use crate::node::{reported_lost, Node};
@@ -45,6 +45,8 @@ pub struct ClusterBuilder {
     root_key: String,
     /// Nodes that reach Redis through their own [`TcpProxy`].
     proxied: Vec<usize>,
+    /// `Some(n)`: the hot store is an own Redis Cluster of `n` masters, 1 replica each.
+    redis_cluster_shards: Option<usize>,
 }
 
 impl ClusterBuilder {
@@ -89,6 +91,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// The nodes' hot store is a Redis Cluster of this cluster's own: `shards` masters
+    /// with one replica each ([`Cluster::redis_cluster`]).
+    pub fn redis_cluster(mut self, shards: usize) -> Self {
+        self.redis_cluster_shards = Some(shards);
+        self
+    }
+
     pub fn root_key(mut self, key: impl Into<String>) -> Self {
         self.root_key = key.into();
         self
@@ -112,10 +121,20 @@ impl ClusterBuilder {
                     .context("the service start task failed")??,
             ),
         };
+        let redis_cluster = match self.redis_cluster_shards {
+            Some(shards) => Some(
+                tokio::task::spawn_blocking(move || RedisCluster::start(shards, 1))
+                    .await
+                    .context("the Redis Cluster start task failed")??,
+            ),
+            None => None,
+        };
+        let seeds = redis_cluster.as_ref().map(|rc| rc.seeds().join(","));
         let mut cluster = Cluster {
             nodes: Vec::new(),
             root_key: self.root_key.clone(),
             services,
+            redis_cluster,
             data,
             proxies: BTreeMap::new(),
         };
@@ -140,7 +159,8 @@ impl ClusterBuilder {
                     config.root_key = Some(self.root_key.clone());
                     config.node_id = Some(format!("node-{i}"));
                     if let Some(d) = cluster.databases() {
-                        config.redis_url = redis_url.clone();
+                        config.redis_url = redis_url.clone().filter(|_| seeds.is_none());
+                        config.redis_cluster = seeds.clone();
                         config.database_url = Some(d.urls.database_url.clone());
                         config.clickhouse_url = Some(d.urls.clickhouse_url.clone());
                     }
@@ -155,6 +175,7 @@ impl ClusterBuilder {
                         if let Some(u) = &redis_url {
                             urls.redis_url = u.clone();
                         }
+                        urls.redis_cluster = seeds.clone();
                         urls
                     });
                     Node::process(options).await?
@@ -247,6 +268,7 @@ pub struct Cluster {
     /// Proxies between nodes and Redis, by node index.
     proxies: BTreeMap<usize, TcpProxy>,
     services: Option<Services>,
+    redis_cluster: Option<RedisCluster>,
     data: tempfile::TempDir,
 }
 
@@ -259,6 +281,7 @@ impl Cluster {
             kind: NodeKind::InProcess,
             root_key: format!("root_{}", unique_name("k")),
             proxied: Vec::new(),
+            redis_cluster_shards: None,
         }
     }
 
@@ -281,6 +304,11 @@ impl Cluster {
     /// The Redis of this cluster (own or shared); `None` for the embedded default.
     pub fn redis(&self) -> Option<&RedisServer> {
         self.services.as_ref().map(|s| &*s.redis)
+    }
+
+    /// The nodes' Redis Cluster ([`ClusterBuilder::redis_cluster`]).
+    pub fn redis_cluster(&self) -> Option<&RedisCluster> {
+        self.redis_cluster.as_ref()
     }
 
     pub fn postgres(&self) -> Option<&Postgres> {

@@ -39,6 +39,10 @@ enum Command {
         /// Root key of the cluster (default: a fresh one, printed).
         #[arg(long, env = "CREDITGATE_ROOT_KEY", hide_env_values = true)]
         root_key: Option<String>,
+        /// Run the hot store on a local Redis Cluster of this many masters (3 to 16),
+        /// each with one replica, instead of one Redis.
+        #[arg(long)]
+        redis_cluster_shards: Option<usize>,
     },
     /// Drive nodes (--nodes, or a local --spawn N cluster) with verifications of keys with
     /// credits; print a table, write JSON and an HTML report; exit 1 on over-spend or too
@@ -104,13 +108,21 @@ async fn shutdown_signal() {
 async fn start_local_cluster(
     nodes: usize,
     root_key: Option<String>,
+    redis_cluster_shards: Option<usize>,
 ) -> anyhow::Result<LocalCluster> {
     ensure!(
         (1..=MAX_SPAWNED_NODES).contains(&nodes),
         "the node count must be between 1 and {MAX_SPAWNED_NODES}, not {nodes}"
     );
+    if let Some(shards) = redis_cluster_shards {
+        ensure!(
+            (3..=16).contains(&shards),
+            "--redis-cluster-shards must be between 3 and 16 (Redis Cluster needs 3 masters), not {shards}"
+        );
+    }
     let binary = std::env::current_exe().context("locating the creditgate binary")?;
     let mut options = LocalClusterOptions::new(nodes, binary);
+    options.redis_cluster_shards = redis_cluster_shards;
     if let Some(key) = root_key.filter(|k| !k.is_empty()) {
         options.root_key = key;
     }
@@ -175,10 +187,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{secret}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cluster { nodes, root_key } => {
+        Command::Cluster {
+            nodes,
+            root_key,
+            redis_cluster_shards,
+        } => {
             init_logging(LogFormat::Pretty, "warn");
-            eprintln!("starting {nodes} node(s) with their own Redis, Postgres and ClickHouse…");
-            let cluster = start_local_cluster(nodes, root_key).await?;
+            let redis = match redis_cluster_shards {
+                Some(n) => format!("a Redis Cluster of {n} masters and {n} replicas"),
+                None => "Redis".to_owned(),
+            };
+            eprintln!("starting {nodes} node(s) with their own {redis}, Postgres and ClickHouse…");
+            let cluster = start_local_cluster(nodes, root_key, redis_cluster_shards).await?;
+            if let Some(rc) = cluster.redis_cluster() {
+                println!("redis cluster  {}", rc.seeds().join(","));
+            }
             for node in cluster.nodes() {
                 println!("{}  {}", node.node_id().unwrap_or("node"), node.url());
             }
@@ -200,7 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return creditgate_loadgen::loadtest::run_cli(args, target).await;
             };
             eprintln!("starting a local {n}-node cluster (own Redis, Postgres, ClickHouse)…");
-            let cluster = start_local_cluster(n, args.root_key.clone()).await?;
+            let cluster = start_local_cluster(n, args.root_key.clone(), None).await?;
             let target = Target {
                 nodes: cluster.urls(),
                 root_key: cluster.root_key().to_owned(),

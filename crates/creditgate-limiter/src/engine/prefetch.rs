@@ -161,15 +161,14 @@ impl Engine {
         if wanted.is_empty() {
             return Ok(());
         }
-        let mut epochs = Vec::with_capacity(wanted.len());
-        if self.hot.one_epoch() {
-            let epoch = self.hot.epoch().await?;
-            epochs.resize(wanted.len(), epoch);
+        let epochs: Vec<String> = if self.hot.one_epoch() {
+            vec![self.hot.epoch().await?; wanted.len()]
         } else {
-            for (key, _, _) in &wanted {
-                epochs.push(self.hot.epoch_of(key).await?);
-            }
-        }
+            futures_util::future::try_join_all(
+                wanted.iter().map(|(key, _, _)| self.hot.epoch_of(key)),
+            )
+            .await?
+        };
         let now_ms = self.clock.now_ms();
         let ids: Vec<String> = wanted
             .iter()

@@ -25,20 +25,35 @@ pub struct ReconcileReport {
 const PURGE_BATCH: u32 = 10_000;
 
 impl Engine {
+    /// Writes off what `key` had allocated to an epoch of its shard that is gone.
+    async fn write_off_lost_shard(
+        &self,
+        key: &KeyId,
+        report: &mut ReconcileReport,
+    ) -> Result<(), EngineError> {
+        let epoch = self.hot.epoch_of(key).await?;
+        let lost = self.ledger.write_off_key(key, &epoch).await?;
+        self.report_lost(key, lost);
+        report.lost_credits += lost;
+        Ok(())
+    }
+
     /// One pass of the reconciler (DESIGN.md §3.6). Cheap when there is nothing to do.
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, EngineError> {
         let mut report = ReconcileReport::default();
 
         // 1. A hot store that lost its data: write off what it held, once. (With one
         // epoch per shard, a key's next allocation writes off what a lost shard held.)
-        let epoch = self.hot.epoch().await?;
-        let changed = lock_map(&self.epoch_seen).as_deref() != Some(epoch.as_str());
-        if changed && self.hot.one_epoch() {
-            for (key, lost) in self.ledger.write_off_other_epochs(&epoch).await? {
-                self.report_lost(&key, lost);
-                report.lost_credits += lost;
+        if self.hot.one_epoch() {
+            let epoch = self.hot.epoch().await?;
+            let changed = lock_map(&self.epoch_seen).as_deref() != Some(epoch.as_str());
+            if changed {
+                for (key, lost) in self.ledger.write_off_other_epochs(&epoch).await? {
+                    self.report_lost(&key, lost);
+                    report.lost_credits += lost;
+                }
+                *lock_map(&self.epoch_seen) = Some(epoch);
             }
-            *lock_map(&self.epoch_seen) = Some(epoch);
         }
 
         // 2. Idle balances go back to the ledger.
@@ -67,6 +82,14 @@ impl Engine {
             };
             report.returned_credits += amount;
             report.drained_keys += 1;
+            // One epoch per shard: an idle key whose shard lost its data has nothing
+            // to drain; what its old epoch held is written off now, not at its next use.
+            if amount == 0 && !self.hot.one_epoch() {
+                if let Err(e) = self.write_off_lost_shard(&key, &mut report).await {
+                    report.key_errors += 1;
+                    key_failed("write off", &key, &e);
+                }
+            }
             let mut map = lock_map(&self.activity);
             if map
                 .get(&key)

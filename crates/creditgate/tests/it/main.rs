@@ -9,4 +9,5 @@ mod multinode;
 mod pools;
 mod process;
 mod ratelimit;
+mod rediscluster;
 mod support;
