@@ -14,7 +14,7 @@ impl Engine {
         &self,
         keys: &[KeyId],
         min_idle: Duration,
-    ) -> Vec<Result<u64, EngineError>> {
+    ) -> Vec<Result<Option<u64>, EngineError>> {
         let mut results = Vec::with_capacity(keys.len());
         // Bounded batches, so no lock is held for long.
         for batch in keys.chunks(DRAIN_BATCH) {
@@ -27,20 +27,25 @@ impl Engine {
         &self,
         keys: &[KeyId],
         min_idle: Duration,
-    ) -> Vec<Result<u64, EngineError>> {
+    ) -> Vec<Result<Option<u64>, EngineError>> {
         let min_idle_ms = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
-        let mut results: Vec<Result<u64, EngineError>> = Vec::with_capacity(keys.len());
+        // `Ok(None)`: another holder has the key's lock (a refill or a drain may be
+        // moving credits right now); the key is tried again on the next pass.
+        let mut results: Vec<Result<Option<u64>, EngineError>> = Vec::with_capacity(keys.len());
         // (index into keys, lock, transfer id, what was drained)
         let mut drained: Vec<(usize, LockToken, String, Drained)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            results.push(Ok(0));
+            results.push(Ok(Some(0)));
             let token = match self
                 .hot
                 .lock(key, self.config.lock_ttl, Duration::ZERO)
                 .await
             {
                 Ok(Some(token)) => token,
-                Ok(None) => continue,
+                Ok(None) => {
+                    results[i] = Ok(None);
+                    continue;
+                }
                 Err(e) => {
                     results[i] = Err(e.into());
                     continue;
@@ -49,7 +54,14 @@ impl Engine {
             let transfer_id = new_id_for_transfer("drain");
             match self.hot.drain(key, &transfer_id, min_idle_ms).await {
                 Ok(d) if d.amount > 0 || d.spent > 0 => drained.push((i, token, transfer_id, d)),
-                Ok(_) => self.unlock(key, &token).await,
+                Ok(_) => {
+                    // Nothing drained, yet credits there: another node used or refilled
+                    // the key recently. Kept, so they are returned once it is idle.
+                    if matches!(self.hot.peek(key).await, Ok(Some(e)) if e.bal > 0 || e.spent > 0) {
+                        results[i] = Ok(None);
+                    }
+                    self.unlock(key, &token).await;
+                }
                 Err(e) => {
                     results[i] = Err(e.into());
                     self.unlock(key, &token).await;
@@ -64,7 +76,7 @@ impl Engine {
         for ((i, token, transfer_id, d), result) in drained.iter().zip(returned) {
             let key = &keys[*i];
             self.returned(key, transfer_id, *d, result).await;
-            results[*i] = Ok(d.amount);
+            results[*i] = Ok(Some(d.amount));
             self.unlock(key, token).await;
         }
         results
@@ -128,7 +140,7 @@ impl Engine {
         for (key, result) in keys.into_iter().zip(results) {
             match result {
                 Ok(amount) => {
-                    total += amount;
+                    total += amount.unwrap_or(0);
                     lock_map(&self.activity).remove(&key);
                 }
                 Err(e) => {

@@ -73,7 +73,9 @@ impl Engine {
         let results = self.drain_keys(&idle, idle_return).await;
         for (key, result) in idle.into_iter().zip(results) {
             let amount = match result {
-                Ok(amount) => amount,
+                Ok(Some(amount)) => amount,
+                // Locked by another holder: kept, tried again next pass.
+                Ok(None) => continue,
                 Err(e) => {
                     report.key_errors += 1;
                     key_failed("drain", &key, &e);

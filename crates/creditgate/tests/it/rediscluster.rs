@@ -264,6 +264,14 @@ async fn check(
         "{what}: {:?}",
         r.other_outcomes
     );
+    if r.errors.contains_key("http 500") {
+        let logs = cluster.logs();
+        let causes: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("internal error"))
+            .collect();
+        panic!("{what}: a 500 (internal error): {causes:#?}");
+    }
     assert!(r.valid > 1_000, "{what}: the load ran ({} VALID)", r.valid);
     let rc = cluster.redis_cluster().expect("a Redis Cluster");
     let spent = spent_per_key(cluster, r.valid + r.usage_exceeded).await;
