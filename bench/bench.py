@@ -196,10 +196,15 @@ def embedded_ledger_load(tmp, keys):
     return res, load
 
 
-def three_nodes(tmp, keys):
-    log(f"3 nodes on Redis + Postgres + ClickHouse, {keys} key(s)")
-    out_path = Path(tmp) / f"cluster-{keys}.out"
-    proc = Proc([BIN, "cluster", "--nodes", "3", "--root-key", ROOT_KEY],
+def three_nodes(tmp, keys, shards=None, cpu=False):
+    """3 nodes on one Redis (or a Redis Cluster of `shards` masters), Postgres and
+    ClickHouse. With `cpu`, also the CPU seconds the nodes and the redis-servers used
+    during the measured run."""
+    hot = f"a {shards}-shard Redis Cluster" if shards else "Redis"
+    log(f"3 nodes on {hot} + Postgres + ClickHouse, {keys} key(s)")
+    out_path = Path(tmp) / f"cluster-{keys}-{shards}.out"
+    extra = ["--redis-cluster-shards", str(shards)] if shards else []
+    proc = Proc([BIN, "cluster", "--nodes", "3", "--root-key", ROOT_KEY, *extra],
                 stdout=open(out_path, "w"), stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     urls = None
@@ -215,11 +220,82 @@ def three_nodes(tmp, keys):
         raise SystemExit("bench: the local cluster did not start in 180s")
     for u in urls:
         wait_up(u)
-    keys_file = str(Path(tmp) / f"cluster-{keys}.keys")
+    keys_file = str(Path(tmp) / f"cluster-{keys}-{shards}.keys")
     make_keys(urls[0], keys, keys_file)
-    res, load = ledger_load(urls, keys_file, CONNS)
+    if not cpu:
+        res, load = ledger_load(urls, keys_file, CONNS)
+        proc.stop()
+        return res, load
+    wrk_all(urls, keys_file, CONNS, 10)  # warm-up: every key's first refill
+    before = [metrics(u) for u in urls]
+    cpu_before = tree_cpu(proc.p.pid)
+    res = wrk_all(urls, keys_file, CONNS, DURATION)
+    cpu_after = tree_cpu(proc.p.pid)
+    after = [metrics(u) for u in urls]
+    v = max(sum(delta(a, b, "creditgate_verifications_total") for a, b in zip(after, before)), 1)
     proc.stop()
-    return res, load
+    used = {k: cpu_after.get(k, 0) - cpu_before.get(k, 0) for k in ("nodes", "redis")}
+    return res, {"verifications": v, "cpu_us": {k: 1e6 * t / v for k, t in used.items()}}
+
+
+def tree_cpu(root):
+    """CPU seconds (user + system) used so far by the processes under `root`: the
+    creditgate nodes and the redis-servers, by kind."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d.name)] = (int(fields[1]), fields)
+            except OSError:
+                pass
+    out = {"nodes": 0.0, "redis": 0.0}
+    for pid, (ppid, fields) in parent.items():
+        p, under = ppid, False
+        while p > 1:
+            if p == root:
+                under = True
+                break
+            p = parent.get(p, (0,))[0]
+        if not under:
+            continue
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        secs = (int(fields[11]) + int(fields[12])) / tick
+        if b"redis-server" in cmd:
+            out["redis"] += secs
+        elif b" serve" in cmd:
+            out["nodes"] += secs
+    return out
+
+
+def redis_cluster_table():
+    """Issue 13's figures: 3 nodes, 1,000 keys, on one Redis and on a 3-shard Redis
+    Cluster, alternated REPEAT times in one run."""
+    tmp = tempfile.mkdtemp(prefix="cg-bench.")
+    rows = {None: [], 3: []}
+    try:
+        for _ in range(int(REPEAT)):
+            for shards in (None, 3):
+                rows[shards].append(three_nodes(tmp, 1000, shards, cpu=True))
+    finally:
+        for p in Proc.all:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"3 nodes, 1,000 keys, wrk 1 thread per node, {CONNS} connections in all, "
+          f"{DURATION} s, runs alternated x{REPEAT}: median")
+    print()
+    print("| hot store | verifications/s | p99 | CPU per verification: nodes | redis-servers |")
+    print("|---|---|---|---|---|")
+    for shards, name in ((None, "one Redis"), (3, "Redis Cluster, 3 masters + 3 replicas")):
+        runs = sorted(rows[shards], key=lambda r: r[0]["rps"])
+        res, load = runs[len(runs) // 2]
+        print(f"| {name} | {res['rps']:,.0f} | {res['p99']:.1f} ms | "
+              f"{load['cpu_us']['nodes']:.0f} µs | {load['cpu_us']['redis']:.0f} µs |")
 
 
 def callgrind(tmp, requests=2000):
@@ -272,6 +348,12 @@ def need(tool, package):
 
 
 def main():
+    if "--redis-cluster" in sys.argv:
+        need("wrk", "wrk")
+        if not Path(BIN).exists():
+            raise SystemExit("bench: build first: cargo build --release")
+        redis_cluster_table()
+        return
     quick = "--quick" in sys.argv
     need("wrk", "wrk")
     need("valgrind", "valgrind")

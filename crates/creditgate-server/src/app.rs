@@ -52,6 +52,8 @@ impl App {
         node_id: String,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<App> {
+        // Checked before anything is opened or created.
+        let redis = redis_target(&config)?;
         let url = config.database_url();
         if url.starts_with("sqlite:") {
             std::fs::create_dir_all(&config.data_dir)
@@ -77,7 +79,6 @@ impl App {
             ),
             (None, None) => Arc::new(sql),
         };
-        let redis = redis_target(&config)?;
         let hot: Arc<dyn HotStore> = match &redis {
             Some((target, shown)) => Arc::new(
                 RedisHotStore::connect_to(target, RedisOptions::default())

@@ -367,3 +367,36 @@ async fn a_failover_and_a_slot_migration_under_load_over_spend_nothing() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_flags_are_checked_before_anything_starts() {
+    use crate::support::{run_bounded, tokio_command};
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "serve",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--redis-cluster",
+                "redis://127.0.0.1:2",
+            ],
+            "--redis-cluster",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--redis-cluster", " , "],
+            "seed list is empty",
+        ),
+        (
+            &["cluster", "--redis-cluster-shards", "2"],
+            "between 3 and 16",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut cmd = tokio_command();
+        cmd.args(args);
+        let out = run_bounded(cmd, Duration::from_secs(30), "creditgate").await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
