@@ -947,6 +947,29 @@ async fn spend_until_exhausted(e: &Engine, key: &KeyId, credits: u64) -> u64 {
     }
 }
 
+/// `n` keys of `credits` (`<prefix><i>`), 5 spent from each through `e`; returns them
+/// and what the hot store holds of each.
+async fn spent_five_each(
+    ledger: &MemoryLedger,
+    e: &Engine,
+    hot: &RedisHotStore,
+    prefix: &str,
+    n: usize,
+    credits: u64,
+) -> (Vec<KeyId>, Vec<u64>) {
+    let keys: Vec<KeyId> = (0..n)
+        .map(|i| new_key(ledger, &format!("{prefix}{i}"), credits))
+        .collect();
+    let mut held = Vec::new();
+    for k in &keys {
+        for _ in 0..5 {
+            assert!(matches!(e.spend(k, c(1)).await, Ok(Decision::Valid { .. })));
+        }
+        held.push(hot.peek(k).await.expect("peek").map_or(0, |h| h.bal));
+    }
+    (keys, held)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_store_conforms() {
     let rc = cluster(3, 0);
@@ -1003,16 +1026,7 @@ async fn a_killed_master_writes_off_only_what_its_shard_held() {
     let hot = cluster_store(&rc).await;
     let e = engine(hot.clone(), ledger.clone());
     let credits = 200;
-    let keys: Vec<KeyId> = (0..30)
-        .map(|i| new_key(&ledger, &format!("fk{i}"), credits))
-        .collect();
-    let mut held = Vec::new();
-    for k in &keys {
-        for _ in 0..5 {
-            assert!(matches!(e.spend(k, c(1)).await, Ok(Decision::Valid { .. })));
-        }
-        held.push(hot.peek(k).await.expect("peek").map_or(0, |h| h.bal));
-    }
+    let (keys, held) = spent_five_each(&ledger, &e, &hot, "fk", 30, credits).await;
     let victim = rc.master_of(&entry(&keys[0])).expect("master");
     let on_victim: Vec<bool> = keys
         .iter()
@@ -1175,16 +1189,7 @@ async fn a_slot_moved_under_load_over_spends_nothing_and_costs_other_slots_nothi
     let hot = cluster_store(&rc).await;
     let e = engine(hot.clone(), ledger.clone());
     let credits = 300;
-    let keys: Vec<KeyId> = (0..12)
-        .map(|i| new_key(&ledger, &format!("mk{i}"), credits))
-        .collect();
-    let mut held = Vec::new();
-    for k in &keys {
-        for _ in 0..5 {
-            assert!(matches!(e.spend(k, c(1)).await, Ok(Decision::Valid { .. })));
-        }
-        held.push(hot.peek(k).await.expect("peek").map_or(0, |h| h.bal));
-    }
+    let (keys, held) = spent_five_each(&ledger, &e, &hot, "mk", 12, credits).await;
     let moved_key = &keys[0];
     let slot = rc.slot_of(&entry(moved_key)).expect("slot");
     let from = rc.master_of(&entry(moved_key)).expect("master");
@@ -1210,7 +1215,7 @@ async fn a_slot_moved_under_load_over_spends_nothing_and_costs_other_slots_nothi
         })
     };
     // (The cluster goes to the blocking task and comes back.)
-    let _rc = tokio::task::spawn_blocking(move || {
+    let rc = tokio::task::spawn_blocking(move || {
         rc.migrate_slot(slot, from, to).expect("migrate the slot");
         rc
     })
@@ -1221,27 +1226,10 @@ async fn a_slot_moved_under_load_over_spends_nothing_and_costs_other_slots_nothi
         let valid = 5 + during[i] + spend_until_exhausted(&e, k, credits).await;
         assert!(valid <= credits, "{k}: over-spend");
         let lost = credits - valid;
-        if slot_of_key(k) == slot {
+        if rc.slot_of(&entry(k)).expect("slot") == slot {
             assert!(lost <= held[i] + 20, "{k}: lost {lost}");
         } else {
             assert_eq!(lost, 0, "{k}: a key of another slot lost credits");
         }
     }
-}
-
-/// The cluster slot of a creditgate key (CRC16 of its hash tag), computed here
-/// independently of the store.
-fn slot_of_key(key: &KeyId) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in key.as_str().as_bytes() {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
 }
