@@ -221,13 +221,13 @@ const ATTEMPTS: u32 = 8;
 /// failover or restart) is loaded there and the call sent again. A call that may have
 /// run (its connection broke, no answer in time) never is.
 pub(crate) async fn invoke<T: FromRedisValue>(conn: &Conn, call: &Call<'_>) -> Result<T, HotError> {
-    let evalsha = call.command("EVALSHA", call.lua.script.get_hash());
+    let mut cmd = call.command("EVALSHA", call.lua.script.get_hash());
     let mut conn = conn.clone();
     let mut to: Option<Redirect> = None;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = conn.send(&evalsha, to.as_ref()).await;
+        let result = conn.send(&cmd, to.as_ref()).await;
         let e = match result {
             Ok(v) => return T::from_redis_value(&v).map_err(|e| fail(&e)),
             Err(e) => e,
@@ -236,20 +236,9 @@ pub(crate) async fn invoke<T: FromRedisValue>(conn: &Conn, call: &Call<'_>) -> R
             return Err(fail(&e));
         }
         match e.kind() {
-            // `EVAL` loads the script into the node's cache as it runs it.
-            ErrorKind::NoScriptError => {
-                let eval = call.command("EVAL", &call.lua.source);
-                match conn.send(&eval, to.as_ref()).await {
-                    Ok(v) => return T::from_redis_value(&v).map_err(|e| fail(&e)),
-                    Err(e2) => {
-                        if let Some(r) = Redirect::of(&e2) {
-                            to = Some(r);
-                            continue;
-                        }
-                        return Err(fail(&e2));
-                    }
-                }
-            }
+            // Missing on that node (a restart, a failover): from now on `EVAL`, which
+            // also loads it there.
+            ErrorKind::NoScriptError => cmd = call.command("EVAL", &call.lua.source),
             ErrorKind::Moved | ErrorKind::Ask => match Redirect::of(&e) {
                 Some(r) => to = Some(r),
                 None => return Err(fail(&e)),

@@ -24,7 +24,7 @@ pub enum RedisError {
 /// * `Unreachable` — the request was never sent, or the server refused it before running
 ///   it: connection refused, host unreachable, a failed (re)connect of the connection
 ///   manager, a server still loading its data, a read-only replica, out of memory, a
-///   cluster redirection the caller gave up following.
+///   cluster redirection the caller gave up following, a script the node did not have.
 /// * `Ambiguous` — the request may have run: a response timeout, or a connection that
 ///   dropped while the request could have been in flight.
 /// * `Other` — the script ran and failed (bad argument, wrong type, script bug).
@@ -46,7 +46,8 @@ pub(crate) fn classify(e: &redis::RedisError) -> HotError {
         | ErrorKind::TryAgain
         | ErrorKind::Moved
         | ErrorKind::Ask
-        | ErrorKind::ClusterConnectionNotFound => HotError::Unreachable(text),
+        | ErrorKind::ClusterConnectionNotFound
+        | ErrorKind::NoScriptError => HotError::Unreachable(text),
         // A cluster client with no connection to the node a call is for sent nothing.
         ErrorKind::ClientError if text.contains("connection not found") => {
             HotError::Unreachable(text)
