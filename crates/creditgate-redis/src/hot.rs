@@ -642,9 +642,7 @@ impl Inner {
             return;
         };
         let slot = self.epochs.slot(&first.key);
-        let mut reply = Err(HotError::Unreachable(
-            "the hot store's epoch changed twice during one call; nothing was spent".into(),
-        ));
+        let mut reply = None;
         for _ in 0..2 {
             let epoch = self.epochs.cached(slot);
             let mut inv = Call::new(&self.scripts.spend_many);
@@ -659,16 +657,22 @@ impl Inner {
             match self.run::<Vec<i64>>(&inv).await {
                 Ok(r) if r == EPOCH_CHANGED => {
                     if let Err(e) = self.refresh_epoch(Some(&first.key)).await {
-                        reply = Err(e);
+                        reply = Some(Err(e));
                         break;
                     }
                 }
                 r => {
-                    reply = r;
+                    reply = Some(r);
                     break;
                 }
             }
         }
+        // (Only a call that found the epoch changed even after re-reading it has none.)
+        let reply = reply.unwrap_or_else(|| {
+            Err(HotError::Unreachable(
+                "the hot store's epoch changed twice during one call; nothing was spent".into(),
+            ))
+        });
         let replies = reply.and_then(|r| {
             if r.len() == 3 * batch.len() {
                 unsigned("a batch of spends", &r)
