@@ -133,20 +133,35 @@ impl Engine {
     /// (spendable, and returned by a reconciler that sees it idle). Returns the credits
     /// returned, or, when some keys failed, an error saying how many.
     pub async fn drain_all(&self) -> Result<u64, EngineError> {
-        let keys: Vec<KeyId> = lock_map(&self.activity).keys().cloned().collect();
+        let mut keys: Vec<KeyId> = lock_map(&self.activity).keys().cloned().collect();
         let mut total = 0;
         let mut failed = 0usize;
-        let results = self.drain_keys(&keys, Duration::ZERO).await;
-        for (key, result) in keys.into_iter().zip(results) {
-            match result {
-                Ok(amount) => {
-                    total += amount.unwrap_or(0);
-                    lock_map(&self.activity).remove(&key);
+        // A key whose lock another holder has (a refill in flight) is tried again until
+        // the lock's ttl: skipped, its credits would stay in the hot store.
+        let deadline = Instant::now() + self.config.lock_ttl;
+        while !keys.is_empty() {
+            let results = self.drain_keys(&keys, Duration::ZERO).await;
+            let mut locked = Vec::new();
+            for (key, result) in keys.into_iter().zip(results) {
+                match result {
+                    Ok(Some(amount)) => {
+                        total += amount;
+                        lock_map(&self.activity).remove(&key);
+                    }
+                    Ok(None) if Instant::now() < deadline => locked.push(key),
+                    Ok(None) => {
+                        failed += 1;
+                        tracing::warn!(key_id = %key, "drain: the key stayed locked; its hot balance stays for a reconciler");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        super::reconciler::key_failed("drain", &key, &e);
+                    }
                 }
-                Err(e) => {
-                    failed += 1;
-                    super::reconciler::key_failed("drain", &key, &e);
-                }
+            }
+            keys = locked;
+            if !keys.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
         self.retry_failed_returns().await;
