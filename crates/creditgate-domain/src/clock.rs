@@ -21,6 +21,19 @@ impl Clock for SystemClock {
     }
 }
 
+/// Wall-clock time shifted by a fixed amount: a node whose clock runs ahead or behind
+/// (`creditgate serve --clock-skew-ms`), for tests of refill periods and clock skew.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SkewedClock {
+    pub skew_ms: i64,
+}
+
+impl Clock for SkewedClock {
+    fn now_ms(&self) -> i64 {
+        SystemClock.now_ms().saturating_add(self.skew_ms)
+    }
+}
+
 /// A clock that only moves when told to.
 #[derive(Debug, Default)]
 pub struct ManualClock {

@@ -11,7 +11,7 @@ pub mod record;
 pub mod refill;
 pub mod store;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
 pub use credits::{Cost, Credits, CreditsError};
 pub use ids::{
     hash_secret, new_id, new_id_for_transfer, new_secret, secret_start, ApiId, IdentityId, KeyId,

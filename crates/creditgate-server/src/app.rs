@@ -12,7 +12,7 @@ use creditgate_analytics::clickhouse::{ClickHouseOptions, ClickHouseSink};
 use creditgate_analytics::{Batcher, BatcherConfig, Sink};
 use creditgate_domain::{
     hash_secret, new_secret, Clock, KeyStore, Permission, PermissionSet, RootKeyId, RootKeyRecord,
-    SystemClock, WorkspaceId,
+    SkewedClock, SystemClock, WorkspaceId,
 };
 use creditgate_limiter::ports::{HotStore, Ledger};
 use creditgate_limiter::{Engine, EngineConfig, MemoryHotStore, MemoryRateLimiter, RateLimiter};
@@ -43,7 +43,14 @@ impl App {
     /// Opens the stores, bootstraps the root key, starts analytics. `node_id` names the
     /// node in analytics and metrics.
     pub async fn build(config: ServeConfig, node_id: String) -> anyhow::Result<App> {
-        Self::build_with_clock(config, node_id, Arc::new(SystemClock)).await
+        let clock: Arc<dyn Clock> = match config.clock_skew_ms {
+            0 => Arc::new(SystemClock),
+            skew_ms => {
+                tracing::warn!(skew_ms, "this node's clock is skewed (--clock-skew-ms)");
+                Arc::new(SkewedClock { skew_ms })
+            }
+        };
+        Self::build_with_clock(config, node_id, clock).await
     }
 
     /// [`App::build`] with a given clock (tests move time to cross refill periods).

@@ -110,7 +110,22 @@ pub struct ServeConfig {
     /// Tokio worker threads that serve requests (default: the number of CPUs).
     #[arg(long, env = "CREDITGATE_WORKERS")]
     pub workers: Option<usize>,
+
+    /// Runs this node's clock ahead (or, negative, behind) the system clock by this
+    /// many milliseconds, at most a year either way: for tests of refill periods, key
+    /// expiry and clock skew between nodes. Leave it at 0 in production.
+    #[arg(
+        long,
+        env = "CREDITGATE_CLOCK_SKEW_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        value_parser = clap::value_parser!(i64).range(-MAX_SKEW_MS..=MAX_SKEW_MS)
+    )]
+    pub clock_skew_ms: i64,
 }
+
+/// Bound of `--clock-skew-ms`: a year.
+const MAX_SKEW_MS: i64 = 366 * 24 * 3600 * 1000;
 
 impl ServeConfig {
     /// A configuration for tests and tools: everything default, data in `data_dir`.
@@ -134,6 +149,7 @@ impl ServeConfig {
             drain_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             workers: None,
+            clock_skew_ms: 0,
         }
     }
 

@@ -47,6 +47,8 @@ pub struct ClusterBuilder {
     proxied: Vec<usize>,
     /// `Some(n)`: the hot store is an own Redis Cluster of `n` masters, 1 replica each.
     redis_cluster_shards: Option<usize>,
+    /// Further `serve` arguments of every process node.
+    args: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -98,6 +100,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Further `creditgate serve` arguments for every node (process nodes only), e.g.
+    /// `--clock-skew-ms`.
+    pub fn node_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn root_key(mut self, key: impl Into<String>) -> Self {
         self.root_key = key.into();
         self
@@ -106,6 +115,9 @@ impl ClusterBuilder {
     /// Starts the services (own ones side by side), creates the cluster's databases and
     /// starts the nodes one by one; every step is bounded.
     pub async fn start(self) -> Result<Cluster> {
+        if !self.args.is_empty() && self.kind == NodeKind::InProcess {
+            bail!("node arguments need process nodes");
+        }
         let data = tempfile::Builder::new()
             .prefix("creditgate-cluster-")
             .tempdir()
@@ -170,6 +182,7 @@ impl ClusterBuilder {
                     let mut options = NodeOptions::new(binary, &dir);
                     options.root_key = Some(self.root_key.clone());
                     options.node_id = Some(format!("node-{i}"));
+                    options.args = self.args.clone();
                     options.services = cluster.databases().map(|d| {
                         let mut urls = d.urls.clone();
                         if let Some(u) = &redis_url {
@@ -282,6 +295,7 @@ impl Cluster {
             root_key: format!("root_{}", unique_name("k")),
             proxied: Vec::new(),
             redis_cluster_shards: None,
+            args: Vec::new(),
         }
     }
 

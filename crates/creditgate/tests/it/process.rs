@@ -411,10 +411,19 @@ async fn serve_help_documents_flags() {
         "CREDITGATE_NODE_ID",
         "--log-format",
         "CREDITGATE_LOG_FORMAT",
+        "--clock-skew-ms",
+        "CREDITGATE_CLOCK_SKEW_MS",
     ] {
         assert!(
             help.contains(needle),
             "serve --help lacks {needle}:\n{help}"
         );
     }
+    // A skew past a year is refused before anything starts, naming the flag.
+    let mut cmd = tokio_command();
+    cmd.args(["serve", "--clock-skew-ms", "-40000000000"]);
+    let out = run_bounded(cmd, Duration::from_secs(30), "serve --clock-skew-ms").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--clock-skew-ms"), "{stderr}");
 }
