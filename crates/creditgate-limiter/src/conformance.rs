@@ -64,6 +64,7 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     direct_spends_of_several_accounts_are_all_or_none(f).await;
     direct_spend_never_refuses_while_the_hot_store_holds_credits(f).await;
     epochs_and_orphans(f).await;
+    hot_credits_are_at_one_home_at_a_time(f).await;
     engine_is_exact_under_concurrency(f).await;
     holds_close_exactly_once(f).await;
     pooled_holds_move_both_balances_or_neither(f).await;
@@ -695,6 +696,96 @@ pub async fn epochs_and_orphans(f: &dyn LedgerFixture) {
             ..
         }
     ));
+}
+
+/// A store that colocates (a Redis Cluster) names an epoch's home (`<home>#<epoch>`):
+/// while an account's hot credits are at one home, an allocation for another is refused
+/// (`Elsewhere`, nothing moved, nothing written off) and so is a write-off by another
+/// home's epoch; once they are back, the other home allocates. A new epoch of the same
+/// home still writes off what the old one held.
+pub async fn hot_credits_are_at_one_home_at_a_time(f: &dyn LedgerFixture) {
+    let l = f.ledger();
+    let key = f.create_key(Some(100)).await;
+    let at = |tid: &'static str, epoch: &'static str| {
+        let mut r = req(&key, tid, None, 1, 30);
+        r.epoch = epoch;
+        r
+    };
+    let g = l.allocate(&at("h1", "own-1")).await.expect("alloc");
+    assert!(
+        matches!(g, AllocateOutcome::Granted { amount: 30, .. }),
+        "{g:?}"
+    );
+    l.settle_allocation(&key, "h1", true, 0)
+        .await
+        .expect("settle");
+    assert_eq!(
+        l.hot_epoch(&key).await.expect("hot epoch").as_deref(),
+        Some("own-1")
+    );
+    let moved = l
+        .allocate(&at("h2", "id_pool#pool-1"))
+        .await
+        .expect("alloc elsewhere");
+    assert_eq!(moved, AllocateOutcome::Elsewhere, "credits are held at own");
+    assert_eq!(
+        l.write_off_key(&key, "id_pool#pool-1")
+            .await
+            .expect("write off"),
+        0,
+        "credits at another home are not lost"
+    );
+    let state = l.state(&key).await.expect("state").expect("row");
+    assert_eq!((state.remaining, state.hot_allocated), (Some(70), 30));
+    // Spent 5, 25 back: nothing is held any more, so the pool's home may allocate.
+    l.return_drained(
+        &key,
+        "h3",
+        Drained {
+            amount: 25,
+            spent: 5,
+            generation: 0,
+        },
+    )
+    .await
+    .expect("return");
+    let g = l
+        .allocate(&at("h4", "id_pool#pool-1"))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(
+            g,
+            AllocateOutcome::Granted {
+                amount: 30,
+                remaining: 65,
+                lost: 0,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+    assert_eq!(
+        l.hot_epoch(&key).await.expect("hot epoch").as_deref(),
+        Some("id_pool#pool-1")
+    );
+    // The pool's shard lost its data: a new epoch of the same home writes off the 30.
+    let g = l
+        .allocate(&at("h5", "id_pool#pool-2"))
+        .await
+        .expect("alloc");
+    assert!(
+        matches!(
+            g,
+            AllocateOutcome::Granted {
+                amount: 30,
+                remaining: 35,
+                lost: 30,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
 }
 
 /// The whole engine on this ledger: 200 concurrent spends on 100 credits.

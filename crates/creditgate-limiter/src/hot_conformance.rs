@@ -290,12 +290,15 @@ async fn futures_join<'a, T>(
 /// A key and its pool pay together: the cost leaves every account or none, each
 /// account's reply is what `spend` would say of it alone, and a probe never spends.
 pub async fn spend_all_pays_from_every_account_or_none(hot: &dyn HotStore, p: &str) {
-    // A sharded store says it cannot (the engine then spends jointly on the ledger).
-    if !hot.joint_spends() {
-        return;
-    }
-    let k = key(p, "all_key");
     let pool = key(p, "all_pool");
+    // A sharded store spends together only what sits at one home: the key's entries
+    // beside its pool's.
+    let k = if hot.joint_spends() {
+        key(p, "all_key")
+    } else {
+        assert!(hot.colocates(), "a store spends together somehow");
+        crate::ports::hot_address(&key(p, "all_key"), pool.as_str())
+    };
     let both = [k.clone(), pool.clone()];
     let all = |c: u64, probe: bool| {
         let both = both.clone();
@@ -376,8 +379,12 @@ pub async fn spend_all_pays_from_every_account_or_none(hot: &dyn HotStore, p: &s
     assert_eq!(spent(hot.peek(&pool).await.expect("peek")), 3);
 
     // Concurrent joint spends never take more than either account holds.
-    let k = key(p, "all_race_key");
     let pool = key(p, "all_race_pool");
+    let k = if hot.joint_spends() {
+        key(p, "all_race_key")
+    } else {
+        crate::ports::hot_address(&key(p, "all_race_key"), pool.as_str())
+    };
     credit(hot, &k, "t1", 0, 30, 0, 1).await;
     credit(hot, &pool, "t1", 0, 20, 0, 1).await;
     let pair = [k.clone(), pool.clone()];

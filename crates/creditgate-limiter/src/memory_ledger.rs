@@ -399,6 +399,14 @@ impl Ledger for MemoryLedger {
         Ok(out)
     }
 
+    async fn hot_epoch(&self, key: &KeyId) -> Result<Option<String>, LedgerError> {
+        Ok(self
+            .lock()
+            .accounts
+            .get(key)
+            .and_then(|a| a.hot_epoch.clone()))
+    }
+
     async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
         let mut inner = self.lock();
         let Some(account) = inner.accounts.get_mut(key) else {

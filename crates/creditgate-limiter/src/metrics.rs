@@ -1,6 +1,7 @@
 //! Names of the engine's Prometheus metrics, in one place.
 
 pub const ALLOCATIONS: &str = "creditgate_engine_allocations_total";
+pub const EVACUATIONS: &str = "creditgate_engine_evacuations_total";
 pub const FENCES: &str = "creditgate_engine_fences_total";
 /// Holds the reconciler expired (their credits returned).
 pub const HOLDS_EXPIRED: &str = "creditgate_engine_holds_expired_total";

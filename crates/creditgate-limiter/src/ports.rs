@@ -141,10 +141,18 @@ pub trait HotStore: Send + Sync {
     }
 
     /// Whether [`HotStore::spend_all`] can spend from any set of accounts in one atomic
-    /// step. `false` (accounts on different shards): the engine spends from several
-    /// accounts together on the ledger, in one transaction.
+    /// step. `false`: only from accounts at one home ([`HotStore::colocates`]).
     fn joint_spends(&self) -> bool {
-        true
+        !self.colocates()
+    }
+
+    /// Whether accounts spent together must be held at one home (a Redis Cluster: one
+    /// hash slot). The engine then addresses a pooled key's entries at its pool's home
+    /// ([`hot_address`]: `<key>@<pool>`), and the store gives epochs of such addresses
+    /// as `<home>#<epoch>` so the ledger keeps each account's hot credits at one home
+    /// at a time ([`rules::held_elsewhere`](crate::rules::held_elsewhere)).
+    fn colocates(&self) -> bool {
+        false
     }
 
     /// Whether a `spend` that was polled once is applied whole or not at all even when
@@ -223,6 +231,24 @@ pub trait HotStore: Send + Sync {
 
     /// Removes entries that hold nothing and have been idle for `min_idle_ms`.
     async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError>;
+}
+
+/// The hot-store address of `account` held at `home`'s place: `<account>@<home>`, or
+/// the account itself when it is its own home.
+pub fn hot_address(account: &KeyId, home: &str) -> KeyId {
+    if home.is_empty() || home == account.as_str() {
+        account.clone()
+    } else {
+        KeyId::from(format!("{account}@{home}"))
+    }
+}
+
+/// The ledger account a hot-store address belongs to, and its home (`""`: its own).
+pub fn split_address(address: &KeyId) -> (KeyId, &str) {
+    match address.as_str().split_once('@') {
+        Some((account, home)) => (KeyId::from(account), home),
+        None => (address.clone(), ""),
+    }
 }
 
 /// The ledger state of one key.
@@ -454,6 +480,9 @@ pub enum AllocateOutcome {
     GenerationMoved {
         generation: u64,
     },
+    /// The key's hot credits are held at another home of the hot store
+    /// ([`Ledger::hot_epoch`] says which): they must come back first. Nothing moved.
+    Elsewhere,
     Unlimited,
     NotFound,
 }
@@ -651,6 +680,10 @@ pub trait Ledger: Send + Sync {
     /// Writes off every allocation held by a hot-store epoch other than `epoch`;
     /// returns (key, credits lost) for each key.
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError>;
+
+    /// The hot-store epoch the key's hot credits belong to (`None`: never allocated);
+    /// its home ([`rules::home_of`](crate::rules::home_of)) is where they are held.
+    async fn hot_epoch(&self, key: &KeyId) -> Result<Option<String>, LedgerError>;
 
     /// Writes off what `key` had allocated to a hot-store epoch other than `epoch` (a
     /// store with one epoch per shard: that key's shard lost its data); returns the

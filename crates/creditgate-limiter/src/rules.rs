@@ -144,11 +144,33 @@ pub fn grant_size(need: u64, chunk: u64, remaining: u64) -> u64 {
     need.max(chunk.min(remaining))
 }
 
+/// The home of an epoch: the place in the hot store an account's credits are held
+/// at. A store with one place per account (memory, one Redis) has epochs without a
+/// home (`""`); on a Redis Cluster a pooled key's entries sit in its pool's slot, and
+/// the epochs of such places read `<home>#<epoch of the slot>` (see
+/// [`crate::ports::HotStore::colocates`]).
+pub fn home_of(epoch: &str) -> &str {
+    epoch.split_once('#').map_or("", |(home, _)| home)
+}
+
+/// Whether `account`'s hot credits are held at another home than `epoch`'s: credits
+/// allocated or in flight there, which are neither lost nor spendable here. An
+/// allocation for `epoch` must wait until they are back ([`AllocateOutcome::Elsewhere`]),
+/// so an account's hot credits are at one home at a time.
+pub fn held_elsewhere(account: &Account, epoch: &str) -> bool {
+    account.hot_allocated > 0
+        && account
+            .hot_epoch
+            .as_deref()
+            .is_some_and(|held| home_of(held) != home_of(epoch))
+}
+
 /// Writes off what `account` had allocated to a hot-store epoch other than `epoch`.
-/// `None`: same epoch, nothing to do. `Some(lost)`: the account now belongs to `epoch`,
-/// and the adapter marks the key's pending allocations [`TransferState::Lost`].
+/// `None`: same epoch (or credits held at another home, which are not lost), nothing
+/// to do. `Some(lost)`: the account now belongs to `epoch`, and the adapter marks the
+/// key's pending allocations [`TransferState::Lost`].
 pub fn write_off(account: &mut Account, epoch: &str) -> Option<u64> {
-    if account.hot_epoch.as_deref() == Some(epoch) {
+    if account.hot_epoch.as_deref() == Some(epoch) || held_elsewhere(account, epoch) {
         return None;
     }
     let lost = account.hot_allocated;
@@ -195,6 +217,13 @@ pub fn allocate(
             transfer: None,
         };
     };
+    if held_elsewhere(account, req.epoch) {
+        return Allocation {
+            outcome: AllocateOutcome::Elsewhere,
+            written_off: None,
+            transfer: None,
+        };
+    }
     let written_off = write_off(account, req.epoch);
     let lost = written_off.unwrap_or(0);
     let mut transfer = None;

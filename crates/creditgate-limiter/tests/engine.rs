@@ -194,6 +194,9 @@ impl Ledger for FaultyLedger {
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
         self.inner.write_off_other_epochs(epoch).await
     }
+    async fn hot_epoch(&self, key: &KeyId) -> Result<Option<String>, LedgerError> {
+        faulty!(self, self.inner.hot_epoch(key).await)
+    }
     async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
         faulty!(self, self.inner.write_off_key(key, epoch).await)
     }

@@ -139,9 +139,9 @@ impl Epochs {
         }
     }
 
-    /// The slot of a creditgate key on a cluster (`None` on one Redis).
+    /// The slot of a creditgate key's address on a cluster (`None` on one Redis).
     fn slot(&self, key: &str) -> Option<u16> {
-        self.cluster.then(|| slot_of_tag(key))
+        self.cluster.then(|| slot_of_tag(tag(key)))
     }
 
     /// The marker key of `slot` (`None`: the one Redis's).
@@ -258,22 +258,36 @@ fn random_id() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }
 
-/// Keys of one creditgate key; all share the hash tag `{key}`.
-fn entry_key(key: &str) -> String {
-    format!("cg:{{{key}}}:e")
-}
-fn mark_key(key: &str, transfer_id: &str) -> String {
-    format!("cg:{{{key}}}:m:{transfer_id}")
-}
-fn lock_key(key: &str) -> String {
-    format!("cg:{{{key}}}:lock")
+/// The hash tag of an address: the account's id, or for `<account>@<home>` (a pooled
+/// key's entries kept beside its pool's, see `HotStore::colocates`) the home's.
+fn tag(address: &str) -> &str {
+    address.split_once('@').map_or(address, |(_, home)| home)
 }
 
-/// Braces would change the hash tag and could make two keys' names collide.
+/// The name prefix of an address's keys: `cg:{key}` or `cg:{home}:key`; all the keys of
+/// one address share its hash tag.
+fn prefix(address: &str) -> String {
+    match address.split_once('@') {
+        None => format!("cg:{{{address}}}"),
+        Some((account, home)) => format!("cg:{{{home}}}:{account}"),
+    }
+}
+fn entry_key(key: &str) -> String {
+    format!("{}:e", prefix(key))
+}
+fn mark_key(key: &str, transfer_id: &str) -> String {
+    format!("{}:m:{transfer_id}", prefix(key))
+}
+fn lock_key(key: &str) -> String {
+    format!("{}:lock", prefix(key))
+}
+
+/// Braces would change the hash tag and could make two keys' names collide; an address
+/// names at most one home.
 fn check_key(key: &str) -> Result<(), HotError> {
-    if key.contains(['{', '}']) {
+    if key.contains(['{', '}']) || key.matches('@').count() > 1 {
         return Err(HotError::Other(format!(
-            "key id {key:?} must not contain '{{' or '}}'"
+            "key id {key:?} must not contain '{{', '}}' or more than one '@'"
         )));
     }
     Ok(())
@@ -407,7 +421,7 @@ impl Inner {
     /// cluster), creating its marker when missing.
     async fn refresh_epoch(&self, key: Option<&str>) -> Result<String, HotError> {
         let slot = if self.epochs.cluster {
-            Some(key.map_or(0, slot_of_tag))
+            Some(key.map_or(0, |k| slot_of_tag(tag(k))))
         } else {
             None
         };
@@ -631,7 +645,10 @@ impl Inner {
         }
         let mut groups: HashMap<u16, Vec<PendingSpend>> = HashMap::new();
         for item in batch {
-            groups.entry(slot_of_tag(&item.key)).or_default().push(item);
+            groups
+                .entry(slot_of_tag(tag(&item.key)))
+                .or_default()
+                .push(item);
         }
         futures_util::future::join_all(groups.into_values().map(|g| self.spend_group(g))).await;
     }
@@ -769,18 +786,27 @@ impl HotStore for RedisHotStore {
     /// allocated to any other epoch, so a stale one must never reach it.
     async fn epoch_of(&self, key: &KeyId) -> Result<String, HotError> {
         let key = key.as_str();
-        self.inner
+        check_key(key)?;
+        let epoch = self
+            .inner
             .refresh_epoch(self.is_cluster().then_some(key))
-            .await
+            .await?;
+        // An address at another home than its own: the ledger keeps an account's hot
+        // credits at one home at a time by the home named here.
+        Ok(match key.split_once('@') {
+            Some((_, home)) => format!("{home}#{epoch}"),
+            None => epoch,
+        })
     }
 
     fn one_epoch(&self) -> bool {
         !self.is_cluster()
     }
 
-    /// On a cluster the entries of a key and of its pool sit in different slots.
-    fn joint_spends(&self) -> bool {
-        !self.is_cluster()
+    /// On a cluster only accounts in one hash slot can be spent together: the engine
+    /// keeps a pooled key's entries at its pool's home (`<key>@<pool>`).
+    fn colocates(&self) -> bool {
+        self.is_cluster()
     }
 
     /// Once queued, a spend is run by the batcher whether or not its caller still waits.
@@ -804,24 +830,26 @@ impl HotStore for RedisHotStore {
         probe: bool,
     ) -> Result<(bool, Vec<SpendReply>), HotError> {
         let inner = &self.inner;
-        if inner.epochs.cluster {
-            return Err(HotError::Other(
-                "joint spends across keys need one Redis, not a cluster".into(),
-            ));
-        }
         for a in accounts {
             check_key(a.as_str())?;
         }
+        let first = accounts.first().map_or("", KeyId::as_str);
+        if inner.epochs.cluster && accounts.iter().any(|a| tag(a.as_str()) != tag(first)) {
+            return Err(HotError::Other(format!(
+                "accounts spent together on a cluster must share one home: {accounts:?}"
+            )));
+        }
+        let slot = inner.epochs.slot(first);
         let mut reply = Vec::new();
         for _ in 0..2 {
             let mut inv = Call::new(&inner.scripts.spend_all);
             for a in accounts {
                 inv.key(entry_key(a.as_str()));
             }
-            inv.key(EPOCH_KEY);
+            inv.key(Epochs::marker_key(slot));
             common_args(
                 &mut inv,
-                &inner.epochs.cached(None),
+                &inner.epochs.cached(slot),
                 inner.empty_ttl_ms,
                 inner.mark_ttl_ms,
                 false,
@@ -833,7 +861,7 @@ impl HotStore for RedisHotStore {
             if reply != EPOCH_CHANGED {
                 break;
             }
-            inner.refresh_epoch(None).await?;
+            inner.refresh_epoch(slot.map(|_| first)).await?;
         }
         let r = unsigned("spend_all", &reply)?;
         let (&spent, items) = r.split_first().ok_or_else(|| unexpected("spend_all", &r))?;
@@ -1056,6 +1084,11 @@ mod tests {
         assert_eq!(mark_key("key_1", "t"), "cg:{key_1}:m:t");
         assert_eq!(lock_key("key_1"), "cg:{key_1}:lock");
         assert!(check_key("a}b").is_err());
+        assert!(check_key("a@b@c").is_err());
+        assert_eq!(entry_key("key_1@id_2"), "cg:{id_2}:key_1:e");
+        assert_eq!(lock_key("key_1@id_2"), "cg:{id_2}:key_1:lock");
+        assert_eq!(tag("key_1@id_2"), "id_2");
+        assert_eq!(tag("key_1"), "key_1");
         assert!(check_key("key_abc").is_ok());
     }
 }

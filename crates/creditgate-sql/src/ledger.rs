@@ -929,6 +929,19 @@ impl Ledger for SqlStore {
         Ok(out)
     }
 
+    async fn hot_epoch(&self, key: &KeyId) -> Result<Option<String>, LedgerError> {
+        let row = sqlx::query(&select_row(key, false))
+            .bind(key.as_str())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(ledger_error)?;
+        Ok(row
+            .as_ref()
+            .map(KeyRow::from_row)
+            .transpose()?
+            .and_then(|r| r.account.hot_epoch))
+    }
+
     async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(row) = self.lock_key(&mut tx, key).await? else {

@@ -68,9 +68,14 @@ impl Engine {
                 }
             }
         }
+        let accounts: Vec<KeyId> = drained
+            .iter()
+            .map(|(i, ..)| account_of(&keys[*i]))
+            .collect();
         let items: Vec<(&KeyId, &str, Drained)> = drained
             .iter()
-            .map(|(i, _, id, d)| (&keys[*i], id.as_str(), *d))
+            .zip(&accounts)
+            .map(|((_, _, id, d), account)| (account, id.as_str(), *d))
             .collect();
         let returned = self.ledger.return_many(&items).await;
         for ((i, token, transfer_id, d), result) in drained.iter().zip(returned) {
@@ -84,7 +89,10 @@ impl Engine {
 
     /// Ledger step of a drain; on failure the amount is queued for retry.
     pub(super) async fn return_to_ledger(&self, key: &KeyId, transfer_id: &str, d: Drained) {
-        let result = self.ledger.return_drained(key, transfer_id, d).await;
+        let result = self
+            .ledger
+            .return_drained(&account_of(key), transfer_id, d)
+            .await;
         self.returned(key, transfer_id, d, result).await;
     }
 

@@ -20,9 +20,10 @@ impl Engine {
         op: CreditOp,
         mark: Option<&IdemMark<'_>>,
     ) -> Result<LedgerState, EngineError> {
-        let token = self.lock_waiting(key).await?;
-        let result = self.update_locked(key, op, mark).await;
-        self.unlock(key, &token).await;
+        let at = self.home(key).await?;
+        let token = self.lock_waiting(&at).await?;
+        let result = self.update_locked(&at, op, mark).await;
+        self.unlock(&at, &token).await;
         result
     }
 
@@ -33,12 +34,17 @@ impl Engine {
         mark: Option<&IdemMark<'_>>,
     ) -> Result<LedgerState, EngineError> {
         self.settle_pending(key).await?;
+        let account = account_of(key);
         let fence_op = match op {
             CreditOp::Increment(v) => {
                 // Mark the snapshot unknown first, so no node answers USAGE_EXCEEDED from a
                 // snapshot older than the increment.
                 self.hot.sync_unalloc(key, None, 0).await?;
-                let state = match self.ledger.increment(key, v, Credits::MAX, mark).await? {
+                let state = match self
+                    .ledger
+                    .increment(&account, v, Credits::MAX, mark)
+                    .await?
+                {
                     IncrementOutcome::Done(s) => s,
                     IncrementOutcome::Unlimited => return Err(EngineError::Unlimited),
                     IncrementOutcome::Overflow => {
@@ -62,14 +68,18 @@ impl Engine {
         let op_id = new_id_for_transfer("fence");
         match self
             .ledger
-            .begin_fence(key, &op_id, fence_op, self.clock.now_ms(), mark)
+            .begin_fence(&account, &op_id, fence_op, self.clock.now_ms(), mark)
             .await?
         {
             BeginFence::Begun(fence) => {
                 metrics::counter!(m::FENCES).increment(1);
                 self.complete_fence(&fence).await
             }
-            BeginFence::NotDue => self.ledger.state(key).await?.ok_or(EngineError::NotFound),
+            BeginFence::NotDue => self
+                .ledger
+                .state(&account)
+                .await?
+                .ok_or(EngineError::NotFound),
             BeginFence::NotFound => Err(EngineError::NotFound),
         }
     }
@@ -83,7 +93,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         if !self
             .ledger
-            .pending_fences(Some(key), i64::MAX, 16)
+            .pending_fences(Some(&account_of(key)), i64::MAX, 16)
             .await?
             .is_empty()
         {
@@ -98,18 +108,30 @@ impl Engine {
     /// Completes, for one key, fences begun and allocations made by holders that lost
     /// their lock (crash, timeout). Call with the key's lock held.
     pub(super) async fn settle_pending(&self, key: &KeyId) -> Result<(), EngineError> {
-        for fence in self.ledger.pending_fences(Some(key), i64::MAX, 16).await? {
+        let account = account_of(key);
+        for fence in self
+            .ledger
+            .pending_fences(Some(&account), i64::MAX, 16)
+            .await?
+        {
             self.complete_fence(&fence).await?;
         }
-        self.resolve_orphans(key).await?;
+        self.resolve_orphans(&account).await?;
         Ok(())
     }
 
-    pub(super) async fn resolve_orphans(&self, key: &KeyId) -> Result<usize, EngineError> {
+    /// Settles `account`'s pending allocations, each as the hot store at the account's
+    /// home says (credited, or refused from now on).
+    pub(super) async fn resolve_orphans(&self, account: &KeyId) -> Result<usize, EngineError> {
         let orphans = self
             .ledger
-            .pending_allocations(Some(key), i64::MAX, 64)
+            .pending_allocations(Some(account), i64::MAX, 64)
             .await?;
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        // Pending allocations keep the account's credits at one home (rules::held_elsewhere).
+        let key = &self.home(account).await?;
         let mut cancelled = false;
         for a in &orphans {
             let fate = self
@@ -127,12 +149,12 @@ impl Engine {
                 cancelled = true;
             }
             self.ledger
-                .settle_allocation(key, &a.transfer_id, credited, spent)
+                .settle_allocation(account, &a.transfer_id, credited, spent)
                 .await?;
             metrics::counter!(m::ORPHANS_RESOLVED).increment(1);
         }
         if cancelled {
-            if let Some(state) = self.ledger.state(key).await? {
+            if let Some(state) = self.ledger.state(account).await? {
                 self.sync(key, &state).await;
             }
         }
@@ -143,10 +165,12 @@ impl Engine {
         &self,
         fence: &PendingFence,
     ) -> Result<LedgerState, EngineError> {
-        let drained = self.hot.fence(&fence.key, fence.generation).await?;
+        // A begun fence stops allocations: the home stays where the credits are.
+        let at = self.home(&fence.key).await?;
+        let drained = self.hot.fence(&at, fence.generation).await?;
         self.resolve_orphans(&fence.key).await?;
         let state = self.ledger.finish_fence(fence, drained).await?;
-        self.sync(&fence.key, &state).await;
+        self.sync(&at, &state).await;
         Ok(state)
     }
 }

@@ -81,9 +81,10 @@ impl Engine {
         cost: Cost,
         mark: &IdemMark<'_>,
     ) -> Result<Decision, EngineError> {
-        let token = self.lock_waiting(key).await?;
-        let result = self.spend_once_locked(key, cost, mark).await;
-        self.unlock(key, &token).await;
+        let at = self.home(key).await?;
+        let token = self.lock_waiting(&at).await?;
+        let result = self.spend_once_locked(&at, cost, mark).await;
+        self.unlock(&at, &token).await;
         result
     }
 
@@ -95,9 +96,10 @@ impl Engine {
     ) -> Result<Decision, EngineError> {
         self.settle_pending(key).await?;
         self.hot.sync_unalloc(key, None, 0).await?;
+        let account = account_of(key);
         let mut drained = false;
         loop {
-            let spent = match self.ledger.spend_direct(key, cost, Some(mark)).await? {
+            let spent = match self.ledger.spend_direct(&account, cost, Some(mark)).await? {
                 DirectSpend::Undecided { .. } if !drained => {
                     self.drain_for_hold(key).await?;
                     drained = true;
@@ -108,7 +110,7 @@ impl Engine {
                 DirectSpend::NotFound => return Ok(Decision::NotFound),
                 DirectSpend::Exceeded { .. } | DirectSpend::Undecided { .. } => false,
             };
-            let Some(state) = self.ledger.state(key).await? else {
+            let Some(state) = self.ledger.state(&account).await? else {
                 return Ok(Decision::NotFound);
             };
             let remaining = self.exact_and_sync(key, &state).await?;
@@ -121,9 +123,10 @@ impl Engine {
     }
 
     async fn hold_call(&self, key: &KeyId, call: HoldCall<'_>) -> Result<HoldAnswer, EngineError> {
-        let token = self.lock_waiting(key).await?;
-        let result = self.hold_locked(key, call).await;
-        self.unlock(key, &token).await;
+        let at = self.home(key).await?;
+        let token = self.lock_waiting(&at).await?;
+        let result = self.hold_locked(&at, call).await;
+        self.unlock(&at, &token).await;
         result
     }
 
@@ -135,6 +138,7 @@ impl Engine {
         self.settle_pending(key).await?;
         // The ledger's part is about to change: spends that would state it wait for us.
         self.hot.sync_unalloc(key, None, 0).await?;
+        let account = account_of(key);
         let mut drained = false;
         loop {
             let outcome = match call {
@@ -145,7 +149,7 @@ impl Engine {
                     mark,
                 } => {
                     self.ledger
-                        .close_hold(key, hold_id, close, self.clock.now_ms(), mark)
+                        .close_hold(&account, hold_id, close, self.clock.now_ms(), mark)
                         .await?
                 }
             };
@@ -155,7 +159,7 @@ impl Engine {
                     drained = true;
                 }
                 HoldOutcome::Short { .. } | HoldOutcome::NotFound => {
-                    let remaining = match self.ledger.state(key).await? {
+                    let remaining = match self.ledger.state(&account).await? {
                         Some(state) => self.exact_and_sync(key, &state).await?,
                         None => None,
                     };
@@ -210,7 +214,11 @@ impl Engine {
     pub(super) async fn drain_for_hold(&self, key: &KeyId) -> Result<(), EngineError> {
         let transfer_id = new_id_for_transfer("holddrain");
         let drained = self.hot.drain(key, &transfer_id, 0).await?;
-        match self.ledger.return_drained(key, &transfer_id, drained).await {
+        match self
+            .ledger
+            .return_drained(&account_of(key), &transfer_id, drained)
+            .await
+        {
             Ok(_) => {
                 metrics::counter!(m::RETURNED_CREDITS).increment(drained.amount);
                 Ok(())
@@ -250,23 +258,24 @@ impl Engine {
     }
 
     async fn expire_key(&self, key: &KeyId, now_ms: i64) -> Result<Vec<Hold>, EngineError> {
+        let at = self.home(key).await?;
         let Some(token) = self
             .hot
-            .lock(key, self.config.lock_ttl, Duration::ZERO)
+            .lock(&at, self.config.lock_ttl, Duration::ZERO)
             .await?
         else {
             return Ok(Vec::new());
         };
         let result = async {
-            self.hot.sync_unalloc(key, None, 0).await?;
+            self.hot.sync_unalloc(&at, None, 0).await?;
             let (holds, state) = self.ledger.expire_holds(key, now_ms, EXPIRE_BATCH).await?;
             if let Some(state) = state {
-                self.sync(key, &state).await;
+                self.sync(&at, &state).await;
             }
             Ok(holds)
         }
         .await;
-        self.unlock(key, &token).await;
+        self.unlock(&at, &token).await;
         result
     }
 }

@@ -34,6 +34,12 @@ use crate::ports::{
     LedgerError, LedgerState, LockToken, PendingFence, ReserveRequest, Settlement, SpendReply,
     TransferFate,
 };
+use crate::rules;
+
+/// The ledger account of a hot-store address ([`crate::ports::hot_address`]).
+pub(super) fn account_of(address: &KeyId) -> KeyId {
+    crate::ports::split_address(address).0
+}
 
 /// How long an idempotency key's record (and so its first answer) is kept.
 pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3_600_000;
@@ -324,6 +330,48 @@ impl Engine {
         &self.hot
     }
 
+    /// Where `account`'s hot credits are held: its own address, or, on a hot store that
+    /// colocates a pooled key with its pool, the home its ledger row names (credits are
+    /// at one home at a time; see [`rules::held_elsewhere`]).
+    pub(super) async fn home(&self, account: &KeyId) -> Result<KeyId, EngineError> {
+        if !self.hot.colocates() {
+            return Ok(account.clone());
+        }
+        let epoch = self.ledger.hot_epoch(account).await?;
+        Ok(crate::ports::hot_address(
+            account,
+            epoch.as_deref().map_or("", rules::home_of),
+        ))
+    }
+
+    /// Brings `account`'s hot credits back to the ledger from the home they are held at
+    /// (another than the caller's, who wants to allocate at its own): what was left
+    /// pending there is settled and the entry drained, under that home's lock. `false`
+    /// when another holder has that lock (the caller tries again).
+    pub(super) async fn evacuate(&self, account: &KeyId) -> Result<bool, EngineError> {
+        let from = self.home(account).await?;
+        let Some(token) = self
+            .hot
+            .lock(&from, self.config.lock_ttl, self.config.lock_wait)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let result = async {
+            self.settle_pending(&from).await?;
+            let transfer_id = new_id_for_transfer("move");
+            let drained = self.hot.drain(&from, &transfer_id, 0).await?;
+            if drained.amount > 0 || drained.spent > 0 {
+                self.return_to_ledger(&from, &transfer_id, drained).await;
+            }
+            metrics::counter!(m::EVACUATIONS).increment(1);
+            Ok(true)
+        }
+        .await;
+        self.unlock(&from, &token).await;
+        result
+    }
+
     /// Takes the key's lock, waiting for other holders up to the spend deadline.
     pub(super) async fn lock_waiting(&self, key: &KeyId) -> Result<LockToken, EngineError> {
         let deadline = Instant::now() + self.config.spend_deadline;
@@ -357,7 +405,7 @@ impl Engine {
         }
         if let Err(e) = self
             .ledger
-            .settle_allocation(key, credit.transfer_id, credited, spent)
+            .settle_allocation(&account_of(key), credit.transfer_id, credited, spent)
             .await
         {
             tracing::warn!(key_id = %key, error = %e, "settling an allocation failed; the reconciler resolves it");
@@ -398,7 +446,7 @@ impl Engine {
         let Some(remaining) = state.remaining else {
             return Ok((None, state.held));
         };
-        let outside = match self.hot.peek(key).await {
+        let outside = match self.hot.peek(&self.home(key).await?).await {
             Ok(Some(e)) => match e.unalloc {
                 Some(u) if e.generation == state.generation => e.bal.saturating_add(u),
                 _ if e.generation == state.generation => e.bal.saturating_add(remaining),

@@ -174,12 +174,15 @@ impl Engine {
             .iter()
             .map(|_| new_id_for_transfer("prefetch"))
             .collect();
+        // Hot-store addresses in `wanted`, ledger accounts in the requests.
+        let accounts: Vec<KeyId> = wanted.iter().map(|(key, ..)| account_of(key)).collect();
         let reqs: Vec<AllocateRequest<'_>> = wanted
             .iter()
+            .zip(&accounts)
             .zip(&ids)
             .zip(&epochs)
             .map(
-                |((&(key, generation, chunk), transfer_id), epoch)| AllocateRequest {
+                |(((&(_, generation, chunk), key), transfer_id), epoch)| AllocateRequest {
                     key,
                     transfer_id,
                     generation: Some(generation),
@@ -192,7 +195,7 @@ impl Engine {
             .collect();
         let outcomes = self.ledger.allocate_many(&reqs).await;
         let mut settlements = Vec::new();
-        for (req, outcome) in reqs.iter().zip(outcomes) {
+        for ((&(address, ..), req), outcome) in wanted.iter().zip(&reqs).zip(outcomes) {
             let Ok(AllocateOutcome::Granted {
                 amount,
                 remaining,
@@ -214,11 +217,11 @@ impl Engine {
             };
             // A failed or ambiguous credit leaves the allocation pending: the reconciler
             // asks the hot store what became of it.
-            match self.hot.credit(req.key, &credit).await {
+            match self.hot.credit(address, &credit).await {
                 Ok(reply) => {
                     let (credited, spent) = settlement(reply);
                     if credited {
-                        self.note_report(req.key, spent);
+                        self.note_report(address, spent);
                     }
                     settlements.push(Settlement {
                         key: req.key,

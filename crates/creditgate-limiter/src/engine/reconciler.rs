@@ -32,8 +32,9 @@ impl Engine {
         report: &mut ReconcileReport,
     ) -> Result<(), EngineError> {
         let epoch = self.hot.epoch_of(key).await?;
-        let lost = self.ledger.write_off_key(key, &epoch).await?;
-        self.report_lost(key, lost);
+        let account = account_of(key);
+        let lost = self.ledger.write_off_key(&account, &epoch).await?;
+        self.report_lost(&account, lost);
         report.lost_credits += lost;
         Ok(())
     }
@@ -124,9 +125,17 @@ impl Engine {
         keys.sort();
         keys.dedup();
         for key in keys {
+            let at = match self.home(&key).await {
+                Ok(at) => at,
+                Err(e) => {
+                    report.key_errors += 1;
+                    key_failed("repair", &key, &e);
+                    continue;
+                }
+            };
             let token = match self
                 .hot
-                .lock(&key, self.config.lock_ttl, Duration::ZERO)
+                .lock(&at, self.config.lock_ttl, Duration::ZERO)
                 .await
             {
                 Ok(Some(token)) => token,
@@ -147,7 +156,7 @@ impl Engine {
                 Ok::<_, EngineError>((fences, orphans))
             }
             .await;
-            self.unlock(&key, &token).await;
+            self.unlock(&at, &token).await;
             match result {
                 Ok((fences, orphans)) => {
                     report.fences_completed += fences;

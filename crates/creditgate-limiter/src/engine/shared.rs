@@ -56,12 +56,17 @@ impl Engine {
         cost: Cost,
     ) -> Result<SharedDecision, EngineError> {
         let accounts = [key.clone(), pool.clone()];
+        // Where the hot store keeps them: on a store that colocates, the key's entries
+        // sit at its pool's home, so one atomic step reaches both.
+        let hot = [self.pooled_address(key, pool), pool.clone()];
         let deadline = Instant::now() + self.config.spend_deadline;
         loop {
-            if !self.hot.joint_spends() || self.breaker.skip(self.config.breaker_cooldown) {
+            if !(self.hot.joint_spends() || self.hot.colocates())
+                || self.breaker.skip(self.config.breaker_cooldown)
+            {
                 return self.spend_shared_direct(&accounts, cost, None).await;
             }
-            let (spent, replies) = match self.hot_spend_all(&accounts, cost).await {
+            let (spent, replies) = match self.hot_spend_all(&hot, cost).await {
                 Ok(r) => r,
                 Err(HotError::Unreachable(e)) => {
                     return self.spend_shared_direct(&accounts, cost, Some(&e)).await
@@ -70,7 +75,7 @@ impl Engine {
             };
             let mut known = [stated(&replies[0]), stated(&replies[1])];
             if spent {
-                for (a, r) in accounts.iter().zip(&replies) {
+                for (a, r) in hot.iter().zip(&replies) {
                     if let SpendReply::Valid { remaining, bal } = *r {
                         let chunk = self.note_spend(a, cost.get());
                         if bal.saturating_mul(2) < chunk && remaining > bal {
@@ -94,10 +99,10 @@ impl Engine {
                 if !matches!(replies[i], SpendReply::Low { .. } | SpendReply::Miss) {
                     continue;
                 }
-                let refilled = self.refill_for(&accounts[i], cost).await?;
+                let refilled = self.refill_for(&hot[i], cost).await?;
                 // Credits it moved to the hot store are returned when the account idles
-                // (the drains follow the accounts the engine saw in use).
-                self.note_spend(&accounts[i], 0);
+                // (the drains follow the addresses the engine saw in use).
+                self.note_spend(&hot[i], 0);
                 match refilled {
                     // Another holder had the lock, or it can pay now: try again.
                     None | Some(Decision::Valid { remaining: Some(_) }) => {}
@@ -139,21 +144,34 @@ impl Engine {
         cost: Cost,
         mark: &IdemMark<'_>,
     ) -> Result<SharedDecision, EngineError> {
-        let tokens = self.lock_pair(key, pool).await?;
-        let result = self.spend_shared_once_locked(key, pool, cost, mark).await;
-        self.unlock_pair(key, pool, tokens).await;
+        let at = self.home(key).await?;
+        let tokens = self.lock_pair(&at, pool).await?;
+        let result = self.spend_shared_once_locked(&at, pool, cost, mark).await;
+        self.unlock_pair(&at, pool, tokens).await;
         result
     }
 
+    /// The hot-store address of a pooled key's entries: at its pool's home where the
+    /// store colocates accounts spent together, else its own.
+    fn pooled_address(&self, key: &KeyId, pool: &KeyId) -> KeyId {
+        if self.hot.colocates() {
+            crate::ports::hot_address(key, pool.as_str())
+        } else {
+            key.clone()
+        }
+    }
+
+    /// `at`: where the key's hot credits are held.
     async fn spend_shared_once_locked(
         &self,
-        key: &KeyId,
+        at: &KeyId,
         pool: &KeyId,
         cost: Cost,
         mark: &IdemMark<'_>,
     ) -> Result<SharedDecision, EngineError> {
-        let accounts = [key.clone(), pool.clone()];
-        for a in &accounts {
+        let accounts = [account_of(at), pool.clone()];
+        let hot = [at.clone(), pool.clone()];
+        for a in &hot {
             self.settle_pending(a).await?;
             // The ledger's part is about to change: spends that would state it wait.
             self.hot.sync_unalloc(a, None, 0).await?;
@@ -168,7 +186,7 @@ impl Engine {
                 let mut again = false;
                 for i in 0..2 {
                     if matches!(outcomes[i], DirectSpend::Undecided { .. }) && !drained[i] {
-                        self.drain_for_hold(&accounts[i]).await?;
+                        self.drain_for_hold(&hot[i]).await?;
                         drained[i] = true;
                         again = true;
                     }
@@ -183,7 +201,7 @@ impl Engine {
             let mut exact = [None, None];
             for i in 0..2 {
                 if let Some(state) = self.ledger.state(&accounts[i]).await? {
-                    exact[i] = self.exact_and_sync(&accounts[i], &state).await?;
+                    exact[i] = self.exact_and_sync(&hot[i], &state).await?;
                 }
             }
             if spent {
@@ -405,20 +423,24 @@ impl Engine {
         pool: &KeyId,
         call: PairCall<'_>,
     ) -> Result<SharedHoldAnswer, EngineError> {
-        let tokens = self.lock_pair(key, pool).await?;
-        let result = self.pair_call_locked(key, pool, call).await;
-        self.unlock_pair(key, pool, tokens).await;
+        let at = self.home(key).await?;
+        let tokens = self.lock_pair(&at, pool).await?;
+        let result = self.pair_call_locked(&at, pool, call).await;
+        self.unlock_pair(&at, pool, tokens).await;
         result
     }
 
+    /// `at`: where the key's hot credits are held.
     async fn pair_call_locked(
         &self,
-        key: &KeyId,
+        at: &KeyId,
         pool: &KeyId,
         call: PairCall<'_>,
     ) -> Result<SharedHoldAnswer, EngineError> {
+        let key = &account_of(at);
         let accounts = [key.clone(), pool.clone()];
-        for a in &accounts {
+        let hot = [at.clone(), pool.clone()];
+        for a in &hot {
             self.settle_pending(a).await?;
             // The ledger's parts are about to change: spends that would state them wait.
             self.hot.sync_unalloc(a, None, 0).await?;
@@ -444,16 +466,16 @@ impl Engine {
             } = outcome
             {
                 if hot_allocated > 0 && !drained[account] {
-                    self.drain_for_hold(&accounts[account]).await?;
+                    self.drain_for_hold(&hot[account]).await?;
                     drained[account] = true;
                     continue;
                 }
             }
             // Every path leaves both snapshots valid again, with the exact balances.
             let mut exact = [None, None];
-            for (i, a) in accounts.iter().enumerate() {
+            for (i, (a, at)) in accounts.iter().zip(&hot).enumerate() {
                 if let Some(state) = self.ledger.state(a).await? {
-                    exact[i] = self.exact_and_sync(a, &state).await?;
+                    exact[i] = self.exact_and_sync(at, &state).await?;
                 }
             }
             return Ok(match outcome {

@@ -119,25 +119,31 @@ impl Engine {
                 "hot store unreachable, spending on the ledger"
             );
         }
-        Ok(match self.ledger.spend_direct(key, cost, None).await? {
-            DirectSpend::Valid { remaining } => Decision::Valid {
-                remaining: Some(remaining),
-            },
-            DirectSpend::Exceeded { remaining } => Decision::Exceeded { remaining },
-            // Refusing would claim the balance cannot cover it; it may.
-            DirectSpend::Undecided {
-                remaining,
-                hot_allocated,
-            } => {
-                metrics::counter!(m::DIRECT_UNDECIDED).increment(1);
-                return Err(EngineError::Unavailable(format!(
-                    "the ledger holds {remaining} credits of the key, less than the cost, and \
+        Ok(
+            match self
+                .ledger
+                .spend_direct(&account_of(key), cost, None)
+                .await?
+            {
+                DirectSpend::Valid { remaining } => Decision::Valid {
+                    remaining: Some(remaining),
+                },
+                DirectSpend::Exceeded { remaining } => Decision::Exceeded { remaining },
+                // Refusing would claim the balance cannot cover it; it may.
+                DirectSpend::Undecided {
+                    remaining,
+                    hot_allocated,
+                } => {
+                    metrics::counter!(m::DIRECT_UNDECIDED).increment(1);
+                    return Err(EngineError::Unavailable(format!(
+                        "the ledger holds {remaining} credits of the key, less than the cost, and \
                      the unreachable hot store holds {hot_allocated} more; nothing was spent"
-                )));
-            }
-            DirectSpend::Unlimited => Decision::Valid { remaining: None },
-            DirectSpend::NotFound => Decision::NotFound,
-        })
+                    )));
+                }
+                DirectSpend::Unlimited => Decision::Valid { remaining: None },
+                DirectSpend::NotFound => Decision::NotFound,
+            },
+        )
     }
 
     /// Under the key's lock: spend again, else move credits from the ledger and spend.
@@ -203,6 +209,7 @@ impl Engine {
         probe: bool,
     ) -> Result<Decision, EngineError> {
         let started = Instant::now();
+        let account = account_of(key);
         self.settle_pending(key).await?;
         // Spenders on other nodes may take a fresh chunk before our own spend does (they
         // need no lock): keep moving chunks, doubling them, until ours succeeds, the ledger
@@ -223,7 +230,7 @@ impl Engine {
             let epoch = self.hot.epoch_of(key).await?;
             let transfer_id = new_id_for_transfer("alloc");
             let req = AllocateRequest {
-                key,
+                key: &account,
                 transfer_id: &transfer_id,
                 generation,
                 epoch: &epoch,
@@ -240,7 +247,7 @@ impl Engine {
                     version,
                     lost,
                 } => {
-                    self.report_lost(key, lost);
+                    self.report_lost(&account, lost);
                     metrics::counter!(m::ALLOCATIONS).increment(1);
                     if started.elapsed() >= self.config.lock_ttl {
                         // Our lock may have expired: leave the allocation to the reconciler.
@@ -261,7 +268,7 @@ impl Engine {
                     version,
                     lost,
                 } => {
-                    self.report_lost(key, lost);
+                    self.report_lost(&account, lost);
                     // Seed or refresh the snapshot so the next requests are answered by
                     // the hot store alone.
                     let seed = new_id_for_transfer("seed");
@@ -283,6 +290,11 @@ impl Engine {
                 }
                 AllocateOutcome::GenerationMoved { generation } => {
                     self.align_generation(key, generation).await?;
+                }
+                AllocateOutcome::Elsewhere => {
+                    if !self.evacuate(&account).await? {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                 }
                 AllocateOutcome::Unlimited => return Ok(Decision::Valid { remaining: None }),
                 AllocateOutcome::NotFound => return Ok(Decision::NotFound),
