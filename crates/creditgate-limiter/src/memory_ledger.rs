@@ -30,6 +30,8 @@ struct Inner {
     fences: HashMap<String, Fence>,
     holds: HashMap<String, Hold>,
     idem: HashMap<(String, String), IdemRecord>,
+    /// Credits written off so far (hot-store epochs that lost their data), for tests.
+    written_off: u64,
 }
 
 impl Inner {
@@ -69,7 +71,8 @@ impl Inner {
     }
 
     /// Stores a write-off decided by the rules: the key's pending allocations are lost.
-    fn mark_lost(&mut self, key: &KeyId) {
+    fn mark_lost(&mut self, key: &KeyId, lost: u64) {
+        self.written_off = self.written_off.saturating_add(lost);
         for t in self.transfers.values_mut() {
             if t.key == *key && t.state == TransferState::Pending {
                 t.state = TransferState::Lost;
@@ -111,6 +114,11 @@ impl MemoryLedger {
             .insert(key.into(), Account::new(remaining, now_ms));
     }
 
+    /// Credits written off so far (reported lost with a hot store's data).
+    pub fn written_off(&self) -> u64 {
+        self.lock().written_off
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A poisoned lock only means another thread panicked mid-update of plain data.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -144,8 +152,8 @@ impl Ledger for MemoryLedger {
             return Ok(AllocateOutcome::NotFound);
         };
         let allocation = rules::allocate(account, req, fence_pending);
-        if allocation.written_off.is_some() {
-            inner.mark_lost(req.key);
+        if let Some(lost) = allocation.written_off {
+            inner.mark_lost(req.key, lost);
         }
         if let Some(t) = allocation.transfer {
             inner.transfers.insert(req.transfer_id.to_owned(), t);
@@ -390,7 +398,7 @@ impl Ledger for MemoryLedger {
                 continue;
             };
             if let Some(lost) = rules::write_off(account, epoch) {
-                inner.mark_lost(&key);
+                inner.mark_lost(&key, lost);
                 if lost > 0 {
                     out.push((key, lost));
                 }
@@ -416,8 +424,8 @@ impl Ledger for MemoryLedger {
             return Ok(0);
         }
         let lost = rules::write_off(account, epoch);
-        if lost.is_some() {
-            inner.mark_lost(key);
+        if let Some(lost) = lost {
+            inner.mark_lost(key, lost);
         }
         Ok(lost.unwrap_or(0))
     }

@@ -9,12 +9,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use creditgate_domain::{Clock, Cost, KeyId, SystemClock};
+use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 use creditgate_limiter::hot_conformance;
 use creditgate_limiter::ports::{
     Credit, CreditReply, Drained, HotError, HotStore, Ledger, SpendReply,
 };
-use creditgate_limiter::{Decision, Engine, EngineConfig, MemoryLedger};
+use creditgate_limiter::{CreditOp, Decision, Engine, EngineConfig, MemoryLedger};
 use creditgate_local::{RedisCluster, RedisServer};
 use creditgate_redis::{CacheBus, RedisHotStore, RedisOptions, Target};
 use tokio::sync::mpsc;
@@ -1015,6 +1015,160 @@ async fn two_nodes_on_a_cluster_are_exact_over_many_keys_on_every_shard() {
             (state.remaining, state.hot_allocated),
             (Some(0), 0),
             "{k}: the ledger converges"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_key_spends_with_its_pool_in_one_slot_and_moves_between_homes_exactly() {
+    use creditgate_limiter::SharedOutcome;
+    let rc = cluster(3, 0);
+    let ledger = Arc::new(MemoryLedger::new());
+    let nodes = [
+        engine(cluster_store(&rc).await, ledger.clone()),
+        engine(cluster_store(&rc).await, ledger.clone()),
+    ];
+    let key = new_key(&ledger, "pk_1", 300);
+    let pool = new_key(&ledger, "pool_a", 200);
+    let pool2 = new_key(&ledger, "pool_b", 1_000_000);
+    let slots: BTreeSet<u16> = [&key, &pool, &pool2]
+        .iter()
+        .map(|k| rc.slot_of(&entry(k)).expect("slot"))
+        .collect();
+    assert_eq!(
+        slots.len(),
+        3,
+        "the key and the pools sit in different slots"
+    );
+
+    // 250 joint spends from two nodes: the pool's 200 pass, exactly, in one slot.
+    let mut tasks = Vec::new();
+    for i in 0..250usize {
+        let (e, key, pool) = (nodes[i % 2].clone(), key.clone(), pool.clone());
+        tasks.push(tokio::spawn(async move {
+            e.spend_shared(&key, &pool, c(1)).await
+        }));
+    }
+    let (mut pool_left, mut key_left) = (BTreeSet::new(), BTreeSet::new());
+    for t in tasks {
+        let d = t.await.expect("task").expect("spend_shared");
+        match d.outcome {
+            SharedOutcome::Valid => {
+                assert!(pool_left.insert(d.pool.expect("pool balance")), "{d:?}");
+                assert!(key_left.insert(d.key.expect("key balance")), "{d:?}");
+            }
+            SharedOutcome::PoolExceeded => assert_eq!(d.pool, Some(0), "{d:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pool_left, (0..200).collect::<BTreeSet<u64>>());
+    assert_eq!(key_left, (100..300).collect::<BTreeSet<u64>>());
+    let key_home = ledger.hot_epoch(&key).await.expect("hot epoch");
+    assert!(
+        key_home
+            .as_deref()
+            .is_some_and(|e| e.starts_with("pool_a#")),
+        "the key's credits sit at its pool's home: {key_home:?}"
+    );
+
+    // The key leaves the pool for another while nodes still spend it the old ways (a
+    // node that has not heard yet): alone, with the old pool, with the new one. Its
+    // credits move between three homes; the key's 100 left pass exactly once each.
+    let mut tasks = Vec::new();
+    for i in 0..300usize {
+        let e = nodes[i % 2].clone();
+        let (key, pool, pool2) = (key.clone(), pool.clone(), pool2.clone());
+        tasks.push(tokio::spawn(async move {
+            match i % 3 {
+                0 => match e.spend(&key, c(1)).await.expect("spend") {
+                    Decision::Valid { remaining } => (Some(remaining.expect("limited")), false),
+                    Decision::Exceeded { remaining } => {
+                        assert_eq!(remaining, 0);
+                        (None, false)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                },
+                n => {
+                    let p = if n == 1 { &pool } else { &pool2 };
+                    let d = e.spend_shared(&key, p, c(1)).await.expect("spend_shared");
+                    match d.outcome {
+                        SharedOutcome::Valid => (d.key, n == 2),
+                        SharedOutcome::KeyExceeded => {
+                            assert_eq!(d.key, Some(0), "{d:?}");
+                            (None, false)
+                        }
+                        // The old pool is spent: its own refusal, nothing moved.
+                        SharedOutcome::PoolExceeded => (None, false),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+        }));
+    }
+    let mut left = BTreeSet::new();
+    let mut from_pool2 = 0u64;
+    for t in tasks {
+        let (remaining, on_pool2) = t.await.expect("task");
+        if let Some(r) = remaining {
+            assert!(left.insert(r), "remaining {r} answered twice");
+            from_pool2 += u64::from(on_pool2);
+        }
+    }
+    assert_eq!(
+        left,
+        (0..100).collect::<BTreeSet<u64>>(),
+        "the key's last 100"
+    );
+    assert_eq!(
+        ledger.written_off(),
+        0,
+        "credits held at another home are moved back, never written off as lost"
+    );
+
+    // A `set` while the key's credits sit at the new pool's home fences them there:
+    // afterwards exactly the new balance passes.
+    nodes[0]
+        .update(&key, CreditOp::Increment(Credits::new(50).expect("small")))
+        .await
+        .expect("increment");
+    for _ in 0..10 {
+        let d = nodes[1]
+            .spend_shared(&key, &pool2, c(1))
+            .await
+            .expect("spend");
+        assert_eq!(d.outcome, SharedOutcome::Valid, "{d:?}");
+    }
+    let key_home = ledger.hot_epoch(&key).await.expect("hot epoch");
+    assert!(
+        key_home
+            .as_deref()
+            .is_some_and(|e| e.starts_with("pool_b#")),
+        "{key_home:?}"
+    );
+    nodes[0]
+        .update(&key, CreditOp::Set(Some(Credits::new(5).expect("small"))))
+        .await
+        .expect("set");
+    let mut passed = 0;
+    for i in 0..30usize {
+        let d = nodes[i % 2]
+            .spend_shared(&key, &pool2, c(1))
+            .await
+            .expect("spend");
+        passed += u64::from(d.outcome == SharedOutcome::Valid);
+    }
+    assert_eq!(passed, 5, "the set fenced the credits at the pool's home");
+    let from_pool2 = from_pool2 + 10 + 5;
+
+    for n in &nodes {
+        n.drain_all().await.expect("drain_all");
+    }
+    for (account, want) in [(&key, 0), (&pool, 0), (&pool2, 1_000_000 - from_pool2)] {
+        let state = ledger.state(account).await.expect("state").expect("row");
+        assert_eq!(
+            (state.remaining, state.hot_allocated),
+            (Some(want), 0),
+            "{account}: the ledger converges"
         );
     }
 }
