@@ -358,7 +358,7 @@ async fn update_credits_set_racing_a_load_on_three_nodes() {
 }
 
 /// A counter summed over its label sets in a node's `/metrics` (0 when absent).
-async fn node_metric(url: &str, name: &str) -> u64 {
+pub(crate) async fn node_metric(url: &str, name: &str) -> u64 {
     let text = reqwest::get(format!("{url}/metrics"))
         .await
         .and_then(|r| r.error_for_status())

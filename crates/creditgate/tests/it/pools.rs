@@ -25,7 +25,11 @@ async fn cluster() -> Cluster {
 
 /// An identity with a pool of `pool` and 5 keys of 50; returns the identity id and
 /// the keys (id, secret).
-async fn team(c: &Cluster, external_id: &str, pool: u64) -> (String, Vec<(String, String)>) {
+pub(crate) async fn team(
+    c: &Cluster,
+    external_id: &str,
+    pool: u64,
+) -> (String, Vec<(String, String)>) {
     let root = &c.root_key;
     let n = &c.nodes[0];
     let identity = n
@@ -58,7 +62,7 @@ async fn team(c: &Cluster, external_id: &str, pool: u64) -> (String, Vec<(String
 
 /// 500 verifications at once, request `i` to key `i % 5` on node `i % 3`; returns how
 /// many passed per key.
-async fn load(c: &Cluster, keys: &[(String, String)]) -> [u64; 5] {
+pub(crate) async fn load(c: &Cluster, keys: &[(String, String)]) -> [u64; 5] {
     let mut tasks = Vec::new();
     for i in 0..500usize {
         let node = c.nodes[i % 3].remote();
@@ -80,7 +84,7 @@ async fn load(c: &Cluster, keys: &[(String, String)]) -> [u64; 5] {
 }
 
 /// The pool's balance as every node answers it, once they all agree with SQL.
-async fn pool_converged(c: &Cluster, identity: &str, bound: Duration) -> i64 {
+pub(crate) async fn pool_converged(c: &Cluster, identity: &str, bound: Duration) -> i64 {
     let started = Instant::now();
     loop {
         let mut seen = Vec::new();

@@ -400,3 +400,158 @@ async fn redis_cluster_flags_are_checked_before_anything_starts() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// Shared pools on a 3-shard cluster: a pooled key's entries sit in its pool's slot, so
+/// a key and its pool pay together in one hot-store step. A pool of 100 and 5 keys of 50
+/// under 500 concurrent verifications pass exactly 100. Then, while 3 nodes verify 5
+/// keys of 400 without pause, one key moves to another identity's pool and back: every
+/// key passes exactly its 400, and each pool paid exactly the verifications that named
+/// it (both or neither, across the moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pools_on_a_cluster_pay_with_their_keys_and_follow_a_moved_key() {
+    use crate::multinode::node_metric;
+    use crate::pools::{load, pool_converged, team};
+    // Keys and pools of the second part: the keys run out first.
+    const KEY: u64 = 400;
+    const POOL: u64 = 10_000;
+    let c = three_nodes_on_a_redis_cluster().await;
+    let (acme, keys) = team(&c, "acme", 100).await;
+    let per_key = load(&c, &keys).await;
+    assert_eq!(per_key.iter().sum::<u64>(), 100, "{per_key:?}");
+    assert!(per_key.iter().all(|&n| n <= 50), "{per_key:?}");
+    assert_eq!(pool_converged(&c, &acme, CONVERGENCE).await, 0);
+    for (i, (key_id, _)) in keys.iter().enumerate() {
+        assert_eq!(
+            c.assert_converged(key_id, CONVERGENCE).await,
+            50 - per_key[i],
+            "key {i}"
+        );
+    }
+
+    let root = c.root_key.clone();
+    let n = &c.nodes[0];
+    let mut pools = Vec::new();
+    for external_id in ["initech", "umbrella"] {
+        pools.push(
+            n.ok(
+                "identities.createIdentity",
+                &root,
+                serde_json::json!({ "externalId": external_id, "credits": { "remaining": POOL } }),
+            )
+            .await["identityId"]
+                .as_str()
+                .expect("identityId")
+                .to_owned(),
+        );
+    }
+    let (initech, umbrella) = (pools[0].clone(), pools[1].clone());
+    let api = n.create_api(&root, "initech").await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        let d = n
+            .ok(
+                "keys.createKey",
+                &root,
+                serde_json::json!({ "apiId": api, "externalId": "initech",
+                    "credits": { "remaining": KEY } }),
+            )
+            .await;
+        keys.push((
+            d["keyId"].as_str().expect("keyId").to_owned(),
+            d["key"].as_str().expect("key").to_owned(),
+        ));
+    }
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut workers = Vec::new();
+    for w in 0..6usize {
+        let node = c.nodes[w % 3].remote();
+        let (root, keys) = (root.clone(), keys.clone());
+        workers.push(tokio::spawn(async move {
+            // Per key: VALIDs charged to initech, to umbrella.
+            let mut paid = [[0u64; 2]; 5];
+            let mut i = w;
+            let mut out = [false; 5];
+            while Instant::now() < until && !out.iter().all(|o| *o) {
+                let k = i % 5;
+                i += 1;
+                if out[k] {
+                    continue;
+                }
+                let (status, body) = node
+                    .call(
+                        "keys.verifyKey",
+                        &root,
+                        serde_json::json!({ "key": keys[k].1 }),
+                    )
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                let d = &body["data"];
+                out[k] = d["code"] == "USAGE_EXCEEDED" && d["credits"] == 0;
+                if d["code"] == "VALID" {
+                    match d["identity"]["externalId"].as_str() {
+                        Some("initech") => paid[k][0] += 1,
+                        Some("umbrella") => paid[k][1] += 1,
+                        other => {
+                            panic!("a VALID pooled verification without its pool: {other:?} {d}")
+                        }
+                    }
+                }
+            }
+            paid
+        }));
+    }
+    // Key 0 moves to umbrella's pool and back while the load runs.
+    let moved = &keys[0].0;
+    for (at_ms, external_id) in [(300, "umbrella"), (700, "initech"), (1_100, "umbrella")] {
+        tokio::time::sleep_until(
+            (until - Duration::from_secs(4) + Duration::from_millis(at_ms)).into(),
+        )
+        .await;
+        c.nodes[1]
+            .ok(
+                "keys.updateKey",
+                &root,
+                serde_json::json!({ "keyId": moved, "externalId": external_id }),
+            )
+            .await;
+    }
+    let mut paid = [[0u64; 2]; 5];
+    for w in workers {
+        for (k, p) in w.await.expect("worker").iter().enumerate() {
+            paid[k][0] += p[0];
+            paid[k][1] += p[1];
+        }
+    }
+    println!("VALID per key (initech, umbrella): {paid:?}");
+    for (k, p) in paid.iter().enumerate() {
+        assert_eq!(
+            p[0] + p[1],
+            KEY,
+            "key {k} passes exactly its {KEY}: {paid:?}"
+        );
+        assert_eq!(c.assert_converged(&keys[k].0, CONVERGENCE).await, 0);
+    }
+    assert!(
+        paid[0][1] > 0,
+        "the moved key was spent through umbrella: {paid:?}"
+    );
+    // In the hot store, not on the ledger; the moved key's credits followed it.
+    let (mut direct, mut moves) = (0, 0);
+    for node in &c.nodes {
+        direct += node_metric(&node.url, "creditgate_engine_direct_spends_total").await;
+        moves += node_metric(&node.url, "creditgate_engine_evacuations_total").await;
+    }
+    assert_eq!(direct, 0, "no spend went to the ledger");
+    assert!(moves > 0, "the moved key's credits moved between homes");
+    let by_initech: u64 = paid.iter().map(|p| p[0]).sum();
+    let by_umbrella: u64 = paid.iter().map(|p| p[1]).sum();
+    assert_eq!(
+        pool_converged(&c, &initech, CONVERGENCE).await,
+        i64::try_from(POOL - by_initech).expect("small")
+    );
+    assert_eq!(
+        pool_converged(&c, &umbrella, CONVERGENCE).await,
+        i64::try_from(POOL - by_umbrella).expect("small")
+    );
+    c.shutdown().await.expect("shutdown");
+}
