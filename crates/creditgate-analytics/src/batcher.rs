@@ -200,6 +200,8 @@ async fn run(
 
 /// Writes `batch` in sink writes of at most `batch_size` rows each.
 async fn write(sink: &dyn Sink, config: &BatcherConfig, mut batch: Batch, dropped: &AtomicU64) {
+    // The rows that waited for this flush: the writer's queue depth.
+    metrics::gauge!("creditgate_analytics_flushed_rows").set(batch.len() as f64);
     let size = config.batch_size.max(1);
     while batch.len() > size {
         let verifications = batch.verifications.len().min(size);

@@ -31,6 +31,7 @@ pub async fn run_all(hot: Arc<dyn HotStore>) {
     credit_respects_generations(hot, &p).await;
     sync_unalloc_orders_versions(hot, &p).await;
     drain_only_when_idle_and_idempotent(hot, &p).await;
+    a_drain_stays_recorded_until_the_ledger_has_it(hot, &p).await;
     fence_drains_and_adopts_generation(hot, &p).await;
     resolve_transfer_fates(hot, &p).await;
     locks(hot, &p).await;
@@ -519,6 +520,50 @@ pub async fn sync_unalloc_orders_versions(hot: &dyn HotStore, p: &str) {
         "an older version is ignored"
     );
     assert_eq!(bal(hot, &k).await, 1, "sync never touches the balance");
+}
+
+/// A `drain-<nonce>` drain stays recorded (for any node to complete) until `returned`;
+/// meanwhile the key drains nothing more. Other transfer ids record nothing.
+pub async fn a_drain_stays_recorded_until_the_ledger_has_it(hot: &dyn HotStore, p: &str) {
+    let k = key(p, "returning");
+    credit(hot, &k, "t", 0, 10, 5, 1).await;
+    spend(hot, &k, 3).await;
+    assert_eq!(hot.pending_return(&k).await.expect("pending"), None);
+    let first = crate::ports::drain_transfer_id();
+    let d = hot.drain(&k, &first, 0).await.expect("drain");
+    let moved = Drained {
+        amount: 7,
+        spent: 3,
+        generation: 0,
+    };
+    assert_eq!(d, moved);
+    assert_eq!(
+        hot.pending_return(&k).await.expect("pending"),
+        Some((first.clone(), moved)),
+        "the drain is recorded with what it moved"
+    );
+    // Credits arrive again; another drain waits for the first one's ledger step.
+    credit(hot, &k, "t2", 0, 4, 12, 2).await;
+    let second = crate::ports::drain_transfer_id();
+    assert_eq!(
+        hot.drain(&k, &second, 0).await.expect("drain").amount,
+        0,
+        "nothing drained while an earlier return is unconfirmed"
+    );
+    assert_eq!(bal(hot, &k).await, 4);
+    hot.returned(&k, &second).await.expect("returned");
+    assert!(
+        hot.pending_return(&k).await.expect("pending").is_some(),
+        "another transfer's confirmation forgets nothing"
+    );
+    hot.returned(&k, &first).await.expect("returned");
+    assert_eq!(hot.pending_return(&k).await.expect("pending"), None);
+    assert_eq!(hot.drain(&k, &second, 0).await.expect("drain").amount, 4);
+    hot.returned(&k, &second).await.expect("returned");
+    // A transfer id of another form records nothing.
+    credit(hot, &k, "t3", 0, 2, 14, 3).await;
+    assert_eq!(hot.drain(&k, "plain", 0).await.expect("drain").amount, 2);
+    assert_eq!(hot.pending_return(&k).await.expect("pending"), None);
 }
 
 pub async fn drain_only_when_idle_and_idempotent(hot: &dyn HotStore, p: &str) {

@@ -41,6 +41,8 @@ struct Entry {
     spent: u64,
     last_used: Instant,
     marks: VecDeque<(String, Mark)>,
+    /// A drain whose ledger step is not confirmed ([`HotStore::pending_return`]).
+    returning: Option<(String, Drained)>,
 }
 
 impl Entry {
@@ -56,6 +58,7 @@ impl Entry {
             spent: 0,
             last_used: Instant::now(),
             marks: VecDeque::new(),
+            returning: None,
         }
     }
 
@@ -295,7 +298,7 @@ impl HotStore for MemoryHotStore {
             return Ok(d);
         }
         let idle = e.last_used.elapsed() >= Duration::from_millis(min_idle_ms);
-        if !idle || (e.bal == 0 && e.spent == 0) {
+        if !idle || (e.bal == 0 && e.spent == 0) || e.returning.is_some() {
             return Ok(Drained {
                 generation: e.generation,
                 ..Drained::default()
@@ -303,6 +306,9 @@ impl HotStore for MemoryHotStore {
         }
         let d = e.take_balance();
         e.set_mark(transfer_id, Mark::Drained(d));
+        if transfer_id.starts_with("drain-") {
+            e.returning = Some((transfer_id.to_owned(), d));
+        }
         Ok(d)
     }
 
@@ -399,13 +405,30 @@ impl HotStore for MemoryHotStore {
         }))
     }
 
+    async fn pending_return(&self, key: &KeyId) -> Result<Option<(String, Drained)>, HotError> {
+        Ok(self
+            .lock_inner()
+            .entries
+            .get(key)
+            .and_then(|e| e.returning.clone()))
+    }
+
+    async fn returned(&self, key: &KeyId, transfer_id: &str) -> Result<(), HotError> {
+        if let Some(e) = self.lock_inner().entries.get_mut(key) {
+            if e.returning.as_ref().is_some_and(|(t, _)| t == transfer_id) {
+                e.returning = None;
+            }
+        }
+        Ok(())
+    }
+
     async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError> {
         let mut inner = self.lock_inner();
         let before = inner.entries.len();
         let min_idle = Duration::from_millis(min_idle_ms);
-        inner
-            .entries
-            .retain(|_, e| e.bal > 0 || e.spent > 0 || e.last_used.elapsed() < min_idle);
+        inner.entries.retain(|_, e| {
+            e.bal > 0 || e.spent > 0 || e.returning.is_some() || e.last_used.elapsed() < min_idle
+        });
         Ok(before - inner.entries.len())
     }
 }

@@ -11,6 +11,8 @@ pub const LOST_CREDITS: &str = "creditgate_engine_lost_credits_total";
 pub const RETURNED_CREDITS: &str = "creditgate_engine_returned_credits_total";
 pub const RETURNS_RETRIED: &str = "creditgate_engine_returns_retried_total";
 pub const RETURNS_QUEUED: &str = "creditgate_engine_failed_returns_queued";
+/// Keys whose hot balance this node tracks (to return it when the key idles).
+pub const TRACKED_KEYS: &str = "creditgate_engine_tracked_keys";
 pub const RETURNS_DROPPED: &str = "creditgate_engine_returns_dropped_total";
 pub const ORPHANS_RESOLVED: &str = "creditgate_engine_orphans_resolved_total";
 pub const RECONCILE_ERRORS: &str = "creditgate_engine_reconcile_errors_total";

@@ -229,8 +229,26 @@ pub trait HotStore: Send + Sync {
 
     async fn peek(&self, key: &KeyId) -> Result<Option<HotEntry>, HotError>;
 
+    /// The drain of `key` whose ledger step is not confirmed yet (see
+    /// [`HotStore::returned`]): its transfer id and what it moved out. A drain with a
+    /// transfer id made by [`drain_transfer_id`] records one; while it is there, further
+    /// drains of the key move nothing. Any node holding the key's lock may complete it
+    /// (the ledger applies a transfer id once), so credits drained by a node whose
+    /// ledger step failed are not stranded with that node.
+    async fn pending_return(&self, key: &KeyId) -> Result<Option<(String, Drained)>, HotError>;
+
+    /// The ledger has the drain `transfer_id` of `key`: forget its record.
+    async fn returned(&self, key: &KeyId, transfer_id: &str) -> Result<(), HotError>;
+
     /// Removes entries that hold nothing and have been idle for `min_idle_ms`.
     async fn expire_idle(&self, min_idle_ms: u64) -> Result<usize, HotError>;
+}
+
+/// A drain's transfer id that the hot store records until the ledger has it
+/// ([`HotStore::pending_return`]): `drain-<nonce>`, the nonce below 2^53 (a number a
+/// Redis script keeps exactly).
+pub fn drain_transfer_id() -> String {
+    format!("drain-{}", rand::random::<u64>() >> 11)
 }
 
 /// The hot-store address of `account` held at `home`'s place: `<account>@<home>`, or

@@ -777,6 +777,9 @@ impl Sim {
                         "EXCEEDED"
                     }
                     Ok(Decision::NotFound) => panic!("{ctx}: key vanished"),
+                    Ok(d @ Decision::ValidOnLedger { .. }) => {
+                        panic!("{ctx}: {d:?}, but the memory hot store is always reachable")
+                    }
                     Err(_) => {
                         // The record says whether the spend was made.
                         self.heal().await;
@@ -991,6 +994,9 @@ impl Sim {
                     Ok(())
                 }
                 Ok(Decision::NotFound) => panic!("{ctx}: key vanished"),
+                Ok(d @ Decision::ValidOnLedger { .. }) => {
+                    panic!("{ctx}: {d:?}, but the memory hot store is always reachable")
+                }
                 Err(e) => {
                     expected_after = before;
                     Err(e)
@@ -1384,6 +1390,12 @@ impl HotStore for DrainFailsFor {
     }
     async fn fence(&self, key: &KeyId, g: u64) -> Result<Drained, HotError> {
         self.inner.fence(key, g).await
+    }
+    async fn pending_return(&self, key: &KeyId) -> Result<Option<(String, Drained)>, HotError> {
+        self.inner.pending_return(key).await
+    }
+    async fn returned(&self, key: &KeyId, t: &str) -> Result<(), HotError> {
+        self.inner.returned(key, t).await
     }
     async fn resolve_transfer(
         &self,

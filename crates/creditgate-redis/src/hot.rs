@@ -1067,6 +1067,47 @@ impl HotStore for RedisHotStore {
         }
     }
 
+    async fn pending_return(&self, key: &KeyId) -> Result<Option<(String, Drained)>, HotError> {
+        let key = key.as_str();
+        check_key(key)?;
+        let inner = &self.inner;
+        let r = inner
+            .run_entry::<u64>(&inner.scripts.pending_return, key, None, false, &[])
+            .await?;
+        if r.is_empty() {
+            return Ok(None);
+        }
+        match unsigned("pending_return", &r)?.as_slice() {
+            &[nonce, amount, spent, generation] => Ok(Some((
+                format!("drain-{nonce}"),
+                Drained {
+                    amount,
+                    spent,
+                    generation,
+                },
+            ))),
+            _ => Err(unexpected("pending_return", &r)),
+        }
+    }
+
+    async fn returned(&self, key: &KeyId, transfer_id: &str) -> Result<(), HotError> {
+        let key = key.as_str();
+        check_key(key)?;
+        // Only drain-<nonce> transfers are recorded.
+        let Some(nonce) = transfer_id
+            .strip_prefix("drain-")
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|&n| n <= crate::MAX_INT)
+        else {
+            return Ok(());
+        };
+        let inner = &self.inner;
+        inner
+            .run_entry(&inner.scripts.returned, key, None, false, &[nonce])
+            .await?;
+        Ok(())
+    }
+
     /// Nothing to do: entries holding nothing carry a TTL (`empty_entry_ttl`) and Redis
     /// removes them itself; entries holding credits never expire. Always returns 0.
     async fn expire_idle(&self, _min_idle_ms: u64) -> Result<usize, HotError> {

@@ -68,7 +68,8 @@ local function now_ms()
 end
 
 local FIELDS = {'epoch', 'bal', 'unalloc', 'uvalid', 'version', 'gen', 'fgen',
-                'fd_amount', 'fd_spent', 'fd_gen', 'spent', 'last_ms'}
+                'fd_amount', 'fd_spent', 'fd_gen', 'spent', 'last_ms',
+                'rpend', 'rnonce', 'ra', 'rs', 'rg'}
 
 -- The entry of the current epoch, or nil (missing, or left by an epoch whose data is
 -- written off). The second value is true for an entry of another epoch that the caller
@@ -83,12 +84,13 @@ end
 
 local function fresh(gen, now)
   return {bal = 0, unalloc = 0, uvalid = 0, version = 0, gen = gen, fgen = 0,
-          fd_amount = 0, fd_spent = 0, fd_gen = 0, spent = 0, last_ms = now}
+          fd_amount = 0, fd_spent = 0, fd_gen = 0, spent = 0, last_ms = now,
+          rpend = 0, rnonce = 0, ra = 0, rs = 0, rg = 0}
 end
 
 -- Credits are never lost to expiry: only an entry holding nothing gets a TTL.
 local function expiry(e)
-  if e.bal > 0 or e.spent > 0 then
+  if e.bal > 0 or e.spent > 0 or e.rpend == 1 then
     redis.call('PERSIST', E)
   else
     redis.call('PEXPIRE', E, EMPTY_TTL)
@@ -99,7 +101,9 @@ local function save(e)
   redis.call('HSET', E, 'epoch', EPOCH, 'bal', int(e.bal), 'unalloc', int(e.unalloc),
     'uvalid', int(e.uvalid), 'version', int(e.version), 'gen', int(e.gen),
     'fgen', int(e.fgen), 'fd_amount', int(e.fd_amount), 'fd_spent', int(e.fd_spent),
-    'fd_gen', int(e.fd_gen), 'spent', int(e.spent), 'last_ms', int(e.last_ms))
+    'fd_gen', int(e.fd_gen), 'spent', int(e.spent), 'last_ms', int(e.last_ms),
+    'rpend', int(e.rpend), 'rnonce', int(e.rnonce), 'ra', int(e.ra), 'rs', int(e.rs),
+    'rg', int(e.rg))
   expiry(e)
 end
 
@@ -292,13 +296,43 @@ if mark and string.sub(mark, 1, 2) == 'd:' then
   return {tonumber(a), tonumber(s), tonumber(g)}
 end
 local idle = math.max(now_ms() - e.last_ms, 0)
-if idle < min_idle or (e.bal == 0 and e.spent == 0) then
+if idle < min_idle or (e.bal == 0 and e.spent == 0) or e.rpend == 1 then
   return {0, 0, e.gen}
 end
 local d = take_balance(e)
 mark_set('d:' .. int(d[1]) .. ':' .. int(d[2]) .. ':' .. int(d[3]))
+-- A drain-<nonce> transfer stays recorded until the ledger has it (RETURNED).
+local nonce = tonumber(string.match(KEYS[2], ':m:drain%-(%d+)$'))
+if nonce then
+  e.rpend = 1
+  e.rnonce = nonce
+  e.ra = d[1]
+  e.rs = d[2]
+  e.rg = d[3]
+end
 save(e)
 return d
+"#;
+
+/// Returns `{nonce, amount, spent, generation}` of the drain whose ledger step is not
+/// confirmed, `{}` when none.
+const PENDING_RETURN: &str = r#"
+if not epoch_ok() then return {-2} end
+local e = load()
+if e == nil or e.rpend ~= 1 then return {} end
+return {e.rnonce, e.ra, e.rs, e.rg}
+"#;
+
+/// ARGV[5]: the nonce of a drain the ledger has. Forgets its record.
+const RETURNED: &str = r#"
+local nonce = uint(5, 'nonce')
+if not epoch_ok() then return {-2} end
+local e = load()
+if e ~= nil and e.rpend == 1 and e.rnonce == nonce then
+  e.rpend = 0
+  save(e)
+end
+return {0}
 "#;
 
 /// ARGV[5]: generation. Returns `{amount, spent, generation}`, `{-1}` stale epoch.
@@ -385,6 +419,8 @@ pub(crate) struct Scripts {
     pub fence: Lua,
     pub resolve: Lua,
     pub peek: Lua,
+    pub pending_return: Lua,
+    pub returned: Lua,
     pub spend_all: Lua,
     pub lock: Lua,
     pub unlock: Lua,
@@ -402,6 +438,8 @@ impl Scripts {
             fence: entry(FENCE),
             resolve: entry(RESOLVE),
             peek: entry(PEEK),
+            pending_return: entry(PENDING_RETURN),
+            returned: entry(RETURNED),
             spend_all: entry(SPEND_ALL),
             lock: Lua::new(LOCK),
             unlock: Lua::new(UNLOCK),
@@ -409,7 +447,7 @@ impl Scripts {
         }
     }
 
-    pub(crate) fn all(&self) -> [&Lua; 11] {
+    pub(crate) fn all(&self) -> [&Lua; 13] {
         [
             &self.spend_many,
             &self.credit,
@@ -418,6 +456,8 @@ impl Scripts {
             &self.fence,
             &self.resolve,
             &self.peek,
+            &self.pending_return,
+            &self.returned,
             &self.spend_all,
             &self.lock,
             &self.unlock,

@@ -401,7 +401,7 @@ async fn a_flushed_store_is_a_new_epoch_and_its_credits_are_written_off() {
     let mut valid = 5;
     loop {
         match e.spend(&key, c(1)).await.expect("spend") {
-            Decision::Valid { .. } => valid += 1,
+            Decision::Valid { .. } | Decision::ValidOnLedger { .. } => valid += 1,
             Decision::Exceeded { remaining } => {
                 assert_eq!(remaining, 0);
                 break;
@@ -636,8 +636,8 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
         .expect("limited");
     assert_eq!(
         e.spend(&key, c(1)).await.expect("direct spend"),
-        Decision::Valid {
-            remaining: Some(before - 1)
+        Decision::ValidOnLedger {
+            at_least: before - 1
         }
     );
 
@@ -926,7 +926,7 @@ async fn spend_until_exhausted(e: &Engine, key: &KeyId, credits: u64) -> u64 {
     let started = Instant::now();
     loop {
         match e.spend(key, c(1)).await {
-            Ok(Decision::Valid { .. }) => valid += 1,
+            Ok(Decision::Valid { .. } | Decision::ValidOnLedger { .. }) => valid += 1,
             Ok(Decision::Exceeded { remaining }) => {
                 assert_eq!(
                     remaining, 0,
@@ -1230,7 +1230,7 @@ async fn a_promoted_replica_that_missed_writes_resurrects_no_spent_credit() {
     for _ in 0..10 {
         assert!(matches!(
             e.spend(&k, c(1)).await,
-            Ok(Decision::Valid { .. })
+            Ok(Decision::Valid { .. } | Decision::ValidOnLedger { .. })
         ));
         valid += 1;
     }
@@ -1251,7 +1251,7 @@ async fn a_promoted_replica_that_missed_writes_resurrects_no_spent_credit() {
     for _ in 0..20 {
         assert!(matches!(
             e.spend(&k, c(1)).await,
-            Ok(Decision::Valid { .. })
+            Ok(Decision::Valid { .. } | Decision::ValidOnLedger { .. })
         ));
         valid += 1;
     }
@@ -1360,7 +1360,9 @@ async fn a_slot_moved_under_load_over_spends_nothing_and_costs_other_slots_nothi
             let mut valid = vec![0u64; keys.len()];
             for _ in 0..20 {
                 for (i, k) in keys.iter().enumerate() {
-                    if let Ok(Decision::Valid { .. }) = e.spend(k, c(1)).await {
+                    if let Ok(Decision::Valid { .. } | Decision::ValidOnLedger { .. }) =
+                        e.spend(k, c(1)).await
+                    {
                         valid[i] += 1;
                     }
                 }

@@ -482,7 +482,8 @@ pub struct VerifyKeyData {
     pub meta: Option<Map<String, Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<i64>,
-    /// Exact remaining balance after this decision; omitted for unlimited keys.
+    /// Exact remaining balance after this decision (see `creditsExact`); omitted for
+    /// unlimited keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credits: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -492,6 +493,12 @@ pub struct VerifyKeyData {
     /// The rate limits checked (named, then auto-applied); omitted when none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratelimits: Option<Vec<VerifyRatelimitData>>,
+    /// creditgate's extension, present (always `false`) only when the node that answered
+    /// could not reach the hot store and spent on the ledger alone: `credits` (and
+    /// `identity.credits.remaining`) then count only the ledger's part, and the balance
+    /// is at least that. Omitted when `credits` is exact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits_exact: Option<bool>,
 }
 
 // ---- holds (creditgate's extension) ----

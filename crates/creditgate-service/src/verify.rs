@@ -31,6 +31,10 @@ pub struct Verdict {
     /// Exact balance of the identity's shared pool after the decision, when it has one
     /// and the decision states it.
     pub pool_remaining: Option<u64>,
+    /// Spent on the ledger alone while this node could not reach the hot store:
+    /// `remaining` and `pool_remaining` are then the ledger's parts, and each balance
+    /// is at least that (the hot store may hold more).
+    pub on_ledger: bool,
 }
 
 /// One rate limit a verification checked: the rule as applied (overrides included)
@@ -54,6 +58,7 @@ impl Verdict {
             spent: 0,
             ratelimits: Vec::new(),
             pool_remaining: None,
+            on_ledger: false,
         }
     }
 }
@@ -312,6 +317,7 @@ impl Service {
                 key: Some(key),
                 ratelimits: Vec::new(),
                 pool_remaining,
+                on_ledger: false,
             });
         }
         // Rate limits before credits: a rate-limited verification spends nothing.
@@ -355,6 +361,16 @@ impl Service {
                 remaining,
                 ratelimits,
                 pool_remaining: None,
+                on_ledger: false,
+            }),
+            Ok(Decision::ValidOnLedger { at_least }) => Ok(Verdict {
+                outcome: Outcome::Valid,
+                spent: cost.get(),
+                key: Some(key),
+                remaining: Some(at_least),
+                ratelimits,
+                pool_remaining: None,
+                on_ledger: true,
             }),
             Ok(Decision::Exceeded { remaining }) => Ok(Verdict {
                 outcome: Outcome::UsageExceeded,
@@ -363,6 +379,7 @@ impl Service {
                 spent: 0,
                 ratelimits,
                 pool_remaining: None,
+                on_ledger: false,
             }),
             Ok(Decision::NotFound) => Ok(Verdict::without_credits(Outcome::NotFound, None)),
             // An idempotent request never fails open: its retry is safe instead.
@@ -407,16 +424,25 @@ impl Service {
                                     outcome: SharedOutcome::Valid,
                                     key: None,
                                     pool: remaining,
+                                    on_ledger: false,
+                                },
+                                Decision::ValidOnLedger { at_least } => SharedDecision {
+                                    outcome: SharedOutcome::Valid,
+                                    key: None,
+                                    pool: Some(at_least),
+                                    on_ledger: true,
                                 },
                                 Decision::Exceeded { remaining } => SharedDecision {
                                     outcome: SharedOutcome::PoolExceeded,
                                     key: None,
                                     pool: Some(remaining),
+                                    on_ledger: false,
                                 },
                                 Decision::NotFound => SharedDecision {
                                     outcome: SharedOutcome::NotFound,
                                     key: None,
                                     pool: None,
+                                    on_ledger: false,
                                 },
                             })
                         }
@@ -458,6 +484,7 @@ impl Service {
                 remaining,
                 ratelimits,
                 pool_remaining,
+                on_ledger: d.on_ledger,
             },
             SharedOutcome::KeyExceeded | SharedOutcome::PoolExceeded => Verdict {
                 outcome: Outcome::UsageExceeded,
@@ -466,6 +493,7 @@ impl Service {
                 spent: 0,
                 ratelimits,
                 pool_remaining,
+                on_ledger: false,
             },
             SharedOutcome::NotFound => Verdict::without_credits(Outcome::NotFound, None),
         })

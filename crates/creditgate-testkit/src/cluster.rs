@@ -24,6 +24,19 @@ pub enum Provision {
     Own,
 }
 
+/// A service a node reaches over the network (through a [`TcpProxy`] where the
+/// cluster puts one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Service {
+    Redis,
+    Postgres,
+    ClickHouse,
+}
+
+impl Service {
+    pub const ALL: [Service; 3] = [Service::Redis, Service::Postgres, Service::ClickHouse];
+}
+
 /// How the nodes run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
@@ -43,12 +56,18 @@ pub struct ClusterBuilder {
     services: Option<[Provision; 3]>,
     kind: NodeKind,
     root_key: String,
-    /// Nodes that reach Redis through their own [`TcpProxy`].
-    proxied: Vec<usize>,
+    /// (node, service) pairs whose link goes through a [`TcpProxy`] of its own.
+    proxied: Vec<(usize, Service)>,
+    /// Every node's link to every service goes through a proxy.
+    chaos: bool,
+    /// Extra `redis-server` arguments of an own Redis.
+    redis_args: Vec<String>,
     /// `Some(n)`: the hot store is an own Redis Cluster of `n` masters, 1 replica each.
     redis_cluster_shards: Option<usize>,
     /// Further `serve` arguments of every process node.
     args: Vec<String>,
+    /// Further `serve` arguments of one node each.
+    node_args: Vec<(usize, Vec<String>)>,
 }
 
 impl ClusterBuilder {
@@ -89,7 +108,15 @@ impl ClusterBuilder {
 
     /// Node `i` reaches Redis through a [`TcpProxy`] ([`Cluster::redis_proxy`]).
     pub fn redis_through_proxy(mut self, i: usize) -> Self {
-        self.proxied.push(i);
+        self.proxied.push((i, Service::Redis));
+        self
+    }
+
+    /// Every node reaches Redis, Postgres and ClickHouse through proxies of its own
+    /// ([`Cluster::proxy`]), so a test can cut, slow or reset one node's link to one
+    /// service while the others keep theirs.
+    pub fn chaos_proxies(mut self) -> Self {
+        self.chaos = true;
         self
     }
 
@@ -107,6 +134,25 @@ impl ClusterBuilder {
         self
     }
 
+    /// Further `creditgate serve` arguments for node `i` alone (after those of
+    /// [`ClusterBuilder::node_args`]), e.g. one node's `--clock-skew-ms`.
+    pub fn node_args_for<S: Into<String>>(
+        mut self,
+        i: usize,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.node_args
+            .push((i, args.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Extra `redis-server` arguments for the cluster's own Redis (e.g. `--appendonly
+    /// yes`); ignored for a shared one.
+    pub fn redis_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.redis_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn root_key(mut self, key: impl Into<String>) -> Self {
         self.root_key = key.into();
         self
@@ -115,9 +161,11 @@ impl ClusterBuilder {
     /// Starts the services (own ones side by side), creates the cluster's databases and
     /// starts the nodes one by one; every step is bounded.
     pub async fn start(self) -> Result<Cluster> {
-        if !self.args.is_empty() && self.kind == NodeKind::InProcess {
+        if !(self.args.is_empty() && self.node_args.is_empty()) && self.kind == NodeKind::InProcess
+        {
             bail!("node arguments need process nodes");
         }
+        let redis_args = self.redis_args.clone();
         let data = tempfile::Builder::new()
             .prefix("creditgate-cluster-")
             .tempdir()
@@ -128,9 +176,11 @@ impl ClusterBuilder {
             }
             None => None,
             Some([redis, postgres, clickhouse]) => Some(
-                tokio::task::spawn_blocking(move || Services::provide(redis, postgres, clickhouse))
-                    .await
-                    .context("the service start task failed")??,
+                tokio::task::spawn_blocking(move || {
+                    Services::provide(redis, postgres, clickhouse, redis_args)
+                })
+                .await
+                .context("the service start task failed")??,
             ),
         };
         let redis_cluster = match self.redis_cluster_shards {
@@ -151,18 +201,27 @@ impl ClusterBuilder {
             proxies: BTreeMap::new(),
         };
         for i in 0..self.nodes {
-            let redis_url = match (cluster.databases(), self.proxied.contains(&i)) {
-                (Some(d), true) => {
-                    let url = d.urls.redis_url.clone();
-                    let target = redis_addr(&url)?;
-                    let proxy = TcpProxy::start(target).await?;
-                    let proxied = url.replacen(&target.to_string(), &proxy.addr().to_string(), 1);
-                    cluster.proxies.insert(i, proxy);
-                    Some(proxied)
+            // This node's URLs of the services, through its proxies where it has them.
+            let urls = match cluster.databases() {
+                Some(d) => {
+                    let mut urls = d.urls.clone();
+                    for (service, url) in [
+                        (Service::Redis, &mut urls.redis_url),
+                        (Service::Postgres, &mut urls.database_url),
+                        (Service::ClickHouse, &mut urls.clickhouse_url),
+                    ] {
+                        if self.chaos || self.proxied.contains(&(i, service)) {
+                            let target = loopback_addr(url)?;
+                            let proxy = TcpProxy::start(target).await?;
+                            *url = url.replacen(&target.to_string(), &proxy.addr().to_string(), 1);
+                            cluster.proxies.insert((i, service), proxy);
+                        }
+                    }
+                    Some(urls)
                 }
-                (Some(d), false) => Some(d.urls.redis_url.clone()),
-                (None, _) => None,
+                None => None,
             };
+            let redis_url = urls.as_ref().map(|u| u.redis_url.clone());
             let dir = cluster.data.path().join(format!("node{i}"));
             std::fs::create_dir_all(&dir)?;
             let node = match &self.kind {
@@ -170,11 +229,11 @@ impl ClusterBuilder {
                     let mut config = ServeConfig::for_data_dir(&dir);
                     config.root_key = Some(self.root_key.clone());
                     config.node_id = Some(format!("node-{i}"));
-                    if let Some(d) = cluster.databases() {
+                    if let Some(u) = &urls {
                         config.redis_url = redis_url.clone().filter(|_| seeds.is_none());
                         config.redis_cluster = seeds.clone();
-                        config.database_url = Some(d.urls.database_url.clone());
-                        config.clickhouse_url = Some(d.urls.clickhouse_url.clone());
+                        config.database_url = Some(u.database_url.clone());
+                        config.clickhouse_url = Some(u.clickhouse_url.clone());
                     }
                     Node::in_process(config).await?
                 }
@@ -183,11 +242,10 @@ impl ClusterBuilder {
                     options.root_key = Some(self.root_key.clone());
                     options.node_id = Some(format!("node-{i}"));
                     options.args = self.args.clone();
-                    options.services = cluster.databases().map(|d| {
-                        let mut urls = d.urls.clone();
-                        if let Some(u) = &redis_url {
-                            urls.redis_url = u.clone();
-                        }
+                    for (_, extra) in self.node_args.iter().filter(|(n, _)| *n == i) {
+                        options.args.extend(extra.iter().cloned());
+                    }
+                    options.services = urls.map(|mut urls| {
                         urls.redis_cluster = seeds.clone();
                         urls
                     });
@@ -200,13 +258,17 @@ impl ClusterBuilder {
     }
 }
 
-/// `127.0.0.1:port` of a `redis://127.0.0.1:port[/db]` URL.
-fn redis_addr(url: &str) -> Result<std::net::SocketAddr> {
-    let rest = url
-        .strip_prefix("redis://")
-        .with_context(|| format!("not a redis:// URL: {url}"))?;
-    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
-    hostport
+/// The `127.0.0.1:port` a local service's URL names (`redis://127.0.0.1:6380/0`,
+/// `postgres://postgres@127.0.0.1:5433/db`, `http://127.0.0.1:8123/?database=db`).
+fn loopback_addr(url: &str) -> Result<std::net::SocketAddr> {
+    let at = url
+        .find("127.0.0.1:")
+        .with_context(|| format!("no 127.0.0.1:<port> in {url}"))?;
+    let rest = &url[at..];
+    let end = rest[10..]
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or(rest.len(), |e| e + 10);
+    rest[..end]
         .parse()
         .with_context(|| format!("the address of {url}"))
 }
@@ -218,7 +280,11 @@ enum Svc<T: 'static> {
 }
 
 impl<T> Svc<T> {
-    fn provide(p: Provision, shared: fn() -> &'static T, start: fn() -> Result<T>) -> Result<Self> {
+    fn provide(
+        p: Provision,
+        shared: fn() -> &'static T,
+        start: impl FnOnce() -> Result<T>,
+    ) -> Result<Self> {
         Ok(match p {
             Provision::Shared => Svc::Shared(shared()),
             Provision::Own => Svc::Own(Arc::new(start()?)),
@@ -247,9 +313,18 @@ struct Services {
 impl Services {
     /// Starts the own services side by side (the shared ones on first use) and creates
     /// the cluster's databases. Blocking, bounded by the launchers.
-    fn provide(redis: Provision, postgres: Provision, clickhouse: Provision) -> Result<Self> {
+    fn provide(
+        redis: Provision,
+        postgres: Provision,
+        clickhouse: Provision,
+        redis_args: Vec<String>,
+    ) -> Result<Self> {
         let (redis, postgres, clickhouse) = std::thread::scope(|s| {
-            let r = s.spawn(|| Svc::provide(redis, RedisServer::shared, RedisServer::start));
+            let r = s.spawn(|| {
+                Svc::provide(redis, RedisServer::shared, || {
+                    RedisServer::start_with(redis_args)
+                })
+            });
             let p = s.spawn(|| Svc::provide(postgres, Postgres::shared, Postgres::start));
             let c = s.spawn(|| Svc::provide(clickhouse, ClickHouse::shared, ClickHouse::start));
             let r = r
@@ -278,8 +353,8 @@ pub struct Cluster {
     // Declared in stop order: nodes, then the owned services.
     pub nodes: Vec<Node>,
     pub root_key: String,
-    /// Proxies between nodes and Redis, by node index.
-    proxies: BTreeMap<usize, TcpProxy>,
+    /// Proxies between nodes and services, by node index and service.
+    proxies: BTreeMap<(usize, Service), TcpProxy>,
     services: Option<Services>,
     redis_cluster: Option<RedisCluster>,
     data: tempfile::TempDir,
@@ -294,16 +369,24 @@ impl Cluster {
             kind: NodeKind::InProcess,
             root_key: format!("root_{}", unique_name("k")),
             proxied: Vec::new(),
+            chaos: false,
+            redis_args: Vec::new(),
             redis_cluster_shards: None,
             args: Vec::new(),
+            node_args: Vec::new(),
         }
     }
 
     /// The proxy between node `i` and Redis ([`ClusterBuilder::redis_through_proxy`]).
     pub fn redis_proxy(&self, i: usize) -> &TcpProxy {
+        self.proxy(i, Service::Redis)
+    }
+
+    /// The proxy between node `i` and `service` ([`ClusterBuilder::chaos_proxies`]).
+    pub fn proxy(&self, i: usize, service: Service) -> &TcpProxy {
         self.proxies
-            .get(&i)
-            .unwrap_or_else(|| panic!("node {i} reaches Redis directly"))
+            .get(&(i, service))
+            .unwrap_or_else(|| panic!("node {i} reaches {service:?} directly"))
     }
 
     pub fn urls(&self) -> Vec<String> {

@@ -16,10 +16,11 @@
 //! could do nothing but unwrap.
 
 mod cluster;
+pub mod history;
 mod node;
 mod proxy;
 
-pub use cluster::{Cluster, ClusterBuilder, NodeKind, Provision};
+pub use cluster::{Cluster, ClusterBuilder, NodeKind, Provision, Service};
 pub use creditgate_local::{
     unique_name, ClickHouse, Databases, NodeOptions, NodeProcess, Postgres, RedisServer,
     ServiceUrls,

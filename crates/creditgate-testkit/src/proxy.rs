@@ -1,9 +1,12 @@
-//! [`TcpProxy`]: a loopback TCP proxy a test can switch between passing bytes and
-//! black-holing them — accepting and holding them, forwarding nothing, and delivering
-//! everything it held when switched back, as TCP retransmission does after a real
-//! partition heals.
+//! [`TcpProxy`]: a loopback TCP proxy between a node and a service that a test switches
+//! at run time between passing bytes and the faults of a real network: black-holing
+//! them (accepting and holding them, forwarding nothing, and delivering everything it
+//! held when switched back, as TCP retransmission does after a partition heals),
+//! delaying them (with jitter), holding one direction only, or resetting every
+//! connection.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +22,28 @@ pub enum ProxyMode {
     /// Bytes are read and held, nothing is forwarded; switching back to `Pass`
     /// delivers what was held, in order.
     BlackHole,
+    /// Every chunk waits `ms` milliseconds ± up to `jitter_ms` before it is forwarded
+    /// (in order, per direction).
+    Delay { ms: u64, jitter_ms: u64 },
+    /// Bytes from the node to the service are held (as `BlackHole`); the other way
+    /// they flow.
+    HoldToService,
+    /// Bytes from the service to the node are held; the other way they flow.
+    HoldToNode,
+    /// Every open connection is reset, and new ones are reset as soon as accepted.
+    Reset,
+}
+
+impl ProxyMode {
+    /// Whether bytes going this way are held: `to_service` is the node-to-service way.
+    fn holds(self, to_service: bool) -> bool {
+        match self {
+            ProxyMode::BlackHole => true,
+            ProxyMode::HoldToService => to_service,
+            ProxyMode::HoldToNode => !to_service,
+            ProxyMode::Pass | ProxyMode::Delay { .. } | ProxyMode::Reset => false,
+        }
+    }
 }
 
 /// Stops accepting and closes its connections when dropped.
@@ -41,6 +66,10 @@ impl TcpProxy {
             while let Ok((client, _)) = listener.accept().await {
                 let rx = rx.clone();
                 connections.spawn(async move {
+                    if *rx.borrow() == ProxyMode::Reset {
+                        reset(client);
+                        return;
+                    }
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -48,7 +77,15 @@ impl TcpProxy {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, rx.clone()), pump(sr, cw, rx));
+                    let (a, b) =
+                        tokio::join!(pump(cr, sw, rx.clone(), true), pump(sr, cw, rx, false));
+                    // A reset: both halves come back; reunite them and reset both ends.
+                    if let (Some((cr, sw)), Some((sr, cw))) = (a, b) {
+                        if let (Ok(client), Ok(server)) = (cr.reunite(cw), sr.reunite(sw)) {
+                            reset(client);
+                            reset(server);
+                        }
+                    }
                 });
             }
         });
@@ -71,12 +108,33 @@ impl Drop for TcpProxy {
     }
 }
 
-/// Copies `from` to `to`, holding bytes while black-holed.
+/// Closes a connection with a reset (no orderly FIN).
+fn reset(stream: TcpStream) {
+    #[allow(deprecated)] // set_linger: a zero linger is exactly what a reset is.
+    let _ = stream.set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// A pseudo-random jitter in `0..=bound` (no RNG dependency; spread is all it needs).
+fn jitter(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    if bound == 0 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(bound);
+    h.finish() % (bound + 1)
+}
+
+/// Copies `from` to `to` in the direction `to_service`, holding bytes while the mode
+/// holds this direction and delaying them in `Delay`. Returns the halves when the mode
+/// turned to `Reset` (the caller resets the connection), `None` when a side closed.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
-) {
+    to_service: bool,
+) -> Option<(OwnedReadHalf, OwnedWriteHalf)> {
     let mut held: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -94,12 +152,23 @@ async fn pump(
                 }
             }
         }
-        if *mode.borrow() == ProxyMode::Pass && !held.is_empty() {
-            if to.write_all(&held).await.is_err() {
-                break;
-            }
-            held.clear();
+        let now = *mode.borrow();
+        if now == ProxyMode::Reset {
+            return Some((from, to));
         }
+        if now.holds(to_service) || held.is_empty() {
+            continue;
+        }
+        if let ProxyMode::Delay { ms, jitter_ms } = now {
+            let half = jitter_ms / 2;
+            let wait = ms.saturating_sub(half).saturating_add(jitter(jitter_ms));
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        if to.write_all(&held).await.is_err() {
+            break;
+        }
+        held.clear();
     }
     let _ = to.shutdown().await;
+    None
 }

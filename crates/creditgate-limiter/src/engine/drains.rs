@@ -5,6 +5,16 @@ use super::*;
 
 /// Keys returned to the ledger in one transaction.
 const DRAIN_BATCH: usize = 256;
+/// Keys whose hot-store steps of a drain run at once.
+const DRAIN_CONCURRENCY: usize = 32;
+
+/// One key's drain after its hot-store steps.
+enum DrainStep {
+    /// Nothing to return to the ledger; the key's result.
+    Decided(Result<Option<u64>, EngineError>),
+    /// Drained under the lock: the ledger step is next.
+    Drained(LockToken, String, Drained),
+}
 
 impl Engine {
     /// Returns the hot balances of `keys` idle for `min_idle` to the ledger: each is
@@ -29,42 +39,24 @@ impl Engine {
         min_idle: Duration,
     ) -> Vec<Result<Option<u64>, EngineError>> {
         let min_idle_ms = u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX);
-        // `Ok(None)`: another holder has the key's lock (a refill or a drain may be
-        // moving credits right now); the key is tried again on the next pass.
+        // Each key's hot-store steps are a few round trips: up to DRAIN_CONCURRENCY
+        // keys take theirs at once, so a pass over many keys is not their sum.
         let mut results: Vec<Result<Option<u64>, EngineError>> = Vec::with_capacity(keys.len());
         // (index into keys, lock, transfer id, what was drained)
         let mut drained: Vec<(usize, LockToken, String, Drained)> = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            results.push(Ok(Some(0)));
-            let token = match self
-                .hot
-                .lock(key, self.config.lock_ttl, Duration::ZERO)
-                .await
-            {
-                Ok(Some(token)) => token,
-                Ok(None) => {
-                    results[i] = Ok(None);
-                    continue;
-                }
-                Err(e) => {
-                    results[i] = Err(e.into());
-                    continue;
-                }
-            };
-            let transfer_id = new_id_for_transfer("drain");
-            match self.hot.drain(key, &transfer_id, min_idle_ms).await {
-                Ok(d) if d.amount > 0 || d.spent > 0 => drained.push((i, token, transfer_id, d)),
-                Ok(_) => {
-                    // Nothing drained, yet credits there: another node used or refilled
-                    // the key recently. Kept, so they are returned once it is idle.
-                    if matches!(self.hot.peek(key).await, Ok(Some(e)) if e.bal > 0 || e.spent > 0) {
-                        results[i] = Ok(None);
+        for (c, chunk) in keys.chunks(DRAIN_CONCURRENCY).enumerate() {
+            let steps = futures_util::future::join_all(
+                chunk.iter().map(|key| self.drain_locked(key, min_idle_ms)),
+            )
+            .await;
+            for (j, step) in steps.into_iter().enumerate() {
+                let i = c * DRAIN_CONCURRENCY + j;
+                match step {
+                    DrainStep::Decided(r) => results.push(r),
+                    DrainStep::Drained(token, transfer_id, d) => {
+                        results.push(Ok(Some(0)));
+                        drained.push((i, token, transfer_id, d));
                     }
-                    self.unlock(key, &token).await;
-                }
-                Err(e) => {
-                    results[i] = Err(e.into());
-                    self.unlock(key, &token).await;
                 }
             }
         }
@@ -78,13 +70,59 @@ impl Engine {
             .map(|((_, _, id, d), account)| (account, id.as_str(), *d))
             .collect();
         let returned = self.ledger.return_many(&items).await;
-        for ((i, token, transfer_id, d), result) in drained.iter().zip(returned) {
-            let key = &keys[*i];
-            self.returned(key, transfer_id, *d, result).await;
+        let mut after: Vec<_> = drained.iter().zip(returned).collect();
+        while !after.is_empty() {
+            let chunk: Vec<_> = after.drain(..after.len().min(DRAIN_CONCURRENCY)).collect();
+            futures_util::future::join_all(chunk.into_iter().map(
+                |((i, token, transfer_id, d), result)| async move {
+                    let key = &keys[*i];
+                    self.returned(key, transfer_id, *d, result).await;
+                    self.unlock(key, token).await;
+                },
+            ))
+            .await;
+        }
+        for (i, _, _, d) in &drained {
             results[*i] = Ok(Some(d.amount));
-            self.unlock(key, token).await;
         }
         results
+    }
+
+    /// The hot-store part of one key's drain: its lock, then the drain. `Drained`
+    /// holds the lock for the ledger step; `Decided(Ok(None))`: another holder has the
+    /// lock, or credits are there that another node used recently (tried again on the
+    /// next pass).
+    async fn drain_locked(&self, key: &KeyId, min_idle_ms: u64) -> DrainStep {
+        let token = match self
+            .hot
+            .lock(key, self.config.lock_ttl, Duration::ZERO)
+            .await
+        {
+            Ok(Some(token)) => token,
+            Ok(None) => return DrainStep::Decided(Ok(None)),
+            Err(e) => return DrainStep::Decided(Err(e.into())),
+        };
+        let transfer_id = drain_transfer_id();
+        let decided = match self.hot.drain(key, &transfer_id, min_idle_ms).await {
+            Ok(d) if d.amount > 0 || d.spent > 0 => {
+                return DrainStep::Drained(token, transfer_id, d)
+            }
+            // Nothing drained: an earlier drain whose ledger step failed (on any node)
+            // is completed now...
+            Ok(_) => match self.hot.pending_return(key).await {
+                Ok(Some((earlier, d))) => return DrainStep::Drained(token, earlier, d),
+                Err(e) => Err(e.into()),
+                // ...else credits there mean another node used or refilled the key
+                // recently: kept, so they are returned once it is idle.
+                Ok(None) => match self.hot.peek(key).await {
+                    Ok(Some(e)) if e.bal > 0 || e.spent > 0 => Ok(None),
+                    _ => Ok(Some(0)),
+                },
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.unlock(key, &token).await;
+        DrainStep::Decided(decided)
     }
 
     /// Ledger step of a drain; on failure the amount is queued for retry.
@@ -107,6 +145,11 @@ impl Engine {
         match result {
             Ok(state) => {
                 metrics::counter!(m::RETURNED_CREDITS).increment(d.amount);
+                if let Err(e) = self.hot.returned(key, transfer_id).await {
+                    // The record stays: whoever finds it returns it again, which the
+                    // ledger applies once.
+                    tracing::warn!(key_id = %key, error = %e, "could not clear a return's record");
+                }
                 self.sync(key, &state).await;
             }
             Err(e) => self.queue_failed_return(key, transfer_id, d, &e),

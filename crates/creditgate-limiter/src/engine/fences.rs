@@ -109,6 +109,16 @@ impl Engine {
     /// their lock (crash, timeout). Call with the key's lock held.
     pub(super) async fn settle_pending(&self, key: &KeyId) -> Result<(), EngineError> {
         let account = account_of(key);
+        // A drain whose ledger step failed, maybe on another node: its credits are
+        // the ledger's before anything reads the ledger's balance.
+        if let Some((transfer_id, drained)) = self.hot.pending_return(key).await? {
+            let state = self
+                .ledger
+                .return_drained(&account, &transfer_id, drained)
+                .await?;
+            self.hot.returned(key, &transfer_id).await?;
+            self.sync(key, &state).await;
+        }
         for fence in self
             .ledger
             .pending_fences(Some(&account), i64::MAX, 16)

@@ -212,7 +212,7 @@ impl Engine {
     /// stays unknown. A failed ledger step is queued for retry and fails the call (the
     /// credits are not lost, but the ledger cannot use them yet).
     pub(super) async fn drain_for_hold(&self, key: &KeyId) -> Result<(), EngineError> {
-        let transfer_id = new_id_for_transfer("holddrain");
+        let transfer_id = drain_transfer_id();
         let drained = self.hot.drain(key, &transfer_id, 0).await?;
         match self
             .ledger

@@ -29,10 +29,10 @@ pub use shared::{SharedDecision, SharedHoldAnswer, SharedOutcome};
 
 use crate::metrics as m;
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply, DirectSpend, Drained,
-    FenceOp, Hold, HoldClose, HoldOutcome, HotError, HotStore, IdemMark, IncrementOutcome, Ledger,
-    LedgerError, LedgerState, LockToken, PendingFence, ReserveRequest, Settlement, SpendReply,
-    TransferFate,
+    drain_transfer_id, AllocateOutcome, AllocateRequest, BeginFence, Credit, CreditReply,
+    DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HotError, HotStore, IdemMark,
+    IncrementOutcome, Ledger, LedgerError, LedgerState, LockToken, PendingFence, ReserveRequest,
+    Settlement, SpendReply, TransferFate,
 };
 use crate::rules;
 
@@ -110,6 +110,10 @@ impl Default for EngineConfig {
 pub enum Decision {
     /// Spent. `remaining` is the exact balance after it (`None`: unlimited).
     Valid { remaining: Option<u64> },
+    /// Spent on the ledger alone while the hot store was unreachable (DESIGN §3.5):
+    /// `at_least` is the ledger's part of the balance after it. The hot store, which
+    /// this node cannot read, may hold more, so the balance is at least this.
+    ValidOnLedger { at_least: u64 },
     /// Not spent; `remaining` is the exact, unchanged balance.
     Exceeded { remaining: u64 },
     /// No ledger row for this key.
@@ -359,7 +363,7 @@ impl Engine {
         };
         let result = async {
             self.settle_pending(&from).await?;
-            let transfer_id = new_id_for_transfer("move");
+            let transfer_id = drain_transfer_id();
             let drained = self.hot.drain(&from, &transfer_id, 0).await?;
             if drained.amount > 0 || drained.spent > 0 {
                 self.return_to_ledger(&from, &transfer_id, drained).await;

@@ -59,10 +59,18 @@ impl Engine {
 
         // 2. Idle balances go back to the ledger.
         // With many active keys each return (and the refill after it) is ledger load:
-        // a key counts as idle after `idle_return × load factor`.
+        // a key counts as idle after `idle_return × load factor`, the factor of the keys
+        // used within `idle_return`. Once traffic stops, that is none: every balance
+        // goes back after `idle_return`, so the ledger converges soon after.
         let (idle, idle_return): (Vec<KeyId>, Duration) = {
             let map = lock_map(&self.activity);
-            let factor = u32::try_from(self.load_factor(map.len())).unwrap_or(u32::MAX);
+            metrics::gauge!(m::TRACKED_KEYS).set(map.len() as f64);
+            let base = self.config.idle_return;
+            let active = map
+                .values()
+                .filter(|a| a.last_used.elapsed() < base)
+                .count();
+            let factor = u32::try_from(self.load_factor(active)).unwrap_or(u32::MAX);
             let idle_return = self.config.idle_return.saturating_mul(factor);
             let idle = map
                 .iter()

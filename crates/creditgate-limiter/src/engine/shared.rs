@@ -17,6 +17,9 @@ pub struct SharedDecision {
     pub key: Option<u64>,
     /// The pool's exact balance after the decision, where known.
     pub pool: Option<u64>,
+    /// Spent on the ledger alone while the hot store was unreachable: `key` and `pool`
+    /// are then the ledger's parts, and the balances are at least these.
+    pub on_ledger: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +36,12 @@ pub enum SharedOutcome {
 
 impl SharedDecision {
     fn of(outcome: SharedOutcome, key: Option<u64>, pool: Option<u64>) -> Self {
-        Self { outcome, key, pool }
+        Self {
+            outcome,
+            key,
+            pool,
+            on_ledger: false,
+        }
     }
 }
 
@@ -105,7 +113,9 @@ impl Engine {
                 self.note_spend(&hot[i], 0);
                 match refilled {
                     // Another holder had the lock, or it can pay now: try again.
-                    None | Some(Decision::Valid { remaining: Some(_) }) => {}
+                    None
+                    | Some(Decision::Valid { remaining: Some(_) })
+                    | Some(Decision::ValidOnLedger { .. }) => {}
                     // Unlimited: only the other account pays.
                     Some(Decision::Valid { remaining: None }) => {
                         return self.spend_one_of(&accounts[1 - i], i, cost).await;
@@ -260,19 +270,23 @@ impl Engine {
         cost: Cost,
     ) -> Result<SharedDecision, EngineError> {
         let decision = self.spend(payer, cost).await?;
+        let on_ledger = matches!(decision, Decision::ValidOnLedger { .. });
         let (outcome, remaining) = match decision {
             Decision::Valid { remaining } => (SharedOutcome::Valid, remaining),
+            Decision::ValidOnLedger { at_least } => (SharedOutcome::Valid, Some(at_least)),
             Decision::Exceeded { remaining } if unlimited == 0 => {
                 (SharedOutcome::PoolExceeded, Some(remaining))
             }
             Decision::Exceeded { remaining } => (SharedOutcome::KeyExceeded, Some(remaining)),
             Decision::NotFound => (SharedOutcome::NotFound, None),
         };
-        Ok(if unlimited == 0 {
+        let mut d = if unlimited == 0 {
             SharedDecision::of(outcome, None, remaining)
         } else {
             SharedDecision::of(outcome, remaining, None)
-        })
+        };
+        d.on_ledger = on_ledger;
+        Ok(d)
     }
 
     /// `HotStore::spend_all`, feeding the breaker as [`Engine::hot_spend`] does.
@@ -328,7 +342,9 @@ impl Engine {
         };
         let (key, pool) = (exact(&outcomes[0]), exact(&outcomes[1]));
         if spent {
-            return Ok(SharedDecision::of(SharedOutcome::Valid, key, pool));
+            let mut d = SharedDecision::of(SharedOutcome::Valid, key, pool);
+            d.on_ledger = true;
+            return Ok(d);
         }
         if outcomes.iter().any(|o| matches!(o, DirectSpend::NotFound)) {
             return Ok(SharedDecision::of(SharedOutcome::NotFound, None, None));

@@ -125,8 +125,8 @@ impl Engine {
                 .spend_direct(&account_of(key), cost, None)
                 .await?
             {
-                DirectSpend::Valid { remaining } => Decision::Valid {
-                    remaining: Some(remaining),
+                DirectSpend::Valid { remaining } => Decision::ValidOnLedger {
+                    at_least: remaining,
                 },
                 DirectSpend::Exceeded { remaining } => Decision::Exceeded { remaining },
                 // Refusing would claim the balance cannot cover it; it may.

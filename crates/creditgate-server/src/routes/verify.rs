@@ -46,6 +46,7 @@ fn verify_data(verdict: &creditgate_service::Verdict) -> VerifyKeyData {
         credits: verdict.remaining.and_then(|r| i64::try_from(r).ok()),
         enabled: key.map(|k| k.enabled),
         identity: key.and_then(|k| identity(k, verdict.pool_remaining)),
+        credits_exact: verdict.on_ledger.then_some(false),
         ratelimits: (!verdict.ratelimits.is_empty()).then(|| {
             verdict
                 .ratelimits
