@@ -5,7 +5,7 @@
 //! Re-run one failing seed with `CREDITGATE_MODEL_SEED=<seed>`; set the number of
 //! sequences with `CREDITGATE_MODEL_CASES` (default 2000).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ struct FaultyLedger {
     fault: Mutex<Option<Fault>>,
     calls: AtomicU64,
     fired: AtomicU64,
+    /// Every return of drained credits fails while set (the ledger down for them).
+    fail_returns: AtomicBool,
 }
 
 impl FaultyLedger {
@@ -129,6 +131,9 @@ impl Ledger for FaultyLedger {
         t: &str,
         d: Drained,
     ) -> Result<LedgerState, LedgerError> {
+        if self.fail_returns.load(Ordering::SeqCst) {
+            return Err(LedgerError::Unavailable("injected (returns fail)".into()));
+        }
         faulty!(self, self.inner.return_drained(key, t, d).await)
     }
     async fn increment(
@@ -418,6 +423,7 @@ impl Sim {
             fault: Mutex::new(None),
             calls: AtomicU64::new(0),
             fired: AtomicU64::new(0),
+            fail_returns: AtomicBool::new(false),
         });
         let key = KeyId::from("key_model");
         ledger
@@ -1698,4 +1704,55 @@ async fn an_idempotent_shared_spend_decides_with_both_balances() {
             "call {n}: decided only with the spend"
         );
     }
+}
+
+/// A drain whose ledger step failed on one node (its return queued there) is completed
+/// by another node before that one reads the ledger's balance: the credits on their way
+/// back are spendable at once, never refused, and the first node's retry adds nothing.
+#[tokio::test]
+async fn a_return_that_failed_on_one_node_is_completed_by_another() {
+    let ledger = Arc::new(FaultyLedger {
+        inner: MemoryLedger::new(),
+        fault: Mutex::new(None),
+        calls: AtomicU64::new(0),
+        fired: AtomicU64::new(0),
+        fail_returns: AtomicBool::new(false),
+    });
+    let k = KeyId::from("key_returning");
+    ledger.inner.create_key(k.clone(), Some(10), 0);
+    let hot = Arc::new(MemoryHotStore::new());
+    let clock = Arc::new(ManualClock::new(0));
+    let config = || EngineConfig {
+        idle_return: Duration::ZERO,
+        ..EngineConfig::default()
+    };
+    let a = Engine::new(hot.clone(), ledger.clone(), clock.clone(), config());
+    let b = Engine::new(hot.clone(), ledger.clone(), clock, config());
+    let one = Cost::new(1).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(a.spend(&k, one).await.unwrap(), Decision::Valid { .. }));
+    }
+    let ledger_remaining = || async { ledger.inner.state(&k).await.unwrap().unwrap().remaining };
+    let before = ledger_remaining().await;
+    // Node a returns the key's idle hot balance; the ledger step fails and the return
+    // waits in a's queue.
+    ledger.fail_returns.store(true, Ordering::SeqCst);
+    a.reconcile_once().await.expect("the pass completes");
+    ledger.fail_returns.store(false, Ordering::SeqCst);
+    assert_eq!(ledger_remaining().await, before, "the ledger does not have them");
+    assert!(
+        hot.pending_return(&k).await.unwrap().is_some(),
+        "the drain is recorded in the hot store"
+    );
+    // Node b needs a refill: it completes the return first, and spends.
+    assert_eq!(
+        b.spend(&k, one).await.unwrap(),
+        Decision::Valid { remaining: Some(6) }
+    );
+    // Node a's queued retry finds the transfer applied: nothing is added twice.
+    a.reconcile_once().await.expect("the pass completes");
+    b.drain_all().await.expect("drain");
+    a.drain_all().await.expect("drain");
+    assert_eq!(ledger_remaining().await, Some(6));
+    assert_eq!(a.balance(&k).await.unwrap(), Some(6));
 }

@@ -160,8 +160,9 @@ async fn pump(
             continue;
         }
         if let ProxyMode::Delay { ms, jitter_ms } = now {
-            let half = jitter_ms / 2;
-            let wait = ms.saturating_sub(half).saturating_add(jitter(jitter_ms));
+            let wait = ms
+                .saturating_sub(jitter_ms)
+                .saturating_add(jitter(jitter_ms.saturating_mul(2)));
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         if to.write_all(&held).await.is_err() {

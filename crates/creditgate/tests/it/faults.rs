@@ -516,7 +516,7 @@ async fn inject(
         Fault::RedisSlow => {
             let slow = ProxyMode::Delay {
                 ms: 50,
-                jitter_ms: 40,
+                jitter_ms: 20,
             };
             set_proxies(c, &[0, 1, 2], Service::Redis, slow);
             tokio::time::sleep(d).await;
