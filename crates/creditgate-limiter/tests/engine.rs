@@ -1730,7 +1730,10 @@ async fn a_return_that_failed_on_one_node_is_completed_by_another() {
     let b = Engine::new(hot.clone(), ledger.clone(), clock, config());
     let one = Cost::new(1).unwrap();
     for _ in 0..3 {
-        assert!(matches!(a.spend(&k, one).await.unwrap(), Decision::Valid { .. }));
+        assert!(matches!(
+            a.spend(&k, one).await.unwrap(),
+            Decision::Valid { .. }
+        ));
     }
     let ledger_remaining = || async { ledger.inner.state(&k).await.unwrap().unwrap().remaining };
     let before = ledger_remaining().await;
@@ -1739,7 +1742,11 @@ async fn a_return_that_failed_on_one_node_is_completed_by_another() {
     ledger.fail_returns.store(true, Ordering::SeqCst);
     a.reconcile_once().await.expect("the pass completes");
     ledger.fail_returns.store(false, Ordering::SeqCst);
-    assert_eq!(ledger_remaining().await, before, "the ledger does not have them");
+    assert_eq!(
+        ledger_remaining().await,
+        before,
+        "the ledger does not have them"
+    );
     assert!(
         hot.pending_return(&k).await.unwrap().is_some(),
         "the drain is recorded in the hot store"
