@@ -450,6 +450,11 @@ impl Engine {
         let Some(remaining) = state.remaining else {
             return Ok((None, state.held));
         };
+        // Nothing handed out to the hot store: the ledger's balance is the whole of it
+        // (the hot snapshot may be older, e.g. after a spend on the ledger alone).
+        if state.hot_allocated == 0 {
+            return Ok((Some(remaining), state.held));
+        }
         let outside = match self.hot.peek(&self.home(key).await?).await {
             Ok(Some(e)) => match e.unalloc {
                 Some(u) if e.generation == state.generation => e.bal.saturating_add(u),

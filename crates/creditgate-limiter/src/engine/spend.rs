@@ -261,6 +261,9 @@ impl Engine {
                         version,
                     };
                     self.credit_allocation(key, &credit).await?;
+                    // Whatever happens to the spend that asked for them, the credits
+                    // moved here go back to the ledger when the key idles.
+                    self.note_spend(key, 0);
                 }
                 AllocateOutcome::Insufficient {
                     remaining,
