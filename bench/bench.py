@@ -202,24 +202,8 @@ def three_nodes(tmp, keys, shards=None, cpu=False):
     during the measured run."""
     hot = f"a {shards}-shard Redis Cluster" if shards else "Redis"
     log(f"3 nodes on {hot} + Postgres + ClickHouse, {keys} key(s)")
-    out_path = Path(tmp) / f"cluster-{keys}-{shards}.out"
     extra = ["--redis-cluster-shards", str(shards)] if shards else []
-    proc = Proc([BIN, "cluster", "--nodes", "3", "--root-key", ROOT_KEY, *extra],
-                stdout=open(out_path, "w"), stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    urls = None
-    while time.time() < deadline and urls is None:
-        m = re.search(r"--nodes (\S+)", out_path.read_text())
-        if m:
-            urls = m.group(1).split(",")
-        elif proc.p.poll() is not None:
-            raise SystemExit("bench: creditgate cluster exited; run scripts/install-deps")
-        else:
-            time.sleep(0.5)
-    if urls is None:
-        raise SystemExit("bench: the local cluster did not start in 180s")
-    for u in urls:
-        wait_up(u)
+    proc, urls = local_cluster(Path(tmp) / f"cluster-{keys}-{shards}.out", extra)
     keys_file = str(Path(tmp) / f"cluster-{keys}-{shards}.keys")
     make_keys(urls[0], keys, keys_file)
     if not cpu:
@@ -236,6 +220,28 @@ def three_nodes(tmp, keys, shards=None, cpu=False):
     proc.stop()
     used = {k: cpu_after.get(k, 0) - cpu_before.get(k, 0) for k in ("nodes", "redis")}
     return res, {"verifications": v, "cpu_us": {k: 1e6 * t / v for k, t in used.items()}}
+
+
+def local_cluster(out_path, extra=()):
+    """`creditgate cluster --nodes 3` (its output in `out_path`): the process and the
+    node URLs, once every node answers."""
+    proc = Proc([BIN, "cluster", "--nodes", "3", "--root-key", ROOT_KEY, *extra],
+                stdout=open(out_path, "w"), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    urls = None
+    while time.time() < deadline and urls is None:
+        m = re.search(r"--nodes (\S+)", out_path.read_text())
+        if m:
+            urls = m.group(1).split(",")
+        elif proc.p.poll() is not None:
+            raise SystemExit("bench: creditgate cluster exited; run scripts/install-deps")
+        else:
+            time.sleep(0.5)
+    if urls is None:
+        raise SystemExit("bench: the local cluster did not start in 180s")
+    for u in urls:
+        wait_up(u)
+    return proc, urls
 
 
 def tree_cpu(root):

@@ -9,6 +9,7 @@ errs, a key over-spends (the load tool checks) or memory grows after warm-up.
 Knobs: SOAK_SECS, RATE (verifications/s, default 1000), KEYS (1000), SAMPLE_SECS (10).
 """
 
+import atexit
 import csv
 import os
 import re
@@ -39,18 +40,23 @@ FLAT = 0.10
 
 
 def node_pids(root):
-    """The `creditgate serve` processes under `root`, in start order."""
-    pids = []
+    """The `creditgate serve` processes anywhere under `root`, in start order."""
+    parent, cmds = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmds[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if b"serve" in cmd and ppid == root:
-            pids.append(int(d.name))
+    pids = []
+    for pid, cmd in cmds.items():
+        p = parent.get(pid, 0)
+        while p > 1 and p != root:
+            p = parent.get(p, 0)
+        if p == root and b"serve" in cmd:
+            pids.append(pid)
     return sorted(pids)
 
 
@@ -127,26 +133,11 @@ def at(rows, node, t):
 
 
 def main():
+    atexit.register(lambda: [p.stop() for p in b.Proc.all])
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="creditgate-soak-") as tmp:
-        out_path = Path(tmp) / "cluster.out"
-        cluster = b.Proc([b.BIN, "cluster", "--nodes", "3", "--root-key", b.ROOT_KEY],
-                         stdout=open(out_path, "w"), stderr=subprocess.DEVNULL)
+        cluster, urls = b.local_cluster(Path(tmp) / "cluster.out")
         try:
-            deadline = time.time() + 180
-            urls = None
-            while time.time() < deadline and urls is None:
-                m = re.search(r"--nodes (\S+)", out_path.read_text())
-                if m:
-                    urls = m.group(1).split(",")
-                elif cluster.p.poll() is not None:
-                    raise SystemExit("soak: creditgate cluster exited; run scripts/install-deps")
-                else:
-                    time.sleep(0.5)
-            if urls is None:
-                raise SystemExit("soak: the local cluster did not start in 180 s")
-            for u in urls:
-                b.wait_up(u)
             pids = node_pids(cluster.p.pid)
             if len(pids) != 3:
                 raise SystemExit(f"soak: found {len(pids)} node processes, not 3")
