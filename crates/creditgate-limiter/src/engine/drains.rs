@@ -133,10 +133,24 @@ impl Engine {
                     // ledger applies once.
                     tracing::warn!(key_id = %key, error = %e, "could not clear a return's record");
                 }
-                self.sync(key, &state).await;
+                self.sync_after_return(key, &state).await;
             }
             Err(e) => self.queue_failed_return(key, transfer_id, d, &e),
         }
+    }
+
+    /// The snapshot after credits came back to the ledger. At a pool's home
+    /// (`<key>@<pool>`) with nothing left handed out, the ledger names no home any more:
+    /// the balance may next change at another one, so the snapshot here is marked
+    /// unknown instead of refreshed (a spend here then asks the ledger).
+    pub(super) async fn sync_after_return(&self, key: &KeyId, state: &LedgerState) {
+        if state.hot_allocated == 0 && !crate::ports::split_address(key).1.is_empty() {
+            if let Err(e) = self.hot.sync_unalloc(key, None, 0).await {
+                tracing::warn!(key_id = %key, error = %e, "could not mark the hot snapshot unknown");
+            }
+            return;
+        }
+        self.sync(key, state).await;
     }
 
     /// A drained amount whose ledger step failed, kept for the reconciler to retry.

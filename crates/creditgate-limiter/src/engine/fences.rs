@@ -117,7 +117,7 @@ impl Engine {
                 .return_drained(&account, &transfer_id, drained)
                 .await?;
             self.hot.returned(key, &transfer_id).await?;
-            self.sync(key, &state).await;
+            self.sync_after_return(key, &state).await;
         }
         for fence in self
             .ledger

@@ -655,6 +655,13 @@ async fn run_cell(faults: &[Fault], workload: Workload, seed: u64) -> Row {
         .await
         .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
     let (n, credits) = workload.shape();
+    // A long (randomized) run gets credits in proportion, so the keys last through it.
+    let planned = lead(faults)
+        + faults
+            .iter()
+            .map(|f| f.duration() + AFTER)
+            .sum::<Duration>();
+    let credits = credits * (planned.as_secs() / 20).max(1);
     // Keys made on node 1, whose day is the one before node 0's midnight.
     let (api, ids, secrets) = make_keys(&c, n, credits, refills).await;
 
