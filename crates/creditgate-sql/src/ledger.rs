@@ -562,19 +562,22 @@ async fn store_closed_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), Led
     Ok(())
 }
 
-#[async_trait]
-impl Ledger for SqlStore {
-    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
+impl SqlStore {
+    /// A key's ledger row, read on the read pool (no lock).
+    async fn read_row(&self, key: &KeyId) -> Result<Option<KeyRow>, LedgerError> {
         let row = sqlx::query(&select_row(key, false))
             .bind(key.as_str())
             .fetch_optional(&self.read)
             .await
             .map_err(ledger_error)?;
-        Ok(row
-            .as_ref()
-            .map(KeyRow::from_row)
-            .transpose()?
-            .map(|r| r.account.state()))
+        row.as_ref().map(KeyRow::from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl Ledger for SqlStore {
+    async fn state(&self, key: &KeyId) -> Result<Option<LedgerState>, LedgerError> {
+        Ok(self.read_row(key).await?.map(|r| r.account.state()))
     }
 
     async fn allocate(&self, req: &AllocateRequest<'_>) -> Result<AllocateOutcome, LedgerError> {
@@ -930,16 +933,7 @@ impl Ledger for SqlStore {
     }
 
     async fn hot_epoch(&self, key: &KeyId) -> Result<Option<String>, LedgerError> {
-        let row = sqlx::query(&select_row(key, false))
-            .bind(key.as_str())
-            .fetch_optional(&self.read)
-            .await
-            .map_err(ledger_error)?;
-        Ok(row
-            .as_ref()
-            .map(KeyRow::from_row)
-            .transpose()?
-            .and_then(|r| r.account.hot_epoch))
+        Ok(self.read_row(key).await?.and_then(|r| r.account.hot_epoch))
     }
 
     async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
