@@ -70,6 +70,16 @@ struct FaultyLedger {
 }
 
 impl FaultyLedger {
+    fn new() -> Self {
+        Self {
+            inner: MemoryLedger::new(),
+            fault: Mutex::new(None),
+            calls: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+            fail_returns: AtomicBool::new(false),
+        }
+    }
+
     fn arm(&self, fault: Option<Fault>) {
         *self.fault.lock().unwrap() = fault;
         self.calls.store(0, Ordering::SeqCst);
@@ -418,13 +428,7 @@ impl Sim {
     fn new(initial: Option<u64>) -> Self {
         let clock = Arc::new(ManualClock::new(DAY_MS * 20_000 + 5));
         let hot = Arc::new(MemoryHotStore::new());
-        let ledger = Arc::new(FaultyLedger {
-            inner: MemoryLedger::new(),
-            fault: Mutex::new(None),
-            calls: AtomicU64::new(0),
-            fired: AtomicU64::new(0),
-            fail_returns: AtomicBool::new(false),
-        });
+        let ledger = Arc::new(FaultyLedger::new());
         let key = KeyId::from("key_model");
         ledger
             .inner
@@ -1711,13 +1715,7 @@ async fn an_idempotent_shared_spend_decides_with_both_balances() {
 /// back are spendable at once, never refused, and the first node's retry adds nothing.
 #[tokio::test]
 async fn a_return_that_failed_on_one_node_is_completed_by_another() {
-    let ledger = Arc::new(FaultyLedger {
-        inner: MemoryLedger::new(),
-        fault: Mutex::new(None),
-        calls: AtomicU64::new(0),
-        fired: AtomicU64::new(0),
-        fail_returns: AtomicBool::new(false),
-    });
+    let ledger = Arc::new(FaultyLedger::new());
     let k = KeyId::from("key_returning");
     ledger.inner.create_key(k.clone(), Some(10), 0);
     let hot = Arc::new(MemoryHotStore::new());
