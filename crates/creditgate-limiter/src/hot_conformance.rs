@@ -29,6 +29,7 @@ pub async fn run_all(hot: Arc<dyn HotStore>) {
     spend_all_pays_from_every_account_or_none(hot, &p).await;
     credit_is_idempotent_and_reports_spent(hot, &p).await;
     credit_respects_generations(hot, &p).await;
+    credit_only_under_its_epoch(hot, &p).await;
     sync_unalloc_orders_versions(hot, &p).await;
     drain_only_when_idle_and_idempotent(hot, &p).await;
     a_drain_stays_recorded_until_the_ledger_has_it(hot, &p).await;
@@ -55,12 +56,14 @@ async fn credit(
     u: u64,
     v: u64,
 ) -> CreditReply {
+    let epoch = hot.epoch_of(k).await.expect("epoch");
     let c = Credit {
         transfer_id: tid,
         generation: g,
         amount,
         unalloc: u,
         version: v,
+        epoch: &epoch,
     };
     hot.credit(k, &c).await.expect("credit")
 }
@@ -441,6 +444,34 @@ pub async fn credit_is_idempotent_and_reports_spent(hot: &dyn HotStore, p: &str)
     credit(hot, &k, "e", 0, 1, 50, 4).await;
     let e = hot.peek(&k).await.expect("peek").expect("entry");
     assert_eq!((e.bal, e.unalloc), (13, Some(50)));
+}
+
+/// A credit allocated under an epoch the store no longer has (its data was lost between
+/// the ledger's allocation and the credit) is refused and credits nothing: the ledger
+/// counts those credits with the lost epoch and writes them off.
+pub async fn credit_only_under_its_epoch(hot: &dyn HotStore, p: &str) {
+    let k = key(p, "epochs");
+    let stale = Credit {
+        transfer_id: "old",
+        generation: 0,
+        amount: 10,
+        unalloc: 5,
+        version: 1,
+        epoch: "an-epoch-the-store-lost",
+    };
+    assert_eq!(
+        hot.credit(&k, &stale).await.expect("credit"),
+        CreditReply::Refused,
+        "a credit of a lost epoch is refused"
+    );
+    let held = hot.peek(&k).await.expect("peek").map_or(0, |e| e.bal);
+    assert_eq!(held, 0, "nothing was credited");
+    assert_eq!(
+        credit(hot, &k, "new", 0, 7, 0, 2).await,
+        CreditReply::Credited { spent: 0 },
+        "the current epoch credits"
+    );
+    assert_eq!(bal(hot, &k).await, 7);
 }
 
 pub async fn credit_respects_generations(hot: &dyn HotStore, p: &str) {

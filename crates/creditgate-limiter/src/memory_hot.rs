@@ -236,8 +236,14 @@ impl HotStore for MemoryHotStore {
             amount,
             unalloc,
             version,
+            epoch,
         } = credit;
         let mut inner = self.lock_inner();
+        if inner.epoch != epoch {
+            // Allocated to an epoch this store has lost: crediting it here would make
+            // credits the ledger writes off live again.
+            return Ok(CreditReply::Refused);
+        }
         let e = inner
             .entries
             .entry(key.to_owned())

@@ -113,6 +113,11 @@ pub struct Credit<'a> {
     pub unalloc: u64,
     /// The ledger `version` of that snapshot.
     pub version: u64,
+    /// The hot-store epoch the ledger recorded the allocation under
+    /// ([`HotStore::epoch_of`]). The store credits only under this epoch: credits
+    /// landing in a newer one would be live while the ledger counts them with the old
+    /// one, written off when it notices the change.
+    pub epoch: &'a str,
 }
 
 /// Proof of holding a key's refill lock.
@@ -181,7 +186,8 @@ pub trait HotStore: Send + Sync {
     ) -> Result<(bool, Vec<SpendReply>), HotError>;
 
     /// Adds `credit.amount` to `bal` (creating the entry), idempotent on its transfer id;
-    /// refused when the entry serves a newer generation or the transfer was refused. Also
+    /// refused when the entry serves a newer generation, the transfer was refused, or
+    /// the store's epoch is no longer `credit.epoch` (nothing is credited). Also
     /// records the ledger snapshot `unalloc` if `version` is newer than the one held.
     async fn credit(&self, key: &KeyId, credit: &Credit<'_>) -> Result<CreditReply, HotError>;
 

@@ -468,23 +468,9 @@ impl Inner {
         let slot = self.epochs.slot(key);
         for _ in 0..2 {
             let epoch = self.epochs.cached(slot);
-            let mut inv = Call::new(script);
-            inv.key(entry_key(key));
-            if let Some(transfer_id) = mark {
-                inv.key(mark_key(key, transfer_id));
-            }
-            inv.key(Epochs::marker_key(slot));
-            common_args(
-                &mut inv,
-                &epoch,
-                self.empty_ttl_ms,
-                self.mark_ttl_ms,
-                overwrite,
-            );
-            for a in args {
-                inv.arg(a);
-            }
-            let r: Vec<i64> = self.run(&inv).await?;
+            let r = self
+                .run_entry_under(script, key, mark, overwrite, &epoch, args)
+                .await?;
             if r == EPOCH_CHANGED {
                 self.refresh_epoch(Some(key)).await?;
                 continue;
@@ -494,6 +480,36 @@ impl Inner {
         Err(HotError::Unreachable(
             "the hot store's epoch changed twice during one call; nothing was done".into(),
         ))
+    }
+
+    /// Runs an entry script once under `epoch` (`{-2}`: the server's is another).
+    async fn run_entry_under<A: redis::ToRedisArgs>(
+        &self,
+        script: &Lua,
+        key: &str,
+        mark: Option<&str>,
+        overwrite: bool,
+        epoch: &str,
+        args: &[A],
+    ) -> Result<Vec<i64>, HotError> {
+        let slot = self.epochs.slot(key);
+        let mut inv = Call::new(script);
+        inv.key(entry_key(key));
+        if let Some(transfer_id) = mark {
+            inv.key(mark_key(key, transfer_id));
+        }
+        inv.key(Epochs::marker_key(slot));
+        common_args(
+            &mut inv,
+            epoch,
+            self.empty_ttl_ms,
+            self.mark_ttl_ms,
+            overwrite,
+        );
+        for a in args {
+            inv.arg(a);
+        }
+        self.run(&inv).await
     }
 
     /// Runs a script that may replace an entry of another epoch (credit, fence,
@@ -889,23 +905,46 @@ impl HotStore for RedisHotStore {
             amount,
             unalloc,
             version,
+            epoch,
         } = credit;
         check_key(key)?;
-        let r = self
-            .inner
-            .run_replacing(
-                &self.inner.scripts.credit,
-                key,
-                Some(transfer_id),
-                &[generation, amount, unalloc, version],
-            )
-            .await?;
-        match r.as_slice() {
-            [0, spent] => Ok(CreditReply::Credited { spent: *spent }),
-            [1] => Ok(CreditReply::Duplicate),
-            [2] => Ok(CreditReply::Refused),
-            _ => Err(unexpected("credit", &r)),
+        // Only under the epoch the ledger recorded the allocation with (an address at
+        // another home carries it as `<home>#<epoch>`): if the data was lost since,
+        // the ledger writes the allocation off with that epoch, so it must not become
+        // live in the new one.
+        let epoch = epoch.rsplit_once('#').map_or(epoch, |(_, e)| e);
+        let inner = &self.inner;
+        let args = [generation, amount, unalloc, version];
+        for overwrite in [false, true] {
+            let r = inner
+                .run_entry_under(
+                    &inner.scripts.credit,
+                    key,
+                    Some(transfer_id),
+                    overwrite,
+                    epoch,
+                    &args,
+                )
+                .await?;
+            if r == EPOCH_CHANGED {
+                inner.refresh_epoch(Some(key)).await?;
+                return Ok(CreditReply::Refused);
+            }
+            if r == [-1] {
+                // An entry of another epoch: the check has just confirmed ours is the
+                // server's, so replace it.
+                continue;
+            }
+            return match unsigned("credit", &r)?.as_slice() {
+                [0, spent] => Ok(CreditReply::Credited { spent: *spent }),
+                [1] => Ok(CreditReply::Duplicate),
+                [2] => Ok(CreditReply::Refused),
+                _ => Err(unexpected("credit", &r)),
+            };
         }
+        Err(HotError::Other(
+            "an entry of another epoch was not replaced".into(),
+        ))
     }
 
     async fn sync_unalloc(

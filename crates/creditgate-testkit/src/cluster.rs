@@ -199,6 +199,7 @@ impl ClusterBuilder {
             redis_cluster,
             data,
             proxies: BTreeMap::new(),
+            retired_logs: String::new(),
         };
         for i in 0..self.nodes {
             // This node's URLs of the services, through its proxies where it has them.
@@ -355,6 +356,9 @@ pub struct Cluster {
     pub root_key: String,
     /// Proxies between nodes and services, by node index and service.
     proxies: BTreeMap<(usize, Service), TcpProxy>,
+    /// The logs of nodes replaced by a restart, so that what they reported (e.g. credits
+    /// written off) is not lost with them.
+    retired_logs: String,
     services: Option<Services>,
     redis_cluster: Option<RedisCluster>,
     data: tempfile::TempDir,
@@ -523,13 +527,14 @@ impl Cluster {
         }
     }
 
-    /// Every process node's stderr.
+    /// Every process node's stderr, including that of nodes replaced by a restart.
     pub fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(Node::stderr)
-            .collect::<Vec<_>>()
-            .join("\n")
+        let mut logs = self.retired_logs.clone();
+        for node in &self.nodes {
+            logs.push_str(&node.stderr());
+            logs.push('\n');
+        }
+        logs
     }
 
     /// Credits the nodes logged as written off (process nodes).
@@ -546,7 +551,10 @@ impl Cluster {
     /// when it still runs.
     pub async fn restart_node(&mut self, i: usize) -> Result<()> {
         self.stop_node(i).await?;
-        self.nodes[i] = self.nodes[i].start_again().await?;
+        let again = self.nodes[i].start_again().await?;
+        let retired = std::mem::replace(&mut self.nodes[i], again);
+        self.retired_logs.push_str(&retired.stderr());
+        self.retired_logs.push('\n');
         Ok(())
     }
 

@@ -214,6 +214,7 @@ impl Engine {
                 amount,
                 unalloc: remaining,
                 version,
+                epoch: req.epoch,
             };
             // A failed or ambiguous credit leaves the allocation pending: the reconciler
             // asks the hot store what became of it.

@@ -259,6 +259,7 @@ impl Engine {
                         amount,
                         unalloc: remaining,
                         version,
+                        epoch: &epoch,
                     };
                     self.credit_allocation(key, &credit).await?;
                     // Whatever happens to the spend that asked for them, the credits
@@ -284,6 +285,7 @@ impl Engine {
                                 amount: 0,
                                 unalloc: remaining,
                                 version,
+                                epoch: &epoch,
                             },
                         )
                         .await?;
