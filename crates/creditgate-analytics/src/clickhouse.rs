@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use reqwest::Url;
 use serde::Serialize;
 
+use crate::usage::{UsageBucket, UsageGroup, UsageQuery, UsageSource};
 use crate::{Batch, RequestEvent, Sink, SinkError, VerificationEvent};
 
 /// Columns of the verifications table added after its first version: (name, type).
@@ -354,6 +355,95 @@ impl ClickHouseSink {
             })
         }
     }
+}
+
+/// Usage buckets from the verifications table, read with `FINAL` so rows a retried
+/// batch wrote twice count once (see the module docs). Values are written into the SQL
+/// as literals (18.16 has no query parameters): strings quoted by [`quoted`], numbers
+/// formatted from integers.
+#[async_trait]
+impl UsageSource for ClickHouseSink {
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageBucket>, SinkError> {
+        let g = q.granularity.millis();
+        let (group, array_join) = match q.group_by {
+            None => ("''", ""),
+            Some(UsageGroup::Outcome) => ("outcome", ""),
+            Some(UsageGroup::KeyId) => ("key_id", ""),
+            Some(UsageGroup::Tag) => ("tag", " ARRAY JOIN tags AS tag"),
+        };
+        let mut filter = format!(
+            "workspace_id = {} AND time_ms >= {} AND time_ms < {}",
+            quoted(&q.workspace_id),
+            q.from_ms.max(0),
+            q.to_ms.max(0)
+        );
+        for (column, value) in [
+            ("api_id", &q.api_id),
+            ("key_id", &q.key_id),
+            ("identity_id", &q.identity_id),
+        ] {
+            if let Some(v) = value {
+                filter.push_str(&format!(" AND {column} = {}", quoted(v)));
+            }
+        }
+        let sql = format!(
+            "SELECT intDiv(time_ms, {g}) * {g} AS bucket, {group} AS grp, count() AS n, \
+             sum(spent_credits) AS spent \
+             FROM `{table}` FINAL{array_join} WHERE {filter} \
+             GROUP BY bucket, grp ORDER BY bucket, grp LIMIT {limit} FORMAT JSONEachRow",
+            table = self.verifications_table,
+            limit = q.max_buckets.saturating_add(1),
+        );
+        let text = self.execute(&sql, true).await?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| SinkError(format!("ClickHouse usage row {line:?}: {e}")))?;
+                let number = |name: &str| -> Result<u64, SinkError> {
+                    // 64-bit integers come quoted by default
+                    // (`output_format_json_quote_64bit_integers`).
+                    match &row[name] {
+                        serde_json::Value::Number(n) => n.as_u64(),
+                        serde_json::Value::String(s) => s.parse().ok(),
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        SinkError(format!("ClickHouse usage row without {name}: {line}"))
+                    })
+                };
+                let group = match (q.group_by, &row["grp"]) {
+                    (None, _) => None,
+                    (Some(_), serde_json::Value::String(s)) => Some(s.clone()),
+                    (Some(_), _) => {
+                        return Err(SinkError(format!(
+                            "ClickHouse usage row without grp: {line}"
+                        )))
+                    }
+                };
+                Ok(UsageBucket {
+                    time: i64::try_from(number("bucket")?).unwrap_or(i64::MAX),
+                    group,
+                    count: number("n")?,
+                    spent_credits: number("spent")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A ClickHouse string literal: quoted, with backslashes and quotes escaped.
+fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
 }
 
 #[async_trait]

@@ -6,8 +6,10 @@
 
 mod batcher;
 pub mod clickhouse;
+pub mod usage;
 
 pub use batcher::{Analytics, Batcher, BatcherConfig};
+pub use usage::{Granularity, UsageBucket, UsageGroup, UsageQuery, UsageSource};
 
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -17,6 +17,7 @@ pub enum Action {
     UpdateKey,
     DeleteKey,
     VerifyKey,
+    ReadAnalytics,
     CreateIdentity,
     ReadIdentity,
     UpdateIdentity,
@@ -28,7 +29,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::CreateApi,
         Action::ReadApi,
         Action::DeleteApi,
@@ -37,6 +38,7 @@ impl Action {
         Action::UpdateKey,
         Action::DeleteKey,
         Action::VerifyKey,
+        Action::ReadAnalytics,
         Action::CreateIdentity,
         Action::ReadIdentity,
         Action::UpdateIdentity,
@@ -57,6 +59,7 @@ impl Action {
             Action::UpdateKey => "update_key",
             Action::DeleteKey => "delete_key",
             Action::VerifyKey => "verify_key",
+            Action::ReadAnalytics => "read_analytics",
             Action::CreateIdentity => "create_identity",
             Action::ReadIdentity => "read_identity",
             Action::UpdateIdentity => "update_identity",
@@ -104,7 +107,7 @@ impl Permission {
             format!(
                 "invalid permission '{s}': expected api.*.<action> or api.<apiId>.<action> \
                  with action one of create_api, read_api, delete_api, create_key, read_key, \
-                 update_key, delete_key, verify_key; or identity.*.<action> with action one \
+                 update_key, delete_key, verify_key, read_analytics; or identity.*.<action> with action one \
                  of create_identity, read_identity, update_identity, delete_identity; or \
                  ratelimit.*.<action> with action one of limit, set_override, read_override, \
                  delete_override"

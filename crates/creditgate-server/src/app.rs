@@ -9,7 +9,7 @@ use anyhow::Context;
 use axum::routing::{get, post};
 use axum::Router;
 use creditgate_analytics::clickhouse::{ClickHouseOptions, ClickHouseSink};
-use creditgate_analytics::{Batcher, BatcherConfig, Sink};
+use creditgate_analytics::{Batcher, BatcherConfig, Sink, UsageSource};
 use creditgate_domain::{
     hash_secret, new_secret, Clock, KeyStore, Permission, PermissionSet, RootKeyId, RootKeyRecord,
     SkewedClock, SystemClock, WorkspaceId,
@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
-use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
+use crate::routes::{analytics, apis, holds, identities, keys, ratelimit, system, verify};
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
@@ -73,19 +73,26 @@ impl App {
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
         // With SQLite, analytics get their own file: a large batch must never hold the
         // write lock the ledger needs (SQLite has one writer per file).
-        let sink: Arc<dyn Sink> = match (&config.clickhouse_url, config.analytics_sqlite_url()) {
-            (Some(url), _) => Arc::new(
-                ClickHouseSink::connect(url, ClickHouseOptions::default())
-                    .await
-                    .with_context(|| format!("connecting ClickHouse {}", redact(url)))?,
-            ),
-            (None, Some(analytics_url)) => Arc::new(
-                SqlStore::connect(&analytics_url)
-                    .await
-                    .with_context(|| format!("opening the analytics database {analytics_url}"))?,
-            ),
-            (None, None) => Arc::new(sql),
-        };
+        // `analytics.getUsage` reads from where the rows are written.
+        let (sink, usage): (Arc<dyn Sink>, Arc<dyn UsageSource>) =
+            match (&config.clickhouse_url, config.analytics_sqlite_url()) {
+                (Some(url), _) => {
+                    let clickhouse = Arc::new(
+                        ClickHouseSink::connect(url, ClickHouseOptions::default())
+                            .await
+                            .with_context(|| format!("connecting ClickHouse {}", redact(url)))?,
+                    );
+                    (clickhouse.clone(), clickhouse)
+                }
+                (None, Some(analytics_url)) => {
+                    let sql =
+                        Arc::new(SqlStore::connect(&analytics_url).await.with_context(|| {
+                            format!("opening the analytics database {analytics_url}")
+                        })?);
+                    (sql.clone(), sql)
+                }
+                (None, None) => (Arc::new(sql.clone()), Arc::new(sql)),
+            };
         let hot: Arc<dyn HotStore> = match &redis {
             Some((target, shown)) => Arc::new(
                 RedisHotStore::connect_to(target, RedisOptions::default())
@@ -135,7 +142,8 @@ impl App {
             bus.clone()
                 .map(|b| Arc::new(RedisInvalidations(b)) as Arc<dyn Invalidations>),
             ratelimiter,
-        );
+        )
+        .with_usage(usage);
         if let Some(bus) = &bus {
             tokio::spawn(apply_invalidations(bus.subscribe(), service.caches()));
         }
@@ -326,6 +334,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.settleCredits", post(holds::settle_credits))
         .route("/v2/keys.releaseCredits", post(holds::release_credits))
         .route("/v2/keys.getHold", post(holds::get_hold))
+        .route("/v2/analytics.getUsage", post(analytics::get_usage))
         .route(
             "/v2/identities.createIdentity",
             post(identities::create_identity),

@@ -41,6 +41,13 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Every field is well-formed but together they ask for what is not served (a
+    /// range that ends before it starts, or is too wide): 422 naming the fields.
+    #[error("{detail}")]
+    Unprocessable {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
     #[error("{detail}")]
     NotFound { kind: NotFoundKind, detail: String },
     #[error("{0}")]
@@ -114,6 +121,16 @@ impl ApiError {
         ApiError::BadRequest { detail, errors }
     }
 
+    /// One 422 naming every field of a combination that is not served.
+    pub fn unprocessable(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.location, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError::Unprocessable { detail, errors }
+    }
+
     pub fn key_not_found() -> Self {
         ApiError::NotFound {
             kind: NotFoundKind::Key,
@@ -135,6 +152,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "Bad Request",
                 "https://unkey.com/docs/errors/unkey/application/invalid_input",
+            ),
+            ApiError::Unprocessable { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Unprocessable Content",
+                "https://creditgate.dev/docs/errors/application/unprocessable_range",
             ),
             ApiError::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -257,7 +279,7 @@ impl ApiError {
             other => other.to_string(),
         };
         let errors = match self {
-            ApiError::BadRequest { errors, .. } => {
+            ApiError::BadRequest { errors, .. } | ApiError::Unprocessable { errors, .. } => {
                 Some(errors.into_iter().map(FieldErrorBody::from).collect())
             }
             _ => None,
@@ -327,6 +349,7 @@ impl From<creditgate_service::ServiceError> for ApiError {
         use creditgate_service::ServiceError;
         match e {
             ServiceError::Invalid(errors) => ApiError::invalid(errors),
+            ServiceError::Unprocessable(errors) => ApiError::unprocessable(errors),
             ServiceError::Unauthorized(s) => ApiError::Unauthorized(s),
             ServiceError::Forbidden(s) => ApiError::Forbidden(s),
             ServiceError::Conflict(s) => ApiError::Conflict(s),
@@ -366,6 +389,7 @@ impl From<creditgate_service::ServiceError> for ApiError {
                     LimitError::Other(s) => ApiError::Internal(s),
                 }
             }
+            ServiceError::Unavailable(s) => ApiError::Unavailable(s),
             ServiceError::Internal(s) => ApiError::Internal(s),
         }
     }

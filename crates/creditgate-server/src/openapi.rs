@@ -17,7 +17,7 @@ use crate::parse::{
     MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_MIGRATE_KEYS, MAX_RATELIMITS,
     MAX_REROLL_GRACE_MS, MIN_LIMIT_DURATION_MS,
 };
-use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
+use crate::routes::{analytics, apis, holds, identities, keys, ratelimit, system, verify};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,7 +31,8 @@ use crate::routes::{apis, holds, identities, keys, ratelimit, system, verify};
         identities::update_identity, identities::delete_identity, identities::update_credits,
         ratelimit::limit,
         ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
-        ratelimit::list_overrides, ratelimit::delete_override, system::liveness,
+        ratelimit::list_overrides, ratelimit::delete_override, analytics::get_usage,
+        system::liveness,
     ),
     modifiers(&RootKeyAuth)
 )]
@@ -116,6 +117,10 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         &[400, 401, 403, 404, 413, 500, 503],
     ),
     ("/v2/ratelimit.limit", &[400, 401, 403, 413, 500, 503]),
+    (
+        "/v2/analytics.getUsage",
+        &[400, 401, 403, 404, 413, 422, 500, 503],
+    ),
     ("/v2/ratelimit.multiLimit", &[400, 401, 403, 413, 500, 503]),
     ("/v2/ratelimit.setOverride", &[400, 401, 403, 413, 500, 503]),
     (
@@ -272,7 +277,10 @@ fn status_description(status: u16) -> &'static str {
         422 => "The idempotency key was used in the last 24 h with a different request (route \
                 or body: `error.type` ends `idempotency/key_reused`), or the Idempotency-Key \
                 header and `idempotencyKey` differ (`idempotency/keys_differ`); nothing was \
-                done.",
+                done. On `analytics.getUsage`: the query is not served (the range ends before \
+                it starts, spans more than 400 days or 1,440 buckets, the answer would hold \
+                more than 1,440 buckets, or `keyId` is not a key of `apiId`: \
+                `application/unprocessable_range`, `error.errors` names the field to change).",
         413 => "The body is larger than the node accepts (`--max-body-bytes`).",
         500 => "An unexpected error; the request changed nothing it reported.",
         503 => "A backend is unavailable and nothing was spent; or a backend did not answer in time \
@@ -377,7 +385,34 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             json!({ "minLength": 3, "maxLength": 255, "pattern": "^[A-Za-z][A-Za-z0-9._-]*$" }),
         ),
         ("ApiIdRequest", "apiId", api_id.clone()),
-        ("ListKeysRequest", "apiId", api_id),
+        ("ListKeysRequest", "apiId", api_id.clone()),
+        ("GetUsageRequest", "apiId", api_id),
+        ("GetUsageRequest", "keyId", key_id.clone()),
+        (
+            "GetUsageRequest",
+            "externalId",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        (
+            "GetUsageRequest",
+            "from",
+            json!({ "minimum": 0, "maximum": MAX_EXPIRES_MS }),
+        ),
+        (
+            "GetUsageRequest",
+            "to",
+            json!({ "minimum": 1, "maximum": MAX_EXPIRES_MS }),
+        ),
+        (
+            "GetUsageRequest",
+            "granularity",
+            json!({ "enum": ["minute", "hour", "day"] }),
+        ),
+        (
+            "GetUsageRequest",
+            "groupBy",
+            json!({ "enum": ["outcome", "keyId", "tag", null] }),
+        ),
         (
             "ListKeysRequest",
             "limit",

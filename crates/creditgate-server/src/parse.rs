@@ -2,14 +2,15 @@
 //! every field rule exists once and a failure names the field and how to fix it. The
 //! rules that `createKey` and `updateKey` share are [`key_fields`] and [`Checks::refill`].
 
+use creditgate_analytics::{Granularity, UsageGroup};
 use creditgate_domain::{
     ApiId, Cost, Credits, KeyId, RatelimitRule, Refill, RefillError, RefillInterval,
 };
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateIdentity, CreateKey, FieldError, LimitRequest, ListIdentities, ListKeys, NamedLimit,
-    Reserve, SetOverride, UpdateCredits, UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS,
-    MAX_HOLD_TTL_MS, MAX_LIMIT,
+    CreateIdentity, CreateKey, FieldError, GetUsage, LimitRequest, ListIdentities, ListKeys,
+    NamedLimit, Reserve, SetOverride, UpdateCredits, UpdateIdentity, UpdateKey, Verify,
+    DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS, MAX_LIMIT, MAX_USAGE_BUCKETS, MAX_USAGE_RANGE_MS,
 };
 use serde_json::{Map, Value};
 
@@ -1021,4 +1022,104 @@ pub fn refill_wire(r: &Refill) -> RefillWire {
         amount: r.amount.as_i64(),
         refill_day: r.refill_day.map(i64::from),
     }
+}
+
+impl TryFrom<GetUsageRequest> for GetUsage {
+    type Error = ApiError;
+
+    fn try_from(req: GetUsageRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        if let Some(a) = &req.api_id {
+            api_id(&mut c, a);
+        }
+        let key_id = req.key_id.as_deref().map(|k| c.key_id(k));
+        if let Some(e) = &req.external_id {
+            c.len("body.externalId", e, 1, 255);
+        }
+        let granularity = Granularity::parse(&req.granularity);
+        if granularity.is_none() {
+            c.push(
+                "body.granularity",
+                format!("must be minute, hour or day, got {:?}", req.granularity),
+                "send minute, hour or day",
+            );
+        }
+        let group_by = match req.group_by.as_deref() {
+            None => None,
+            Some(g) => {
+                let parsed = UsageGroup::parse(g);
+                if parsed.is_none() {
+                    c.push(
+                        "body.groupBy",
+                        format!("must be outcome, keyId or tag, got {g:?}"),
+                        "send outcome, keyId or tag, or omit it",
+                    );
+                }
+                parsed
+            }
+        };
+        for (location, value, min) in [("body.from", req.from, 0), ("body.to", req.to, 1)] {
+            if !(min..=MAX_EXPIRES_MS).contains(&value) {
+                c.push(
+                    location,
+                    format!(
+                        "must be a Unix time in ms from {min} to {MAX_EXPIRES_MS}, got {value}"
+                    ),
+                    "send a time in Unix milliseconds",
+                );
+            }
+        }
+        let query = c.finish(GetUsage {
+            api_id: req.api_id.map(ApiId::from),
+            key_id,
+            external_id: req.external_id,
+            from_ms: req.from,
+            to_ms: req.to,
+            granularity: granularity.unwrap_or(Granularity::Day),
+            group_by,
+        })?;
+        usage_range(&query)?;
+        Ok(query)
+    }
+}
+
+/// The range a usage query spans, once each field is valid: after its start, at most
+/// 400 days, at most 1,440 buckets. A 422 (not 400): no one field is wrong, the document
+/// cannot state the rule, and the fix may be in either.
+fn usage_range(q: &GetUsage) -> Result<(), ApiError> {
+    let (location, message, fix) = if q.to_ms <= q.from_ms {
+        (
+            "body.to",
+            format!("must be after body.from ({}), got {}", q.from_ms, q.to_ms),
+            "send the end of the range (exclusive), later than body.from".to_owned(),
+        )
+    } else if q.to_ms - q.from_ms > MAX_USAGE_RANGE_MS {
+        (
+            "body.to",
+            format!(
+                "the range spans more than {} days",
+                MAX_USAGE_RANGE_MS / 86_400_000
+            ),
+            "query a shorter range, in several requests if needed".to_owned(),
+        )
+    } else {
+        let g = q.granularity;
+        let width = g.millis();
+        let buckets = (g.bucket_of(q.to_ms - 1) - g.bucket_of(q.from_ms)) / width + 1;
+        if buckets <= i64::try_from(MAX_USAGE_BUCKETS).unwrap_or(i64::MAX) {
+            return Ok(());
+        }
+        (
+            "body.granularity",
+            format!(
+                "the range holds {buckets} buckets of a {}, more than {MAX_USAGE_BUCKETS}",
+                g.as_str()
+            ),
+            "choose a coarser granularity or a shorter range".to_owned(),
+        )
+    };
+    Err(ApiError::unprocessable(vec![FieldError::new(
+        location, message,
+    )
+    .fix(fix)]))
 }

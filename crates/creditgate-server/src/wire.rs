@@ -815,3 +815,50 @@ pub struct MigrateKeysData {
     /// Hashes of keys not created: a key with that secret exists already.
     pub failed: Vec<String>,
 }
+
+// ---- analytics (creditgate's extension) ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetUsageRequest {
+    /// Only verifications of keys of this API.
+    pub api_id: Option<String>,
+    /// Only verifications of this key.
+    pub key_id: Option<String>,
+    /// Only verifications of keys of this identity (its external id or id).
+    pub external_id: Option<String>,
+    /// Start of the range, Unix ms, inclusive.
+    pub from: i64,
+    /// End of the range, Unix ms, exclusive; at most 400 days after `from`.
+    pub to: i64,
+    /// `minute`, `hour` or `day` (UTC); at most 1,440 buckets in the range.
+    pub granularity: String,
+    /// Split each bucket by `outcome`, `keyId` or `tag`.
+    pub group_by: Option<String>,
+}
+
+/// One bucket: the verifications of one time span (and group). Spans without any are
+/// left out.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageBucketData {
+    /// Start of the span, Unix ms.
+    pub time: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Verifications (hold steps included: each is a row of its own).
+    pub count: u64,
+    /// Credits they spent.
+    pub spent_credits: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageData {
+    pub granularity: String,
+    pub buckets: Vec<UsageBucketData>,
+}

@@ -34,5 +34,7 @@ mod refill;
 mod reroll_migrate;
 #[path = "http/routes.rs"]
 mod routes;
+#[path = "http/usage.rs"]
+mod usage;
 #[path = "http/verify.rs"]
 mod verify;

@@ -33,6 +33,10 @@ pub enum ServiceError {
     /// The command is invalid; nothing was changed.
     #[error("invalid request: {0:?}")]
     Invalid(Vec<FieldError>),
+    /// Each field is valid but together they ask for more than is served (a usage
+    /// answer past its bound); nothing was changed.
+    #[error("not served: {0:?}")]
+    Unprocessable(Vec<FieldError>),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -75,6 +79,10 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     RateLimiter(#[from] creditgate_limiter::LimitError),
+    /// A backend needed for a read is unavailable (or not configured); nothing was
+    /// changed.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }

@@ -13,13 +13,14 @@ mod identities;
 mod keys;
 pub mod metrics;
 mod ratelimit;
+mod usage;
 mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use creditgate_analytics::Analytics;
+use creditgate_analytics::{Analytics, UsageSource};
 use creditgate_domain::{
     hash_secret, Clock, KeyRecord, KeyStore, RatelimitOverride, RootKeyRecord,
 };
@@ -37,6 +38,7 @@ pub use idempotency::{
 pub use identities::{CreateIdentity, ListIdentities, UpdateIdentity};
 pub use keys::{CreatedKey, KeyView, DEFAULT_BYTE_LENGTH};
 pub use ratelimit::{override_for, LimitAnswer, LimitRequest, SetOverride, MAX_LIMIT};
+pub use usage::{GetUsage, MAX_USAGE_BUCKETS, MAX_USAGE_RANGE_MS};
 pub use verify::{LimitOutcome, Verdict};
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
@@ -78,6 +80,8 @@ pub struct Service {
     ratelimiter: Arc<dyn RateLimiter>,
     /// Rate-limit overrides by workspace and namespace.
     overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
+    /// Where `analytics.getUsage` reads rows (`None`: analytics are not kept).
+    usage: Option<Arc<dyn UsageSource>>,
 }
 
 /// This node's key caches, for the task that applies other nodes' invalidations (it
@@ -142,7 +146,14 @@ impl Service {
                 .max_capacity(10_000)
                 .time_to_live(CACHE_TTL)
                 .build(),
+            usage: None,
         }
+    }
+
+    /// Reads usage over time from `source` (the store the analytics sink writes to).
+    pub fn with_usage(mut self, source: Arc<dyn UsageSource>) -> Self {
+        self.usage = Some(source);
+        self
     }
 
     pub fn engine(&self) -> &Arc<Engine> {

@@ -4,10 +4,13 @@
 //! of 32766 bound parameters (and Postgres's 65535).
 
 use async_trait::async_trait;
-use creditgate_analytics::{Batch, RequestEvent, Sink, SinkError, VerificationEvent};
+use creditgate_analytics::{
+    Batch, RequestEvent, Sink, SinkError, UsageBucket, UsageGroup, UsageQuery, UsageSource,
+    VerificationEvent,
+};
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
-use sqlx::Any;
+use sqlx::{Any, Row};
 
 use crate::error::sink_error;
 use crate::{Backend, SqlStore};
@@ -165,6 +168,71 @@ impl Sink for SqlStore {
             q.execute(&mut *tx).await.map_err(sink_error)?;
         }
         tx.commit().await.map_err(sink_error)
+    }
+}
+
+/// Usage buckets from `key_verifications` (on the pool readers use). A bucket is
+/// `(time / g) * g` in integer arithmetic, the same on both backends; grouping by tag
+/// expands the JSON array of tags (`json_each` on SQLite,
+/// `jsonb_array_elements_text` on Postgres).
+#[async_trait]
+impl UsageSource for SqlStore {
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageBucket>, SinkError> {
+        let g = q.granularity.millis();
+        let (group, from) = match (q.group_by, self.backend()) {
+            (None, _) => ("''", "key_verifications v"),
+            (Some(UsageGroup::Outcome), _) => ("v.outcome", "key_verifications v"),
+            (Some(UsageGroup::KeyId), _) => ("v.key_id", "key_verifications v"),
+            (Some(UsageGroup::Tag), Backend::Sqlite) => {
+                ("t.value", "key_verifications v, json_each(v.tags) t")
+            }
+            (Some(UsageGroup::Tag), Backend::Postgres) => (
+                "t.value",
+                "key_verifications v \
+                 CROSS JOIN LATERAL jsonb_array_elements_text(v.tags::jsonb) AS t(value)",
+            ),
+        };
+        let mut filter = String::from("v.workspace_id = $1 AND v.time >= $2 AND v.time < $3");
+        let mut values = Vec::new();
+        for (column, value) in [
+            ("api_id", &q.api_id),
+            ("key_id", &q.key_id),
+            ("identity_id", &q.identity_id),
+        ] {
+            if let Some(v) = value {
+                values.push(v.as_str());
+                filter.push_str(&format!(" AND v.{column} = ${}", 3 + values.len()));
+            }
+        }
+        let sql = format!(
+            "SELECT (v.time / {g}) * {g} AS bucket, {group} AS grp, COUNT(*) AS n, \
+             CAST(COALESCE(SUM(v.spent_credits), 0) AS BIGINT) AS spent \
+             FROM {from} WHERE {filter} GROUP BY 1, 2 ORDER BY 1, 2 LIMIT {limit}",
+            limit = q.max_buckets.saturating_add(1),
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(q.workspace_id.as_str())
+            .bind(q.from_ms)
+            .bind(q.to_ms);
+        for v in values {
+            query = query.bind(v);
+        }
+        let rows = query.fetch_all(&self.read).await.map_err(sink_error)?;
+        rows.iter()
+            .map(|row| {
+                let number = |name: &str| -> Result<u64, SinkError> {
+                    let v: i64 = row.try_get(name).map_err(sink_error)?;
+                    u64::try_from(v).map_err(|_| SinkError(format!("usage {name} {v} < 0")))
+                };
+                let group: String = row.try_get("grp").map_err(sink_error)?;
+                Ok(UsageBucket {
+                    time: row.try_get("bucket").map_err(sink_error)?,
+                    group: q.group_by.map(|_| group),
+                    count: number("n")?,
+                    spent_credits: number("spent")?,
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP routes: thin handlers that extract, call one service function, and wrap the
 //! result in the envelope.
 
+pub mod analytics;
 pub mod apis;
 pub mod holds;
 pub mod identities;

@@ -12,3 +12,4 @@ mod process;
 mod ratelimit;
 mod rediscluster;
 mod support;
+mod usage;
