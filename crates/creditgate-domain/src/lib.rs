@@ -10,6 +10,7 @@ pub mod permission;
 pub mod record;
 pub mod refill;
 pub mod store;
+pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
 pub use credits::{Cost, Credits, CreditsError};
@@ -25,3 +26,4 @@ pub use record::{
 };
 pub use refill::{Refill, RefillError, RefillInterval};
 pub use store::{IdentityPage, IdentityPatch, KeyPatch, KeyStore, StoreError};
+pub use webhook::{new_webhook_secret, WebhookEndpoint, WebhookEvent};

@@ -1,6 +1,7 @@
 //! Root-key permissions in Unkey's form: `api.*.<action>` or `api.<apiId>.<action>` for
 //! APIs and their keys, `identity.*.<action>` for identities, `ratelimit.*.<action>`
-//! for the standalone rate limits and their overrides.
+//! for the standalone rate limits and their overrides, `webhook.*.manage` for webhook
+//! endpoints.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,10 +27,11 @@ pub enum Action {
     SetOverride,
     ReadOverride,
     DeleteOverride,
+    ManageWebhooks,
 }
 
 impl Action {
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 18] = [
         Action::CreateApi,
         Action::ReadApi,
         Action::DeleteApi,
@@ -47,6 +49,7 @@ impl Action {
         Action::SetOverride,
         Action::ReadOverride,
         Action::DeleteOverride,
+        Action::ManageWebhooks,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Action {
             Action::SetOverride => "set_override",
             Action::ReadOverride => "read_override",
             Action::DeleteOverride => "delete_override",
+            Action::ManageWebhooks => "manage",
         }
     }
 
@@ -81,6 +85,7 @@ impl Action {
             Action::Limit | Action::SetOverride | Action::ReadOverride | Action::DeleteOverride => {
                 "ratelimit"
             }
+            Action::ManageWebhooks => "webhook",
             _ => "api",
         }
     }
@@ -110,7 +115,7 @@ impl Permission {
                  update_key, delete_key, verify_key, read_analytics; or identity.*.<action> with action one \
                  of create_identity, read_identity, update_identity, delete_identity; or \
                  ratelimit.*.<action> with action one of limit, set_override, read_override, \
-                 delete_override"
+                 delete_override; or webhook.*.manage"
             )
         };
         let mut parts = s.splitn(3, '.');

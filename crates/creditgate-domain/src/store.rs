@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     ApiId, ApiRecord, Credits, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride,
-    RatelimitRule, Refill, RootKeyRecord, WorkspaceId,
+    RatelimitRule, Refill, RootKeyRecord, WebhookEndpoint, WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -197,5 +197,22 @@ pub trait KeyStore: Send + Sync {
         workspace: &WorkspaceId,
         namespace: &str,
         identifier: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a new webhook endpoint.
+    async fn create_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> Result<(), StoreError>;
+    /// One page of the workspace's webhook endpoints by id, after `cursor`, and the
+    /// cursor of the next page when there is one.
+    async fn list_webhook_endpoints(
+        &self,
+        workspace: &WorkspaceId,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<WebhookEndpoint>, Option<String>), StoreError>;
+    /// Deletes the workspace's endpoint `id`; whether there was one.
+    async fn delete_webhook_endpoint(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
     ) -> Result<bool, StoreError>;
 }

@@ -23,7 +23,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{BackendFailure, ServeConfig};
-use crate::routes::{analytics, apis, holds, identities, keys, ratelimit, system, verify};
+use crate::routes::{
+    analytics, apis, holds, identities, keys, ratelimit, system, verify, webhooks,
+};
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
 
@@ -138,6 +140,7 @@ impl App {
                 node_id: node_id.as_str().into(),
                 region: config.region.as_str().into(),
                 allow_on_backend_failure: config.on_backend_failure == BackendFailure::Allow,
+                webhook_allow_private: config.webhook_allow_private,
             },
             bus.clone()
                 .map(|b| Arc::new(RedisInvalidations(b)) as Arc<dyn Invalidations>),
@@ -335,6 +338,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.releaseCredits", post(holds::release_credits))
         .route("/v2/keys.getHold", post(holds::get_hold))
         .route("/v2/analytics.getUsage", post(analytics::get_usage))
+        .route(
+            "/v2/webhooks.createEndpoint",
+            post(webhooks::create_endpoint),
+        )
+        .route("/v2/webhooks.listEndpoints", post(webhooks::list_endpoints))
+        .route(
+            "/v2/webhooks.deleteEndpoint",
+            post(webhooks::delete_endpoint),
+        )
         .route(
             "/v2/identities.createIdentity",
             post(identities::create_identity),

@@ -122,6 +122,11 @@ pub struct ServeConfig {
         value_parser = clap::value_parser!(i64).range(-MAX_SKEW_MS..=MAX_SKEW_MS)
     )]
     pub clock_skew_ms: i64,
+
+    /// Accept webhook endpoints on loopback, private, link-local and cloud-metadata
+    /// hosts. Off by default: a root key must not reach into the server's own network.
+    #[arg(long, env = "CREDITGATE_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
 }
 
 /// Bound of `--clock-skew-ms`: a year.
@@ -150,6 +155,7 @@ impl ServeConfig {
             shutdown_timeout_ms: 10_000,
             workers: None,
             clock_skew_ms: 0,
+            webhook_allow_private: false,
         }
     }
 

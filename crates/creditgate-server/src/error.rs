@@ -41,8 +41,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
-    /// Every field is well-formed but together they ask for what is not served (a
-    /// range that ends before it starts, or is too wide): 422 naming the fields.
+    /// Every field is well-formed but what they ask for is not served (a usage range
+    /// that ends before it starts or is too wide, a webhook URL this node does not send
+    /// to): 422 naming the fields.
     #[error("{detail}")]
     Unprocessable {
         detail: String,
@@ -103,6 +104,7 @@ pub enum NotFoundKind {
     Hold,
     Identity,
     Override,
+    Webhook,
     Route,
 }
 
@@ -156,7 +158,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Unprocessable Content",
-                "https://creditgate.dev/docs/errors/application/unprocessable_range",
+                "https://creditgate.dev/docs/errors/application/unprocessable",
             ),
             ApiError::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -180,6 +182,9 @@ impl ApiError {
                     }
                     NotFoundKind::Override => {
                         "https://unkey.com/docs/errors/unkey/data/ratelimit_override_not_found"
+                    }
+                    NotFoundKind::Webhook => {
+                        "https://creditgate.dev/docs/errors/data/webhook_endpoint_not_found"
                     }
                     NotFoundKind::Route => {
                         "https://unkey.com/docs/errors/unkey/application/route_not_found"
@@ -368,6 +373,10 @@ impl From<creditgate_service::ServiceError> for ApiError {
             ServiceError::OverrideNotFound => ApiError::NotFound {
                 kind: NotFoundKind::Override,
                 detail: "The namespace has no override of exactly this identifier.".into(),
+            },
+            ServiceError::WebhookEndpointNotFound => ApiError::NotFound {
+                kind: NotFoundKind::Webhook,
+                detail: "The workspace has no webhook endpoint with this id.".into(),
             },
             ServiceError::HoldClosed(state) => ApiError::HoldClosed {
                 state: state.as_str(),

@@ -8,16 +8,20 @@
 use std::sync::OnceLock;
 
 use creditgate_domain::{Cost, Credits};
-use creditgate_service::{MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN, MAX_LIMIT};
+use creditgate_service::{
+    MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN, MAX_LIMIT, MAX_WEBHOOK_URL_LEN,
+};
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::parse::{
     MAX_EXPIRES_MS, MAX_LIMITS_PER_CALL, MAX_LIMIT_DURATION_MS, MAX_MIGRATE_KEYS, MAX_RATELIMITS,
-    MAX_REROLL_GRACE_MS, MIN_LIMIT_DURATION_MS,
+    MAX_REROLL_GRACE_MS, MAX_WEBHOOK_DESCRIPTION_CHARS, MIN_LIMIT_DURATION_MS,
 };
-use crate::routes::{analytics, apis, holds, identities, keys, ratelimit, system, verify};
+use crate::routes::{
+    analytics, apis, holds, identities, keys, ratelimit, system, verify, webhooks,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +36,7 @@ use crate::routes::{analytics, apis, holds, identities, keys, ratelimit, system,
         ratelimit::limit,
         ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
         ratelimit::list_overrides, ratelimit::delete_override, analytics::get_usage,
+        webhooks::create_endpoint, webhooks::list_endpoints, webhooks::delete_endpoint,
         system::liveness,
     ),
     modifiers(&RootKeyAuth)
@@ -117,6 +122,18 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         &[400, 401, 403, 404, 413, 500, 503],
     ),
     ("/v2/ratelimit.limit", &[400, 401, 403, 413, 500, 503]),
+    (
+        "/v2/webhooks.createEndpoint",
+        &[400, 401, 403, 413, 422, 500, 503],
+    ),
+    (
+        "/v2/webhooks.listEndpoints",
+        &[400, 401, 403, 413, 500, 503],
+    ),
+    (
+        "/v2/webhooks.deleteEndpoint",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
     (
         "/v2/analytics.getUsage",
         &[400, 401, 403, 404, 413, 422, 500, 503],
@@ -280,7 +297,11 @@ fn status_description(status: u16) -> &'static str {
                 done. On `analytics.getUsage`: the query is not served (the range ends before \
                 it starts, spans more than 400 days or 1,440 buckets, the answer would hold \
                 more than 1,440 buckets, or `keyId` is not a key of `apiId`: \
-                `application/unprocessable_range`, `error.errors` names the field to change).",
+                `application/unprocessable`, `error.errors` names the field to change). \
+                On `webhooks.createEndpoint`: the URL is not one this server sends to (not an \
+                absolute http(s) URL, credentials or a fragment in it, or a loopback, private, \
+                link-local or cloud-metadata host on a node without \
+                `--webhook-allow-private`: `application/unprocessable`).",
         413 => "The body is larger than the node accepts (`--max-body-bytes`).",
         500 => "An unexpected error; the request changed nothing it reported.",
         503 => "A backend is unavailable and nothing was spent; or a backend did not answer in time \
@@ -387,6 +408,32 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("ApiIdRequest", "apiId", api_id.clone()),
         ("ListKeysRequest", "apiId", api_id.clone()),
         ("GetUsageRequest", "apiId", api_id),
+        (
+            "CreateWebhookEndpointRequest",
+            "url",
+            json!({ "minLength": 1, "maxLength": MAX_WEBHOOK_URL_LEN }),
+        ),
+        (
+            "CreateWebhookEndpointRequest",
+            "events",
+            json!({ "minItems": 1, "maxItems": 4, "items": { "type": "string",
+                "enum": ["credits.low", "credits.exhausted", "credits.refilled", "hold.expired"] } }),
+        ),
+        (
+            "CreateWebhookEndpointRequest",
+            "description",
+            json!({ "maxLength": MAX_WEBHOOK_DESCRIPTION_CHARS }),
+        ),
+        (
+            "ListWebhookEndpointsRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": 100 }),
+        ),
+        (
+            "WebhookEndpointIdRequest",
+            "endpointId",
+            json!({ "minLength": 1, "maxLength": 64 }),
+        ),
         ("GetUsageRequest", "keyId", key_id.clone()),
         (
             "GetUsageRequest",

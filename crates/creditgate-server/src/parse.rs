@@ -4,13 +4,14 @@
 
 use creditgate_analytics::{Granularity, UsageGroup};
 use creditgate_domain::{
-    ApiId, Cost, Credits, KeyId, RatelimitRule, Refill, RefillError, RefillInterval,
+    ApiId, Cost, Credits, KeyId, RatelimitRule, Refill, RefillError, RefillInterval, WebhookEvent,
 };
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateIdentity, CreateKey, FieldError, GetUsage, LimitRequest, ListIdentities, ListKeys,
-    NamedLimit, Reserve, SetOverride, UpdateCredits, UpdateIdentity, UpdateKey, Verify,
-    DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS, MAX_LIMIT, MAX_USAGE_BUCKETS, MAX_USAGE_RANGE_MS,
+    CreateIdentity, CreateKey, CreateWebhookEndpoint, FieldError, GetUsage, LimitRequest,
+    ListIdentities, ListKeys, NamedLimit, Reserve, SetOverride, UpdateCredits, UpdateIdentity,
+    UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS, MAX_LIMIT, MAX_USAGE_BUCKETS,
+    MAX_USAGE_RANGE_MS, MAX_WEBHOOK_URL_LEN,
 };
 use serde_json::{Map, Value};
 
@@ -1122,4 +1123,62 @@ fn usage_range(q: &GetUsage) -> Result<(), ApiError> {
         location, message,
     )
     .fix(fix)]))
+}
+
+/// Longest webhook endpoint description.
+pub const MAX_WEBHOOK_DESCRIPTION_CHARS: usize = 1_000;
+
+impl TryFrom<CreateWebhookEndpointRequest> for CreateWebhookEndpoint {
+    type Error = ApiError;
+
+    fn try_from(req: CreateWebhookEndpointRequest) -> Result<Self, ApiError> {
+        let mut c = Checks::default();
+        c.len("body.url", &req.url, 1, MAX_WEBHOOK_URL_LEN);
+        if req.events.is_empty() || req.events.len() > WebhookEvent::ALL.len() {
+            c.push(
+                "body.events",
+                format!(
+                    "must list 1 to {} events, got {}",
+                    WebhookEvent::ALL.len(),
+                    req.events.len()
+                ),
+                "send the events to receive, e.g. [\"credits.low\"]",
+            );
+        }
+        let mut events = Vec::new();
+        for (i, name) in req.events.iter().enumerate() {
+            match WebhookEvent::parse(name) {
+                Some(e) => events.push(e),
+                None => c.push(
+                    &format!("body.events[{i}]"),
+                    format!("is not an event: {name:?}"),
+                    "send credits.low, credits.exhausted, credits.refilled or hold.expired",
+                ),
+            }
+        }
+        if let Some(d) = &req.description {
+            c.len("body.description", d, 0, MAX_WEBHOOK_DESCRIPTION_CHARS);
+        }
+        c.finish(CreateWebhookEndpoint {
+            url: req.url,
+            events,
+            description: req.description,
+        })
+    }
+}
+
+/// `webhooks.listEndpoints`: (limit, cursor).
+pub fn parse_list_webhooks(
+    req: ListWebhookEndpointsRequest,
+) -> Result<(u32, Option<String>), ApiError> {
+    let mut c = Checks::default();
+    let limit = c.limit(req.limit);
+    c.finish((limit, req.cursor))
+}
+
+/// `webhooks.deleteEndpoint`.
+pub fn parse_webhook_endpoint_id(req: WebhookEndpointIdRequest) -> Result<String, ApiError> {
+    let mut c = Checks::default();
+    c.len("body.endpointId", &req.endpoint_id, 1, 64);
+    c.finish(req.endpoint_id)
 }

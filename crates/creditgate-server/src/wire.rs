@@ -862,3 +862,52 @@ pub struct UsageData {
     pub granularity: String,
     pub buckets: Vec<UsageBucketData>,
 }
+
+// ---- webhooks (creditgate's extension) ----
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateWebhookEndpointRequest {
+    /// The receiver: http(s), at most 2,048 bytes; loopback, private, link-local and
+    /// cloud-metadata hosts only on a node started with `--webhook-allow-private`.
+    pub url: String,
+    /// 1..=4 of `credits.low`, `credits.exhausted`, `credits.refilled`, `hold.expired`.
+    pub events: Vec<String>,
+    /// Up to 1,000 characters.
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointData {
+    pub endpoint_id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedWebhookEndpointData {
+    #[serde(flatten)]
+    pub endpoint: WebhookEndpointData,
+    /// The signing secret (`whsec_…`, Standard Webhooks): shown once, here.
+    pub secret: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListWebhookEndpointsRequest {
+    /// 1..=100 (default 100).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebhookEndpointIdRequest {
+    pub endpoint_id: String,
+}

@@ -38,3 +38,5 @@ mod routes;
 mod usage;
 #[path = "http/verify.rs"]
 mod verify;
+#[path = "http/webhooks.rs"]
+mod webhooks;

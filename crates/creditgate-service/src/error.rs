@@ -57,6 +57,9 @@ pub enum ServiceError {
     /// No override of that identifier in the namespace.
     #[error("override not found")]
     OverrideNotFound,
+    /// No webhook endpoint of that id in the workspace.
+    #[error("webhook endpoint not found")]
+    WebhookEndpointNotFound,
     /// Unknown hold, or one of a key the caller may not verify.
     #[error("hold not found")]
     HoldNotFound,

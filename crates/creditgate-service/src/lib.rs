@@ -15,6 +15,7 @@ pub mod metrics;
 mod ratelimit;
 mod usage;
 mod verify;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub use keys::{CreatedKey, KeyView, DEFAULT_BYTE_LENGTH};
 pub use ratelimit::{override_for, LimitAnswer, LimitRequest, SetOverride, MAX_LIMIT};
 pub use usage::{GetUsage, MAX_USAGE_BUCKETS, MAX_USAGE_RANGE_MS};
 pub use verify::{LimitOutcome, Verdict};
+pub use webhooks::{
+    check_webhook_url, private_ip, CreateWebhookEndpoint, WebhookEndpointPage, MAX_WEBHOOK_URL_LEN,
+};
 
 /// Entries live this long in the key caches; writes on this node invalidate at once.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
@@ -61,6 +65,8 @@ pub struct ServiceSettings {
     pub region: Arc<str>,
     /// Answer VALID when the backends fail (`--on-backend-failure=allow`).
     pub allow_on_backend_failure: bool,
+    /// Webhook endpoints may name loopback and private hosts (`--webhook-allow-private`).
+    pub webhook_allow_private: bool,
 }
 
 /// The ports and caches one node's operations run on.

@@ -13,7 +13,7 @@ use creditgate_domain::{
     ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
     KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord, PreviousSecret,
     RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
-    WorkspaceId,
+    WebhookEndpoint, WebhookEvent, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -189,6 +189,29 @@ fn override_from_row(row: &AnyRow) -> Result<RatelimitOverride, StoreError> {
         updated_at: row
             .try_get::<Option<i64>, _>("updated_at")
             .map_err(store_error)?,
+    })
+}
+
+const WEBHOOK_COLUMNS: &str = "id, workspace_id, url, events, description, secret, created_at";
+
+fn webhook_from_row(row: &AnyRow) -> Result<WebhookEndpoint, StoreError> {
+    let get_text = |c: &str| row.try_get::<String, _>(c).map_err(store_error);
+    let names: Vec<String> =
+        serde_json::from_str(&get_text("events")?).map_err(|e| corrupt("events", e))?;
+    let events = names
+        .iter()
+        .map(|n| WebhookEvent::parse(n).ok_or_else(|| corrupt("events", format!("unknown {n}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(WebhookEndpoint {
+        id: get_text("id")?,
+        workspace_id: WorkspaceId::from(get_text("workspace_id")?),
+        url: get_text("url")?,
+        events,
+        description: row
+            .try_get::<Option<String>, _>("description")
+            .map_err(store_error)?,
+        secret: get_text("secret")?,
+        created_at: row.try_get::<i64, _>("created_at").map_err(store_error)?,
     })
 }
 
@@ -1002,6 +1025,62 @@ impl KeyStore for SqlStore {
         .await
         .map_err(store_error)?
         .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn create_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> Result<(), StoreError> {
+        let events: Vec<&str> = endpoint.events.iter().map(|e| e.as_str()).collect();
+        let events =
+            serde_json::to_string(&events).map_err(|e| StoreError::Backend(e.to_string()))?;
+        sqlx::query(&format!(
+            "INSERT INTO webhook_endpoints ({WEBHOOK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(endpoint.id.as_str())
+        .bind(endpoint.workspace_id.as_str())
+        .bind(endpoint.url.as_str())
+        .bind(events)
+        .bind(endpoint.description.as_deref())
+        .bind(endpoint.secret.as_str())
+        .bind(endpoint.created_at)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        workspace: &WorkspaceId,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<WebhookEndpoint>, Option<String>), StoreError> {
+        let limit = limit.max(1);
+        let rows = sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints \
+             WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        ))
+        .bind(workspace.as_str())
+        .bind(cursor.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        page(&rows, limit, webhook_from_row, |w| w.id.clone())
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let deleted =
+            sqlx::query("DELETE FROM webhook_endpoints WHERE workspace_id = $1 AND id = $2")
+                .bind(workspace.as_str())
+                .bind(id)
+                .execute(&self.write)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
         Ok(deleted > 0)
     }
 }

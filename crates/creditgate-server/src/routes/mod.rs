@@ -9,6 +9,7 @@ pub mod keys;
 pub mod ratelimit;
 pub mod system;
 pub mod verify;
+pub mod webhooks;
 
 use std::future::Future;
 

@@ -335,7 +335,7 @@ async fn bad_usage_queries_name_the_field() {
         assert_eq!(status, 422, "{resp}");
         assert_eq!(
             resp["error"]["type"],
-            "https://creditgate.dev/docs/errors/application/unprocessable_range"
+            "https://creditgate.dev/docs/errors/application/unprocessable"
         );
         let first = &resp["error"]["errors"][0];
         assert_eq!(first["location"], location, "{resp}");
