@@ -26,4 +26,6 @@ pub use record::{
 };
 pub use refill::{Refill, RefillError, RefillInterval};
 pub use store::{IdentityPage, IdentityPatch, KeyPatch, KeyStore, StoreError};
-pub use webhook::{new_webhook_secret, WebhookEndpoint, WebhookEvent};
+pub use webhook::{
+    new_webhook_secret, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent,
+};

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     ApiId, ApiRecord, Credits, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride,
-    RatelimitRule, Refill, RootKeyRecord, WebhookEndpoint, WorkspaceId,
+    RatelimitRule, Refill, RootKeyRecord, WebhookDelivery, WebhookEndpoint, WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -215,4 +215,13 @@ pub trait KeyStore: Send + Sync {
         workspace: &WorkspaceId,
         id: &str,
     ) -> Result<bool, StoreError>;
+    /// One page of the deliveries to the workspace's endpoint `id`, newest first, with
+    /// their attempts; `None` when the workspace has no such endpoint.
+    async fn list_webhook_deliveries(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Option<(Vec<WebhookDelivery>, Option<String>)>, StoreError>;
 }

@@ -55,6 +55,37 @@ pub struct WebhookEndpoint {
     pub created_at: i64,
 }
 
+/// One event's delivery to one endpoint, as `webhooks.listDeliveries` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    /// The event's id: the `webhook-id` of every attempt.
+    pub event_id: String,
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed` (given up after the retry window).
+    pub state: String,
+    /// When the next attempt is due (pending) or the last one was made.
+    pub next_attempt_at: i64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<i64>,
+    pub created_at: i64,
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    /// 1, 2, …
+    pub attempt: u64,
+    pub at: i64,
+    /// The receiver's status; `None` when no answer came (`error` says why).
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub error: Option<String>,
+    /// When the next attempt was scheduled; `None` after the last.
+    pub next_retry_at: Option<i64>,
+}
+
 /// A new signing secret: `whsec_` and the base64 of 24 random bytes.
 pub fn new_webhook_secret() -> String {
     use base64::Engine as _;

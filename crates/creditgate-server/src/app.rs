@@ -28,6 +28,7 @@ use crate::routes::{
 };
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
 use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
+use crate::webhook_delivery::DeliveryWorker;
 
 /// The workspace the bootstrap root key belongs to.
 pub const DEFAULT_WORKSPACE: &str = "ws_default";
@@ -36,6 +37,7 @@ pub const DEFAULT_WORKSPACE: &str = "ws_default";
 pub struct App {
     state: AppState,
     batcher: Batcher,
+    deliveries: Arc<DeliveryWorker>,
     config: ServeConfig,
     /// A root key generated on first start (print it once).
     pub generated_root_key: Option<String>,
@@ -72,6 +74,10 @@ impl App {
             .await
             .with_context(|| format!("opening the database {}", redact(&url)))?;
         let store: Arc<dyn KeyStore> = Arc::new(sql.clone());
+        let deliveries = Arc::new(
+            DeliveryWorker::new(sql.clone(), clock.clone(), config.webhook_allow_private)
+                .context("starting the webhook delivery worker")?,
+        );
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
         // With SQLite, analytics get their own file: a large batch must never hold the
         // write lock the ledger needs (SQLite has one writer per file).
@@ -163,6 +169,7 @@ impl App {
         Ok(App {
             state,
             batcher,
+            deliveries,
             config,
             generated_root_key,
         })
@@ -185,6 +192,7 @@ impl App {
         let App {
             state,
             batcher,
+            deliveries,
             config,
             ..
         } = self;
@@ -200,6 +208,7 @@ impl App {
                 .clone()
                 .run_prefetcher(wait_stop(stop_rx.clone())),
         );
+        let delivering = tokio::spawn(deliveries.run(wait_stop(stop_rx.clone())));
         let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone(), wait_stop(stop_rx)));
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node_id = %state.config.node_id, "creditgate listening");
@@ -213,6 +222,7 @@ impl App {
         let _ = stop_tx.send(true);
         let _ = reconciler.await;
         let _ = prefetcher.await;
+        let _ = delivering.await;
         let _ = upkeep.await;
         let limit = Duration::from_millis(config.shutdown_timeout_ms);
         match tokio::time::timeout(limit, state.service.engine().drain_all()).await {
@@ -346,6 +356,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v2/webhooks.deleteEndpoint",
             post(webhooks::delete_endpoint),
+        )
+        .route(
+            "/v2/webhooks.listDeliveries",
+            post(webhooks::list_deliveries),
         )
         .route(
             "/v2/identities.createIdentity",

@@ -13,6 +13,7 @@ pub mod parse;
 pub mod routes;
 pub mod state;
 pub mod telemetry;
+pub mod webhook_delivery;
 pub mod wire;
 
 pub use app::{create_root_key, router, serve, App, DEFAULT_WORKSPACE};

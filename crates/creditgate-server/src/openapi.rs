@@ -37,6 +37,7 @@ use crate::routes::{
         ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
         ratelimit::list_overrides, ratelimit::delete_override, analytics::get_usage,
         webhooks::create_endpoint, webhooks::list_endpoints, webhooks::delete_endpoint,
+        webhooks::list_deliveries,
         system::liveness,
     ),
     modifiers(&RootKeyAuth)
@@ -132,6 +133,10 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     (
         "/v2/webhooks.deleteEndpoint",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    (
+        "/v2/webhooks.listDeliveries",
         &[400, 401, 403, 404, 413, 500, 503],
     ),
     (
@@ -433,6 +438,16 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             "WebhookEndpointIdRequest",
             "endpointId",
             json!({ "minLength": 1, "maxLength": 64 }),
+        ),
+        (
+            "ListWebhookDeliveriesRequest",
+            "endpointId",
+            json!({ "minLength": 1, "maxLength": 64 }),
+        ),
+        (
+            "ListWebhookDeliveriesRequest",
+            "limit",
+            json!({ "minimum": 1, "maximum": 100 }),
         ),
         ("GetUsageRequest", "keyId", key_id.clone()),
         (

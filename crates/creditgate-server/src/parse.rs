@@ -1182,3 +1182,13 @@ pub fn parse_webhook_endpoint_id(req: WebhookEndpointIdRequest) -> Result<String
     c.len("body.endpointId", &req.endpoint_id, 1, 64);
     c.finish(req.endpoint_id)
 }
+
+/// `webhooks.listDeliveries`: (endpoint id, limit, cursor).
+pub fn parse_list_deliveries(
+    req: ListWebhookDeliveriesRequest,
+) -> Result<(String, u32, Option<String>), ApiError> {
+    let mut c = Checks::default();
+    c.len("body.endpointId", &req.endpoint_id, 1, 64);
+    let limit = c.limit(req.limit);
+    c.finish((req.endpoint_id, limit, req.cursor))
+}

@@ -911,3 +911,48 @@ pub struct ListWebhookEndpointsRequest {
 pub struct WebhookEndpointIdRequest {
     pub endpoint_id: String,
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListWebhookDeliveriesRequest {
+    pub endpoint_id: String,
+    /// 1..=100 (default 100).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttemptData {
+    pub attempt: u64,
+    /// Unix ms.
+    pub at: i64,
+    /// The receiver's status; absent when no answer came (`error` says why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next attempt was scheduled; absent after the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDeliveryData {
+    /// The event's id, sent as `webhook-id` with every attempt.
+    pub event_id: String,
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed` (given up after 25 h of retries).
+    pub state: String,
+    pub next_attempt_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+    pub created_at: i64,
+    pub attempts: Vec<WebhookAttemptData>,
+}

@@ -6,7 +6,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use creditgate_domain::{new_id, new_webhook_secret, Action, WebhookEndpoint, WebhookEvent};
+use creditgate_domain::{
+    new_id, new_webhook_secret, Action, WebhookDelivery, WebhookEndpoint, WebhookEvent,
+};
 
 use crate::{Caller, FieldError, Service, ServiceError};
 
@@ -86,6 +88,24 @@ impl Service {
             return Err(ServiceError::WebhookEndpointNotFound);
         }
         Ok(())
+    }
+}
+
+impl Service {
+    /// One page of the deliveries to the caller's endpoint `id`, newest first, with
+    /// every attempt.
+    pub async fn list_webhook_deliveries(
+        &self,
+        caller: &Caller,
+        id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<WebhookDelivery>, Option<String>), ServiceError> {
+        caller.require(Action::ManageWebhooks, None)?;
+        self.store
+            .list_webhook_deliveries(caller.workspace(), id, limit, cursor)
+            .await?
+            .ok_or(ServiceError::WebhookEndpointNotFound)
     }
 }
 

@@ -13,7 +13,7 @@ use creditgate_domain::{
     ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
     KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord, PreviousSecret,
     RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
-    WebhookEndpoint, WebhookEvent, WorkspaceId,
+    WebhookDelivery, WebhookEndpoint, WebhookEvent, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -1082,6 +1082,29 @@ impl KeyStore for SqlStore {
                 .map_err(store_error)?
                 .rows_affected();
         Ok(deleted > 0)
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Option<(Vec<WebhookDelivery>, Option<String>)>, StoreError> {
+        let exists: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM webhook_endpoints WHERE workspace_id = $1 AND id = $2",
+        )
+        .bind(workspace.as_str())
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        self.deliveries_page(workspace, id, limit, cursor)
+            .await
+            .map(Some)
     }
 }
 

@@ -559,6 +559,30 @@ async fn store_closed_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), Led
         .await
         .map_err(ledger_error)
         .map(wrote)?;
+    if h.state == HoldState::Expired {
+        // The `hold.expired` webhook event commits with the expiry, once per hold.
+        let at = h.closed_at_ms.unwrap_or(h.expires_at_ms);
+        let payload = serde_json::json!({
+            "type": "hold.expired",
+            "timestamp": crate::webhooks::rfc3339(at),
+            "data": {
+                "holdId": h.id,
+                "keyId": h.key.as_str(),
+                "amount": h.amount,
+                "expiredAt": at,
+            }
+        });
+        crate::webhooks::record_event(
+            conn,
+            &format!("evt_{}", h.id),
+            &h.key,
+            "hold.expired",
+            &payload.to_string(),
+            at,
+        )
+        .await
+        .map_err(ledger_error)?;
+    }
     Ok(())
 }
 

@@ -22,6 +22,9 @@ mod analytics;
 mod error;
 mod keys;
 mod ledger;
+mod webhooks;
+
+pub use webhooks::{AttemptOutcome, DueDelivery};
 
 use std::path::Path;
 use std::sync::Arc;

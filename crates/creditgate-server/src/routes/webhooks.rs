@@ -4,14 +4,14 @@
 
 use axum::extract::State;
 use axum::Json;
-use creditgate_domain::WebhookEndpoint;
+use creditgate_domain::{WebhookDelivery, WebhookEndpoint};
 use creditgate_service::CreateWebhookEndpoint;
 
 use super::ok;
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::parse::{parse_list_webhooks, parse_webhook_endpoint_id};
+use crate::parse::{parse_list_deliveries, parse_list_webhooks, parse_webhook_endpoint_id};
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -73,4 +73,48 @@ pub async fn delete_endpoint(
     let id = parse_webhook_endpoint_id(req)?;
     state.service.delete_webhook_endpoint(&caller, &id).await?;
     Ok(ok(Empty {}))
+}
+
+fn delivery_data(d: WebhookDelivery) -> WebhookDeliveryData {
+    WebhookDeliveryData {
+        event_id: d.event_id,
+        event_type: d.event_type,
+        state: d.state,
+        next_attempt_at: d.next_attempt_at,
+        last_status: d.last_status,
+        last_error: d.last_error,
+        delivered_at: d.delivered_at,
+        created_at: d.created_at,
+        attempts: d
+            .attempts
+            .into_iter()
+            .map(|a| WebhookAttemptData {
+                attempt: a.attempt,
+                at: a.at,
+                status: a.status,
+                latency_ms: a.latency_ms,
+                error: a.error,
+                next_retry_at: a.next_retry_at,
+            })
+            .collect(),
+    }
+}
+
+#[utoipa::path(post, path = "/v2/webhooks.listDeliveries", tag = "webhooks", request_body = ListWebhookDeliveriesRequest,
+    responses((status = 200, body = PagedEnvelope<WebhookDeliveryData>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn list_deliveries(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<ListWebhookDeliveriesRequest>,
+) -> Result<Json<PagedEnvelope<WebhookDeliveryData>>, ApiError> {
+    let (id, limit, cursor) = parse_list_deliveries(req)?;
+    let (deliveries, cursor) = state
+        .service
+        .list_webhook_deliveries(&caller, &id, limit, cursor.as_deref())
+        .await?;
+    Ok(super::paged(
+        deliveries.into_iter().map(delivery_data).collect(),
+        cursor,
+    ))
 }

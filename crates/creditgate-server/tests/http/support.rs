@@ -463,6 +463,14 @@ impl TestApp {
         Self::start_inner(Some(clock)).await
     }
 
+    /// A node on a manual clock with some settings changed.
+    pub async fn start_with_clock_configured(
+        clock: Arc<ManualClock>,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> TestApp {
+        Self::start_inner_with(Some(clock), configure).await
+    }
+
     /// A node on the wall clock with some settings changed.
     pub async fn start_configured(configure: impl FnOnce(&mut ServeConfig)) -> TestApp {
         Self::start_inner_with(None, configure).await

@@ -1,10 +1,18 @@
 //! Webhook endpoints over HTTP: create (the signing secret shown once), list with
 //! pages, delete; the permission and the workspace scope them; URLs this server does not
-//! send to and malformed bodies are refused, naming the field, and change nothing.
+//! send to and malformed bodies are refused, naming the field, and change nothing. An
+//! expired hold's event reaches a real receiver signed (checked by an HMAC written out
+//! here), retried with backoff until a 2xx, every attempt listed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use creditgate_domain::{Clock, ManualClock, SystemClock};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::support::{assert_bad_request, assert_error, Client, TestApp};
 
@@ -206,4 +214,247 @@ async fn urls_this_server_does_not_send_to_and_bad_bodies_change_nothing() {
     )
     .await;
     assert_eq!(list_all(&app, 100).await.len(), 1);
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: String,
+}
+
+/// A local HTTP receiver that records every request and answers the scripted statuses
+/// in turn, then 200.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(statuses: Vec<u16>) -> Receiver {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::from(statuses)));
+        let (g, sc) = (got.clone(), script.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let (g, sc) = (g.clone(), sc.clone());
+                async move {
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    g.lock().expect("log").push(Received {
+                        id: h("webhook-id"),
+                        timestamp: h("webhook-timestamp"),
+                        signature: h("webhook-signature"),
+                        body,
+                    });
+                    let status = sc.lock().expect("script").pop_front().unwrap_or(200);
+                    axum::http::StatusCode::from_u16(status).expect("a status")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver {
+            url: format!("http://{addr}/hook"),
+            got,
+        }
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().expect("log").clone()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.got();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} requests, expected {n}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Waits until the endpoint's deliveries list `n` attempts in all (the retry is then
+/// scheduled from the clock as it was).
+async fn attempts_recorded(app: &TestApp, endpoint_id: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = app
+            .ok(
+                "/v2/webhooks.listDeliveries",
+                json!({ "endpointId": endpoint_id }),
+            )
+            .await;
+        let recorded: usize = page
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|d| d["attempts"].as_array().map_or(0, Vec::len))
+            .sum();
+        if recorded >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{recorded} attempts recorded, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// HMAC-SHA256 written out (RFC 2104), independent of the server's `hmac` crate.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Whether `r` carries a valid Standard Webhooks signature for `secret`.
+fn signed_by(r: &Received, secret: &str) -> bool {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64
+        .decode(secret.strip_prefix("whsec_").expect("whsec_"))
+        .expect("base64 secret");
+    let mac = hmac_sha256(
+        &key,
+        format!("{}.{}.{}", r.id, r.timestamp, r.body).as_bytes(),
+    );
+    let want = format!("v1,{}", b64.encode(mac));
+    r.signature.split(' ').any(|s| s == want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_is_sent_signed_once_and_retried_until_accepted() {
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let app =
+        TestApp::start_with_clock_configured(clock.clone(), |c| c.webhook_allow_private = true)
+            .await;
+    let receiver = Receiver::start(vec![500, 503]).await;
+    let other = Receiver::start(vec![]).await;
+    let endpoint = app
+        .ok(
+            CREATE,
+            json!({ "url": receiver.url, "events": ["hold.expired"] }),
+        )
+        .await;
+    let secret = endpoint["secret"].as_str().expect("secret").to_owned();
+    let endpoint_id = endpoint["endpointId"].as_str().expect("id").to_owned();
+    let unsubscribed = app
+        .ok(
+            CREATE,
+            json!({ "url": other.url, "events": ["credits.low"] }),
+        )
+        .await;
+    let api = app.create_api().await;
+    let (key_id, key) = app.create_limited(&api, 100).await;
+    let hold = app
+        .ok(
+            "/v2/keys.reserveCredits",
+            json!({ "key": key, "amount": 30, "ttlMs": 1_000 }),
+        )
+        .await;
+    let hold_id = hold["holdId"].as_str().expect("holdId").to_owned();
+
+    // The hold expires; the first attempt is answered 500, the second 503, the third
+    // 200, each retry once the clock passes its backoff.
+    clock.advance(2_000);
+    let first = receiver.wait_for(1).await;
+    attempts_recorded(&app, &endpoint_id, 1).await;
+    clock.advance(7_000);
+    receiver.wait_for(2).await;
+    attempts_recorded(&app, &endpoint_id, 2).await;
+    clock.advance(13_000);
+    let got = receiver.wait_for(3).await;
+    attempts_recorded(&app, &endpoint_id, 3).await;
+    clock.advance(60_000);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.got().len(), 3, "nothing after the 200");
+    assert!(
+        other.got().is_empty(),
+        "an endpoint not subscribed gets nothing"
+    );
+
+    let event_id = format!("evt_{hold_id}");
+    for r in &got {
+        assert_eq!(r.id, event_id, "one event id for every attempt");
+        assert!(signed_by(r, &secret), "a valid signature: {r:?}");
+        assert!(
+            !signed_by(r, "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            "not any key's"
+        );
+        let body: Value = serde_json::from_str(&r.body).expect("JSON body");
+        assert_eq!(body["type"], "hold.expired");
+        assert_eq!(body["data"]["holdId"], hold_id.as_str());
+        assert_eq!(body["data"]["keyId"], key_id.as_str());
+        assert_eq!(body["data"]["amount"], 30);
+    }
+    assert_eq!(first[0].body, got[2].body, "the same body on every attempt");
+
+    let (status, page) = app
+        .post(
+            "/v2/webhooks.listDeliveries",
+            json!({ "endpointId": endpoint_id }),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let deliveries = page["data"].as_array().expect("list");
+    assert_eq!(deliveries.len(), 1, "{page}");
+    let d = &deliveries[0];
+    assert_eq!(d["eventId"], event_id.as_str());
+    assert_eq!(d["state"], "delivered");
+    let attempts = d["attempts"].as_array().expect("attempts");
+    let statuses: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [500, 503, 200]);
+    assert!(attempts[0]["nextRetryAt"].as_i64().is_some());
+    assert!(attempts[1]["nextRetryAt"].as_i64().is_some());
+    assert!(attempts[2].get("nextRetryAt").is_none(), "{d}");
+    let (status, page) = app
+        .post(
+            "/v2/webhooks.listDeliveries",
+            json!({ "endpointId": unsubscribed["endpointId"] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["data"], json!([]));
+    let (status, resp) = app
+        .post(
+            "/v2/webhooks.listDeliveries",
+            json!({ "endpointId": "whe_none" }),
+        )
+        .await;
+    assert_error(status, &resp, 404, "webhook_endpoint_not_found");
 }
