@@ -56,8 +56,7 @@ impl DeliveryWorker {
         })
     }
 
-    /// Claims and sends due deliveries until `stop` resolves; deliveries in flight then
-    /// finish (each is bounded by the attempt timeout).
+    /// Claims and sends due deliveries until `stop` resolves.
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut tasks = tokio::task::JoinSet::new();
@@ -101,7 +100,9 @@ impl DeliveryWorker {
                 });
             }
         }
-        while tasks.join_next().await.is_some() {}
+        // Deliveries in flight are dropped, not awaited: their leases lapse and they are
+        // sent again (at least once), so shutdown does not wait on a slow receiver.
+        tasks.shutdown().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {

@@ -458,3 +458,58 @@ async fn an_expired_hold_is_sent_signed_once_and_retried_until_accepted() {
         .await;
     assert_error(status, &resp, 404, "webhook_endpoint_not_found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_holds_only_its_own_slots() {
+    let app = TestApp::start_configured(|c| c.webhook_allow_private = true).await;
+    // A receiver that never answers (each attempt times out after 10 s) and one that
+    // answers at once, both subscribed to the same events.
+    let hanging_hits = Arc::new(Mutex::new(0usize));
+    let hits = hanging_hits.clone();
+    let hang = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let hits = hits.clone();
+            async move {
+                *hits.lock().expect("hits") += 1;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hang_url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, hang).await });
+    let ok = Receiver::start(vec![]).await;
+    for url in [&hang_url, &ok.url] {
+        app.ok(CREATE, json!({ "url": url, "events": ["hold.expired"] }))
+            .await;
+    }
+    let api = app.create_api().await;
+    let (_, key) = app.create_limited(&api, 1_000).await;
+    let mut holds = BTreeSet::new();
+    for _ in 0..12 {
+        let h = app
+            .ok(
+                "/v2/keys.reserveCredits",
+                json!({ "key": key, "amount": 1, "ttlMs": 100 }),
+            )
+            .await;
+        holds.insert(format!("evt_{}", h["holdId"].as_str().expect("holdId")));
+    }
+    // Every event reaches the answering endpoint while the other hangs.
+    let got = ok.wait_for(12).await;
+    let ids: BTreeSet<String> = got.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, holds, "each expired hold's event, once");
+    let waiting = *hanging_hits.lock().expect("hits");
+    assert!(
+        (1..=4).contains(&waiting),
+        "the hanging endpoint holds at most 4 deliveries at once, got {waiting}"
+    );
+    // Verifications do not wait on deliveries.
+    for _ in 0..50 {
+        assert_eq!(app.verify(&key, None).await["code"], "VALID");
+    }
+}

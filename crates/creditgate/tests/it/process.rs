@@ -427,3 +427,110 @@ async fn serve_help_documents_flags() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--clock-skew-ms"), "{stderr}");
 }
+
+/// A receiver that answers 503 until `up`, then 200, recording the `webhook-id` of each
+/// request it answered 200.
+async fn webhook_receiver(
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delivered: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> String {
+    use std::sync::atomic::Ordering;
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let (up, delivered) = (up.clone(), delivered.clone());
+            async move {
+                if !up.load(Ordering::SeqCst) {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let id = headers
+                    .get("webhook-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                delivered.lock().expect("log").push(id);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Events in the outbox when the node is killed are delivered after it restarts: the
+/// outbox is in the SQL database, written with the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_events_in_the_outbox_survive_a_kill9() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let up = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let url = webhook_receiver(up.clone(), delivered.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = vec!["--webhook-allow-private".to_owned()];
+    let node = Node::embedded_with(BIN, dir.path(), Some(ROOT), args.clone()).await;
+    node.ok(
+        "webhooks.createEndpoint",
+        ROOT,
+        json!({ "url": url, "events": ["hold.expired"] }),
+    )
+    .await;
+    let api = node.create_api(ROOT, "outbox").await;
+    let (_, key) = node.create_key(ROOT, &api, 100).await;
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        let h = node
+            .ok(
+                "keys.reserveCredits",
+                ROOT,
+                json!({ "key": key, "amount": 5, "ttlMs": 100 }),
+            )
+            .await;
+        events.push(format!("evt_{}", h["holdId"].as_str().expect("holdId")));
+    }
+    // Wait until the holds expired (their events are in the outbox) and each delivery
+    // was refused once (a retry is scheduled), then kill the node.
+    let started = Instant::now();
+    loop {
+        let n = sql_count(
+            dir.path(),
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending' AND attempts >= 1",
+        )
+        .await;
+        if n == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{n} pending deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.kill9().await;
+    drop(node);
+    up.store(true, Ordering::SeqCst);
+
+    let node = Node::embedded_with(BIN, dir.path(), Some(ROOT), args).await;
+    let started = Instant::now();
+    loop {
+        let mut got = delivered.lock().expect("log").clone();
+        got.sort();
+        got.dedup();
+        let mut want = events.clone();
+        want.sort();
+        if got == want {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "delivered {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(node);
+}
