@@ -121,7 +121,7 @@ impl Service {
 
     /// The caller's live key by id (not found for unknown, deleted or another
     /// workspace's), after checking `action` on its API (forbidden).
-    async fn find_key(
+    pub(crate) async fn find_key(
         &self,
         caller: &Caller,
         key_id: &KeyId,

@@ -34,12 +34,7 @@ impl Service {
     ) -> Result<Vec<UsageBucket>, ServiceError> {
         let mut api = cmd.api_id.clone();
         if let Some(key_id) = &cmd.key_id {
-            let key = self
-                .store
-                .key_by_id(key_id)
-                .await?
-                .filter(|k| &k.workspace_id == caller.workspace())
-                .ok_or(ServiceError::KeyNotFound)?;
+            let key = self.find_key(caller, key_id, Action::ReadAnalytics).await?;
             if api.as_ref().is_some_and(|a| *a != key.api_id) {
                 return Err(ServiceError::Unprocessable(vec![FieldError::new(
                     "body.keyId",

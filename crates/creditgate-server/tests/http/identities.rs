@@ -26,32 +26,7 @@ async fn get_identity(c: &Client, identity: &str) -> (u16, Value) {
 }
 
 async fn list_all(c: &Client, limit: u64) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut body = json!({ "limit": limit });
-        if let Some(cur) = &cursor {
-            body["cursor"] = json!(cur);
-        }
-        let (status, page) = c.post("/v2/identities.listIdentities", body).await;
-        assert_eq!(status, 200, "{page}");
-        let items = page["data"].as_array().expect("data is a list").clone();
-        assert!(
-            items.len() <= usize::try_from(limit).expect("small"),
-            "{page}"
-        );
-        all.extend(items);
-        if page["pagination"]["hasMore"] != json!(true) {
-            assert!(page["pagination"].get("cursor").is_none(), "{page}");
-            return all;
-        }
-        cursor = Some(
-            page["pagination"]["cursor"]
-                .as_str()
-                .expect("a cursor when hasMore")
-                .to_owned(),
-        );
-    }
+    c.list_all("/v2/identities.listIdentities", limit).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

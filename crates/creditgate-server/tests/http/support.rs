@@ -185,6 +185,37 @@ impl Client {
         self.log.lock().expect("exchange log").clone()
     }
 
+    /// Every item of a paged list route, `limit` per page: each page within the limit,
+    /// `hasMore` exactly when there is a cursor.
+    pub async fn list_all(&self, path: &str, limit: u64) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut body = json!({ "limit": limit });
+            if let Some(cur) = &cursor {
+                body["cursor"] = json!(cur);
+            }
+            let (status, page) = self.post(path, body).await;
+            assert_eq!(status, 200, "{page}");
+            let items = page["data"].as_array().expect("data is a list").clone();
+            assert!(
+                items.len() <= usize::try_from(limit).expect("small"),
+                "{page}"
+            );
+            all.extend(items);
+            if page["pagination"]["hasMore"] != json!(true) {
+                assert!(page["pagination"].get("cursor").is_none(), "{page}");
+                return all;
+            }
+            cursor = Some(
+                page["pagination"]["cursor"]
+                    .as_str()
+                    .expect("a cursor when hasMore")
+                    .to_owned(),
+            );
+        }
+    }
+
     /// POST expecting 200; returns `data`.
     pub async fn ok(&self, path: &str, body: Value) -> Value {
         let (status, resp) = self.post(path, body.clone()).await;

@@ -21,23 +21,7 @@ const LIST: &str = "/v2/webhooks.listEndpoints";
 const DELETE: &str = "/v2/webhooks.deleteEndpoint";
 
 async fn list_all(c: &Client, limit: u64) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut body = json!({ "limit": limit });
-        if let Some(cur) = &cursor {
-            body["cursor"] = json!(cur);
-        }
-        let (status, page) = c.post(LIST, body).await;
-        assert_eq!(status, 200, "{page}");
-        let items = page["data"].as_array().expect("data is a list").clone();
-        assert!(items.len() <= usize::try_from(limit).expect("small"));
-        all.extend(items);
-        match page["pagination"]["cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => return all,
-        }
-    }
+    c.list_all(LIST, limit).await
 }
 
 fn ids(endpoints: &[Value]) -> BTreeSet<String> {
