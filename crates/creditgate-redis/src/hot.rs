@@ -523,17 +523,28 @@ impl Inner {
         mark: Option<&str>,
         args: &[u64],
     ) -> Result<Vec<u64>, HotError> {
-        for overwrite in [false, true] {
-            let r = self.run_entry(script, key, mark, overwrite, args).await?;
-            if r == [-1] {
-                continue;
-            }
-            return unsigned("an entry script", &r);
-        }
-        Err(HotError::Other(
-            "an entry of another epoch was not replaced".into(),
-        ))
+        let r = replacing(|overwrite| self.run_entry(script, key, mark, overwrite, args)).await?;
+        unsigned("an entry script", &r)
     }
+}
+
+/// Runs an entry script that may replace an entry of another epoch: first without
+/// `overwrite`; if it found such an entry (`[-1]`, nothing done) once more with it. Any
+/// other reply, the epoch check's `{-2}` included, is the answer.
+async fn replacing<F, Fut>(run: F) -> Result<Vec<i64>, HotError>
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<i64>, HotError>>,
+{
+    for overwrite in [false, true] {
+        let r = run(overwrite).await?;
+        if r != [-1] {
+            return Ok(r);
+        }
+    }
+    Err(HotError::Other(
+        "an entry of another epoch was not replaced".into(),
+    ))
 }
 
 /// Most spends one batch carries (one script call, `KEYS` of this many entries).
@@ -915,36 +926,27 @@ impl HotStore for RedisHotStore {
         let epoch = epoch.rsplit_once('#').map_or(epoch, |(_, e)| e);
         let inner = &self.inner;
         let args = [generation, amount, unalloc, version];
-        for overwrite in [false, true] {
-            let r = inner
-                .run_entry_under(
-                    &inner.scripts.credit,
-                    key,
-                    Some(transfer_id),
-                    overwrite,
-                    epoch,
-                    &args,
-                )
-                .await?;
-            if r == EPOCH_CHANGED {
-                inner.refresh_epoch(Some(key)).await?;
-                return Ok(CreditReply::Refused);
-            }
-            if r == [-1] {
-                // An entry of another epoch: the check has just confirmed ours is the
-                // server's, so replace it.
-                continue;
-            }
-            return match unsigned("credit", &r)?.as_slice() {
-                [0, spent] => Ok(CreditReply::Credited { spent: *spent }),
-                [1] => Ok(CreditReply::Duplicate),
-                [2] => Ok(CreditReply::Refused),
-                _ => Err(unexpected("credit", &r)),
-            };
+        let r = replacing(|overwrite| {
+            inner.run_entry_under(
+                &inner.scripts.credit,
+                key,
+                Some(transfer_id),
+                overwrite,
+                epoch,
+                &args,
+            )
+        })
+        .await?;
+        if r == EPOCH_CHANGED {
+            inner.refresh_epoch(Some(key)).await?;
+            return Ok(CreditReply::Refused);
         }
-        Err(HotError::Other(
-            "an entry of another epoch was not replaced".into(),
-        ))
+        match unsigned("credit", &r)?.as_slice() {
+            [0, spent] => Ok(CreditReply::Credited { spent: *spent }),
+            [1] => Ok(CreditReply::Duplicate),
+            [2] => Ok(CreditReply::Refused),
+            _ => Err(unexpected("credit", &r)),
+        }
     }
 
     async fn sync_unalloc(

@@ -97,6 +97,15 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// `location: message; …` of every field error, the `detail` of a 400 or 422.
+fn field_details(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.location, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotFoundKind {
     Key,
@@ -115,21 +124,13 @@ impl ApiError {
 
     /// One 400 naming every invalid field.
     pub fn invalid(errors: Vec<FieldError>) -> Self {
-        let detail = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.location, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
+        let detail = field_details(&errors);
         ApiError::BadRequest { detail, errors }
     }
 
     /// One 422 naming every field of a combination that is not served.
     pub fn unprocessable(errors: Vec<FieldError>) -> Self {
-        let detail = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.location, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
+        let detail = field_details(&errors);
         ApiError::Unprocessable { detail, errors }
     }
 
