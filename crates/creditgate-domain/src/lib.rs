@@ -2,6 +2,7 @@
 //! arithmetic, verification outcomes, key and API records, the refill calendar, root-key
 //! permissions, the `Clock`, and the `KeyStore` port. No I/O lives here.
 
+pub mod alerts;
 pub mod clock;
 pub mod credits;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod refill;
 pub mod store;
 pub mod webhook;
 
+pub use alerts::{refusal_crossing, spend_crossings, AlertKind, Crossing, MAX_ALERTS};
 pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
 pub use credits::{Cost, Credits, CreditsError};
 pub use ids::{

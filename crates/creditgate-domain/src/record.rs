@@ -45,6 +45,9 @@ pub struct KeyRecord {
     pub ratelimits: Vec<RatelimitRule>,
     /// The secret the key had before its last reroll, while it still verifies.
     pub previous: Option<PreviousSecret>,
+    /// Balance thresholds (`credits.alerts`), distinct, descending: a spend that takes
+    /// the balance from at or above one to below it records a `credits.low` event.
+    pub credit_alerts: Vec<u64>,
 }
 
 /// A key's secret before a reroll: its SHA-256 and when it stops verifying.
@@ -78,6 +81,8 @@ pub struct PoolRecord {
     pub refill: Option<Refill>,
     /// When the last periodic refill was applied (creation time before the first).
     pub last_refill_at: Option<i64>,
+    /// Balance thresholds of the pool (as [`KeyRecord::credit_alerts`]).
+    pub credit_alerts: Vec<u64>,
 }
 
 /// A named rate limit on a key or an identity (stored as JSON with its owner). A

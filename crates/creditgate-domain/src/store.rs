@@ -5,8 +5,9 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::{
-    ApiId, ApiRecord, Credits, IdentityRecord, KeyId, KeyRecord, NewKey, RatelimitOverride,
-    RatelimitRule, Refill, RootKeyRecord, WebhookDelivery, WebhookEndpoint, WorkspaceId,
+    ApiId, ApiRecord, Credits, Crossing, IdentityRecord, KeyId, KeyRecord, NewKey,
+    RatelimitOverride, RatelimitRule, Refill, RootKeyRecord, WebhookDelivery, WebhookEndpoint,
+    WorkspaceId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub struct KeyPatch {
     pub refill: Option<Option<Refill>>,
     /// Replaces the key's rate limits.
     pub ratelimits: Option<Vec<RatelimitRule>>,
+    /// Replaces the key's balance thresholds.
+    pub credit_alerts: Option<Vec<u64>>,
 }
 
 /// What `identities.updateIdentity` changes (`None`: leave as it is).
@@ -39,6 +42,8 @@ pub struct IdentityPatch {
     pub meta: Option<Option<Map<String, Value>>>,
     /// Replaces the identity's rate limits.
     pub ratelimits: Option<Vec<RatelimitRule>>,
+    /// Replaces the balance thresholds of the identity's pool (it has one).
+    pub credit_alerts: Option<Vec<u64>>,
 }
 
 impl KeyPatch {
@@ -50,6 +55,7 @@ impl KeyPatch {
             && self.enabled.is_none()
             && self.refill.is_none()
             && self.ratelimits.is_none()
+            && self.credit_alerts.is_none()
     }
 }
 
@@ -198,6 +204,17 @@ pub trait KeyStore: Send + Sync {
         namespace: &str,
         identifier: &str,
     ) -> Result<bool, StoreError>;
+
+    /// Records the crossings one decision on `account` (a key, or an identity's pool)
+    /// made, each as a `credits.low` or `credits.exhausted` event in the webhook outbox,
+    /// in one transaction, unless the same threshold fired since its last re-arming (a
+    /// top-up lifting the balance to it again). Answers how many events it recorded.
+    async fn record_crossings(
+        &self,
+        account: &KeyId,
+        crossings: &[Crossing],
+        now_ms: i64,
+    ) -> Result<usize, StoreError>;
 
     /// Stores a new webhook endpoint.
     async fn create_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> Result<(), StoreError>;

@@ -75,8 +75,13 @@ impl App {
             .with_context(|| format!("opening the database {}", redact(&url)))?;
         let store: Arc<dyn KeyStore> = Arc::new(sql.clone());
         let deliveries = Arc::new(
-            DeliveryWorker::new(sql.clone(), clock.clone(), config.webhook_allow_private)
-                .context("starting the webhook delivery worker")?,
+            DeliveryWorker::new(
+                sql.clone(),
+                clock.clone(),
+                config.webhook_allow_private,
+                config.webhook_first_retry_ms,
+            )
+            .context("starting the webhook delivery worker")?,
         );
         let ledger: Arc<dyn Ledger> = Arc::new(sql.clone());
         // With SQLite, analytics get their own file: a large batch must never hold the

@@ -127,6 +127,16 @@ pub struct ServeConfig {
     /// hosts. Off by default: a root key must not reach into the server's own network.
     #[arg(long, env = "CREDITGATE_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
+
+    /// The wait before a failed webhook delivery's first retry, in milliseconds; each
+    /// later wait doubles it (at most 1 h), with ±25 % jitter, for 25 h.
+    #[arg(
+        long,
+        env = "CREDITGATE_WEBHOOK_FIRST_RETRY_MS",
+        default_value_t = 5_000,
+        value_parser = clap::value_parser!(u64).range(100..=3_600_000)
+    )]
+    pub webhook_first_retry_ms: u64,
 }
 
 /// Bound of `--clock-skew-ms`: a year.
@@ -156,6 +166,7 @@ impl ServeConfig {
             workers: None,
             clock_skew_ms: 0,
             webhook_allow_private: false,
+            webhook_first_retry_ms: 5_000,
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use creditgate_domain::{Cost, Credits};
+use creditgate_domain::{Cost, Credits, MAX_ALERTS};
 use creditgate_service::{
     MAX_HOLD_TTL_MS, MAX_IDEMPOTENCY_KEY_LEN, MAX_LIMIT, MAX_WEBHOOK_URL_LEN,
 };
@@ -340,8 +340,18 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     let namespace = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" });
     // No control character (C0, DEL, C1), as `char::is_control` says.
     let identifier = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$" });
+    let alerts = json!({ "maxItems": MAX_ALERTS, "uniqueItems": true });
     vec![
         ("PoolCreditsWire", "remaining", credits.clone()),
+        (
+            "AlertWire",
+            "threshold",
+            json!({ "minimum": 1, "maximum": MAX_CREDITS }),
+        ),
+        ("CreditsWire", "alerts", alerts.clone()),
+        ("UpdateCreditsWire", "alerts", alerts.clone()),
+        ("PoolCreditsWire", "alerts", alerts.clone()),
+        ("PoolAlertsWire", "alerts", alerts),
         (
             "UpdateIdentityCreditsRequest",
             "identity",

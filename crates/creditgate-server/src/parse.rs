@@ -5,6 +5,7 @@
 use creditgate_analytics::{Granularity, UsageGroup};
 use creditgate_domain::{
     ApiId, Cost, Credits, KeyId, RatelimitRule, Refill, RefillError, RefillInterval, WebhookEvent,
+    MAX_ALERTS,
 };
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
@@ -273,6 +274,38 @@ impl Checks {
         0
     }
 
+    /// Balance thresholds at `location`: at most [`MAX_ALERTS`], each 1..=2^53 - 1,
+    /// distinct; descending.
+    fn alerts(&mut self, location: &str, list: &[AlertWire]) -> Vec<u64> {
+        if list.len() > MAX_ALERTS {
+            self.push(
+                location,
+                format!(
+                    "has {} thresholds, at most {MAX_ALERTS} are allowed",
+                    list.len()
+                ),
+                format!("send at most {MAX_ALERTS}"),
+            );
+        }
+        let max = i64::try_from(Credits::MAX).unwrap_or(i64::MAX);
+        let mut out: Vec<u64> = Vec::with_capacity(list.len());
+        for (i, a) in list.iter().enumerate() {
+            let at = format!("{location}[{i}].threshold");
+            let t = self.bounded(&at, a.threshold, 1, max);
+            if t > 0 && out.contains(&t) {
+                self.push(
+                    &at,
+                    format!("repeats the threshold {t}"),
+                    "send each threshold once",
+                );
+            }
+            out.push(t);
+        }
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        out.dedup();
+        out
+    }
+
     /// At most [`MAX_RATELIMITS`] entries.
     fn limit_count(&mut self, len: usize) {
         if len > MAX_RATELIMITS {
@@ -423,8 +456,8 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
         let ratelimits = c.ratelimit_rules(req.ratelimits).unwrap_or_default();
         unique_names(&ratelimits)?;
         c.hashes_only("body.recoverable", req.recoverable, "recoverable");
-        let (remaining, refill) = match &req.credits {
-            None => (None, None),
+        let (remaining, refill, credit_alerts) = match &req.credits {
+            None => (None, None, Vec::new()),
             Some(cw) => {
                 let remaining = match cw.remaining {
                     Some(Some(v)) => c.credits("body.credits.remaining", v),
@@ -434,7 +467,12 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
                     .refill
                     .as_ref()
                     .and_then(|r| c.refill("body.credits.refill", r));
-                (remaining, refill)
+                let alerts = cw
+                    .alerts
+                    .as_deref()
+                    .map(|a| c.alerts("body.credits.alerts", a))
+                    .unwrap_or_default();
+                (remaining, refill, alerts)
             }
         };
         c.finish(CreateKey {
@@ -449,6 +487,7 @@ impl TryFrom<CreateKeyRequest> for CreateKey {
             remaining,
             refill,
             ratelimits,
+            credit_alerts,
         })
     }
 }
@@ -473,6 +512,12 @@ impl TryFrom<UpdateKeyRequest> for UpdateKey {
         let ratelimits = c.ratelimit_rules(req.ratelimits);
         unique_names(ratelimits.as_deref().unwrap_or_default())?;
         // Credits: the balance (through the engine) and the refill (in the store).
+        let credit_alerts = req
+            .credits
+            .as_ref()
+            .and_then(Option::as_ref)
+            .and_then(|cw| cw.alerts.as_deref())
+            .map(|a| c.alerts("body.credits.alerts", a));
         let (remaining, refill) = match &req.credits {
             None => (None, None),
             // `credits: null`: unlimited, no refill.
@@ -501,6 +546,7 @@ impl TryFrom<UpdateKeyRequest> for UpdateKey {
             remaining,
             refill,
             ratelimits,
+            credit_alerts,
         })
     }
 }
@@ -607,7 +653,12 @@ impl TryFrom<CreateIdentityRequest> for CreateIdentity {
                 .refill
                 .as_ref()
                 .and_then(|r| c.refill("body.credits.refill", r));
-            remaining.map(|r| (r, refill))
+            let alerts = p
+                .alerts
+                .as_deref()
+                .map(|a| c.alerts("body.credits.alerts", a))
+                .unwrap_or_default();
+            remaining.map(|r| (r, refill, alerts))
         });
         c.finish(CreateIdentity {
             external_id: req.external_id,
@@ -647,10 +698,15 @@ impl TryFrom<UpdateIdentityRequest> for UpdateIdentity {
         c.meta(req.meta.as_ref().and_then(Option::as_ref));
         let ratelimits = c.ratelimit_rules(req.ratelimits);
         unique_names(ratelimits.as_deref().unwrap_or_default())?;
+        let credit_alerts = req
+            .credits
+            .as_ref()
+            .map(|p| c.alerts("body.credits.alerts", &p.alerts));
         c.finish(UpdateIdentity {
             identity: req.identity,
             meta: req.meta,
             ratelimits,
+            credit_alerts,
         })
     }
 }

@@ -1,10 +1,13 @@
-//! The webhook delivery worker, one per node: every 250 ms it claims due deliveries
+//! The webhook delivery worker, one per node: every 250 ms, and at once whenever a
+//! delivery in flight finishes (so a backlog drains as fast as endpoints answer), it
+//! claims due deliveries
 //! from the SQL outbox (a 60 s lease, so no other node sends them meanwhile), posts
 //! each one signed as the Standard Webhooks scheme has it (`webhook-id`,
 //! `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of
 //! "<id>.<timestamp>.<body>">`), and records the attempt. A 2xx delivers; anything else
 //! (another status, a timeout after 10 s, a refused connection) is retried with
-//! exponential backoff and jitter (5 s doubling to 1 h) for 25 h, then given up. At most
+//! exponential backoff and jitter (`--webhook-first-retry-ms`, 5 s by default, doubling
+//! to 1 h) for 25 h, then given up. At most
 //! 4 deliveries per endpoint and 64 in all are in flight, so a slow or dead endpoint
 //! holds only its own slots; verifications never wait on any of this.
 
@@ -24,7 +27,6 @@ const LEASE_MS: i64 = 60_000;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const PER_ENDPOINT: usize = 4;
 const MAX_IN_FLIGHT: usize = 64;
-const FIRST_RETRY_MS: i64 = 5_000;
 const MAX_RETRY_MS: i64 = 3_600_000;
 /// Retries stop this long after the event: at least the 24 h promised.
 pub const RETRY_WINDOW_MS: i64 = 25 * 3_600_000;
@@ -36,10 +38,19 @@ pub struct DeliveryWorker {
     allow_private: bool,
     /// Deliveries in flight per endpoint.
     in_flight: Mutex<BTreeMap<String, usize>>,
+    /// Woken when a delivery finishes: its slot is free.
+    finished: tokio::sync::Notify,
+    /// The wait before the first retry (ms).
+    first_retry_ms: i64,
 }
 
 impl DeliveryWorker {
-    pub fn new(sql: SqlStore, clock: Arc<dyn Clock>, allow_private: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        sql: SqlStore,
+        clock: Arc<dyn Clock>,
+        allow_private: bool,
+        first_retry_ms: u64,
+    ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
@@ -53,6 +64,8 @@ impl DeliveryWorker {
             client,
             allow_private,
             in_flight: Mutex::new(BTreeMap::new()),
+            finished: tokio::sync::Notify::new(),
+            first_retry_ms: i64::try_from(first_retry_ms).unwrap_or(i64::MAX),
         })
     }
 
@@ -64,6 +77,7 @@ impl DeliveryWorker {
             tokio::select! {
                 () = &mut stop => break,
                 () = tokio::time::sleep(POLL) => {}
+                () = self.finished.notified() => {}
             }
             while tasks.try_join_next().is_some() {}
             let in_flight = self.lock().clone();
@@ -97,6 +111,8 @@ impl DeliveryWorker {
                             map.remove(&endpoint);
                         }
                     }
+                    drop(map);
+                    worker.finished.notify_one();
                 });
             }
         }
@@ -124,7 +140,7 @@ impl DeliveryWorker {
         let next_attempt_at = if delivered || now.saturating_sub(d.created_at) > RETRY_WINDOW_MS {
             None
         } else {
-            Some(now.saturating_add(backoff_ms(attempt)))
+            Some(now.saturating_add(backoff_ms(self.first_retry_ms, attempt)))
         };
         let outcome = AttemptOutcome {
             status,
@@ -188,12 +204,11 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> Option<String
     Some(format!("v1,{}", engine.encode(mac.finalize().into_bytes())))
 }
 
-/// The wait before attempt `attempt + 1`: 5 s doubling per attempt, at most 1 h, ±25 %.
-fn backoff_ms(attempt: u64) -> i64 {
+/// The wait before attempt `attempt + 1`: `first_ms` doubling per attempt, at most 1 h,
+/// ±25 %.
+fn backoff_ms(first_ms: i64, attempt: u64) -> i64 {
     let doublings = u32::try_from(attempt.saturating_sub(1).min(20)).unwrap_or(20);
-    let base = FIRST_RETRY_MS
-        .saturating_mul(1i64 << doublings)
-        .min(MAX_RETRY_MS);
+    let base = first_ms.saturating_mul(1i64 << doublings).min(MAX_RETRY_MS);
     let quarter = base / 4;
     base - quarter + rand::random_range(0..=2 * quarter)
 }
@@ -223,7 +238,7 @@ mod tests {
             (40, 3_600_000),
         ] {
             for _ in 0..50 {
-                let b = backoff_ms(attempt);
+                let b = backoff_ms(5_000, attempt);
                 assert!((base * 3 / 4..=base * 5 / 4).contains(&b), "{attempt}: {b}");
             }
         }

@@ -108,6 +108,15 @@ pub struct RefillWire {
     pub refill_day: Option<i64>,
 }
 
+/// A balance threshold (creditgate's extension): a spend that takes the balance from
+/// at or above it to below it sends `credits.low` to the workspace's webhook endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AlertWire {
+    /// 1..=2^53 - 1.
+    pub threshold: i64,
+}
+
 /// Credits of a key: `remaining = null` is unlimited.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -117,6 +126,9 @@ pub struct CreditsWire {
     pub remaining: Option<Option<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refill: Option<RefillWire>,
+    /// Balance thresholds (creditgate's extension): at most 10, distinct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<AlertWire>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -173,6 +185,9 @@ pub struct KeyCreditsData {
     pub reserved: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refill: Option<RefillWire>,
+    /// Balance thresholds (creditgate's extension), descending; omitted when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<AlertWire>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -303,6 +318,8 @@ pub struct PoolCreditsWire {
     /// The pool's balance: 0..=2^53 - 1.
     pub remaining: i64,
     pub refill: Option<RefillWire>,
+    /// Balance thresholds of the pool: at most 10, distinct.
+    pub alerts: Option<Vec<AlertWire>>,
 }
 
 /// A pool's balance as verifications and identities show it.
@@ -313,6 +330,9 @@ pub struct PoolCreditsData {
     pub remaining: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refill: Option<RefillWire>,
+    /// Balance thresholds of the pool, descending; omitted when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<AlertWire>>,
 }
 
 /// `identities.updateCredits` (creditgate's extension).
@@ -367,6 +387,16 @@ pub struct UpdateIdentityRequest {
     /// Replaces the identity's rate limits (`[]` removes them); absent leaves them.
     /// A limit keeps its id when its name stays.
     pub ratelimits: Option<Vec<RatelimitWire>>,
+    /// The identity's pool (it must have one): `alerts` replaces its thresholds.
+    pub credits: Option<PoolAlertsWire>,
+}
+
+/// What `identities.updateIdentity` changes of a pool.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PoolAlertsWire {
+    /// Replaces the pool's thresholds (`[]` removes them): at most 10, distinct.
+    pub alerts: Vec<AlertWire>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -409,6 +439,8 @@ pub struct UpdateCreditsWire {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<RefillWire>)]
     pub refill: Option<Option<RefillWire>>,
+    /// Replaces the balance thresholds (`[]` removes them); absent leaves them.
+    pub alerts: Option<Vec<AlertWire>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -6,6 +6,8 @@
 #[path = "http/support.rs"]
 mod support;
 
+#[path = "http/alerts.rs"]
+mod alerts;
 #[path = "http/analytics.rs"]
 mod analytics;
 #[path = "http/bad_input.rs"]

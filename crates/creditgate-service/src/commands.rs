@@ -43,6 +43,8 @@ pub struct CreateKey {
     pub refill: Option<Refill>,
     /// Rate limits (ids not assigned yet).
     pub ratelimits: Vec<RatelimitRule>,
+    /// Balance thresholds, distinct, descending.
+    pub credit_alerts: Vec<u64>,
 }
 
 /// `keys.updateKey`: `None` leaves a field as it is, `Some(None)` clears it.
@@ -59,6 +61,8 @@ pub struct UpdateKey {
     pub refill: Option<Option<Refill>>,
     /// Replaces the rate limits (ids not assigned yet).
     pub ratelimits: Option<Vec<RatelimitRule>>,
+    /// Replaces the balance thresholds (distinct, descending).
+    pub credit_alerts: Option<Vec<u64>>,
 }
 
 /// `keys.updateCredits`.

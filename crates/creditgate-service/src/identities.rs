@@ -20,8 +20,8 @@ pub struct CreateIdentity {
     pub meta: Option<Map<String, Value>>,
     /// Rate limits (ids not assigned yet).
     pub ratelimits: Vec<RatelimitRule>,
-    /// A shared credit pool: its balance and refill.
-    pub credits: Option<(Credits, Option<Refill>)>,
+    /// A shared credit pool: its balance, refill and balance thresholds.
+    pub credits: Option<(Credits, Option<Refill>, Vec<u64>)>,
 }
 
 /// The ledger account of an identity's shared pool: named by the identity's id.
@@ -37,6 +37,8 @@ pub struct UpdateIdentity {
     pub identity: String,
     pub meta: Option<Option<Map<String, Value>>>,
     pub ratelimits: Option<Vec<RatelimitRule>>,
+    /// Replaces the balance thresholds of the identity's pool.
+    pub credit_alerts: Option<Vec<u64>>,
 }
 
 /// `identities.listIdentities`, parsed.
@@ -55,10 +57,11 @@ impl Service {
         caller.require(Action::CreateIdentity, None)?;
         let now = self.clock.now_ms();
         let (pool, remaining) = match cmd.credits {
-            Some((remaining, refill)) => (
+            Some((remaining, refill, credit_alerts)) => (
                 Some(PoolRecord {
                     refill,
                     last_refill_at: Some(now),
+                    credit_alerts,
                 }),
                 Some(remaining),
             ),
@@ -117,19 +120,30 @@ impl Service {
         cmd: UpdateIdentity,
     ) -> Result<IdentityRecord, ServiceError> {
         caller.require(Action::UpdateIdentity, None)?;
-        if cmd.meta.is_none() && cmd.ratelimits.is_none() {
+        if cmd.meta.is_none() && cmd.ratelimits.is_none() && cmd.credit_alerts.is_none() {
             return self.get_identity(caller, &cmd.identity).await;
         }
-        let ratelimits = match cmd.ratelimits {
-            Some(wanted) => {
-                let current = self.get_identity(caller, &cmd.identity).await?;
+        let current = match cmd.ratelimits.is_some() || cmd.credit_alerts.is_some() {
+            true => Some(self.get_identity(caller, &cmd.identity).await?),
+            false => None,
+        };
+        if cmd.credit_alerts.is_some() && current.as_ref().is_some_and(|c| c.pool.is_none()) {
+            return Err(ServiceError::Conflict(
+                "body.credits.alerts: the identity has no credit pool to alert on; open one \
+                 with identities.updateCredits (operation 'set'); nothing was changed"
+                    .into(),
+            ));
+        }
+        let ratelimits = match (cmd.ratelimits, &current) {
+            (Some(wanted), Some(current)) => {
                 Some(RatelimitRule::replacing(&current.ratelimits, wanted))
             }
-            None => None,
+            _ => None,
         };
         let patch = IdentityPatch {
             meta: cmd.meta,
             ratelimits,
+            credit_alerts: cmd.credit_alerts,
         };
         let updated = self
             .store

@@ -215,6 +215,7 @@ impl Service {
             identity: None,
             ratelimits: RatelimitRule::replacing(&[], cmd.ratelimits),
             previous: None,
+            credit_alerts: cmd.credit_alerts,
         };
         let key_id = record.id.clone();
         self.store
@@ -386,6 +387,7 @@ impl Service {
             ratelimits: cmd
                 .ratelimits
                 .map(|wanted| RatelimitRule::replacing(&key.ratelimits, wanted)),
+            credit_alerts: cmd.credit_alerts,
         };
         if !patch.is_empty() {
             self.store

@@ -3,6 +3,7 @@
 //! refill-if-due, the key and credit operations, the caches of keys and root keys and
 //! their invalidation across nodes. Handlers extract → call one function here → map.
 
+mod alerts;
 mod apis;
 mod caller;
 pub mod commands;
@@ -88,6 +89,8 @@ pub struct Service {
     overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
     /// Where `analytics.getUsage` reads rows (`None`: analytics are not kept).
     usage: Option<Arc<dyn UsageSource>>,
+    /// Accounts whose refusal this node recorded lately, with the balance refused.
+    refusals: Cache<String, u64>,
 }
 
 /// This node's key caches, for the task that applies other nodes' invalidations (it
@@ -153,6 +156,10 @@ impl Service {
                 .time_to_live(CACHE_TTL)
                 .build(),
             usage: None,
+            refusals: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(alerts::REFUSAL_MEMORY)
+                .build(),
         }
     }
 

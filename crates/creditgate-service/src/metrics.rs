@@ -4,6 +4,10 @@
 pub const VERIFICATIONS: &str = "creditgate_verifications_total";
 pub const VERIFY_SECONDS: &str = "creditgate_verification_duration_seconds";
 pub const FAIL_OPEN: &str = "creditgate_verifications_fail_open_total";
+/// `credits.low` and `credits.exhausted` events written to the outbox.
+pub const ALERT_EVENTS: &str = "creditgate_alert_events_total";
+/// Crossings whose outbox write failed (logged; the verification was answered).
+pub const ALERT_FAILURES: &str = "creditgate_alert_failures_total";
 
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};

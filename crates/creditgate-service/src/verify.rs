@@ -189,6 +189,9 @@ impl Service {
         if ticket.is_some_and(|t| t.replay) {
             return Ok(verdict);
         }
+        if let Some(key) = verdict.key.as_deref() {
+            self.record_crossings(key, &verdict, cmd.cost.get()).await;
+        }
         names::verifications(verdict.outcome).increment(1);
         names::verify_seconds().record(started.elapsed().as_secs_f64());
         self.record(Decided {

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use creditgate_domain::store::KeyPage;
 use creditgate_domain::{
-    ApiId, ApiRecord, Credits, IdentityId, IdentityPage, IdentityPatch, IdentityRecord, KeyId,
-    KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord, PreviousSecret,
-    RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId, RootKeyRecord, StoreError,
-    WebhookDelivery, WebhookEndpoint, WebhookEvent, WorkspaceId,
+    ApiId, ApiRecord, Credits, Crossing, IdentityId, IdentityPage, IdentityPatch, IdentityRecord,
+    KeyId, KeyPatch, KeyRecord, KeyStore, NewKey, Permission, PermissionSet, PoolRecord,
+    PreviousSecret, RatelimitOverride, RatelimitRule, Refill, RefillInterval, RootKeyId,
+    RootKeyRecord, StoreError, WebhookDelivery, WebhookEndpoint, WebhookEvent, WorkspaceId,
 };
 use serde_json::{Map, Value};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -30,12 +30,12 @@ macro_rules! live_keys_where {
             "SELECT k.id, k.workspace_id, k.api_id, k.hash, k.start, k.name, k.external_id, ",
             "k.meta, k.created_at, k.updated_at, k.expires, k.enabled, k.remaining, ",
             "k.refill_interval, k.refill_amount, k.refill_day, k.last_refill_at, k.ratelimits, ",
-            "k.previous_hash, k.previous_hash_expires, ",
+            "k.previous_hash, k.previous_hash_expires, k.credit_alerts, ",
             "i.id AS identity_id, i.meta AS identity_meta, i.ratelimits AS identity_ratelimits, ",
             "i.created_at AS identity_created_at, i.updated_at AS identity_updated_at, ",
             "p.id AS pool_id, p.refill_interval AS pool_refill_interval, ",
             "p.refill_amount AS pool_refill_amount, p.refill_day AS pool_refill_day, ",
-            "p.last_refill_at AS pool_last_refill_at ",
+            "p.last_refill_at AS pool_last_refill_at, p.credit_alerts AS pool_credit_alerts ",
             "FROM keys k JOIN apis a ON a.id = k.api_id ",
             "LEFT JOIN identities i ON i.workspace_id = k.workspace_id ",
             "AND i.external_id = k.external_id ",
@@ -83,6 +83,24 @@ fn ratelimits_json(rules: &[RatelimitRule]) -> Result<Option<String>, StoreError
         .map_err(|e| StoreError::Backend(format!("encoding rate limits: {e}")))
 }
 
+/// A JSON array of balance thresholds, or NULL for none.
+fn alerts_column(row: &AnyRow, column: &str) -> Result<Vec<u64>, StoreError> {
+    match row
+        .try_get::<Option<String>, _>(column)
+        .map_err(store_error)?
+    {
+        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(column, e)),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn alerts_json(alerts: &[u64]) -> Option<String> {
+    (!alerts.is_empty()).then(|| {
+        let items: Vec<String> = alerts.iter().map(u64::to_string).collect();
+        format!("[{}]", items.join(","))
+    })
+}
+
 const IDENTITY_COLUMNS: &str =
     "id, workspace_id, external_id, meta, created_at, updated_at, ratelimits";
 
@@ -93,7 +111,7 @@ macro_rules! identities_where {
             "SELECT i.id, i.workspace_id, i.external_id, i.meta, i.created_at, i.updated_at, ",
             "i.ratelimits, p.id AS pool_id, p.refill_interval AS pool_refill_interval, ",
             "p.refill_amount AS pool_refill_amount, p.refill_day AS pool_refill_day, ",
-            "p.last_refill_at AS pool_last_refill_at ",
+            "p.last_refill_at AS pool_last_refill_at, p.credit_alerts AS pool_credit_alerts ",
             "FROM identities i LEFT JOIN pools p ON p.id = i.id AND p.deleted_at IS NULL ",
             "WHERE ",
             $where
@@ -127,12 +145,14 @@ pub(crate) async fn insert_pool(
     workspace: &WorkspaceId,
     remaining: Option<Credits>,
     refill: Option<&Refill>,
+    alerts: &[u64],
     now_ms: i64,
 ) -> Result<(), StoreError> {
     let (interval, amount, day) = refill_columns(refill);
     sqlx::query(
         "INSERT INTO pools (id, workspace_id, remaining, refill_interval, refill_amount, \
-         refill_day, last_refill_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+         refill_day, last_refill_at, created_at, credit_alerts) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
     )
     .bind(identity.as_str())
     .bind(workspace.as_str())
@@ -141,6 +161,7 @@ pub(crate) async fn insert_pool(
     .bind(amount)
     .bind(day)
     .bind(now_ms)
+    .bind(alerts_json(alerts))
     .execute(conn)
     .await
     .map_err(store_error)?;
@@ -247,6 +268,7 @@ fn pool_from_row(row: &AnyRow) -> Result<Option<PoolRecord>, StoreError> {
         last_refill_at: row
             .try_get::<Option<i64>, _>("pool_last_refill_at")
             .map_err(store_error)?,
+        credit_alerts: alerts_column(row, "pool_credit_alerts")?,
     }))
 }
 
@@ -313,6 +335,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
             (Some(hash), Some(expires)) => Some(PreviousSecret { hash, expires }),
             _ => None,
         },
+        credit_alerts: alerts_column(row, "credit_alerts")?,
     })
 }
 
@@ -448,6 +471,9 @@ fn patch_assignments(patch: &KeyPatch) -> Result<(Vec<String>, Vec<Bind>), Store
     }
     if let Some(rules) = &patch.ratelimits {
         push(&mut sets, "ratelimits", Bind::Text(ratelimits_json(rules)?));
+    }
+    if let Some(alerts) = &patch.credit_alerts {
+        push(&mut sets, "credit_alerts", Bind::Text(alerts_json(alerts)));
     }
     if let Some(refill) = &patch.refill {
         let (interval, amount, day) = refill_columns(refill.as_ref());
@@ -605,9 +631,10 @@ impl KeyStore for SqlStore {
         sqlx::query(
             "INSERT INTO keys (id, workspace_id, api_id, hash, start, name, external_id, meta, \
              created_at, updated_at, expires, enabled, remaining, hot_allocated, generation, \
-             version, refill_interval, refill_amount, refill_day, last_refill_at, ratelimits) \
+             version, refill_interval, refill_amount, refill_day, last_refill_at, ratelimits, \
+             credit_alerts) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, 0, \
-             $14, $15, $16, $17, $18)",
+             $14, $15, $16, $17, $18, $19)",
         )
         .bind(r.id.as_str())
         .bind(r.workspace_id.as_str())
@@ -627,6 +654,7 @@ impl KeyStore for SqlStore {
         .bind(day)
         .bind(r.last_refill_at)
         .bind(ratelimits_json(&r.ratelimits)?)
+        .bind(alerts_json(&r.credit_alerts))
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
@@ -796,6 +824,7 @@ impl KeyStore for SqlStore {
                 &identity.workspace_id,
                 pool,
                 p.refill.as_ref(),
+                &p.credit_alerts,
                 identity.created_at,
             )
             .await?;
@@ -817,6 +846,7 @@ impl KeyStore for SqlStore {
             &identity.workspace_id,
             Some(remaining),
             refill,
+            &[],
             now_ms,
         )
         .await?;
@@ -887,6 +917,18 @@ impl KeyStore for SqlStore {
         .rows_affected();
         if updated == 0 {
             return Ok(None);
+        }
+        if let Some(alerts) = &patch.credit_alerts {
+            sqlx::query(
+                "UPDATE pools SET credit_alerts = $3 WHERE deleted_at IS NULL AND id = \
+                 (SELECT id FROM identities WHERE workspace_id = $1 AND (id = $2 OR external_id = $2))",
+            )
+            .bind(workspace.as_str())
+            .bind(identity)
+            .bind(alerts_json(alerts))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
         }
         let row = sqlx::query(IDENTITY_BY_HANDLE)
             .bind(workspace.as_str())
@@ -1082,6 +1124,15 @@ impl KeyStore for SqlStore {
                 .map_err(store_error)?
                 .rows_affected();
         Ok(deleted > 0)
+    }
+
+    async fn record_crossings(
+        &self,
+        account: &KeyId,
+        crossings: &[Crossing],
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        self.record_crossings_now(account, crossings, now_ms).await
     }
 
     async fn list_webhook_deliveries(

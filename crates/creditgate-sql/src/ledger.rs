@@ -23,6 +23,7 @@ use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
 use sqlx::Row as _;
 
+use crate::alerts::{rearm, TopUp};
 use crate::error::{from_db, ledger_error, to_db};
 use crate::{Backend, SqlStore};
 
@@ -715,6 +716,20 @@ impl Ledger for SqlStore {
         if account != row.account {
             decide_mark(&mut tx, mark).await?;
             write_account(&mut tx, key, &account).await?;
+            // The hot store may have spent some of `hot_allocated`: an upper bound.
+            let at_most = account
+                .remaining
+                .unwrap_or(0)
+                .saturating_add(account.hot_allocated);
+            let top_up = TopUp {
+                operation: "increment",
+                value: Some(amount.get()),
+                exact: None,
+                event_id: None,
+            };
+            rearm(&mut tx, key, at_most, top_up, self.clock.now_ms())
+                .await
+                .map_err(ledger_error)?;
             commit(tx).await?;
         }
         Ok(outcome)
@@ -793,6 +808,24 @@ impl Ledger for SqlStore {
         }
         rules::finish_fence(&mut account, fence.op, drained);
         write_account(&mut tx, &fence.key, &account).await?;
+        // The fence drained the hot store: the balance is exact.
+        let lifted = match fence.op {
+            FenceOp::Set(v) => Some(("set", v)),
+            FenceOp::Refill { amount, .. } => Some(("refill", Some(amount))),
+            FenceOp::Decrement(_) => None,
+        };
+        if let (Some((operation, value)), Some(balance)) = (lifted, account.remaining) {
+            let event_id = format!("evt_{}", fence.op_id);
+            let top_up = TopUp {
+                operation,
+                value,
+                exact: Some(balance),
+                event_id: Some(&event_id),
+            };
+            rearm(&mut tx, &fence.key, balance, top_up, self.clock.now_ms())
+                .await
+                .map_err(ledger_error)?;
+        }
         sqlx::query("UPDATE fences SET state = $2 WHERE op_id = $1")
             .bind(fence.op_id.as_str())
             .bind(FenceState::Done.as_str())
@@ -1355,6 +1388,7 @@ impl SqlStore {
             &creditgate_domain::WorkspaceId::from(workspace),
             remaining,
             None,
+            &[],
             now_ms,
         )
         .await?;

@@ -18,6 +18,7 @@
 //! [`Ledger`]: creditgate_limiter::ports::Ledger
 //! [`Sink`]: creditgate_analytics::Sink
 
+mod alerts;
 mod analytics;
 mod error;
 mod keys;

@@ -39,47 +39,69 @@ pub struct AttemptOutcome {
     pub next_attempt_at: Option<i64>,
 }
 
-/// Inserts event `id` of the workspace of `key` and a pending delivery to each of its
-/// endpoints subscribed to `event_type`, on `conn` (inside the caller's transaction).
-/// Inserting the same id again changes nothing.
+/// Inserts event `id` of the workspace of `account` (a key, or an identity's pool) and
+/// a pending delivery to each of its endpoints subscribed to `event_type`, on `conn`
+/// (inside the caller's transaction). An event no endpoint subscribes to is not kept;
+/// inserting the same id again changes nothing. Answers whether it inserted.
 pub(crate) async fn record_event(
     conn: &mut AnyConnection,
     id: &str,
-    key: &KeyId,
+    account: &KeyId,
     event_type: &str,
     payload: &str,
     now_ms: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
+    let workspace: Option<String> = sqlx::query_scalar(
+        "SELECT workspace_id FROM keys WHERE id = $1 \
+         UNION ALL SELECT workspace_id FROM pools WHERE id = $1",
+    )
+    .bind(account.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(workspace) = workspace else {
+        return Ok(false);
+    };
+    // `events` is a JSON array of names: match the quoted name.
+    let subscribed = format!("%\"{event_type}\"%");
+    let endpoints: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM webhook_endpoints WHERE workspace_id = $1 AND events LIKE $2",
+    )
+    .bind(workspace.as_str())
+    .bind(subscribed.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    if endpoints.is_empty() {
+        return Ok(false);
+    }
     let inserted = sqlx::query(
         "INSERT INTO webhook_events (id, workspace_id, type, payload, created_at) \
-         SELECT $1, k.workspace_id, $2, $3, $4 FROM keys k WHERE k.id = $5 \
-         ON CONFLICT (id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
+    .bind(workspace.as_str())
     .bind(event_type)
     .bind(payload)
     .bind(now_ms)
-    .bind(key.as_str())
     .execute(&mut *conn)
     .await?
     .rows_affected();
     if inserted == 0 {
-        return Ok(());
+        return Ok(false);
     }
-    // `events` is a JSON array of names: match the quoted name.
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (event_id, endpoint_id, workspace_id, state, attempts, \
-         next_attempt_at, lease_until, created_at) \
-         SELECT $1, e.id, e.workspace_id, 'pending', 0, $2, 0, $2 FROM webhook_endpoints e \
-         WHERE e.workspace_id = (SELECT workspace_id FROM webhook_events WHERE id = $1) \
-         AND e.events LIKE $3",
-    )
-    .bind(id)
-    .bind(now_ms)
-    .bind(format!("%\"{event_type}\"%"))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    for endpoint in &endpoints {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id, workspace_id, state, \
+             attempts, next_attempt_at, lease_until, created_at) \
+             VALUES ($1, $2, $3, 'pending', 0, $4, 0, $4)",
+        )
+        .bind(id)
+        .bind(endpoint.as_str())
+        .bind(workspace.as_str())
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(true)
 }
 
 impl SqlStore {

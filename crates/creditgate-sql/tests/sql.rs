@@ -220,6 +220,7 @@ fn key(api: &ApiRecord, id: &str) -> KeyRecord {
         identity: None,
         ratelimits: Vec::new(),
         previous: None,
+        credit_alerts: Vec::new(),
     }
 }
 
@@ -681,6 +682,7 @@ async fn identities_link_keys_by_external_id(db: &Db) {
         pool: Some(PoolRecord {
             refill: Some(Refill::new(RefillInterval::Daily, credits(100), None).expect("refill")),
             last_refill_at: Some(1_000),
+            credit_alerts: vec![50, 10],
         }),
     };
     s.create_identity(&acme, Some(credits(100)))
@@ -742,7 +744,8 @@ async fn identities_link_keys_by_external_id(db: &Db) {
         n_again.identity.and_then(|i| i.pool.clone()),
         Some(PoolRecord {
             refill: None,
-            last_refill_at: Some(1_500)
+            last_refill_at: Some(1_500),
+            credit_alerts: Vec::new(),
         })
     );
 
@@ -859,6 +862,7 @@ async fn update_key_applies_patches(db: &Db) {
         enabled: Some(false),
         refill: Some(Some(daily)),
         ratelimits: Some(vec![rule("rl_k", "requests", 3, true)]),
+        credit_alerts: Some(vec![500, 100]),
         ..KeyPatch::default()
     };
     let got = s
@@ -872,6 +876,7 @@ async fn update_key_applies_patches(db: &Db) {
     want.enabled = false;
     want.refill = Some(daily);
     want.ratelimits = vec![rule("rl_k", "requests", 3, true)];
+    want.credit_alerts = vec![500, 100];
     want.updated_at = Some(8_000);
     assert_eq!(got, want);
     assert_eq!(s.key_by_id(&k.id).await.expect("get"), Some(want.clone()));
@@ -885,6 +890,7 @@ async fn update_key_applies_patches(db: &Db) {
         refill: Some(None),
         enabled: Some(true),
         ratelimits: Some(Vec::new()),
+        credit_alerts: Some(Vec::new()),
     };
     let got = s
         .update_key(&k.id, &clear, 9_000)
@@ -900,6 +906,7 @@ async fn update_key_applies_patches(db: &Db) {
     want.refill = None;
     want.enabled = true;
     want.ratelimits = Vec::new();
+    want.credit_alerts = Vec::new();
     want.updated_at = Some(9_000);
     assert_eq!(got, want);
     // The ledger columns are not the key store's business.

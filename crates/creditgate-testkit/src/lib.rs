@@ -19,6 +19,7 @@ mod cluster;
 pub mod history;
 mod node;
 mod proxy;
+pub mod webhooks;
 
 pub use cluster::{Cluster, ClusterBuilder, NodeKind, Provision, Service};
 pub use creditgate_local::{

@@ -28,6 +28,7 @@ pub fn identity_data(i: &IdentityRecord, pool_remaining: Option<u64>) -> Identit
             .map(|(p, remaining)| PoolCreditsData {
                 remaining: i64::try_from(remaining).unwrap_or(i64::MAX),
                 refill: p.refill.as_ref().map(refill_wire),
+                alerts: super::keys::alerts_wire(&p.credit_alerts),
             }),
     }
 }

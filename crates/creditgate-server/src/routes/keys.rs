@@ -20,7 +20,20 @@ fn credits_data(v: &KeyView) -> KeyCreditsData {
         remaining: v.remaining.and_then(|r| i64::try_from(r).ok()),
         reserved: (v.reserved > 0).then(|| i64::try_from(v.reserved).unwrap_or(i64::MAX)),
         refill: v.record.refill.as_ref().map(refill_wire),
+        alerts: alerts_wire(&v.record.credit_alerts),
     }
+}
+
+/// Balance thresholds as the API shows them (`None` when there are none).
+pub fn alerts_wire(alerts: &[u64]) -> Option<Vec<AlertWire>> {
+    (!alerts.is_empty()).then(|| {
+        alerts
+            .iter()
+            .map(|&t| AlertWire {
+                threshold: i64::try_from(t).unwrap_or(i64::MAX),
+            })
+            .collect()
+    })
 }
 
 /// The response shape of a key, with its exact balance.

@@ -2,23 +2,23 @@
 //! pages, delete; the permission and the workspace scope them; URLs this server does not
 //! send to and malformed bodies are refused, naming the field, and change nothing. An
 //! expired hold's event reaches a real receiver signed (checked by an HMAC written out
-//! here), retried with backoff until a 2xx, every attempt listed.
+//! in the testkit), retried with backoff until a 2xx, every attempt listed.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
-use base64::Engine as _;
 use creditgate_domain::{Clock, ManualClock, SystemClock};
+use creditgate_testkit::webhooks::{signed_by, Answer, Receiver};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::support::{assert_bad_request, assert_error, Client, TestApp};
 
 const CREATE: &str = "/v2/webhooks.createEndpoint";
 const LIST: &str = "/v2/webhooks.listEndpoints";
 const DELETE: &str = "/v2/webhooks.deleteEndpoint";
+/// How long a test waits for a delivery that is due.
+const WAIT: Duration = Duration::from_secs(10);
 
 async fn list_all(c: &Client, limit: u64) -> Vec<Value> {
     c.list_all(LIST, limit).await
@@ -200,82 +200,6 @@ async fn urls_this_server_does_not_send_to_and_bad_bodies_change_nothing() {
     assert_eq!(list_all(&app, 100).await.len(), 1);
 }
 
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Received {
-    id: String,
-    timestamp: String,
-    signature: String,
-    body: String,
-}
-
-/// A local HTTP receiver that records every request and answers the scripted statuses
-/// in turn, then 200.
-struct Receiver {
-    url: String,
-    got: Arc<Mutex<Vec<Received>>>,
-}
-
-impl Receiver {
-    async fn start(statuses: Vec<u16>) -> Receiver {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(VecDeque::from(statuses)));
-        let (g, sc) = (got.clone(), script.clone());
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap, body: String| {
-                let (g, sc) = (g.clone(), sc.clone());
-                async move {
-                    let h = |n: &str| {
-                        headers
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned()
-                    };
-                    g.lock().expect("log").push(Received {
-                        id: h("webhook-id"),
-                        timestamp: h("webhook-timestamp"),
-                        signature: h("webhook-signature"),
-                        body,
-                    });
-                    let status = sc.lock().expect("script").pop_front().unwrap_or(200);
-                    axum::http::StatusCode::from_u16(status).expect("a status")
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver {
-            url: format!("http://{addr}/hook"),
-            got,
-        }
-    }
-
-    fn got(&self) -> Vec<Received> {
-        self.got.lock().expect("log").clone()
-    }
-
-    async fn wait_for(&self, n: usize) -> Vec<Received> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let got = self.got();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} requests, expected {n}",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
 /// Waits until the endpoint's deliveries list `n` attempts in all (the retry is then
 /// scheduled from the clock as it was).
 async fn attempts_recorded(app: &TestApp, endpoint_id: &str, n: usize) {
@@ -304,48 +228,14 @@ async fn attempts_recorded(app: &TestApp, endpoint_id: &str, n: usize) {
     }
 }
 
-/// HMAC-SHA256 written out (RFC 2104), independent of the server's `hmac` crate.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-/// Whether `r` carries a valid Standard Webhooks signature for `secret`.
-fn signed_by(r: &Received, secret: &str) -> bool {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let key = b64
-        .decode(secret.strip_prefix("whsec_").expect("whsec_"))
-        .expect("base64 secret");
-    let mac = hmac_sha256(
-        &key,
-        format!("{}.{}.{}", r.id, r.timestamp, r.body).as_bytes(),
-    );
-    let want = format!("v1,{}", b64.encode(mac));
-    r.signature.split(' ').any(|s| s == want)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_hold_is_sent_signed_once_and_retried_until_accepted() {
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
     let app =
         TestApp::start_with_clock_configured(clock.clone(), |c| c.webhook_allow_private = true)
             .await;
-    let receiver = Receiver::start(vec![500, 503]).await;
-    let other = Receiver::start(vec![]).await;
+    let receiver = Receiver::scripted(vec![500, 503]).await;
+    let other = Receiver::scripted(vec![]).await;
     let endpoint = app
         .ok(
             CREATE,
@@ -373,13 +263,13 @@ async fn an_expired_hold_is_sent_signed_once_and_retried_until_accepted() {
     // The hold expires; the first attempt is answered 500, the second 503, the third
     // 200, each retry once the clock passes its backoff.
     clock.advance(2_000);
-    let first = receiver.wait_for(1).await;
+    let first = receiver.wait_for(1, WAIT).await;
     attempts_recorded(&app, &endpoint_id, 1).await;
     clock.advance(7_000);
-    receiver.wait_for(2).await;
+    receiver.wait_for(2, WAIT).await;
     attempts_recorded(&app, &endpoint_id, 2).await;
     clock.advance(13_000);
-    let got = receiver.wait_for(3).await;
+    let got = receiver.wait_for(3, WAIT).await;
     attempts_recorded(&app, &endpoint_id, 3).await;
     clock.advance(60_000);
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -448,25 +338,9 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
     let app = TestApp::start_configured(|c| c.webhook_allow_private = true).await;
     // A receiver that never answers (each attempt times out after 10 s) and one that
     // answers at once, both subscribed to the same events.
-    let hanging_hits = Arc::new(Mutex::new(0usize));
-    let hits = hanging_hits.clone();
-    let hang = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move || {
-            let hits = hits.clone();
-            async move {
-                *hits.lock().expect("hits") += 1;
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let hang_url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, hang).await });
-    let ok = Receiver::start(vec![]).await;
+    let hanging = Receiver::start(|_, _| Answer::Hang).await;
+    let hang_url = hanging.url.clone();
+    let ok = Receiver::scripted(vec![]).await;
     for url in [&hang_url, &ok.url] {
         app.ok(CREATE, json!({ "url": url, "events": ["hold.expired"] }))
             .await;
@@ -484,10 +358,10 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
         holds.insert(format!("evt_{}", h["holdId"].as_str().expect("holdId")));
     }
     // Every event reaches the answering endpoint while the other hangs.
-    let got = ok.wait_for(12).await;
+    let got = ok.wait_for(12, WAIT).await;
     let ids: BTreeSet<String> = got.iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, holds, "each expired hold's event, once");
-    let waiting = *hanging_hits.lock().expect("hits");
+    let waiting = hanging.got().len();
     assert!(
         (1..=4).contains(&waiting),
         "the hanging endpoint holds at most 4 deliveries at once, got {waiting}"

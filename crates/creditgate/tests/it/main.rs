@@ -2,6 +2,7 @@
 //! processes (embedded default, restarts, CLI, SDK), `creditgate loadtest`, and the
 //! multi-node tests with faults.
 
+mod alerts;
 mod faults;
 mod holds;
 mod idempotency;

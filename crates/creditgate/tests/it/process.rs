@@ -428,49 +428,27 @@ async fn serve_help_documents_flags() {
     assert!(stderr.contains("--clock-skew-ms"), "{stderr}");
 }
 
-/// A receiver that answers 503 until `up`, then 200, recording the `webhook-id` of each
-/// request it answered 200.
-async fn webhook_receiver(
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    delivered: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) -> String {
-    use std::sync::atomic::Ordering;
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap| {
-            let (up, delivered) = (up.clone(), delivered.clone());
-            async move {
-                if !up.load(Ordering::SeqCst) {
-                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                }
-                let id = headers
-                    .get("webhook-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                delivered.lock().expect("log").push(id);
-                axum::http::StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
-
 /// Events in the outbox when the node is killed are delivered after it restarts: the
 /// outbox is in the SQL database, written with the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_events_in_the_outbox_survive_a_kill9() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
+    use creditgate_testkit::webhooks::{Answer, Receiver};
+
+    // 503 until `up`, then 204.
     let up = Arc::new(AtomicBool::new(false));
-    let delivered = Arc::new(Mutex::new(Vec::new()));
-    let url = webhook_receiver(up.clone(), delivered.clone()).await;
+    let is_up = up.clone();
+    let receiver = Receiver::start(move |_, _| {
+        Answer::Status(if is_up.load(Ordering::SeqCst) {
+            204
+        } else {
+            503
+        })
+    })
+    .await;
+    let url = receiver.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let args = vec!["--webhook-allow-private".to_owned()];
     let node = Node::embedded_with(BIN, dir.path(), Some(ROOT), args.clone()).await;
@@ -513,12 +491,18 @@ async fn webhook_events_in_the_outbox_survive_a_kill9() {
     }
     node.kill9().await;
     drop(node);
+    let up_at = Instant::now();
     up.store(true, Ordering::SeqCst);
 
     let node = Node::embedded_with(BIN, dir.path(), Some(ROOT), args).await;
     let started = Instant::now();
     loop {
-        let mut got = delivered.lock().expect("log").clone();
+        let mut got: Vec<String> = receiver
+            .got()
+            .into_iter()
+            .filter(|r| r.at > up_at)
+            .map(|r| r.id)
+            .collect();
         got.sort();
         got.dedup();
         let mut want = events.clone();
