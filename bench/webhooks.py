@@ -138,6 +138,11 @@ def main():
             held = len(hanging.got)
         finally:
             proc.stop()
+            logs = list(Path(tmp).glob("embedded-*/log"))
+            if logs:
+                keep = bench.ROOT / "target" / "webhooks-bench.log"
+                keep.write_text(logs[0].read_text())
+                bench.log(f"the node's log: {keep}")
     print(f"# Webhooks, embedded node ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     print()
     print("| figure | value |")

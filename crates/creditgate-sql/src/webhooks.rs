@@ -116,19 +116,34 @@ impl SqlStore {
         in_flight: &BTreeMap<String, usize>,
         per_endpoint: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        let rows = sqlx::query(
+        // Endpoints with every slot taken are left out of the query: a dead endpoint's
+        // backlog of due deliveries must not fill the page and starve the others.
+        let full: Vec<&String> = in_flight
+            .iter()
+            .filter(|(_, &n)| n >= per_endpoint)
+            .map(|(id, _)| id)
+            .collect();
+        let excluded = if full.is_empty() {
+            String::new()
+        } else {
+            let marks: Vec<String> = (0..full.len()).map(|i| format!("${}", i + 3)).collect();
+            format!(" AND d.endpoint_id NOT IN ({})", marks.join(", "))
+        };
+        let sql = format!(
             "SELECT d.event_id, d.endpoint_id, e.url, e.secret, v.payload, d.attempts, \
              d.created_at FROM webhook_deliveries d \
              JOIN webhook_endpoints e ON e.id = d.endpoint_id \
              JOIN webhook_events v ON v.id = d.event_id \
-             WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
-             ORDER BY d.next_attempt_at, d.event_id LIMIT $2",
-        )
-        .bind(now_ms)
-        .bind(i64::try_from(limit.saturating_mul(4)).unwrap_or(i64::MAX))
-        .fetch_all(&self.read)
-        .await
-        .map_err(store_error)?;
+             WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND d.lease_until <= $1\
+             {excluded} ORDER BY d.next_attempt_at, d.event_id LIMIT $2"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(i64::try_from(limit.saturating_mul(4)).unwrap_or(i64::MAX));
+        for id in full {
+            query = query.bind(id.as_str());
+        }
+        let rows = query.fetch_all(&self.read).await.map_err(store_error)?;
         let mut claimed: Vec<DueDelivery> = Vec::new();
         let mut per: BTreeMap<String, usize> = in_flight.clone();
         for row in &rows {

@@ -337,7 +337,9 @@ async fn an_expired_hold_is_sent_signed_once_and_retried_until_accepted() {
 async fn a_hanging_endpoint_holds_only_its_own_slots() {
     let app = TestApp::start_configured(|c| c.webhook_allow_private = true).await;
     // A receiver that never answers (each attempt times out after 10 s) and one that
-    // answers at once, both subscribed to the same events.
+    // answers at once, both subscribed to the same events. 300 events: the dead
+    // endpoint's backlog of due deliveries is larger than one claim's page, and must not
+    // starve the other endpoint.
     let hanging = Receiver::start(|_, _| Answer::Hang).await;
     let hang_url = hanging.url.clone();
     let ok = Receiver::scripted(vec![]).await;
@@ -348,7 +350,7 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
     let api = app.create_api().await;
     let (_, key) = app.create_limited(&api, 1_000).await;
     let mut holds = BTreeSet::new();
-    for _ in 0..12 {
+    for _ in 0..300 {
         let h = app
             .ok(
                 "/v2/keys.reserveCredits",
@@ -358,7 +360,7 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
         holds.insert(format!("evt_{}", h["holdId"].as_str().expect("holdId")));
     }
     // Every event reaches the answering endpoint while the other hangs.
-    let got = ok.wait_for(12, WAIT).await;
+    let got = ok.wait_for(300, WAIT).await;
     let ids: BTreeSet<String> = got.iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, holds, "each expired hold's event, once");
     let waiting = hanging.got().len();
