@@ -300,7 +300,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .await
         .expect("settle");
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None, None)
         .await
         .expect("begin")
     else {
@@ -308,7 +308,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     };
     assert_eq!(fence.generation, 1);
     let again = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None, None)
         .await
         .expect("begin twice");
     assert_eq!(
@@ -364,7 +364,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(65));
     // …but not after a set, which overwrote that generation's credits.
     let BeginFence::Begun(set) = l
-        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6, None)
+        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6, None, None)
         .await
         .expect("begin")
     else {
@@ -399,7 +399,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         "credits of a generation overwritten by set"
     );
     let BeginFence::Begun(dec) = l
-        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7, None)
+        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7, None, None)
         .await
         .expect("begin")
     else {
@@ -418,7 +418,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(0), "decrement clamps at zero");
     // Set to unlimited and back.
     let BeginFence::Begun(unl) = l
-        .begin_fence(&key, "op4", FenceOp::Set(None), 8, None)
+        .begin_fence(&key, "op4", FenceOp::Set(None), 8, None, None)
         .await
         .expect("begin")
     else {
@@ -435,6 +435,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
             "op5",
             FenceOp::Set(Some(1)),
             9,
+            None,
             None
         )
         .await
@@ -451,7 +452,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf1", op, 86_400_500, None)
+        .begin_fence(&key, "rf1", op, 86_400_500, None, None)
         .await
         .expect("begin")
     else {
@@ -470,7 +471,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, Some(10), "3 + 2 held is below 10: set to 10");
     assert_eq!(
-        l.begin_fence(&key, "rf2", op, 86_400_900, None)
+        l.begin_fence(&key, "rf2", op, 86_400_900, None, None)
             .await
             .expect("begin"),
         BeginFence::NotDue,
@@ -478,7 +479,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
     );
     // Next period, above the amount: unchanged.
     let inc = l
-        .increment(&key, credits(5), u64::MAX >> 11, None)
+        .increment(&key, credits(5), u64::MAX >> 11, None, None)
         .await
         .expect("increment");
     assert!(matches!(inc, IncrementOutcome::Done(_)));
@@ -487,7 +488,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 2 * 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf3", op2, 2 * 86_400_000, None)
+        .begin_fence(&key, "rf3", op2, 2 * 86_400_000, None, None)
         .await
         .expect("begin")
     else {
@@ -617,20 +618,22 @@ pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
         DirectSpend::NotFound
     );
     assert_eq!(
-        l.increment(&unl, credits(1), 100, None).await.expect("inc"),
+        l.increment(&unl, credits(1), 100, None, None)
+            .await
+            .expect("inc"),
         IncrementOutcome::Unlimited
     );
     assert_eq!(
-        l.increment(&key, credits(99), 100, None)
+        l.increment(&key, credits(99), 100, None, None)
             .await
             .expect("inc"),
         IncrementOutcome::Overflow
     );
     assert!(
-        matches!(l.increment(&key, credits(98), 100, None).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
+        matches!(l.increment(&key, credits(98), 100, None, None).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
     );
     assert_eq!(
-        l.increment(&KeyId::from("key_missing"), credits(1), 100, None)
+        l.increment(&KeyId::from("key_missing"), credits(1), 100, None, None)
             .await
             .expect("inc"),
         IncrementOutcome::NotFound
@@ -1298,7 +1301,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         Err(LedgerError::Superseded)
     ));
     assert!(matches!(
-        l.increment(&key, credits(1), 1_000, Some(&mark(&k2, "a")))
+        l.increment(&key, credits(1), 1_000, Some(&mark(&k2, "a")), None)
             .await,
         Err(LedgerError::Superseded)
     ));
@@ -1342,7 +1345,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         .await
         .unwrap();
     assert!(matches!(
-        l.increment(&key, credits(5), 1_000, Some(&mark(&k4, "a")))
+        l.increment(&key, credits(5), 1_000, Some(&mark(&k4, "a")), None)
             .await
             .unwrap(),
         IncrementOutcome::Done(_)
@@ -1359,6 +1362,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
             FenceOp::Set(Some(3)),
             3_000,
             Some(&mark(&k5, "a")),
+            None,
         )
         .await
         .unwrap();

@@ -152,8 +152,12 @@ impl Ledger for FaultyLedger {
         amount: Credits,
         max: u64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<IncrementOutcome, LedgerError> {
-        faulty!(self, self.inner.increment(key, amount, max, mark).await)
+        faulty!(
+            self,
+            self.inner.increment(key, amount, max, mark, actor).await
+        )
     }
     async fn begin_fence(
         &self,
@@ -162,10 +166,13 @@ impl Ledger for FaultyLedger {
         op: FenceOp,
         now: i64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<BeginFence, LedgerError> {
         faulty!(
             self,
-            self.inner.begin_fence(key, op_id, op, now, mark).await
+            self.inner
+                .begin_fence(key, op_id, op, now, mark, actor)
+                .await
         )
     }
     async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
@@ -282,6 +289,14 @@ impl Ledger for FaultyLedger {
     }
     async fn purge_idempotency(&self, before: i64, limit: u32) -> Result<u64, LedgerError> {
         self.inner.purge_idempotency(before, limit).await
+    }
+    async fn credit_history(
+        &self,
+        account: &KeyId,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CreditEntry>, LedgerError> {
+        self.inner.credit_history(account, before_seq, limit).await
     }
 }
 
