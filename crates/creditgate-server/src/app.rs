@@ -342,6 +342,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.updateCredits", post(keys::update_credits))
         .route("/v2/keys.deleteKey", post(keys::delete_key))
         .route("/v2/keys.whoami", post(keys::whoami))
+        .route("/v2/keys.getCreditHistory", post(keys::get_credit_history))
         .route("/v2/keys.verifyKey", post(verify::verify_key))
         .route("/v2/keys.reserveCredits", post(holds::reserve_credits))
         .route("/v2/keys.settleCredits", post(holds::settle_credits))
@@ -383,6 +384,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v2/identities.updateCredits",
             post(identities::update_credits),
+        )
+        .route(
+            "/v2/identities.getCreditHistory",
+            post(identities::get_credit_history),
         )
         .route("/v2/keys.rerollKey", post(keys::reroll_key))
         .route("/v2/keys.migrateKeys", post(keys::migrate_keys))

@@ -7,6 +7,7 @@ mod apis;
 mod caller;
 pub mod commands;
 mod error;
+mod history;
 mod holds;
 mod idempotency;
 mod identities;
@@ -32,6 +33,7 @@ pub use apis::KeyListing;
 pub use caller::Caller;
 pub use commands::{CreateKey, ListKeys, NamedLimit, UpdateCredits, UpdateKey, Verify};
 pub use error::{FieldError, ServiceError};
+pub use history::{HistoryPage, HistoryQuery};
 pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS};
 pub use idempotency::{
     AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,
