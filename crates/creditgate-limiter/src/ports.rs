@@ -285,6 +285,9 @@ pub struct LedgerState {
     pub version: u64,
     /// Credits in open holds (outside `remaining`, not spent).
     pub held: u64,
+    /// Credits of single spends the ledger has counted (the credit history's
+    /// `spent_total` now).
+    pub spent: u64,
 }
 
 /// Where a hold stands. It leaves `Open` exactly once.

@@ -161,6 +161,7 @@ impl Account {
             generation: self.generation,
             version: self.version,
             held: self.held,
+            spent: self.spent,
         }
     }
 
@@ -1159,6 +1160,123 @@ mod tests {
             HoldState::parse(HoldState::Expired.as_str()),
             Some(HoldState::Expired)
         );
+    }
+
+    #[test]
+    fn history_books_every_change_and_chains_over_spends() {
+        let mut a = Account::new(Some(100), 0);
+        let t = allocate(&mut a, &req(1, 10, None), false).transfer.unwrap();
+        assert_eq!(a.entries.len(), 1, "an allocation is no entry");
+        // 4 spends reported with the credit: counted, no entry.
+        settle(Some(&mut a), &K, &t, true, 4, Arrival::default());
+        assert_eq!((a.spent, a.books()), (4, Some(96)));
+        increment(&mut a, 5, 1_000, 7, Some("rk_1"));
+        let inc = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (inc.kind, inc.balance_before, inc.balance_after, inc.exact),
+            (EntryKind::Increment, Some(96), Some(101), false),
+            "the hot store holds credits: upper bounds"
+        );
+        assert_eq!(
+            (inc.actor.as_deref(), inc.at_ms, inc.spent_total),
+            (Some("rk_1"), 7, 4)
+        );
+        // A fence drains 3 and 3 more spends were unreported: counted at its finish,
+        // and its balance before is the exact one.
+        let op = FenceOp::Decrement(10);
+        begin_fence(&mut a, op, 8).unwrap();
+        let drained = Drained {
+            amount: 3,
+            spent: 3,
+            generation: 1,
+        };
+        finish_fence(&mut a, op, drained, 9, Some("rk_2"));
+        let dec = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (
+                dec.balance_before,
+                dec.balance_after,
+                dec.exact,
+                dec.spent_total
+            ),
+            (Some(98), Some(88), true, 7)
+        );
+        assert_eq!(a.remaining, Some(88));
+        // An allocation of the old generation cancelled after the fence: a late return.
+        let mut old = t.clone();
+        old.amount = 2;
+        settle(Some(&mut a), &K, &old, false, 0, at(10));
+        let late = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (late.kind, late.balance_before, late.balance_after),
+            (EntryKind::LateReturn, Some(88), Some(90))
+        );
+        // The same during a pending fence: taken in by that fence, no entry.
+        let mut b = a.clone();
+        begin_fence(&mut b, FenceOp::Set(Some(1)), 11).unwrap();
+        let n = b.entries.len();
+        settle(
+            Some(&mut b),
+            &K,
+            &old,
+            false,
+            0,
+            Arrival {
+                fence_pending: true,
+                ..at(11)
+            },
+        );
+        assert_eq!(b.entries.len(), n);
+        // Holds and a write-off.
+        let h = reserve(
+            &mut a,
+            &ReserveRequest {
+                key: &K,
+                hold_id: "hold_x",
+                amount: 30,
+                now_ms: 12,
+                expires_at_ms: 100,
+                mark: None,
+            },
+        )
+        .unwrap();
+        let mut h2 = h.clone();
+        close_hold(Some(&mut a), &mut h2, HoldClose::Settle(40), 13).unwrap();
+        let settled = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (
+                settled.kind,
+                settled.value,
+                settled.balance_before,
+                settled.balance_after
+            ),
+            (EntryKind::HoldSettle, Some(40), Some(60), Some(50))
+        );
+        assert_eq!((settled.held_before, settled.held_after), (30, 0));
+        let g = a.generation;
+        let out = allocate(&mut a, &req(6, 6, Some(g)), false);
+        assert!(matches!(
+            out.outcome,
+            AllocateOutcome::Granted { amount: 6, .. }
+        ));
+        write_off(&mut a, "e2", 14);
+        let w = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (w.kind, w.value, w.balance_before, w.balance_after, w.exact),
+            (EntryKind::WriteOff, Some(6), Some(50), Some(44), false)
+        );
+        // Seqs without gaps, and the chain over the spends counted between entries.
+        for (i, e) in a.entries.iter().enumerate() {
+            assert_eq!(e.seq, u64::try_from(i + 1).unwrap());
+        }
+        for w in a.entries.windows(2) {
+            assert_eq!(
+                w[1].balance_before.unwrap(),
+                w[0].balance_after.unwrap() - (w[1].spent_total - w[0].spent_total),
+                "{w:?}"
+            );
+        }
+        assert_eq!(a.books().map(|b| b - a.held), a.remaining);
     }
 
     #[test]
