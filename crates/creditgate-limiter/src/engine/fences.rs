@@ -40,6 +40,13 @@ impl Engine {
         let account = account_of(key);
         let fence_op = match op {
             CreditOp::Increment(v) => {
+                // The hot balance goes back first (its spends reported with it), so the
+                // increment's history entry has the exact balance before and after.
+                let transfer_id = drain_transfer_id();
+                let drained = self.hot.drain(key, &transfer_id, 0).await?;
+                if drained.amount > 0 || drained.spent > 0 {
+                    self.return_to_ledger(key, &transfer_id, drained).await;
+                }
                 // Mark the snapshot unknown first, so no node answers USAGE_EXCEEDED from a
                 // snapshot older than the increment.
                 self.hot.sync_unalloc(key, None, 0).await?;
