@@ -3,6 +3,7 @@
 //! multi-node tests with faults.
 
 mod faults;
+mod history;
 mod holds;
 mod idempotency;
 mod loadtest;
