@@ -69,7 +69,12 @@ async fn history_replays_to_the_balance_after_redis_loses_its_data() {
         .services(Provision::Own, Provision::Shared, Provision::Shared)
         .process_nodes(BIN)
         // Balances stay in Redis until it loses them.
-        .node_args(["--idle-return-ms", "600000", "--reconcile-interval-ms", "100"])
+        .node_args([
+            "--idle-return-ms",
+            "600000",
+            "--reconcile-interval-ms",
+            "100",
+        ])
         .start()
         .await
         .unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
@@ -120,10 +125,27 @@ async fn history_replays_to_the_balance_after_redis_loses_its_data() {
     let now = verify_n(&c, 1, &key, now, 2).await;
 
     let entries = history(&c, 0, &key_id, 2).await;
-    assert_eq!(entries, history(&c, 1, &key_id, 100).await, "both nodes read the same");
-    let kinds: Vec<&str> = entries.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["create", "increment", "decrement", "write_off"], "{entries:#?}");
-    let exact = |e: &Value| (e["balanceBefore"].as_i64(), int(e, "balanceAfter"), e["exact"].clone());
+    assert_eq!(
+        entries,
+        history(&c, 1, &key_id, 100).await,
+        "both nodes read the same"
+    );
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["create", "increment", "decrement", "write_off"],
+        "{entries:#?}"
+    );
+    let exact = |e: &Value| {
+        (
+            e["balanceBefore"].as_i64(),
+            int(e, "balanceAfter"),
+            e["exact"].clone(),
+        )
+    };
     assert_eq!(exact(&entries[0]), (None, 100, json!(true)));
     assert_eq!(exact(&entries[1]), (Some(90), 100, json!(true)));
     assert_eq!(exact(&entries[2]), (Some(96), 76, json!(true)));
