@@ -1273,6 +1273,27 @@ async fn run_sequence(seed: u64) {
         sim.pool_granted,
         "seed {seed}: the pool's books"
     );
+    // The credit histories of the key and the pool: seqs without gaps, the chain over
+    // the spends counted between entries, and the replay ends at the ledger's balance.
+    for account in [&sim.key, &sim.pool] {
+        let mut entries = sim
+            .ledger
+            .inner
+            .credit_history(account, None, u32::MAX)
+            .await
+            .unwrap();
+        entries.reverse();
+        conformance::check_history_chain(&entries);
+        let state = sim.ledger.inner.state(account).await.unwrap().unwrap();
+        let newest = entries.last().expect("at least the create entry");
+        assert_eq!(
+            newest
+                .balance_after
+                .map(|b| b - (state.spent - newest.spent_total)),
+            state.remaining,
+            "seed {seed}: {account}'s history replays to its balance: {entries:#?}"
+        );
+    }
     // Conservation: what was granted is outside holds, held, spent, or reported lost
     // (with no set or decrement in the sequence the books must balance exactly).
     if let (Some(b), Some(_)) = (sim.balance, initial) {
