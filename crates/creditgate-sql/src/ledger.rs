@@ -5,9 +5,10 @@
 //! The ledger lives in the ledger columns of `keys` (`remaining`, `hot_allocated`,
 //! `generation`, `version`, `hot_epoch`, `last_refill_at`, `held`, and the history's
 //! `booked`, `spent`, `history_seq`), the `transfers` log, the `fences` log and the
-//! `credit_history` the rules write (inserted by `write_account` with the row). Every method is one transaction that first locks the key's row
-//! (`SELECT … FOR UPDATE` on Postgres; on SQLite `BEGIN IMMEDIATE` already holds the
-//! database's write lock), then loads what the rule needs, applies it, and writes back.
+//! `credit_history` the rules write (inserted by `write_account` with the row). Every
+//! method is one transaction that first locks the key's row (`SELECT … FOR UPDATE` on
+//! Postgres; on SQLite `BEGIN IMMEDIATE` already holds the database's write lock), then
+//! loads what the rule needs, applies it, and writes back.
 //! Every change to the transfers and fences of a key happens under that key's lock, so
 //! idempotency checks on their ids cannot race.
 
