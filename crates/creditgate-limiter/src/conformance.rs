@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, DirectSpend, Drained, FenceOp,
-    HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemState, IncrementOutcome, Ledger,
-    LedgerError, ReserveRequest, Settlement,
+    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, CreditEntry, DirectSpend, Drained,
+    EntryKind, FenceOp, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemState,
+    IncrementOutcome, Ledger, LedgerError, ReserveRequest, Settlement,
 };
 use crate::{Decision, Engine, EngineConfig, HoldAnswer, MemoryHotStore};
 
@@ -71,6 +71,7 @@ pub async fn run_all(f: &dyn LedgerFixture) {
     concurrent_reserves_and_settles_conserve_credits(f).await;
     idempotency_records_decide_with_the_change(f).await;
     concurrent_idempotent_spends_spend_once(f).await;
+    credit_history_replays(f).await;
 }
 
 pub async fn allocate_and_settle(f: &dyn LedgerFixture) {
@@ -300,7 +301,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         .await
         .expect("settle");
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None, None)
         .await
         .expect("begin")
     else {
@@ -308,7 +309,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     };
     assert_eq!(fence.generation, 1);
     let again = l
-        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None)
+        .begin_fence(&key, "op1", FenceOp::Decrement(30), 5, None, None)
         .await
         .expect("begin twice");
     assert_eq!(
@@ -364,7 +365,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(65));
     // …but not after a set, which overwrote that generation's credits.
     let BeginFence::Begun(set) = l
-        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6, None)
+        .begin_fence(&key, "op2", FenceOp::Set(Some(10)), 6, None, None)
         .await
         .expect("begin")
     else {
@@ -399,7 +400,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
         "credits of a generation overwritten by set"
     );
     let BeginFence::Begun(dec) = l
-        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7, None)
+        .begin_fence(&key, "op3", FenceOp::Decrement(25), 7, None, None)
         .await
         .expect("begin")
     else {
@@ -418,7 +419,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
     assert_eq!(s.remaining, Some(0), "decrement clamps at zero");
     // Set to unlimited and back.
     let BeginFence::Begun(unl) = l
-        .begin_fence(&key, "op4", FenceOp::Set(None), 8, None)
+        .begin_fence(&key, "op4", FenceOp::Set(None), 8, None, None)
         .await
         .expect("begin")
     else {
@@ -435,6 +436,7 @@ pub async fn fences(f: &dyn LedgerFixture) {
             "op5",
             FenceOp::Set(Some(1)),
             9,
+            None,
             None
         )
         .await
@@ -451,7 +453,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf1", op, 86_400_500, None)
+        .begin_fence(&key, "rf1", op, 86_400_500, None, None)
         .await
         .expect("begin")
     else {
@@ -470,7 +472,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         .expect("finish");
     assert_eq!(s.remaining, Some(10), "3 + 2 held is below 10: set to 10");
     assert_eq!(
-        l.begin_fence(&key, "rf2", op, 86_400_900, None)
+        l.begin_fence(&key, "rf2", op, 86_400_900, None, None)
             .await
             .expect("begin"),
         BeginFence::NotDue,
@@ -478,7 +480,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
     );
     // Next period, above the amount: unchanged.
     let inc = l
-        .increment(&key, credits(5), u64::MAX >> 11, None)
+        .increment(&key, credits(5), u64::MAX >> 11, None, None)
         .await
         .expect("increment");
     assert!(matches!(inc, IncrementOutcome::Done(_)));
@@ -487,7 +489,7 @@ pub async fn refill_once_per_period(f: &dyn LedgerFixture) {
         period_start: 2 * 86_400_000,
     };
     let BeginFence::Begun(fence) = l
-        .begin_fence(&key, "rf3", op2, 2 * 86_400_000, None)
+        .begin_fence(&key, "rf3", op2, 2 * 86_400_000, None, None)
         .await
         .expect("begin")
     else {
@@ -617,20 +619,22 @@ pub async fn direct_spend_and_increment(f: &dyn LedgerFixture) {
         DirectSpend::NotFound
     );
     assert_eq!(
-        l.increment(&unl, credits(1), 100, None).await.expect("inc"),
+        l.increment(&unl, credits(1), 100, None, None)
+            .await
+            .expect("inc"),
         IncrementOutcome::Unlimited
     );
     assert_eq!(
-        l.increment(&key, credits(99), 100, None)
+        l.increment(&key, credits(99), 100, None, None)
             .await
             .expect("inc"),
         IncrementOutcome::Overflow
     );
     assert!(
-        matches!(l.increment(&key, credits(98), 100, None).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
+        matches!(l.increment(&key, credits(98), 100, None, None).await.expect("inc"), IncrementOutcome::Done(s) if s.remaining == Some(100))
     );
     assert_eq!(
-        l.increment(&KeyId::from("key_missing"), credits(1), 100, None)
+        l.increment(&KeyId::from("key_missing"), credits(1), 100, None, None)
             .await
             .expect("inc"),
         IncrementOutcome::NotFound
@@ -1298,7 +1302,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         Err(LedgerError::Superseded)
     ));
     assert!(matches!(
-        l.increment(&key, credits(1), 1_000, Some(&mark(&k2, "a")))
+        l.increment(&key, credits(1), 1_000, Some(&mark(&k2, "a")), None)
             .await,
         Err(LedgerError::Superseded)
     ));
@@ -1342,7 +1346,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
         .await
         .unwrap();
     assert!(matches!(
-        l.increment(&key, credits(5), 1_000, Some(&mark(&k4, "a")))
+        l.increment(&key, credits(5), 1_000, Some(&mark(&k4, "a")), None)
             .await
             .unwrap(),
         IncrementOutcome::Done(_)
@@ -1359,6 +1363,7 @@ pub async fn idempotency_records_decide_with_the_change(f: &dyn LedgerFixture) {
             FenceOp::Set(Some(3)),
             3_000,
             Some(&mark(&k5, "a")),
+            None,
         )
         .await
         .unwrap();
@@ -1464,4 +1469,194 @@ pub async fn concurrent_idempotent_spends_spend_once(f: &dyn LedgerFixture) {
     );
     engine.drain_all().await.expect("drain");
     assert_eq!(remaining(&*f.ledger(), &key).await, Some(993), "spent once");
+}
+
+/// Checks the chain rule of a credit history (oldest first): seqs 1..n without a gap, and
+/// each entry's balance before is the previous one's after less the spends counted
+/// between them.
+pub fn check_history_chain(entries: &[CreditEntry]) {
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(
+            e.seq,
+            u64::try_from(i + 1).unwrap(),
+            "seqs without gaps: {entries:#?}"
+        );
+    }
+    for pair in entries.windows(2) {
+        let (prev, next) = (&pair[0], &pair[1]);
+        assert!(
+            next.spent_total >= prev.spent_total,
+            "{prev:?} then {next:?}"
+        );
+        if let (Some(after), Some(before)) = (prev.balance_after, next.balance_before) {
+            assert_eq!(
+                before,
+                after - (next.spent_total - prev.spent_total),
+                "the chain breaks between {prev:?} and {next:?}"
+            );
+        }
+    }
+}
+
+/// A key's credit history through an engine: creates, balance changes by a root key,
+/// a refill, holds, a hot store that loses its data, and spends in between. Every ledger
+/// records the same entries; the fences' balances are the exact balance; the chain has
+/// no gap and replays to the balance the ledger holds once the hot store is drained.
+pub async fn credit_history_replays(f: &dyn LedgerFixture) {
+    use crate::CreditOp;
+    const ROOT: &str = "rk_conformance";
+    let key = f.create_key(Some(100)).await;
+    let hot = Arc::new(MemoryHotStore::new());
+    let engine = Engine::new(
+        hot.clone(),
+        f.ledger(),
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    );
+    // The exact balance, as the test knows it.
+    let mut balance = 100u64;
+    let spend = |n: u64, balance: &mut u64| {
+        let (engine, key) = (&engine, &key);
+        let start = *balance;
+        *balance -= n;
+        async move {
+            for i in 1..=n {
+                let d = engine.spend(key, cost(1)).await.expect("spend");
+                assert_eq!(
+                    d,
+                    Decision::Valid {
+                        remaining: Some(start - i)
+                    }
+                );
+            }
+        }
+    };
+    spend(5, &mut balance).await;
+    let by_root = |op| engine.update_marked(&key, op, None, Some(ROOT));
+    by_root(CreditOp::Increment(credits(10)))
+        .await
+        .expect("increment");
+    balance += 10;
+    spend(3, &mut balance).await;
+    let before_decrement = balance;
+    by_root(CreditOp::Decrement(credits(20)))
+        .await
+        .expect("decrement");
+    balance -= 20;
+    spend(2, &mut balance).await;
+    let before_set = balance;
+    by_root(CreditOp::Set(Some(credits(50))))
+        .await
+        .expect("set");
+    balance = 50;
+    spend(4, &mut balance).await;
+    let before_refill = balance;
+    let refill = CreditOp::Refill {
+        amount: credits(80),
+        period_start: i64::MAX / 2,
+    };
+    engine.update(&key, refill).await.expect("refill");
+    balance = 80;
+    spend(6, &mut balance).await;
+    let held = |id: &'static str, amount| ReserveRequest {
+        key: &key,
+        hold_id: id,
+        amount,
+        now_ms: 1_000,
+        expires_at_ms: i64::MAX / 2,
+        mark: None,
+    };
+    for (id, amount, close) in [
+        ("hold_h1", 20, HoldClose::Settle(5)),
+        ("hold_h2", 10, HoldClose::Release),
+    ] {
+        let r = engine.reserve(&held(id, amount)).await.expect("reserve");
+        assert!(matches!(r, HoldAnswer::Hold { changed: true, .. }), "{r:?}");
+        let c = engine
+            .close_hold(&key, id, close, None)
+            .await
+            .expect("close");
+        assert!(matches!(c, HoldAnswer::Hold { changed: true, .. }), "{c:?}");
+    }
+    balance -= 5;
+    // The hot store loses its data: the next allocation writes off what it held.
+    hot.wipe();
+    let d = engine.spend(&key, cost(1)).await.expect("spend");
+    let Decision::Valid {
+        remaining: Some(after_loss),
+    } = d
+    else {
+        panic!("a spend after the loss: {d:?}");
+    };
+    assert!(after_loss < balance, "the hot store held some credits");
+    let mut balance = after_loss;
+    spend(2, &mut balance).await;
+    engine.drain_all().await.expect("drain");
+    let state = f.ledger().state(&key).await.expect("state").expect("row");
+    assert_eq!((state.remaining, state.hot_allocated), (Some(balance), 0));
+
+    let mut entries = f
+        .ledger()
+        .credit_history(&key, None, 100)
+        .await
+        .expect("history");
+    entries.reverse();
+    check_history_chain(&entries);
+    let kinds: Vec<(EntryKind, Option<u64>, Option<&str>)> = entries
+        .iter()
+        .map(|e| (e.kind, e.value, e.actor.as_deref()))
+        .collect();
+    let lost = entries.last().and_then(|e| e.value);
+    assert_eq!(
+        kinds,
+        [
+            (EntryKind::Create, Some(100), None),
+            (EntryKind::Increment, Some(10), Some(ROOT)),
+            (EntryKind::Decrement, Some(20), Some(ROOT)),
+            (EntryKind::Set, Some(50), Some(ROOT)),
+            (EntryKind::Refill, Some(80), None),
+            (EntryKind::HoldReserve, Some(20), None),
+            (EntryKind::HoldSettle, Some(5), None),
+            (EntryKind::HoldReserve, Some(10), None),
+            (EntryKind::HoldRelease, Some(10), None),
+            (EntryKind::WriteOff, lost, None),
+        ]
+    );
+    let figures = |i: usize| {
+        let e = &entries[i];
+        (e.balance_before, e.balance_after, e.exact)
+    };
+    assert_eq!(figures(0), (None, Some(100), true));
+    assert_eq!(
+        figures(2),
+        (Some(before_decrement), Some(before_decrement - 20), true)
+    );
+    assert_eq!(figures(3), (Some(before_set), Some(50), true));
+    assert_eq!(figures(4), (Some(before_refill), Some(80), true));
+    assert_eq!(entries[5].hold_id.as_deref(), Some("hold_h1"));
+    assert_eq!((entries[5].held_before, entries[5].held_after), (0, 20));
+    assert_eq!((entries[6].held_before, entries[6].held_after), (20, 0));
+    let write_off = &entries[9];
+    assert!(!write_off.exact && lost > Some(0), "{write_off:?}");
+    // What the lost store held, less what it had spent, was the balance lost.
+    assert_eq!(write_off.balance_after, Some(after_loss + 1));
+    // The replay: the newest entry less the spends counted since is the balance now.
+    let newest = entries.last().expect("entries");
+    assert_eq!(
+        newest
+            .balance_after
+            .map(|b| b - (state.spent - newest.spent_total)),
+        Some(balance)
+    );
+    // Pages: newest first, below a cursor.
+    let page = f
+        .ledger()
+        .credit_history(&key, Some(4), 2)
+        .await
+        .expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [3, 2],
+        "{page:?}"
+    );
 }

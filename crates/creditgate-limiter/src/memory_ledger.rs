@@ -9,12 +9,12 @@ use async_trait::async_trait;
 use creditgate_domain::{Clock, Cost, Credits, KeyId, SystemClock};
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, DirectSpend, Drained, FenceOp,
-    Hold, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemRecord, IdemState,
+    AllocateOutcome, AllocateRequest, BeginFence, ClaimOutcome, CreditEntry, DirectSpend, Drained,
+    FenceOp, Hold, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemMark, IdemRecord, IdemState,
     IncrementOutcome, Ledger, LedgerError, LedgerState, PairHoldOutcome, PendingAllocation,
     PendingFence, ReserveRequest,
 };
-use crate::rules::{self, Account, FenceState, Transfer, TransferState};
+use crate::rules::{self, Account, Arrival, FenceState, Transfer, TransferState};
 
 #[derive(Debug, Clone)]
 struct Fence {
@@ -30,11 +30,38 @@ struct Inner {
     fences: HashMap<String, Fence>,
     holds: HashMap<String, Hold>,
     idem: HashMap<(String, String), IdemRecord>,
+    /// Each account's credit history, oldest first.
+    history: HashMap<KeyId, Vec<CreditEntry>>,
     /// Credits written off so far (hot-store epochs that lost their data), for tests.
     written_off: u64,
 }
 
 impl Inner {
+    /// Moves the history entries the rules wrote into the accounts' histories: what the
+    /// SQL ledger's transaction inserts with the row.
+    fn keep_entries(&mut self) {
+        let Inner {
+            accounts, history, ..
+        } = self;
+        for (key, a) in accounts.iter_mut() {
+            if !a.entries.is_empty() {
+                history
+                    .entry(key.clone())
+                    .or_default()
+                    .append(&mut a.entries);
+            }
+        }
+    }
+
+    /// How a transfer of `key` at `generation` reaches the ledger now.
+    fn arrival(&self, key: &KeyId, generation: u64, now_ms: i64) -> Arrival {
+        Arrival {
+            overwritten: self.set_since(key, generation),
+            fence_pending: self.fence_pending(key),
+            now_ms,
+        }
+    }
+
     /// Whether a finished `Set` fenced `key` at a generation above `generation`.
     fn set_since(&self, key: &KeyId, generation: u64) -> bool {
         self.fences.values().any(|f| {
@@ -119,9 +146,33 @@ impl MemoryLedger {
         self.lock().written_off
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> Guard<'_> {
         // A poisoned lock only means another thread panicked mid-update of plain data.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        Guard(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The lock on the ledger's state: on release, the history entries the rules wrote are
+/// kept (as a SQL transaction inserts them with the rows it writes).
+struct Guard<'a>(std::sync::MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.0.keep_entries();
     }
 }
 
@@ -172,9 +223,9 @@ impl Ledger for MemoryLedger {
         let Some(t) = inner.transfers.get(transfer_id).cloned() else {
             return Ok(());
         };
-        let overwritten = inner.set_since(key, t.generation);
+        let arrival = inner.arrival(key, t.generation, self.clock.now_ms());
         let account = inner.accounts.get_mut(key);
-        if let Some(state) = rules::settle(account, key, &t, credited, spent, overwritten) {
+        if let Some(state) = rules::settle(account, key, &t, credited, spent, arrival) {
             if let Some(t) = inner.transfers.get_mut(transfer_id) {
                 t.state = state;
             }
@@ -191,9 +242,9 @@ impl Ledger for MemoryLedger {
         let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
         if !inner.transfers.contains_key(transfer_id) {
-            let overwritten = inner.set_since(key, drained.generation);
+            let arrival = inner.arrival(key, drained.generation, now_ms);
             let account = inner.accounts.get_mut(key).ok_or_else(|| no_row(key))?;
-            let t = rules::return_drained(account, key, drained, overwritten, now_ms);
+            let t = rules::return_drained(account, key, drained, arrival);
             inner.transfers.insert(transfer_id.to_owned(), t);
         }
         inner
@@ -209,11 +260,13 @@ impl Ledger for MemoryLedger {
         amount: Credits,
         max: u64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<IncrementOutcome, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
         inner.check_mark(mark)?;
         let outcome = match inner.accounts.get_mut(key) {
-            Some(account) => rules::increment(account, amount.get(), max),
+            Some(account) => rules::increment(account, amount.get(), max, now_ms, actor),
             None => IncrementOutcome::NotFound,
         };
         inner.decided(mark, matches!(outcome, IncrementOutcome::Done(_)));
@@ -227,6 +280,7 @@ impl Ledger for MemoryLedger {
         op: FenceOp,
         now_ms: i64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<BeginFence, LedgerError> {
         let mut inner = self.lock();
         inner.check_mark(mark)?;
@@ -244,6 +298,7 @@ impl Ledger for MemoryLedger {
             op_id: op_id.to_owned(),
             op,
             generation,
+            actor: actor.map(str::to_owned),
         };
         inner.fences.insert(
             op_id.to_owned(),
@@ -262,6 +317,7 @@ impl Ledger for MemoryLedger {
         fence: &PendingFence,
         drained: Drained,
     ) -> Result<LedgerState, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
         let pending = inner
             .fences
@@ -272,7 +328,7 @@ impl Ledger for MemoryLedger {
             .get_mut(&fence.key)
             .ok_or_else(|| no_row(&fence.key))?;
         if pending {
-            rules::finish_fence(account, fence.op, drained);
+            rules::finish_fence(account, fence.op, drained, now_ms, fence.actor.as_deref());
         }
         let state = account.state();
         if let Some(f) = inner.fences.get_mut(&fence.op_id) {
@@ -384,6 +440,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
         let mut keys: Vec<KeyId> = inner
             .accounts
@@ -397,7 +454,7 @@ impl Ledger for MemoryLedger {
             let Some(account) = inner.accounts.get_mut(&key) else {
                 continue;
             };
-            if let Some(lost) = rules::write_off(account, epoch) {
+            if let Some(lost) = rules::write_off(account, epoch, now_ms) {
                 inner.mark_lost(&key, lost);
                 if lost > 0 {
                     out.push((key, lost));
@@ -416,6 +473,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn write_off_key(&self, key: &KeyId, epoch: &str) -> Result<u64, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut inner = self.lock();
         let Some(account) = inner.accounts.get_mut(key) else {
             return Ok(0);
@@ -423,7 +481,7 @@ impl Ledger for MemoryLedger {
         if account.hot_epoch.is_none() {
             return Ok(0);
         }
-        let lost = rules::write_off(account, epoch);
+        let lost = rules::write_off(account, epoch, now_ms);
         if let Some(lost) = lost {
             inner.mark_lost(key, lost);
         }
@@ -691,5 +749,26 @@ impl Ledger for MemoryLedger {
             inner.idem.remove(id);
         }
         Ok(u64::try_from(old.len()).unwrap_or(u64::MAX))
+    }
+
+    async fn credit_history(
+        &self,
+        account: &KeyId,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CreditEntry>, LedgerError> {
+        let inner = self.lock();
+        Ok(inner
+            .history
+            .get(account)
+            .map(|h| {
+                h.iter()
+                    .rev()
+                    .filter(|e| before_seq.is_none_or(|b| e.seq < b))
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }

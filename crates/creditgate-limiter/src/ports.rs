@@ -285,6 +285,9 @@ pub struct LedgerState {
     pub version: u64,
     /// Credits in open holds (outside `remaining`, not spent).
     pub held: u64,
+    /// Credits of single spends the ledger has counted (the credit history's
+    /// `spent_total` now).
+    pub spent: u64,
 }
 
 /// Where a hold stands. It leaves `Open` exactly once.
@@ -530,6 +533,61 @@ pub struct PendingFence {
     pub op_id: String,
     pub op: FenceOp,
     pub generation: u64,
+    /// Who asked for it (a root key id; `None`: a system change such as a refill),
+    /// recorded by its history entry when it finishes, wherever that happens.
+    pub actor: Option<String>,
+}
+
+/// What a credit history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// The account was opened with its balance.
+    Create,
+    Increment,
+    Decrement,
+    Set,
+    /// A periodic refill applied.
+    Refill,
+    HoldReserve,
+    HoldSettle,
+    HoldRelease,
+    HoldExpire,
+    /// Credits a hot store that lost its data held, written off.
+    WriteOff,
+    /// Credits of an older generation given back after the fence that replaced it
+    /// finished (a drain or cancelled allocation whose ledger step came late): that fence
+    /// counted them spent.
+    LateReturn,
+}
+
+/// One entry of an account's credit history: a change of its credits other than a single
+/// spend, written in the transaction that made it.
+///
+/// The balances are the account's books outside holds (`None`: unlimited). Single spends
+/// are not entries: `spent_total` counts them as the ledger learns of them, so for two
+/// consecutive entries `balance_before(n) == balance_after(n-1) - (spent_total(n) -
+/// spent_total(n-1))`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditEntry {
+    /// 1, 2, ... per account, without gaps.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: EntryKind,
+    /// The amount the change names: the balance created or set, the amount added, taken,
+    /// refilled to, held, released, expired, written off or returned; a settle's cost.
+    pub value: Option<u64>,
+    /// The root key that asked for it; `None` for system changes.
+    pub actor: Option<String>,
+    pub hold_id: Option<String>,
+    pub balance_before: Option<u64>,
+    pub balance_after: Option<u64>,
+    pub held_before: u64,
+    pub held_after: u64,
+    /// Credits of single spends the ledger had counted when the entry was written.
+    pub spent_total: u64,
+    /// Whether both balances were the exact balance then (else upper bounds: the hot
+    /// store held credits and may have spent some it had not reported yet).
+    pub exact: bool,
 }
 
 /// Result of [`Ledger::begin_fence`].
@@ -634,16 +692,19 @@ pub trait Ledger: Send + Sync {
         return_each(self, items).await
     }
 
-    /// `remaining += amount` (fails on unlimited or overflow past `max`).
+    /// `remaining += amount` (fails on unlimited or overflow past `max`), with its
+    /// history entry (`actor`: the root key that asked).
     async fn increment(
         &self,
         key: &KeyId,
         amount: Credits,
         max: u64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<IncrementOutcome, LedgerError>;
 
-    /// Step 1 of a fence: bump the generation and log the operation as pending.
+    /// Step 1 of a fence: bump the generation and log the operation as pending (with
+    /// `actor`, for the history entry its finish writes).
     /// Idempotent on `op_id`. Refused (`NotDue`) for a refill already applied in the
     /// period or on an unlimited key; a refill records `now_ms` as the last refill time.
     async fn begin_fence(
@@ -653,6 +714,7 @@ pub trait Ledger: Send + Sync {
         op: FenceOp,
         now_ms: i64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<BeginFence, LedgerError>;
 
     /// Step 3: with what the hot store drained at the new generation, write the new
@@ -787,6 +849,15 @@ pub trait Ledger: Send + Sync {
 
     /// Deletes up to `limit` records created before `before_ms`; returns how many.
     async fn purge_idempotency(&self, before_ms: i64, limit: u32) -> Result<u64, LedgerError>;
+
+    /// Up to `limit` entries of `account`'s credit history with a seq below `before_seq`
+    /// (all when `None`), newest first.
+    async fn credit_history(
+        &self,
+        account: &KeyId,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CreditEntry>, LedgerError>;
 }
 
 /// [`Ledger::allocate_many`] one transaction per item (the default, and a SQL batch's

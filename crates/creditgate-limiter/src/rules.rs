@@ -13,9 +13,9 @@
 use creditgate_domain::KeyId;
 
 use crate::ports::{
-    AllocateOutcome, AllocateRequest, ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose,
-    HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState, IncrementOutcome, LedgerState,
-    PairHoldOutcome, ReserveRequest,
+    AllocateOutcome, AllocateRequest, ClaimOutcome, CreditEntry, DirectSpend, Drained, EntryKind,
+    FenceOp, Hold, HoldClose, HoldOutcome, HoldState, IdemClaim, IdemRecord, IdemState,
+    IncrementOutcome, LedgerState, PairHoldOutcome, ReserveRequest,
 };
 
 /// The ledger columns of one key.
@@ -35,16 +35,122 @@ pub struct Account {
     pub last_refill_at: Option<i64>,
     /// Credits in open holds: out of `remaining`, not spent.
     pub held: u64,
+    /// Credits the history booked: `booked - spent` are the account's books, which are
+    /// `remaining + hot_allocated + held` (outside a pending fence). Only a history entry
+    /// moves it.
+    pub booked: u64,
+    /// Credits of single spends the ledger has counted: reported by the hot store (with a
+    /// credit, a drain or a fence) or spent directly. Never decreases.
+    pub spent: u64,
+    /// The seq of the newest history entry.
+    pub history_seq: u64,
+    /// History entries the last rule calls wrote, for the adapter to store with the
+    /// account (not a column).
+    pub entries: Vec<CreditEntry>,
+}
+
+/// What a history entry is about, besides the balances the rules take from the account.
+#[derive(Debug, Clone, Copy)]
+struct Change<'a> {
+    kind: EntryKind,
+    value: Option<u64>,
+    actor: Option<&'a str>,
+    hold_id: Option<&'a str>,
+    at_ms: i64,
+}
+
+impl<'a> Change<'a> {
+    fn new(kind: EntryKind, value: Option<u64>, at_ms: i64) -> Self {
+        Self {
+            kind,
+            value,
+            actor: None,
+            hold_id: None,
+            at_ms,
+        }
+    }
 }
 
 impl Account {
-    /// A new key's account: its balance, refilled "now" (the first refill is due in the
-    /// next period).
+    /// A new key's (or pool's) account: its balance, refilled "now" (the first refill is
+    /// due in the next period), and its `create` history entry.
     pub fn new(remaining: Option<u64>, now_ms: i64) -> Self {
-        Self {
+        let mut a = Self {
             remaining,
             last_refill_at: Some(now_ms),
             ..Self::default()
+        };
+        a.booked = remaining.unwrap_or(0);
+        a.record(
+            Change::new(EntryKind::Create, remaining, now_ms),
+            (None, 0),
+            true,
+        );
+        a
+    }
+
+    /// The books (`booked - spent`); `None`: unlimited.
+    fn books(&self) -> Option<u64> {
+        self.remaining
+            .map(|_| self.booked.saturating_sub(self.spent))
+    }
+
+    /// (balance outside holds, held) as the books say.
+    fn figures(&self) -> (Option<u64>, u64) {
+        (self.books().map(|b| b.saturating_sub(self.held)), self.held)
+    }
+
+    /// Whether the books are the exact balance: no credits in the hot store, so none
+    /// spent there unreported.
+    fn books_exact(&self) -> bool {
+        self.hot_allocated == 0
+    }
+
+    /// Counts single spends the ledger learnt of: the books go down with no entry.
+    fn count_spent(&mut self, credits: u64) {
+        self.spent = self.spent.saturating_add(credits);
+    }
+
+    /// Appends the history entry of `change`, made from the figures `before` to the
+    /// account's figures now.
+    fn record(&mut self, change: Change<'_>, before: (Option<u64>, u64), exact: bool) {
+        self.history_seq += 1;
+        let (balance_after, held_after) = self.figures();
+        self.entries.push(CreditEntry {
+            seq: self.history_seq,
+            at_ms: change.at_ms,
+            kind: change.kind,
+            value: change.value,
+            actor: change.actor.map(str::to_owned),
+            hold_id: change.hold_id.map(str::to_owned),
+            balance_before: before.0,
+            balance_after,
+            held_before: before.1,
+            held_after,
+            spent_total: self.spent,
+            exact,
+        });
+    }
+
+    /// Credits of an older generation come back (`remaining += amount`): with a fence
+    /// pending, its finish takes them in (they are in what it drains from); else the
+    /// fence that replaced their generation counted them spent, and a `late_return`
+    /// entry books them back.
+    fn give_back_late(&mut self, amount: u64, fence_pending: bool, at_ms: i64) {
+        if self.remaining.is_none() || amount == 0 {
+            self.give_back(amount);
+            return;
+        }
+        let before = self.figures();
+        self.give_back(amount);
+        if !fence_pending {
+            self.booked = self.booked.saturating_add(amount);
+            let exact = self.books_exact();
+            self.record(
+                Change::new(EntryKind::LateReturn, Some(amount), at_ms),
+                before,
+                exact,
+            );
         }
     }
 
@@ -55,6 +161,7 @@ impl Account {
             generation: self.generation,
             version: self.version,
             held: self.held,
+            spent: self.spent,
         }
     }
 
@@ -120,6 +227,19 @@ text_enum!(TransferState {
     Lost => "lost",
 });
 text_enum!(FenceState { Pending => "pending", Done => "done" });
+text_enum!(EntryKind {
+    Create => "create",
+    Increment => "increment",
+    Decrement => "decrement",
+    Set => "set",
+    Refill => "refill",
+    HoldReserve => "hold.reserve",
+    HoldSettle => "hold.settle",
+    HoldRelease => "hold.release",
+    HoldExpire => "hold.expire",
+    WriteOff => "write_off",
+    LateReturn => "late_return",
+});
 text_enum!(HoldState {
     Open => "open",
     Settled => "settled",
@@ -168,14 +288,25 @@ pub fn held_elsewhere(account: &Account, epoch: &str) -> bool {
 /// Writes off what `account` had allocated to a hot-store epoch other than `epoch`.
 /// `None`: same epoch (or credits held at another home, which are not lost), nothing
 /// to do. `Some(lost)`: the account now belongs to `epoch`, and the adapter marks the
-/// key's pending allocations [`TransferState::Lost`].
-pub fn write_off(account: &mut Account, epoch: &str) -> Option<u64> {
+/// key's pending allocations [`TransferState::Lost`]. Credits lost are a `write_off`
+/// entry, whose balance before is an upper bound (the lost store may have spent some
+/// of them without reporting it).
+pub fn write_off(account: &mut Account, epoch: &str, now_ms: i64) -> Option<u64> {
     if account.hot_epoch.as_deref() == Some(epoch) || held_elsewhere(account, epoch) {
         return None;
     }
     let lost = account.hot_allocated;
+    let before = account.figures();
     account.hot_allocated = 0;
     account.hot_epoch = Some(epoch.to_owned());
+    if lost > 0 {
+        account.booked = account.booked.saturating_sub(lost);
+        account.record(
+            Change::new(EntryKind::WriteOff, Some(lost), now_ms),
+            before,
+            false,
+        );
+    }
     Some(lost)
 }
 
@@ -224,7 +355,7 @@ pub fn allocate(
             transfer: None,
         };
     }
-    let written_off = write_off(account, req.epoch);
+    let written_off = write_off(account, req.epoch, req.now_ms);
     let lost = written_off.unwrap_or(0);
     let mut transfer = None;
     let outcome = if fence_pending || req.generation.is_some_and(|g| g != account.generation) {
@@ -267,9 +398,19 @@ pub fn allocate(
     }
 }
 
+/// How a transfer reaches the ledger: whether a `Set` fenced the key after the
+/// transfer's generation (`overwritten`: its credits must not come back), whether a fence
+/// of the key is begun and unfinished, and the time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Arrival {
+    pub overwritten: bool,
+    pub fence_pending: bool,
+    pub now_ms: i64,
+}
+
 /// Settles a pending allocation of `key`: credited (the spends reported with the credit
-/// leave `hot_allocated`) or cancelled (the amount goes back to `remaining` unless a
-/// `Set` fenced the key since — `overwritten`). Returns the transfer's new state, or
+/// leave `hot_allocated` and count as spent) or cancelled (the amount goes back to
+/// `remaining` unless a `Set` fenced the key since). Returns the transfer's new state, or
 /// `None` when there is nothing to do (already settled, or another key's id).
 pub fn settle(
     account: Option<&mut Account>,
@@ -277,7 +418,7 @@ pub fn settle(
     transfer: &Transfer,
     credited: bool,
     spent: u64,
-    overwritten: bool,
+    arrival: Arrival,
 ) -> Option<TransferState> {
     if transfer.state != TransferState::Pending || transfer.key != *key {
         return None;
@@ -285,7 +426,9 @@ pub fn settle(
     if credited {
         if let Some(a) = account {
             if transfer.generation == a.generation {
-                a.hot_allocated = a.hot_allocated.saturating_sub(spent);
+                let reported = spent.min(a.hot_allocated);
+                a.hot_allocated -= reported;
+                a.count_spent(reported);
             }
         }
         return Some(TransferState::Credited);
@@ -293,9 +436,11 @@ pub fn settle(
     if let Some(a) = account {
         if transfer.generation == a.generation {
             a.hot_allocated = a.hot_allocated.saturating_sub(transfer.amount);
-        }
-        if !overwritten {
-            a.give_back(transfer.amount);
+            if !arrival.overwritten {
+                a.give_back(transfer.amount);
+            }
+        } else if !arrival.overwritten {
+            a.give_back_late(transfer.amount, arrival.fence_pending, arrival.now_ms);
         }
     }
     Some(TransferState::Cancelled)
@@ -303,21 +448,27 @@ pub fn settle(
 
 /// Returns a drained hot balance whose transfer id is new: `remaining += amount` (unless
 /// a `Set` fenced the key after the drained generation — `overwritten`) and
-/// `hot_allocated -= amount + spent`. Returns the transfer to log as `Applied`.
+/// `hot_allocated -= amount + spent` (the spends count as spent). Returns the transfer
+/// to log as `Applied`.
 pub fn return_drained(
     account: &mut Account,
     key: &KeyId,
     drained: Drained,
-    overwritten: bool,
-    now_ms: i64,
+    arrival: Arrival,
 ) -> Transfer {
+    let back = !arrival.overwritten && drained.amount > 0;
     if drained.generation == account.generation {
-        account.hot_allocated = account
-            .hot_allocated
-            .saturating_sub(drained.amount.saturating_add(drained.spent));
-    }
-    if !overwritten && drained.amount > 0 {
-        account.give_back(drained.amount);
+        let out = drained
+            .amount
+            .saturating_add(drained.spent)
+            .min(account.hot_allocated);
+        account.hot_allocated -= out;
+        if back {
+            account.give_back(drained.amount);
+        }
+        account.count_spent(out.saturating_sub(drained.amount));
+    } else if back {
+        account.give_back_late(drained.amount, arrival.fence_pending, arrival.now_ms);
     }
     Transfer {
         key: key.to_owned(),
@@ -325,13 +476,20 @@ pub fn return_drained(
         amount: drained.amount,
         generation: drained.generation,
         state: TransferState::Applied,
-        created_at_ms: now_ms,
+        created_at_ms: arrival.now_ms,
     }
 }
 
 /// `remaining += amount`, refused on an unlimited key or when the key's whole balance
-/// (`remaining + hot_allocated + held`) would pass `max`.
-pub fn increment(account: &mut Account, amount: u64, max: u64) -> IncrementOutcome {
+/// (`remaining + hot_allocated + held`) would pass `max`. `actor` asked for it (its
+/// history entry says so).
+pub fn increment(
+    account: &mut Account,
+    amount: u64,
+    max: u64,
+    now_ms: i64,
+    actor: Option<&str>,
+) -> IncrementOutcome {
     let Some(remaining) = account.remaining else {
         return IncrementOutcome::Unlimited;
     };
@@ -342,8 +500,19 @@ pub fn increment(account: &mut Account, amount: u64, max: u64) -> IncrementOutco
     if total.is_none_or(|t| t > max) {
         return IncrementOutcome::Overflow;
     }
+    let before = account.figures();
     account.remaining = Some(remaining.saturating_add(amount));
+    account.booked = account.booked.saturating_add(amount);
     account.version += 1;
+    let exact = account.books_exact();
+    account.record(
+        Change {
+            actor,
+            ..Change::new(EntryKind::Increment, Some(amount), now_ms)
+        },
+        before,
+        exact,
+    );
     IncrementOutcome::Done(account.state())
 }
 
@@ -364,8 +533,32 @@ pub fn begin_fence(account: &mut Account, op: FenceOp, now_ms: i64) -> Option<u6
 
 /// Step 3 of a pending fence: with what the hot store drained at the new generation,
 /// writes the new balance. Nothing is allocated to the hot store afterwards.
-pub fn finish_fence(account: &mut Account, op: FenceOp, drained: Drained) {
+///
+/// Its history entry is exact: the balance before is `remaining + drained + held`
+/// (the hot store is fenced, nothing is in flight), and what the books held above it are
+/// the old generation's spends the hot store had not reported, counted spent now.
+/// `actor`: who asked for it (`None`: a refill).
+pub fn finish_fence(
+    account: &mut Account,
+    op: FenceOp,
+    drained: Drained,
+    now_ms: i64,
+    actor: Option<&str>,
+) {
     let base = account.remaining.map(|r| r.saturating_add(drained.amount));
+    let mut exact = true;
+    if let (Some(books), Some(total)) = (
+        account.books(),
+        base.map(|b| b.saturating_add(account.held)),
+    ) {
+        match books.checked_sub(total) {
+            Some(unreported) => account.count_spent(unreported),
+            // Credits came back that the books had let go of (a late return of a
+            // generation before an earlier fence): the books are the lower figure.
+            None => exact = false,
+        }
+    }
+    let before = account.figures();
     account.remaining = match op {
         FenceOp::Set(v) => v,
         FenceOp::Decrement(v) => base.map(|b| b.saturating_sub(v)),
@@ -373,6 +566,24 @@ pub fn finish_fence(account: &mut Account, op: FenceOp, drained: Drained) {
     };
     account.hot_allocated = 0;
     account.version += 1;
+    account.booked = account.spent.saturating_add(
+        account
+            .remaining
+            .map_or(0, |r| r.saturating_add(account.held)),
+    );
+    let (kind, value) = match op {
+        FenceOp::Set(v) => (EntryKind::Set, v),
+        FenceOp::Decrement(v) => (EntryKind::Decrement, Some(v)),
+        FenceOp::Refill { amount, .. } => (EntryKind::Refill, Some(amount)),
+    };
+    account.record(
+        Change {
+            actor,
+            ..Change::new(kind, value, now_ms)
+        },
+        before,
+        exact,
+    );
 }
 
 /// A spend on `remaining` alone (the hot store is unreachable): never touches credits
@@ -392,6 +603,7 @@ pub fn spend_direct(account: &mut Account, cost: u64) -> DirectSpend {
     }
     account.remaining = Some(remaining - cost);
     account.version += 1;
+    account.count_spent(cost);
     DirectSpend::Valid {
         remaining: remaining - cost,
     }
@@ -453,6 +665,7 @@ impl From<Short> for HoldOutcome {
 /// `remaining` if it covers it (`Short` otherwise, nothing changes); on an unlimited key
 /// an unfunded hold that moves nothing.
 pub fn reserve(account: &mut Account, req: &ReserveRequest<'_>) -> Result<Hold, Short> {
+    let before = account.figures();
     let funded = match account.remaining {
         None => false,
         Some(r) if r >= req.amount => {
@@ -463,6 +676,15 @@ pub fn reserve(account: &mut Account, req: &ReserveRequest<'_>) -> Result<Hold, 
         }
         Some(r) => return Err(Short::of(account, r)),
     };
+    let exact = account.books_exact();
+    account.record(
+        Change {
+            hold_id: Some(req.hold_id),
+            ..Change::new(EntryKind::HoldReserve, Some(req.amount), req.now_ms)
+        },
+        before,
+        exact,
+    );
     Ok(Hold {
         id: req.hold_id.to_owned(),
         key: req.key.to_owned(),
@@ -484,7 +706,7 @@ pub fn reserve(account: &mut Account, req: &ReserveRequest<'_>) -> Result<Hold, 
 /// spent to `remaining` as it is then. Unfunded holds (reserved while the key was
 /// unlimited) only record the cost.
 pub fn close_hold(
-    account: Option<&mut Account>,
+    mut account: Option<&mut Account>,
     hold: &mut Hold,
     close: HoldClose,
     now_ms: i64,
@@ -498,7 +720,8 @@ pub fn close_hold(
         _ if due => HoldClose::Expire,
         c => c,
     };
-    if let (true, Some(a)) = (hold.funded, account) {
+    let before = account.as_deref().map(Account::figures);
+    if let (true, Some(a)) = (hold.funded, account.as_deref_mut()) {
         let back = match close {
             HoldClose::Settle(cost) if cost > hold.amount => {
                 let extra = cost - hold.amount;
@@ -515,6 +738,9 @@ pub fn close_hold(
         };
         a.held = a.held.saturating_sub(hold.amount);
         a.give_back(back);
+        if let HoldClose::Settle(cost) = close {
+            a.booked = a.booked.saturating_sub(cost);
+        }
     }
     (hold.state, hold.cost) = match close {
         HoldClose::Settle(cost) => (HoldState::Settled, Some(cost)),
@@ -522,6 +748,22 @@ pub fn close_hold(
         HoldClose::Expire => (HoldState::Expired, None),
     };
     hold.closed_at_ms = Some(now_ms);
+    if let (Some(a), Some(before)) = (account, before) {
+        let (kind, value) = match close {
+            HoldClose::Settle(cost) => (EntryKind::HoldSettle, cost),
+            HoldClose::Release => (EntryKind::HoldRelease, hold.amount),
+            HoldClose::Expire => (EntryKind::HoldExpire, hold.amount),
+        };
+        let exact = a.books_exact();
+        a.record(
+            Change {
+                hold_id: Some(&hold.id),
+                ..Change::new(kind, Some(value), now_ms)
+            },
+            before,
+            exact,
+        );
+    }
     Ok(true)
 }
 
@@ -636,6 +878,20 @@ mod tests {
 
     static K: std::sync::LazyLock<KeyId> = std::sync::LazyLock::new(|| KeyId::from("k"));
 
+    fn at(now_ms: i64) -> Arrival {
+        Arrival {
+            now_ms,
+            ..Arrival::default()
+        }
+    }
+
+    fn overwritten() -> Arrival {
+        Arrival {
+            overwritten: true,
+            ..Arrival::default()
+        }
+    }
+
     fn req(need: u64, chunk: u64, generation: Option<u64>) -> AllocateRequest<'static> {
         AllocateRequest {
             key: &K,
@@ -719,17 +975,17 @@ mod tests {
         // Cancel: back to remaining.
         let mut c = a.clone();
         assert_eq!(
-            settle(Some(&mut c), &K, &t, false, 0, false),
+            settle(Some(&mut c), &K, &t, false, 0, Arrival::default()),
             Some(TransferState::Cancelled)
         );
         assert_eq!((c.remaining, c.hot_allocated), (Some(100), 0));
         // Cancel after a Set overwrote the generation: nothing comes back.
         let mut o = a.clone();
-        settle(Some(&mut o), &K, &t, false, 0, true);
+        settle(Some(&mut o), &K, &t, false, 0, overwritten());
         assert_eq!(o.remaining, Some(90));
         // Credit with 4 spends reported; then a return of the 6 left.
         assert_eq!(
-            settle(Some(&mut a), &K, &t, true, 4, false),
+            settle(Some(&mut a), &K, &t, true, 4, Arrival::default()),
             Some(TransferState::Credited)
         );
         assert_eq!(a.hot_allocated, 6);
@@ -738,15 +994,25 @@ mod tests {
             spent: 0,
             generation: 0,
         };
-        let r = return_drained(&mut a, &K, drained, false, 9);
+        let r = return_drained(&mut a, &K, drained, at(9));
         assert_eq!((a.remaining, a.hot_allocated), (Some(96), 0));
         assert_eq!((r.state, r.created_at_ms), (TransferState::Applied, 9));
         // Settled transfers and other keys' ids are left alone.
         let mut done = t.clone();
         done.state = TransferState::Credited;
-        assert_eq!(settle(Some(&mut a), &K, &done, false, 0, false), None);
         assert_eq!(
-            settle(Some(&mut a), &"other".into(), &t, false, 0, false),
+            settle(Some(&mut a), &K, &done, false, 0, Arrival::default()),
+            None
+        );
+        assert_eq!(
+            settle(
+                Some(&mut a),
+                &"other".into(),
+                &t,
+                false,
+                0,
+                Arrival::default()
+            ),
             None
         );
     }
@@ -776,13 +1042,21 @@ mod tests {
                 spent: 0,
                 generation: 1,
             },
+            0,
+            None,
         );
         assert_eq!(a.remaining, Some(50));
-        finish_fence(&mut a, FenceOp::Decrement(70), Drained::default());
+        finish_fence(&mut a, FenceOp::Decrement(70), Drained::default(), 0, None);
         assert_eq!(a.remaining, Some(0), "a decrement clamps at zero");
-        assert_eq!(increment(&mut a, 5, 10), IncrementOutcome::Done(a.state()));
+        assert_eq!(
+            increment(&mut a, 5, 10, 0, None),
+            IncrementOutcome::Done(a.state())
+        );
         assert_eq!(a.remaining, Some(5));
-        assert_eq!(increment(&mut a, 6, 10), IncrementOutcome::Overflow);
+        assert_eq!(
+            increment(&mut a, 6, 10, 0, None),
+            IncrementOutcome::Overflow
+        );
         assert_eq!(
             spend_direct(&mut a, 6),
             DirectSpend::Exceeded { remaining: 5 }
@@ -799,8 +1073,11 @@ mod tests {
         );
         assert_eq!(a.remaining, Some(0), "nothing was spent");
         a.hot_allocated = 0;
-        finish_fence(&mut a, FenceOp::Set(None), Drained::default());
-        assert_eq!(increment(&mut a, 1, 10), IncrementOutcome::Unlimited);
+        finish_fence(&mut a, FenceOp::Set(None), Drained::default(), 0, None);
+        assert_eq!(
+            increment(&mut a, 1, 10, 0, None),
+            IncrementOutcome::Unlimited
+        );
         assert_eq!(spend_direct(&mut a, 1), DirectSpend::Unlimited);
     }
 
@@ -883,6 +1160,123 @@ mod tests {
             HoldState::parse(HoldState::Expired.as_str()),
             Some(HoldState::Expired)
         );
+    }
+
+    #[test]
+    fn history_books_every_change_and_chains_over_spends() {
+        let mut a = Account::new(Some(100), 0);
+        let t = allocate(&mut a, &req(1, 10, None), false).transfer.unwrap();
+        assert_eq!(a.entries.len(), 1, "an allocation is no entry");
+        // 4 spends reported with the credit: counted, no entry.
+        settle(Some(&mut a), &K, &t, true, 4, Arrival::default());
+        assert_eq!((a.spent, a.books()), (4, Some(96)));
+        increment(&mut a, 5, 1_000, 7, Some("rk_1"));
+        let inc = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (inc.kind, inc.balance_before, inc.balance_after, inc.exact),
+            (EntryKind::Increment, Some(96), Some(101), false),
+            "the hot store holds credits: upper bounds"
+        );
+        assert_eq!(
+            (inc.actor.as_deref(), inc.at_ms, inc.spent_total),
+            (Some("rk_1"), 7, 4)
+        );
+        // A fence drains 3 and 3 more spends were unreported: counted at its finish,
+        // and its balance before is the exact one.
+        let op = FenceOp::Decrement(10);
+        begin_fence(&mut a, op, 8).unwrap();
+        let drained = Drained {
+            amount: 3,
+            spent: 3,
+            generation: 1,
+        };
+        finish_fence(&mut a, op, drained, 9, Some("rk_2"));
+        let dec = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (
+                dec.balance_before,
+                dec.balance_after,
+                dec.exact,
+                dec.spent_total
+            ),
+            (Some(98), Some(88), true, 7)
+        );
+        assert_eq!(a.remaining, Some(88));
+        // An allocation of the old generation cancelled after the fence: a late return.
+        let mut old = t.clone();
+        old.amount = 2;
+        settle(Some(&mut a), &K, &old, false, 0, at(10));
+        let late = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (late.kind, late.balance_before, late.balance_after),
+            (EntryKind::LateReturn, Some(88), Some(90))
+        );
+        // The same during a pending fence: taken in by that fence, no entry.
+        let mut b = a.clone();
+        begin_fence(&mut b, FenceOp::Set(Some(1)), 11).unwrap();
+        let n = b.entries.len();
+        settle(
+            Some(&mut b),
+            &K,
+            &old,
+            false,
+            0,
+            Arrival {
+                fence_pending: true,
+                ..at(11)
+            },
+        );
+        assert_eq!(b.entries.len(), n);
+        // Holds and a write-off.
+        let h = reserve(
+            &mut a,
+            &ReserveRequest {
+                key: &K,
+                hold_id: "hold_x",
+                amount: 30,
+                now_ms: 12,
+                expires_at_ms: 100,
+                mark: None,
+            },
+        )
+        .unwrap();
+        let mut h2 = h.clone();
+        close_hold(Some(&mut a), &mut h2, HoldClose::Settle(40), 13).unwrap();
+        let settled = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (
+                settled.kind,
+                settled.value,
+                settled.balance_before,
+                settled.balance_after
+            ),
+            (EntryKind::HoldSettle, Some(40), Some(60), Some(50))
+        );
+        assert_eq!((settled.held_before, settled.held_after), (30, 0));
+        let g = a.generation;
+        let out = allocate(&mut a, &req(6, 6, Some(g)), false);
+        assert!(matches!(
+            out.outcome,
+            AllocateOutcome::Granted { amount: 6, .. }
+        ));
+        write_off(&mut a, "e2", 14);
+        let w = a.entries.last().unwrap().clone();
+        assert_eq!(
+            (w.kind, w.value, w.balance_before, w.balance_after, w.exact),
+            (EntryKind::WriteOff, Some(6), Some(50), Some(44), false)
+        );
+        // Seqs without gaps, and the chain over the spends counted between entries.
+        for (i, e) in a.entries.iter().enumerate() {
+            assert_eq!(e.seq, u64::try_from(i + 1).unwrap());
+        }
+        for w in a.entries.windows(2) {
+            assert_eq!(
+                w[1].balance_before.unwrap(),
+                w[0].balance_after.unwrap() - (w[1].spent_total - w[0].spent_total),
+                "{w:?}"
+            );
+        }
+        assert_eq!(a.books().map(|b| b - a.held), a.remaining);
     }
 
     #[test]

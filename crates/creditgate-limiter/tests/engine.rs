@@ -152,8 +152,12 @@ impl Ledger for FaultyLedger {
         amount: Credits,
         max: u64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<IncrementOutcome, LedgerError> {
-        faulty!(self, self.inner.increment(key, amount, max, mark).await)
+        faulty!(
+            self,
+            self.inner.increment(key, amount, max, mark, actor).await
+        )
     }
     async fn begin_fence(
         &self,
@@ -162,10 +166,13 @@ impl Ledger for FaultyLedger {
         op: FenceOp,
         now: i64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<BeginFence, LedgerError> {
         faulty!(
             self,
-            self.inner.begin_fence(key, op_id, op, now, mark).await
+            self.inner
+                .begin_fence(key, op_id, op, now, mark, actor)
+                .await
         )
     }
     async fn finish_fence(&self, f: &PendingFence, d: Drained) -> Result<LedgerState, LedgerError> {
@@ -282,6 +289,14 @@ impl Ledger for FaultyLedger {
     }
     async fn purge_idempotency(&self, before: i64, limit: u32) -> Result<u64, LedgerError> {
         self.inner.purge_idempotency(before, limit).await
+    }
+    async fn credit_history(
+        &self,
+        account: &KeyId,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CreditEntry>, LedgerError> {
+        self.inner.credit_history(account, before_seq, limit).await
     }
 }
 
@@ -1258,6 +1273,27 @@ async fn run_sequence(seed: u64) {
         sim.pool_granted,
         "seed {seed}: the pool's books"
     );
+    // The credit histories of the key and the pool: seqs without gaps, the chain over
+    // the spends counted between entries, and the replay ends at the ledger's balance.
+    for account in [&sim.key, &sim.pool] {
+        let mut entries = sim
+            .ledger
+            .inner
+            .credit_history(account, None, u32::MAX)
+            .await
+            .unwrap();
+        entries.reverse();
+        conformance::check_history_chain(&entries);
+        let state = sim.ledger.inner.state(account).await.unwrap().unwrap();
+        let newest = entries.last().expect("at least the create entry");
+        assert_eq!(
+            newest
+                .balance_after
+                .map(|b| b - (state.spent - newest.spent_total)),
+            state.remaining,
+            "seed {seed}: {account}'s history replays to its balance: {entries:#?}"
+        );
+    }
     // Conservation: what was granted is outside holds, held, spent, or reported lost
     // (with no set or decrement in the sequence the books must balance exactly).
     if let (Some(b), Some(_)) = (sim.balance, initial) {

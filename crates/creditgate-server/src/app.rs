@@ -63,6 +63,26 @@ impl App {
         node_id: String,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<App> {
+        Self::build_with_parts(config, node_id, clock, None).await
+    }
+
+    /// [`App::build_with_clock`] on a given hot store instead of the one the config names
+    /// (tests hold an in-process store to make it lose its data).
+    pub async fn build_with_hot_store(
+        config: ServeConfig,
+        node_id: String,
+        clock: Arc<dyn Clock>,
+        hot: Arc<dyn HotStore>,
+    ) -> anyhow::Result<App> {
+        Self::build_with_parts(config, node_id, clock, Some(hot)).await
+    }
+
+    async fn build_with_parts(
+        config: ServeConfig,
+        node_id: String,
+        clock: Arc<dyn Clock>,
+        given_hot: Option<Arc<dyn HotStore>>,
+    ) -> anyhow::Result<App> {
         // Checked before anything is opened or created.
         let redis = redis_target(&config)?;
         let url = config.database_url();
@@ -70,9 +90,11 @@ impl App {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         }
+        // The node's clock stamps what the ledger records (returns, history entries).
         let sql = SqlStore::connect(&url)
             .await
-            .with_context(|| format!("opening the database {}", redact(&url)))?;
+            .with_context(|| format!("opening the database {}", redact(&url)))?
+            .with_clock(clock.clone());
         let store: Arc<dyn KeyStore> = Arc::new(sql.clone());
         let deliveries = Arc::new(
             DeliveryWorker::new(
@@ -106,13 +128,14 @@ impl App {
                 }
                 (None, None) => (Arc::new(sql.clone()), Arc::new(sql)),
             };
-        let hot: Arc<dyn HotStore> = match &redis {
-            Some((target, shown)) => Arc::new(
+        let hot: Arc<dyn HotStore> = match (given_hot, &redis) {
+            (Some(hot), _) => hot,
+            (None, Some((target, shown))) => Arc::new(
                 RedisHotStore::connect_to(target, RedisOptions::default())
                     .await
                     .with_context(|| format!("connecting the hot store {shown}"))?,
             ),
-            None => Arc::new(MemoryHotStore::new()),
+            (None, None) => Arc::new(MemoryHotStore::new()),
         };
         let ratelimiter: Arc<dyn RateLimiter> = match &redis {
             Some((target, shown)) => Arc::new(
@@ -347,6 +370,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/keys.updateCredits", post(keys::update_credits))
         .route("/v2/keys.deleteKey", post(keys::delete_key))
         .route("/v2/keys.whoami", post(keys::whoami))
+        .route("/v2/keys.getCreditHistory", post(keys::get_credit_history))
         .route("/v2/keys.verifyKey", post(verify::verify_key))
         .route("/v2/keys.reserveCredits", post(holds::reserve_credits))
         .route("/v2/keys.settleCredits", post(holds::settle_credits))
@@ -388,6 +412,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v2/identities.updateCredits",
             post(identities::update_credits),
+        )
+        .route(
+            "/v2/identities.getCreditHistory",
+            post(identities::get_credit_history),
         )
         .route("/v2/keys.rerollKey", post(keys::reroll_key))
         .route("/v2/keys.migrateKeys", post(keys::migrate_keys))

@@ -29,10 +29,11 @@ use crate::routes::{
     paths(
         apis::create_api, apis::get_api, apis::list_keys, apis::delete_api,
         keys::create_key, keys::get_key, keys::update_key, keys::update_credits,
-        keys::delete_key, keys::whoami, keys::reroll_key, keys::migrate_keys, verify::verify_key, holds::reserve_credits,
+        keys::delete_key, keys::whoami, keys::get_credit_history, keys::reroll_key, keys::migrate_keys, verify::verify_key, holds::reserve_credits,
         holds::settle_credits, holds::release_credits, holds::get_hold,
         identities::create_identity, identities::get_identity, identities::list_identities,
         identities::update_identity, identities::delete_identity, identities::update_credits,
+        identities::get_credit_history,
         ratelimit::limit,
         ratelimit::multi_limit, ratelimit::set_override, ratelimit::get_override,
         ratelimit::list_overrides, ratelimit::delete_override, analytics::get_usage,
@@ -76,6 +77,10 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
         &[400, 401, 403, 404, 409, 413, 422, 500, 503],
     ),
     ("/v2/keys.deleteKey", &[400, 401, 403, 404, 413, 500, 503]),
+    (
+        "/v2/keys.getCreditHistory",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
     ("/v2/keys.rerollKey", &[400, 401, 403, 404, 413, 500, 503]),
     (
         "/v2/keys.migrateKeys",
@@ -120,6 +125,10 @@ const ROUTE_ERRORS: &[(&str, &[u16])] = &[
     ),
     (
         "/v2/identities.deleteIdentity",
+        &[400, 401, 403, 404, 413, 500, 503],
+    ),
+    (
+        "/v2/identities.getCreditHistory",
         &[400, 401, 403, 404, 413, 500, 503],
     ),
     ("/v2/ratelimit.limit", &[400, 401, 403, 413, 500, 503]),
@@ -211,6 +220,20 @@ const LINKS: &[(&str, &str, &str, &str, &str)] = &[
         "update_credits",
         "keyId",
         "/data/keyId",
+    ),
+    (
+        "/v2/keys.createKey",
+        "GetCreditHistory",
+        "get_credit_history",
+        "keyId",
+        "/data/keyId",
+    ),
+    (
+        "/v2/identities.createIdentity",
+        "GetCreditHistory",
+        "get_identity_credit_history",
+        "identity",
+        "/data/identityId",
     ),
     (
         "/v2/keys.createKey",
@@ -339,6 +362,9 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
     let window_ms = window.clone();
     let namespace = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[A-Za-z0-9_.:/-]+$" });
     // No control character (C0, DEL, C1), as `char::is_control` says.
+    // A credit history cursor: a seq as the previous page answered it.
+    let history_cursor = json!({ "pattern": "^[1-9][0-9]{0,17}$" });
+    let page_limit = json!({ "minimum": 1, "maximum": 100 });
     let identifier = json!({ "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$" });
     let alerts = json!({ "maxItems": MAX_ALERTS, "uniqueItems": true });
     vec![
@@ -536,6 +562,16 @@ fn constraints() -> Vec<(&'static str, &'static str, Value)> {
             json!({ "minimum": 1, "maximum": 31 }),
         ),
         ("GetKeyRequest", "keyId", key_id.clone()),
+        ("GetCreditHistoryRequest", "keyId", key_id.clone()),
+        ("GetCreditHistoryRequest", "cursor", history_cursor.clone()),
+        ("GetCreditHistoryRequest", "limit", page_limit.clone()),
+        (
+            "GetIdentityCreditHistoryRequest",
+            "identity",
+            json!({ "minLength": 1, "maxLength": 255 }),
+        ),
+        ("GetIdentityCreditHistoryRequest", "cursor", history_cursor),
+        ("GetIdentityCreditHistoryRequest", "limit", page_limit),
         ("GetKeyRequest", "decrypt", hashes_only),
         ("DeleteKeyRequest", "keyId", key_id.clone()),
         ("UpdateKeyRequest", "keyId", key_id.clone()),

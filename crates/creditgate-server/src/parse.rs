@@ -9,10 +9,10 @@ use creditgate_domain::{
 };
 use creditgate_limiter::CreditOp;
 use creditgate_service::{
-    CreateIdentity, CreateKey, CreateWebhookEndpoint, FieldError, GetUsage, LimitRequest,
-    ListIdentities, ListKeys, NamedLimit, Reserve, SetOverride, UpdateCredits, UpdateIdentity,
-    UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS, MAX_LIMIT, MAX_USAGE_BUCKETS,
-    MAX_USAGE_RANGE_MS, MAX_WEBHOOK_URL_LEN,
+    CreateIdentity, CreateKey, CreateWebhookEndpoint, FieldError, GetUsage, HistoryQuery,
+    LimitRequest, ListIdentities, ListKeys, NamedLimit, Reserve, SetOverride, UpdateCredits,
+    UpdateIdentity, UpdateKey, Verify, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS, MAX_LIMIT,
+    MAX_USAGE_BUCKETS, MAX_USAGE_RANGE_MS, MAX_WEBHOOK_URL_LEN,
 };
 use serde_json::{Map, Value};
 
@@ -1247,4 +1247,49 @@ pub fn parse_list_deliveries(
     c.len("body.endpointId", &req.endpoint_id, 1, 64);
     let limit = c.limit(req.limit);
     c.finish((req.endpoint_id, limit, req.cursor))
+}
+
+impl Checks {
+    /// A credit history page: the cursor a previous page answered (a seq, 1 to 18 digits
+    /// without a leading zero) and a limit.
+    fn history_query(&mut self, cursor: Option<&str>, limit: Option<u32>) -> HistoryQuery {
+        let before = cursor.and_then(|c| {
+            let well_formed = (1..=18).contains(&c.len())
+                && !c.starts_with('0')
+                && c.bytes().all(|b| b.is_ascii_digit());
+            let parsed = well_formed.then(|| c.parse::<u64>().ok()).flatten();
+            if parsed.is_none() {
+                self.push(
+                    "body.cursor",
+                    "must be the pagination.cursor a previous page answered",
+                    "send pagination.cursor as it came, or omit it for the newest entries",
+                );
+            }
+            parsed
+        });
+        HistoryQuery {
+            before,
+            limit: self.limit(limit),
+        }
+    }
+}
+
+/// `keys.getCreditHistory`: the key id and the page.
+pub fn parse_credit_history(
+    req: &GetCreditHistoryRequest,
+) -> Result<(KeyId, HistoryQuery), ApiError> {
+    let mut c = Checks::default();
+    let id = c.key_id(&req.key_id);
+    let query = c.history_query(req.cursor.as_deref(), req.limit);
+    c.finish((id, query))
+}
+
+/// `identities.getCreditHistory`: the identity (id or external id) and the page.
+pub fn parse_identity_credit_history(
+    req: &GetIdentityCreditHistoryRequest,
+) -> Result<(&str, HistoryQuery), ApiError> {
+    let mut c = Checks::default();
+    c.len("body.identity", &req.identity, 1, 255);
+    let query = c.history_query(req.cursor.as_deref(), req.limit);
+    c.finish((req.identity.as_str(), query))
 }

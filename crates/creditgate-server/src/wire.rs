@@ -988,3 +988,89 @@ pub struct WebhookDeliveryData {
     pub created_at: i64,
     pub attempts: Vec<WebhookAttemptData>,
 }
+
+/// `keys.getCreditHistory`: a page of a key's credit history, newest first.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetCreditHistoryRequest {
+    pub key_id: String,
+    /// The previous page's `pagination.cursor` (entries older than it); absent: from the
+    /// newest.
+    pub cursor: Option<String>,
+    /// 1..=100 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// `identities.getCreditHistory`: a page of the credit history of an identity's shared
+/// pool (the identity's id or its external id), newest first.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetIdentityCreditHistoryRequest {
+    pub identity: String,
+    /// The previous page's `pagination.cursor` (entries older than it); absent: from the
+    /// newest.
+    pub cursor: Option<String>,
+    /// 1..=100 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// One change of an account's credits other than a single spend (a verification), with
+/// the balance before and after it, written in the same transaction as the change.
+///
+/// Single spends are not entries: `spentTotal` counts them, so the entries chain without
+/// a gap. For two consecutive entries (`seq` n-1 and n, both with balances):
+/// `balanceBefore(n) = balanceAfter(n-1) - (spentTotal(n) - spentTotal(n-1))`; and the
+/// balance now is `balanceAfter(newest) - (credits spent since it)`.
+///
+/// Spends on the hot store are counted in `spentTotal` when the ledger learns of them (the
+/// hot store reports them with its next refill, return of an idle balance, or balance
+/// change), so an entry written while the hot store held credits of the key may count
+/// fewer than were spent: its balances are then upper bounds (`exact: false`) and later
+/// entries count the rest. Credits spent by a hold's settle are in the `hold.settle`
+/// entry, not in `spentTotal`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditHistoryEntryData {
+    /// 1, 2, ... per key (or pool), without gaps: entry n is the n-th change.
+    pub seq: i64,
+    /// Unix ms of the change.
+    pub time: i64,
+    /// `create`, `increment`, `decrement`, `set`, `refill` (a periodic refill applied),
+    /// `hold.reserve`, `hold.settle`, `hold.release`, `hold.expire`, `write_off` (credits a
+    /// hot store that lost its data held: the lost store may have spent part of them
+    /// without reporting it, so `balanceBefore` is an upper bound and the spends are never
+    /// counted in `spentTotal`), or `late_return` (credits of an older generation given
+    /// back after the balance change that replaced it had counted them spent).
+    pub kind: String,
+    /// The amount the change names: the balance created, set or refilled to; the amount
+    /// added or taken; held, released or expired; a settle's cost; credits written off or
+    /// returned. Absent for `set`/`create` to unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<i64>,
+    /// The root key id that asked for the change (`keys.updateCredits`, `keys.updateKey`,
+    /// `identities.updateCredits`); absent for system changes (create, refills, holds
+    /// expiring, write-offs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The hold of a `hold.*` entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<String>,
+    /// The balance outside holds just before the change; absent when unlimited (or, for
+    /// `create`, when there was none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance_before: Option<i64>,
+    /// The balance outside holds just after the change; absent when unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance_after: Option<i64>,
+    /// Credits in open holds just before the change.
+    pub held_before: i64,
+    /// Credits in open holds just after the change.
+    pub held_after: i64,
+    /// Credits of single spends counted up to this entry, since the key was created (or
+    /// since history began, for keys created before it).
+    pub spent_total: i64,
+    /// `true`: both balances are the exact balance at that moment. `false`: upper bounds
+    /// (the hot store held credits and may have spent some it had not reported yet; always
+    /// for `write_off`).
+    pub exact: bool,
+}

@@ -16,6 +16,8 @@ mod bad_input;
 mod exactness;
 #[path = "http/fuzz.rs"]
 mod fuzz;
+#[path = "http/history.rs"]
+mod history;
 #[path = "http/holds.rs"]
 mod holds;
 #[path = "http/idempotency.rs"]

@@ -28,6 +28,11 @@ impl Caller {
         self.0.permissions.allows(action, api)
     }
 
+    /// The root key's id: who a change it asks for is recorded as made by.
+    pub fn root_key_id(&self) -> &str {
+        self.0.id.as_str()
+    }
+
     pub fn workspace(&self) -> &WorkspaceId {
         &self.0.workspace_id
     }

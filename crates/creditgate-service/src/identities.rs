@@ -247,7 +247,9 @@ impl Service {
                 "a credit pool cannot be unlimited: set a number; nothing was changed".into(),
             ));
         }
-        self.engine.update(&pool_account(&found), op).await?;
+        self.engine
+            .update_marked(&pool_account(&found), op, None, Some(caller.root_key_id()))
+            .await?;
         let balance = self.pool_balance(&found).await?;
         Ok((Arc::new(found), balance))
     }

@@ -312,7 +312,7 @@ impl Service {
                     .into(),
             ));
         }
-        let record = self.apply_credit_op(&key, cmd.op, ticket).await?;
+        let record = self.apply_credit_op(caller, &key, cmd.op, ticket).await?;
         let (remaining, reserved) = self.books(&record).await?;
         let pool_remaining = match record.identity.as_deref() {
             Some(identity) => self.pool_balance(identity).await?,
@@ -326,17 +326,19 @@ impl Service {
         })
     }
 
-    /// Runs a balance change through the engine; a switch to unlimited also drops the
-    /// refill. Returns the key as it is afterwards.
+    /// Runs a balance change through the engine (its history entry names the caller's
+    /// root key); a switch to unlimited also drops the refill. Returns the key as it is
+    /// afterwards.
     async fn apply_credit_op(
         &self,
+        caller: &Caller,
         key: &KeyRecord,
         op: CreditOp,
         ticket: Option<&Ticket>,
     ) -> Result<KeyRecord, ServiceError> {
         let mark = ticket.map(Ticket::mark);
         self.engine
-            .update_marked(&key.id, op, mark.as_ref())
+            .update_marked(&key.id, op, mark.as_ref(), Some(caller.root_key_id()))
             .await?;
         let mut record = key.clone();
         if op == CreditOp::Set(None) && key.refill.is_some() {
@@ -375,7 +377,7 @@ impl Service {
         };
         let op = cmd.remaining.map(CreditOp::Set);
         if let Some(op) = op {
-            self.apply_credit_op(&key, op, None).await?;
+            self.apply_credit_op(caller, &key, op, None).await?;
         }
         let patch = KeyPatch {
             name: cmd.name,

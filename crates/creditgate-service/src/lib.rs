@@ -8,6 +8,7 @@ mod apis;
 mod caller;
 pub mod commands;
 mod error;
+mod history;
 mod holds;
 mod idempotency;
 mod identities;
@@ -33,6 +34,7 @@ pub use apis::KeyListing;
 pub use caller::Caller;
 pub use commands::{CreateKey, ListKeys, NamedLimit, UpdateCredits, UpdateKey, Verify};
 pub use error::{FieldError, ServiceError};
+pub use history::{HistoryPage, HistoryQuery};
 pub use holds::{CloseHold, Closing, Reservation, Reserve, DEFAULT_HOLD_TTL_MS, MAX_HOLD_TTL_MS};
 pub use idempotency::{
     AfterFailure, Claim, IdemRequest, Ticket, CLAIM_LEASE_MS, MAX_IDEMPOTENCY_KEY_LEN,

@@ -20,6 +20,8 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, Row};
 
+use creditgate_limiter::rules::Account;
+
 use crate::error::store_error;
 use crate::SqlStore;
 
@@ -149,10 +151,11 @@ pub(crate) async fn insert_pool(
     now_ms: i64,
 ) -> Result<(), StoreError> {
     let (interval, amount, day) = refill_columns(refill);
+    let account = Account::new(remaining.map(Credits::get), now_ms);
     sqlx::query(
         "INSERT INTO pools (id, workspace_id, remaining, refill_interval, refill_amount, \
-         refill_day, last_refill_at, created_at, credit_alerts) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
+         refill_day, last_refill_at, created_at, credit_alerts, booked, history_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10)",
     )
     .bind(identity.as_str())
     .bind(workspace.as_str())
@@ -162,10 +165,20 @@ pub(crate) async fn insert_pool(
     .bind(day)
     .bind(now_ms)
     .bind(alerts_json(alerts))
-    .execute(conn)
+    .bind(opened_i64(account.booked)?)
+    .bind(opened_i64(account.history_seq)?)
+    .execute(&mut *conn)
     .await
     .map_err(store_error)?;
-    Ok(())
+    let pool = KeyId::from(identity.as_str());
+    crate::ledger::insert_entries(conn, &pool, &account.entries)
+        .await
+        .map_err(store_error)
+}
+
+/// A column of a new account (its balance bounds it).
+fn opened_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend(format!("{v} does not fit a column")))
 }
 
 /// One page of `limit` records from `rows` (fetched with `LIMIT limit + 1`), and the
@@ -628,13 +641,15 @@ impl KeyStore for SqlStore {
         if let Some(external_id) = &r.external_id {
             ensure_identity(&mut tx, &r.workspace_id, external_id, r.created_at).await?;
         }
+        // The account opens with its `create` history entry, in this transaction.
+        let account = Account::new(key.remaining.map(Credits::get), r.created_at);
         sqlx::query(
             "INSERT INTO keys (id, workspace_id, api_id, hash, start, name, external_id, meta, \
              created_at, updated_at, expires, enabled, remaining, hot_allocated, generation, \
              version, refill_interval, refill_amount, refill_day, last_refill_at, ratelimits, \
-             credit_alerts) \
+             credit_alerts, booked, history_seq) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0, 0, 0, \
-             $14, $15, $16, $17, $18, $19)",
+             $14, $15, $16, $17, $18, $19, $20, $21)",
         )
         .bind(r.id.as_str())
         .bind(r.workspace_id.as_str())
@@ -655,9 +670,14 @@ impl KeyStore for SqlStore {
         .bind(r.last_refill_at)
         .bind(ratelimits_json(&r.ratelimits)?)
         .bind(alerts_json(&r.credit_alerts))
+        .bind(opened_i64(account.booked)?)
+        .bind(opened_i64(account.history_seq)?)
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
+        crate::ledger::insert_entries(&mut tx, &r.id, &account.entries)
+            .await
+            .map_err(store_error)?;
         tx.commit().await.map_err(store_error)
     }
 

@@ -3,10 +3,12 @@
 //! the limiter.
 //!
 //! The ledger lives in the ledger columns of `keys` (`remaining`, `hot_allocated`,
-//! `generation`, `version`, `hot_epoch`, `last_refill_at`), the `transfers` log and
-//! the `fences` log. Every method is one transaction that first locks the key's row
-//! (`SELECT … FOR UPDATE` on Postgres; on SQLite `BEGIN IMMEDIATE` already holds the
-//! database's write lock), then loads what the rule needs, applies it, and writes back.
+//! `generation`, `version`, `hot_epoch`, `last_refill_at`, `held`, and the history's
+//! `booked`, `spent`, `history_seq`), the `transfers` log, the `fences` log and the
+//! `credit_history` the rules write (inserted by `write_account` with the row). Every
+//! method is one transaction that first locks the key's row (`SELECT … FOR UPDATE` on
+//! Postgres; on SQLite `BEGIN IMMEDIATE` already holds the database's write lock), then
+//! loads what the rule needs, applies it, and writes back.
 //! Every change to the transfers and fences of a key happens under that key's lock, so
 //! idempotency checks on their ids cannot race.
 
@@ -14,11 +16,14 @@ use async_trait::async_trait;
 use creditgate_domain::{Cost, Credits, IdentityId, KeyId};
 use creditgate_limiter::ports::{
     allocate_each, return_each, settle_each, AllocateOutcome, AllocateRequest, BeginFence,
-    ClaimOutcome, DirectSpend, Drained, FenceOp, Hold, HoldClose, HoldOutcome, HoldState,
-    IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger, LedgerError, LedgerState,
-    PairHoldOutcome, PendingAllocation, PendingFence, ReserveRequest, Settlement,
+    ClaimOutcome, CreditEntry, DirectSpend, Drained, EntryKind, FenceOp, Hold, HoldClose,
+    HoldOutcome, HoldState, IdemClaim, IdemMark, IdemRecord, IdemState, IncrementOutcome, Ledger,
+    LedgerError, LedgerState, PairHoldOutcome, PendingAllocation, PendingFence, ReserveRequest,
+    Settlement,
 };
-use creditgate_limiter::rules::{self, Account, FenceState, Transfer, TransferKind, TransferState};
+use creditgate_limiter::rules::{
+    self, Account, Arrival, FenceState, Transfer, TransferKind, TransferState,
+};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
 use sqlx::Row as _;
@@ -68,6 +73,10 @@ impl KeyRow {
                 hot_epoch: row.try_get("hot_epoch").map_err(ledger_error)?,
                 last_refill_at: row.try_get("last_refill_at").map_err(ledger_error)?,
                 held: get_u64(row, "held")?,
+                booked: get_u64(row, "booked")?,
+                spent: get_u64(row, "spent")?,
+                history_seq: get_u64(row, "history_seq")?,
+                entries: Vec::new(),
             },
             deleted: row
                 .try_get::<Option<i64>, _>("deleted_at")
@@ -103,7 +112,7 @@ const ACCOUNT_TABLES: [&str; 2] = ["keys", "pools"];
 fn select_row(account: &KeyId, for_update: bool) -> String {
     format!(
         "SELECT remaining, hot_allocated, generation, version, hot_epoch, last_refill_at, \
-         held, deleted_at FROM {} WHERE id = $1{}",
+         held, booked, spent, history_seq, deleted_at FROM {} WHERE id = $1{}",
         account_table(account),
         if for_update { " FOR UPDATE" } else { "" }
     )
@@ -155,8 +164,12 @@ fn pending_fence_from_row(row: &AnyRow) -> Result<PendingFence, LedgerError> {
         op_id: row.try_get("op_id").map_err(ledger_error)?,
         op: fence_op(&kind, value, period_start).map_err(other)?,
         generation: get_u64(row, "generation")?,
+        actor: row.try_get("actor").map_err(ledger_error)?,
     })
 }
+
+/// The columns of a fence row that make a [`PendingFence`].
+const FENCE_COLUMNS: &str = "op_id, key_id, kind, value, period_start, generation, actor";
 
 impl SqlStore {
     /// Locks and reads the ledger row of `key` inside a write transaction.
@@ -237,11 +250,12 @@ impl SqlStore {
         let Some(t) = find_transfer(conn, transfer_id).await? else {
             return Ok(());
         };
-        let overwritten = set_since(conn, key, t.generation).await?;
         let before = row.map(|r| r.account);
+        let arrival = self
+            .arrival(conn, key, t.generation, before.as_ref())
+            .await?;
         let mut account = before.clone();
-        let Some(state) = rules::settle(account.as_mut(), key, &t, credited, spent, overwritten)
-        else {
+        let Some(state) = rules::settle(account.as_mut(), key, &t, credited, spent, arrival) else {
             return Ok(());
         };
         if let (Some(before), Some(after)) = (&before, &account) {
@@ -263,13 +277,33 @@ impl SqlStore {
         };
         let mut account = row.account;
         if find_transfer(conn, transfer_id).await?.is_none() {
-            let overwritten = set_since(conn, key, drained.generation).await?;
-            let t =
-                rules::return_drained(&mut account, key, drained, overwritten, self.clock.now_ms());
+            let arrival = self
+                .arrival(conn, key, drained.generation, Some(&account))
+                .await?;
+            let t = rules::return_drained(&mut account, key, drained, arrival);
             write_account(conn, key, &account).await?;
             insert_transfer(conn, transfer_id, &t).await?;
         }
         Ok(account.state())
+    }
+}
+
+impl SqlStore {
+    /// How a transfer of `key` at `generation` reaches the locked `account` now. Whether
+    /// a fence is pending matters only to credits of an older generation.
+    async fn arrival(
+        &self,
+        conn: &mut AnyConnection,
+        key: &KeyId,
+        generation: u64,
+        account: Option<&Account>,
+    ) -> Result<Arrival, LedgerError> {
+        let older = account.is_some_and(|a| a.generation != generation);
+        Ok(Arrival {
+            overwritten: set_since(conn, key, generation).await?,
+            fence_pending: older && fence_pending(conn, key).await?,
+            now_ms: self.clock.now_ms(),
+        })
     }
 }
 
@@ -346,7 +380,8 @@ fn idem_from_row(row: &AnyRow) -> Result<IdemRecord, LedgerError> {
     })
 }
 
-/// Writes back the ledger columns of a locked row.
+/// Writes back the ledger columns of a locked row, and inserts the history entries the
+/// rules wrote: they commit with the change they record.
 async fn write_account(
     conn: &mut AnyConnection,
     key: &KeyId,
@@ -354,7 +389,8 @@ async fn write_account(
 ) -> Result<(), LedgerError> {
     sqlx::query(&format!(
         "UPDATE {} SET remaining = $2, hot_allocated = $3, generation = $4, version = $5, \
-         hot_epoch = $6, last_refill_at = $7, held = $8 WHERE id = $1",
+         hot_epoch = $6, last_refill_at = $7, held = $8, booked = $9, spent = $10, \
+         history_seq = $11 WHERE id = $1",
         account_table(key)
     ))
     .bind(key.as_str())
@@ -365,11 +401,68 @@ async fn write_account(
     .bind(a.hot_epoch.as_deref())
     .bind(a.last_refill_at)
     .bind(db(a.held, "held")?)
+    .bind(db(a.booked, "booked")?)
+    .bind(db(a.spent, "spent")?)
+    .bind(db(a.history_seq, "history_seq")?)
     .execute(&mut *conn)
     .await
     .map_err(ledger_error)
     .map(wrote)?;
+    insert_entries(conn, key, &a.entries)
+        .await
+        .map_err(ledger_error)
+}
+
+const ENTRY_COLUMNS: &str = "seq, at, kind, value, actor, hold_id, balance_before, \
+     balance_after, held_before, held_after, spent_total, exact";
+
+/// Inserts history entries of `account` (in the transaction of the change they record).
+pub(crate) async fn insert_entries(
+    conn: &mut AnyConnection,
+    account: &KeyId,
+    entries: &[CreditEntry],
+) -> Result<(), sqlx::Error> {
+    let big = |v: u64| i64::try_from(v).map_err(|_| sqlx::Error::Protocol(format!("{v} > i64")));
+    for e in entries {
+        let done = sqlx::query(&format!(
+            "INSERT INTO credit_history (account_id, {ENTRY_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        ))
+        .bind(account.as_str())
+        .bind(big(e.seq)?)
+        .bind(e.at_ms)
+        .bind(e.kind.as_str())
+        .bind(e.value.map(big).transpose()?)
+        .bind(e.actor.as_deref())
+        .bind(e.hold_id.as_deref())
+        .bind(e.balance_before.map(big).transpose()?)
+        .bind(e.balance_after.map(big).transpose()?)
+        .bind(big(e.held_before)?)
+        .bind(big(e.held_after)?)
+        .bind(big(e.spent_total)?)
+        .bind(i64::from(e.exact))
+        .execute(&mut *conn)
+        .await?;
+        wrote(done);
+    }
     Ok(())
+}
+
+fn entry_from_row(row: &AnyRow) -> Result<CreditEntry, LedgerError> {
+    Ok(CreditEntry {
+        seq: get_u64(row, "seq")?,
+        at_ms: row.try_get("at").map_err(ledger_error)?,
+        kind: get_text(row, "kind", EntryKind::parse)?,
+        value: get_opt_u64(row, "value")?,
+        actor: row.try_get("actor").map_err(ledger_error)?,
+        hold_id: row.try_get("hold_id").map_err(ledger_error)?,
+        balance_before: get_opt_u64(row, "balance_before")?,
+        balance_after: get_opt_u64(row, "balance_after")?,
+        held_before: get_u64(row, "held_before")?,
+        held_after: get_u64(row, "held_after")?,
+        spent_total: get_u64(row, "spent_total")?,
+        exact: row.try_get::<i64, _>("exact").map_err(ledger_error)? != 0,
+    })
 }
 
 /// Writes `after` back if the rule changed it.
@@ -706,17 +799,19 @@ impl Ledger for SqlStore {
         amount: Credits,
         max: u64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<IncrementOutcome, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let Some(row) = self.lock_key(&mut tx, key).await? else {
             return Ok(IncrementOutcome::NotFound);
         };
         let mut account = row.account.clone();
-        let outcome = rules::increment(&mut account, amount.get(), max);
+        let outcome = rules::increment(&mut account, amount.get(), max, self.clock.now_ms(), actor);
         if account != row.account {
             decide_mark(&mut tx, mark).await?;
             write_account(&mut tx, key, &account).await?;
-            // The hot store may have spent some of `hot_allocated`: an upper bound.
+            // The engine returns the hot balance first; if that failed, the hot store
+            // may have spent some of `hot_allocated`, and this is an upper bound.
             let at_most = account
                 .remaining
                 .unwrap_or(0)
@@ -724,7 +819,7 @@ impl Ledger for SqlStore {
             let top_up = TopUp {
                 operation: "increment",
                 value: Some(amount.get()),
-                exact: None,
+                exact: (account.hot_allocated == 0).then_some(at_most),
                 event_id: None,
             };
             rearm(&mut tx, key, at_most, top_up, self.clock.now_ms())
@@ -742,13 +837,13 @@ impl Ledger for SqlStore {
         op: FenceOp,
         now_ms: i64,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<BeginFence, LedgerError> {
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         let row = self.lock_key(&mut tx, key).await?;
-        let existing = sqlx::query(
-            "SELECT op_id, key_id, kind, value, period_start, generation FROM fences \
-             WHERE op_id = $1",
-        )
+        let existing = sqlx::query(&format!(
+            "SELECT {FENCE_COLUMNS} FROM fences WHERE op_id = $1"
+        ))
         .bind(op_id)
         .fetch_optional(&mut *tx)
         .await
@@ -768,7 +863,7 @@ impl Ledger for SqlStore {
         let (kind, value, period_start) = fence_columns(op)?;
         sqlx::query(
             "INSERT INTO fences (op_id, key_id, kind, value, period_start, generation, state, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             created_at, actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(op_id)
         .bind(key.as_str())
@@ -778,6 +873,7 @@ impl Ledger for SqlStore {
         .bind(db(generation, "generation")?)
         .bind(FenceState::Pending.as_str())
         .bind(now_ms)
+        .bind(actor)
         .execute(&mut *tx)
         .await
         .map_err(ledger_error)
@@ -788,6 +884,7 @@ impl Ledger for SqlStore {
             op_id: op_id.to_owned(),
             op,
             generation,
+            actor: actor.map(str::to_owned),
         }))
     }
 
@@ -806,7 +903,13 @@ impl Ledger for SqlStore {
         if !pending {
             return Ok(account.state());
         }
-        rules::finish_fence(&mut account, fence.op, drained);
+        rules::finish_fence(
+            &mut account,
+            fence.op,
+            drained,
+            self.clock.now_ms(),
+            fence.actor.as_deref(),
+        );
         write_account(&mut tx, &fence.key, &account).await?;
         // The fence drained the hot store: the balance is exact.
         let lifted = match fence.op {
@@ -931,11 +1034,11 @@ impl Ledger for SqlStore {
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<PendingFence>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT op_id, key_id, kind, value, period_start, generation FROM fences \
+        let rows = sqlx::query(&format!(
+            "SELECT {FENCE_COLUMNS} FROM fences \
              WHERE state = $4 AND created_at < $1 AND ($2 IS NULL OR key_id = $2) \
-             ORDER BY created_at, generation, op_id LIMIT $3",
-        )
+             ORDER BY created_at, generation, op_id LIMIT $3"
+        ))
         .bind(older_than_ms)
         .bind(key.map(KeyId::as_str))
         .bind(i64::from(limit))
@@ -947,6 +1050,7 @@ impl Ledger for SqlStore {
     }
 
     async fn write_off_other_epochs(&self, epoch: &str) -> Result<Vec<(KeyId, u64)>, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let mut tx = self.begin_write().await.map_err(ledger_error)?;
         // Locks every candidate in id order (no deadlock with another such call).
         let lock = if self.backend == Backend::Postgres {
@@ -977,7 +1081,7 @@ impl Ledger for SqlStore {
                 continue;
             };
             let mut account = row.account;
-            if let Some(lost) = rules::write_off(&mut account, epoch) {
+            if let Some(lost) = rules::write_off(&mut account, epoch, now_ms) {
                 mark_lost(&mut tx, &key).await?;
                 write_account(&mut tx, &key, &account).await?;
                 if lost > 0 {
@@ -1002,7 +1106,7 @@ impl Ledger for SqlStore {
         if account.hot_epoch.is_none() {
             return Ok(0);
         }
-        let Some(lost) = rules::write_off(&mut account, epoch) else {
+        let Some(lost) = rules::write_off(&mut account, epoch, self.clock.now_ms()) else {
             return Ok(0);
         };
         mark_lost(&mut tx, key).await?;
@@ -1360,6 +1464,29 @@ impl Ledger for SqlStore {
             commit(tx).await?;
         }
         Ok(n)
+    }
+
+    async fn credit_history(
+        &self,
+        account: &KeyId,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CreditEntry>, LedgerError> {
+        let before = match before_seq {
+            Some(b) => db(b, "cursor")?,
+            None => i64::MAX,
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM credit_history WHERE account_id = $1 AND seq < $2 \
+             ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(account.as_str())
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(ledger_error)?;
+        rows.iter().map(entry_from_row).collect()
     }
 }
 

@@ -8,21 +8,23 @@ impl Engine {
     /// after it. Returns the ledger state after the change (`NotDue` refills: unchanged).
     #[tracing::instrument(level = "debug", skip(self), fields(key_id = %key))]
     pub async fn update(&self, key: &KeyId, op: CreditOp) -> Result<LedgerState, EngineError> {
-        self.update_marked(key, op, None).await
+        self.update_marked(key, op, None, None).await
     }
 
     /// [`Engine::update`] deciding an idempotency claim: the transaction that changes the
-    /// balance records the decision.
+    /// balance records the decision. `actor` (a root key id) asked for it: the change's
+    /// credit history entry names it.
     #[tracing::instrument(level = "debug", skip(self, mark), fields(key_id = %key))]
     pub async fn update_marked(
         &self,
         key: &KeyId,
         op: CreditOp,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<LedgerState, EngineError> {
         let at = self.home(key).await?;
         let token = self.lock_waiting(&at).await?;
-        let result = self.update_locked(&at, op, mark).await;
+        let result = self.update_locked(&at, op, mark, actor).await;
         self.unlock(&at, &token).await;
         result
     }
@@ -32,17 +34,25 @@ impl Engine {
         key: &KeyId,
         op: CreditOp,
         mark: Option<&IdemMark<'_>>,
+        actor: Option<&str>,
     ) -> Result<LedgerState, EngineError> {
         self.settle_pending(key).await?;
         let account = account_of(key);
         let fence_op = match op {
             CreditOp::Increment(v) => {
+                // The hot balance goes back first (its spends reported with it), so the
+                // increment's history entry has the exact balance before and after.
+                let transfer_id = drain_transfer_id();
+                let drained = self.hot.drain(key, &transfer_id, 0).await?;
+                if drained.amount > 0 || drained.spent > 0 {
+                    self.return_to_ledger(key, &transfer_id, drained).await;
+                }
                 // Mark the snapshot unknown first, so no node answers USAGE_EXCEEDED from a
                 // snapshot older than the increment.
                 self.hot.sync_unalloc(key, None, 0).await?;
                 let state = match self
                     .ledger
-                    .increment(&account, v, Credits::MAX, mark)
+                    .increment(&account, v, Credits::MAX, mark, actor)
                     .await?
                 {
                     IncrementOutcome::Done(s) => s,
@@ -68,7 +78,7 @@ impl Engine {
         let op_id = new_id_for_transfer("fence");
         match self
             .ledger
-            .begin_fence(&account, &op_id, fence_op, self.clock.now_ms(), mark)
+            .begin_fence(&account, &op_id, fence_op, self.clock.now_ms(), mark, actor)
             .await?
         {
             BeginFence::Begun(fence) => {

@@ -1,5 +1,5 @@
 //! `identities.createIdentity`, `getIdentity`, `listIdentities`, `updateIdentity`,
-//! `deleteIdentity`: parse → one service call → map.
+//! `deleteIdentity`, `updateCredits`, `getCreditHistory`: parse → one service call → map.
 
 use axum::extract::State;
 use axum::Json;
@@ -10,7 +10,9 @@ use super::ok;
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::parse::{parse_identity, parse_identity_credits, refill_wire};
+use crate::parse::{
+    parse_identity, parse_identity_credit_history, parse_identity_credits, refill_wire,
+};
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -130,4 +132,20 @@ pub async fn update_credits(
         identity_id: found.id.0.to_string(),
         remaining: remaining.map_or(0, |r| i64::try_from(r).unwrap_or(i64::MAX)),
     }))
+}
+
+#[utoipa::path(post, path = "/v2/identities.getCreditHistory", tag = "identities", operation_id = "get_identity_credit_history", request_body = GetIdentityCreditHistoryRequest,
+    responses((status = 200, description = "The credit history of the identity's shared pool, newest first (empty when it has none)", body = PagedEnvelope<CreditHistoryEntryData>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn get_credit_history(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<GetIdentityCreditHistoryRequest>,
+) -> Result<Json<PagedEnvelope<CreditHistoryEntryData>>, ApiError> {
+    let (identity, query) = parse_identity_credit_history(&req)?;
+    let page = state
+        .service
+        .identity_credit_history(&caller, identity, query)
+        .await?;
+    Ok(super::history_page(page))
 }

@@ -1,5 +1,6 @@
 //! `keys.createKey`, `keys.getKey`, `keys.updateKey`, `keys.updateCredits`,
-//! `keys.deleteKey`, `keys.whoami`: parse → one service call → map.
+//! `keys.deleteKey`, `keys.whoami`, `keys.getCreditHistory`: parse → one service call →
+//! map.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -11,7 +12,9 @@ use super::{identity, ok, once};
 use crate::auth::RootKey;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, IdemJson};
-use crate::parse::{parse_key_id, parse_migrate, parse_reroll, parse_secret, refill_wire};
+use crate::parse::{
+    parse_credit_history, parse_key_id, parse_migrate, parse_reroll, parse_secret, refill_wire,
+};
 use crate::state::AppState;
 use crate::wire::*;
 
@@ -195,4 +198,20 @@ pub async fn migrate_keys(
         }
     }
     Ok(ok(data))
+}
+
+#[utoipa::path(post, path = "/v2/keys.getCreditHistory", tag = "keys", request_body = GetCreditHistoryRequest,
+    responses((status = 200, description = "The key's credit history, newest first: every change of its credits other than single spends, with the balance before and after", body = PagedEnvelope<CreditHistoryEntryData>), (status = 404, body = crate::error::ErrorEnvelope)),
+    security(("rootKey" = [])))]
+pub async fn get_credit_history(
+    State(state): State<AppState>,
+    RootKey(caller): RootKey,
+    ApiJson(req): ApiJson<GetCreditHistoryRequest>,
+) -> Result<Json<PagedEnvelope<CreditHistoryEntryData>>, ApiError> {
+    let (id, query) = parse_credit_history(&req)?;
+    let page = state
+        .service
+        .key_credit_history(&caller, &id, query)
+        .await?;
+    Ok(super::history_page(page))
 }

@@ -17,13 +17,16 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use creditgate_domain::{KeyRecord, RatelimitRule};
-use creditgate_service::{AfterFailure, Caller, Claim, IdemRequest, Ticket};
+use creditgate_limiter::ports::CreditEntry;
+use creditgate_service::{AfterFailure, Caller, Claim, HistoryPage, IdemRequest, Ticket};
 use serde::Serialize;
 
 use crate::context::RequestId;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::wire::{Envelope, IdentityData, Meta, PagedEnvelope, Pagination, RatelimitData};
+use crate::wire::{
+    CreditHistoryEntryData, Envelope, IdentityData, Meta, PagedEnvelope, Pagination, RatelimitData,
+};
 
 /// Set on every answer of a request with an idempotency key: `true` when it is the
 /// first request's answer, replayed.
@@ -129,4 +132,28 @@ pub fn identity(k: &KeyRecord, pool_remaining: Option<u64>) -> Option<IdentityDa
     k.identity
         .as_deref()
         .map(|i| identities::identity_data(i, pool_remaining))
+}
+
+/// A page of a credit history (keys' and identities' routes answer the same shape).
+pub fn history_page(page: HistoryPage) -> Json<PagedEnvelope<CreditHistoryEntryData>> {
+    let wide = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let data = page
+        .entries
+        .into_iter()
+        .map(|e: CreditEntry| CreditHistoryEntryData {
+            seq: wide(e.seq),
+            time: e.at_ms,
+            kind: e.kind.as_str().to_owned(),
+            value: e.value.map(wide),
+            actor: e.actor,
+            hold_id: e.hold_id,
+            balance_before: e.balance_before.map(wide),
+            balance_after: e.balance_after.map(wide),
+            held_before: wide(e.held_before),
+            held_after: wide(e.held_after),
+            spent_total: wide(e.spent_total),
+            exact: e.exact,
+        })
+        .collect();
+    paged(data, page.cursor)
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use creditgate_domain::{Clock, ManualClock, Permission, SystemClock};
+use creditgate_limiter::MemoryHotStore;
 use creditgate_server::{App, ServeConfig};
 use creditgate_sql::SqlStore;
 use serde_json::{json, Value};
@@ -469,6 +470,8 @@ pub struct TestApp {
     client: Client,
     pub config: ServeConfig,
     pub clock: Option<Arc<ManualClock>>,
+    /// The node's hot store, when the test holds it (to wipe it: a lost hot store).
+    pub hot: Option<Arc<MemoryHotStore>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     // Last: removed after the node stopped using it.
@@ -502,6 +505,18 @@ impl TestApp {
         Self::start_inner_with(Some(clock), configure).await
     }
 
+    /// A node on a manual clock whose in-process hot store the test holds
+    /// ([`TestApp::hot`]: `wipe()` it to lose its data as a crash would).
+    pub async fn start_with_hot_store(
+        clock: Arc<ManualClock>,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> TestApp {
+        let mut app = Self::build_unstarted(Some(clock), configure);
+        app.hot = Some(Arc::new(MemoryHotStore::new()));
+        app.boot().await;
+        app
+    }
+
     /// A node on the wall clock with some settings changed.
     pub async fn start_configured(configure: impl FnOnce(&mut ServeConfig)) -> TestApp {
         Self::start_inner_with(None, configure).await
@@ -512,6 +527,15 @@ impl TestApp {
     }
 
     async fn start_inner_with(
+        clock: Option<Arc<ManualClock>>,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> TestApp {
+        let mut app = Self::build_unstarted(clock, configure);
+        app.boot().await;
+        app
+    }
+
+    fn build_unstarted(
         clock: Option<Arc<ManualClock>>,
         configure: impl FnOnce(&mut ServeConfig),
     ) -> TestApp {
@@ -531,16 +555,15 @@ impl TestApp {
             root_key: config.root_key.clone().unwrap_or_default(),
             log: Arc::new(Mutex::new(Vec::new())),
         };
-        let mut app = TestApp {
+        TestApp {
             client,
             config,
             clock,
+            hot: None,
             shutdown: None,
             task: None,
             _dir: dir,
-        };
-        app.boot().await;
-        app
+        }
     }
 
     async fn boot(&mut self) {
@@ -549,9 +572,14 @@ impl TestApp {
             Some(c) => c.clone(),
             None => Arc::new(SystemClock),
         };
-        let app = App::build_with_clock(self.config.clone(), NODE_ID.into(), clock)
-            .await
-            .expect("building the node");
+        let app = match &self.hot {
+            Some(hot) => {
+                App::build_with_hot_store(self.config.clone(), NODE_ID.into(), clock, hot.clone())
+                    .await
+            }
+            None => App::build_with_clock(self.config.clone(), NODE_ID.into(), clock).await,
+        }
+        .expect("building the node");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();

@@ -4,6 +4,7 @@
 
 mod alerts;
 mod faults;
+mod history;
 mod holds;
 mod idempotency;
 mod loadtest;
