@@ -130,7 +130,10 @@ async fn each_threshold_fires_once_under_racing_spends_and_rearms_on_a_top_up() 
     assert_eq!(data["value"], 600);
     assert_eq!(data["thresholds"], json!([500, 100]));
     assert_eq!(data["exhaustedRearmed"], true);
-    assert_eq!(data["remaining"], 600, "the hot balance was returned first: exact");
+    assert_eq!(
+        data["remaining"], 600,
+        "the hot balance was returned first: exact"
+    );
 
     let v = app.verify(&key, Some(550)).await;
     assert_eq!(
