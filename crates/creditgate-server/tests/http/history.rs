@@ -20,33 +20,7 @@ const MAR_11_0900: i64 = 1_741_683_600_000;
 /// Every entry of a history route, `limit` per page, newest first: checks each page's
 /// size and that `hasMore` comes exactly with a cursor.
 async fn history(c: &Client, path: &str, body: Value, limit: u64) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut req = body.clone();
-        req["limit"] = json!(limit);
-        if let Some(cur) = &cursor {
-            req["cursor"] = json!(cur);
-        }
-        let (status, page) = c.post(path, req).await;
-        assert_eq!(status, 200, "{page}");
-        let items = page["data"].as_array().expect("a list").clone();
-        assert!(
-            items.len() <= usize::try_from(limit).expect("small"),
-            "{page}"
-        );
-        all.extend(items);
-        if page["pagination"]["hasMore"] != json!(true) {
-            assert!(page["pagination"].get("cursor").is_none(), "{page}");
-            return all;
-        }
-        cursor = Some(
-            page["pagination"]["cursor"]
-                .as_str()
-                .expect("a cursor with hasMore")
-                .to_owned(),
-        );
-    }
+    c.list_all_of(path, body, limit).await
 }
 
 fn int(e: &Value, field: &str) -> i64 {

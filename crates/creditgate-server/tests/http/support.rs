@@ -189,10 +189,16 @@ impl Client {
     /// Every item of a paged list route, `limit` per page: each page within the limit,
     /// `hasMore` exactly when there is a cursor.
     pub async fn list_all(&self, path: &str, limit: u64) -> Vec<Value> {
+        self.list_all_of(path, json!({}), limit).await
+    }
+
+    /// [`Client::list_all`] of a route whose request names what to list (`body`).
+    pub async fn list_all_of(&self, path: &str, body: Value, limit: u64) -> Vec<Value> {
         let mut all = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut body = json!({ "limit": limit });
+            let mut body = body.clone();
+            body["limit"] = json!(limit);
             if let Some(cur) = &cursor {
                 body["cursor"] = json!(cur);
             }
