@@ -653,8 +653,9 @@ async fn store_closed_hold(conn: &mut AnyConnection, h: &Hold) -> Result<(), Led
         .await
         .map_err(ledger_error)
         .map(wrote)?;
-    if h.state == HoldState::Expired {
-        // The `hold.expired` webhook event commits with the expiry, once per hold.
+    // The `hold.expired` webhook event commits with the expiry, once per hold; a pooled
+    // key's hold is told once, by the key's (its pool's twin has the same fate).
+    if h.state == HoldState::Expired && account_table(&h.key) == "keys" {
         let at = h.closed_at_ms.unwrap_or(h.expires_at_ms);
         let payload = serde_json::json!({
             "type": "hold.expired",

@@ -373,3 +373,44 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
         assert_eq!(app.verify(&key, None).await["code"], "VALID");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_keys_expired_hold_is_told_once_by_the_key() {
+    let app = TestApp::start_configured(|c| c.webhook_allow_private = true).await;
+    let receiver = Receiver::scripted(vec![]).await;
+    app.ok(
+        CREATE,
+        json!({ "url": receiver.url, "events": ["hold.expired"] }),
+    )
+    .await;
+    app.ok(
+        "/v2/identities.createIdentity",
+        json!({ "externalId": "acme", "credits": { "remaining": 100 } }),
+    )
+    .await;
+    let api = app.create_api().await;
+    let (key_id, key) = app
+        .create_key_with(
+            json!({ "apiId": api, "externalId": "acme", "credits": { "remaining": 50 } }),
+        )
+        .await;
+    let hold = app
+        .ok(
+            "/v2/keys.reserveCredits",
+            json!({ "key": key, "amount": 10, "ttlMs": 100 }),
+        )
+        .await;
+    let hold_id = hold["holdId"].as_str().expect("holdId").to_owned();
+    receiver.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = receiver.got();
+    assert_eq!(
+        got.len(),
+        1,
+        "the key's hold and its pool's twin: one event"
+    );
+    let body = got[0].json();
+    assert_eq!(got[0].id, format!("evt_{hold_id}"));
+    assert_eq!(body["data"]["keyId"], key_id.as_str());
+    assert_eq!(body["data"]["amount"], 10);
+}
