@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 /// One request the receiver got.
@@ -41,6 +42,8 @@ type Script = dyn Fn(usize, Duration) -> Answer + Send + Sync;
 /// A local HTTP receiver at `url` (path `/hook`).
 pub struct Receiver {
     pub url: String,
+    /// When it started: the script's `since_start` is a request's `at` less this.
+    pub started: Instant,
     got: Arc<Mutex<Vec<Received>>>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -71,6 +74,7 @@ impl Receiver {
                             .unwrap_or_default()
                             .to_owned()
                     };
+                    let at = Instant::now();
                     let n = {
                         let mut g = g.lock().expect("log");
                         g.push(Received {
@@ -78,11 +82,11 @@ impl Receiver {
                             timestamp: h("webhook-timestamp"),
                             signature: h("webhook-signature"),
                             body,
-                            at: Instant::now(),
+                            at,
                         });
                         g.len() - 1
                     };
-                    match script(n, started.elapsed()) {
+                    match script(n, at.duration_since(started)) {
                         Answer::Status(s) => axum::http::StatusCode::from_u16(s).expect("a status"),
                         Answer::Hang => {
                             std::future::pending::<()>().await;
@@ -101,6 +105,7 @@ impl Receiver {
         });
         Receiver {
             url: format!("http://{addr}/hook"),
+            started,
             got,
             server,
         }
@@ -131,6 +136,33 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// Checks `events` (the type and data of each distinct event) are what spending a key of
+/// 1,000 credits with thresholds 500 and 100 to 0, one credit at a time, tells: one
+/// `credits.low` per threshold and one `credits.exhausted`. The spend to 0 and the first
+/// refusal after it race to record the exhaustion, so it may say either `refused`.
+pub fn assert_spent_past_500_and_100_to_0(key_id: &str, mut events: Vec<(String, Value)>) {
+    events.sort_by_key(|(t, d)| (t.clone(), d["threshold"].as_i64()));
+    let refused = events
+        .first()
+        .and_then(|(_, d)| d["refused"].as_bool())
+        .unwrap_or_else(|| panic!("no credits.exhausted first: {events:?}"));
+    let want = vec![
+        (
+            "credits.exhausted".to_owned(),
+            json!({ "keyId": key_id, "remaining": 0, "cost": 1, "refused": refused }),
+        ),
+        (
+            "credits.low".to_owned(),
+            json!({ "keyId": key_id, "threshold": 100, "remaining": 99, "cost": 1 }),
+        ),
+        (
+            "credits.low".to_owned(),
+            json!({ "keyId": key_id, "threshold": 500, "remaining": 499, "cost": 1 }),
+        ),
+    ];
+    assert_eq!(events, want);
 }
 
 /// HMAC-SHA256 written out (RFC 2104), independent of the server's `hmac` crate.

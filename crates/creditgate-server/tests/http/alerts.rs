@@ -7,7 +7,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use creditgate_testkit::webhooks::{signed_by, Received, Receiver};
+use creditgate_testkit::webhooks::{
+    assert_spent_past_500_and_100_to_0, signed_by, Received, Receiver,
+};
 use serde_json::{json, Value};
 
 use crate::support::{assert_bad_request, assert_error, TestApp};
@@ -89,28 +91,7 @@ async fn each_threshold_fires_once_under_racing_spends_and_rearms_on_a_top_up() 
     assert_eq!(valid, 1000);
 
     let got = exactly(&receiver, 3).await;
-    let mut seen: Vec<(String, Value)> = events(&got);
-    seen.sort_by_key(|(t, d)| (t.clone(), d["threshold"].as_i64()));
-    // The spend to 0 and the first refusal after it race to record the exhaustion: one
-    // event, told by whichever committed first.
-    let refused = seen[0].1["refused"].as_bool().expect("refused");
-    assert_eq!(
-        seen,
-        vec![
-            (
-                "credits.exhausted".to_owned(),
-                json!({ "keyId": key_id, "remaining": 0, "cost": 1, "refused": refused })
-            ),
-            (
-                "credits.low".to_owned(),
-                json!({ "keyId": key_id, "threshold": 100, "remaining": 99, "cost": 1 })
-            ),
-            (
-                "credits.low".to_owned(),
-                json!({ "keyId": key_id, "threshold": 500, "remaining": 499, "cost": 1 })
-            ),
-        ]
-    );
+    assert_spent_past_500_and_100_to_0(&key_id, events(&got));
     for r in &got {
         assert!(signed_by(r, &secret), "a valid signature: {r:?}");
     }
