@@ -25,38 +25,53 @@ impl Service {
         if verdict.on_ledger {
             return;
         }
-        let pool = key.identity.as_deref().and_then(|i| {
-            i.pool
-                .as_ref()
-                .map(|p| (pool_account(i), p.credit_alerts.as_slice()))
-        });
-        let sides = [
-            (
-                key.limited.then(|| key.id.clone()),
-                key.credit_alerts.as_slice(),
-                verdict.remaining,
-            ),
-            (
-                pool.as_ref().map(|(id, _)| id.clone()),
-                pool.map_or(&[][..], |(_, a)| a),
-                verdict.pool_remaining,
-            ),
-        ];
-        for (account, alerts, remaining) in sides {
-            let (Some(account), Some(remaining)) = (account, remaining) else {
-                continue;
-            };
-            let crossings = match verdict.outcome {
-                Outcome::Valid if verdict.spent > 0 => spend_crossings(alerts, remaining, cost),
-                Outcome::UsageExceeded => match refusal_crossing(remaining, cost) {
-                    Some(c) if !self.refusal_recorded(&account, remaining).await => vec![c],
-                    _ => Vec::new(),
-                },
-                _ => Vec::new(),
-            };
-            if !crossings.is_empty() {
-                self.write_crossings(&account, &crossings).await;
+        // The key's side, then its pool's; an account id is made only for a crossing.
+        if key.limited {
+            if let Some(remaining) = verdict.remaining {
+                self.record_side(&key.credit_alerts, remaining, verdict, cost, || {
+                    key.id.clone()
+                })
+                .await;
             }
+        }
+        let pooled = key
+            .identity
+            .as_deref()
+            .and_then(|i| Some((i, i.pool.as_ref()?)));
+        if let (Some((identity, pool)), Some(remaining)) = (pooled, verdict.pool_remaining) {
+            self.record_side(&pool.credit_alerts, remaining, verdict, cost, || {
+                pool_account(identity)
+            })
+            .await;
+        }
+    }
+
+    /// The crossings of one account (`account()` names it) whose balance after the
+    /// decision is `remaining`, written when there are any.
+    async fn record_side(
+        &self,
+        alerts: &[u64],
+        remaining: u64,
+        verdict: &Verdict,
+        cost: u64,
+        account: impl FnOnce() -> KeyId,
+    ) {
+        let crossings = match verdict.outcome {
+            Outcome::Valid if verdict.spent > 0 => spend_crossings(alerts, remaining, cost),
+            Outcome::UsageExceeded => match refusal_crossing(remaining, cost) {
+                Some(c) => {
+                    let account = account();
+                    if !self.refusal_recorded(&account, remaining).await {
+                        self.write_crossings(&account, &[c]).await;
+                    }
+                    return;
+                }
+                None => return,
+            },
+            _ => return,
+        };
+        if !crossings.is_empty() {
+            self.write_crossings(&account(), &crossings).await;
         }
     }
 
