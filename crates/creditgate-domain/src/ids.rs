@@ -12,9 +12,26 @@ fn random_base58(bytes: usize) -> String {
     bs58::encode(buf).into_string()
 }
 
-/// A new id of the form `<prefix>_<base58>`.
+/// The base58 alphabet (Bitcoin's, as the `bs58` crate and Unkey use).
+const BASE58: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// Base58 digits an id carries: 17 digits are 99.6 random bits, as many as the 12 random
+/// bytes ids had before.
+const ID_DIGITS: usize = 17;
+
+/// A new id of the form `<prefix>_<base58>`: 17 base58 digits of one random 128-bit
+/// number. A request id is made on every request, so this divides one number
+/// rather than running a general base conversion over a byte buffer.
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", random_base58(12))
+    let mut n: u128 = rand::random();
+    let mut id = String::with_capacity(prefix.len() + 1 + ID_DIGITS);
+    id.push_str(prefix);
+    id.push('_');
+    for _ in 0..ID_DIGITS {
+        id.push(char::from(BASE58[usize::from(u8::try_from(n % 58).unwrap_or(0))]));
+        n /= 58;
+    }
+    id
 }
 
 /// An id is an `Arc<str>`: the request path copies ids into engine calls, analytics
@@ -79,7 +96,14 @@ pub fn new_secret(prefix: Option<&str>, byte_length: usize) -> String {
 
 /// Keys are stored only as the hex SHA-256 of the secret.
 pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(secret.as_bytes());
+    let mut hash = String::with_capacity(2 * digest.len());
+    for b in digest {
+        hash.push(char::from(HEX[usize::from(b >> 4)]));
+        hash.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hash
 }
 
 /// The visible start of a key: the prefix (if any) and the first 4 characters after it.
@@ -108,5 +132,31 @@ mod tests {
         assert_eq!(hash_secret("abc").len(), 64);
         assert_ne!(new_secret(None, 16), new_secret(None, 16));
         assert!(KeyId::generate().as_str().starts_with("key_"));
+    }
+
+    #[test]
+    fn a_secret_hashes_to_its_sha256_in_lowercase_hex() {
+        // FIPS 180-2's first example.
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn ids_are_the_prefix_and_17_base58_digits() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id("req")).collect();
+        assert_eq!(ids.len(), 1000, "no id repeats");
+        for id in &ids {
+            let digits = id.strip_prefix("req_").expect("the prefix");
+            assert_eq!(digits.len(), ID_DIGITS, "{id}");
+            assert!(digits.bytes().all(|c| BASE58.contains(&c)), "{id}");
+        }
+        // Every digit position takes many values (the number is not mostly zero).
+        for pos in 0..ID_DIGITS {
+            let seen: std::collections::HashSet<u8> =
+                ids.iter().map(|id| id.as_bytes()[4 + pos]).collect();
+            assert!(seen.len() > 40, "position {pos}: {} values", seen.len());
+        }
     }
 }
