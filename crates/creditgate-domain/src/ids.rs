@@ -28,7 +28,9 @@ pub fn new_id(prefix: &str) -> String {
     id.push_str(prefix);
     id.push('_');
     for _ in 0..ID_DIGITS {
-        id.push(char::from(BASE58[usize::from(u8::try_from(n % 58).unwrap_or(0))]));
+        id.push(char::from(
+            BASE58[usize::from(u8::try_from(n % 58).unwrap_or(0))],
+        ));
         n /= 58;
     }
     id

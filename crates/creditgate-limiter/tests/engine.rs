@@ -1797,3 +1797,39 @@ async fn a_return_that_failed_on_one_node_is_completed_by_another() {
     assert_eq!(ledger_remaining().await, Some(6));
     assert_eq!(a.balance(&k).await.unwrap(), Some(6));
 }
+
+/// A hot key's first second: its chunks follow its rate within about 50 ms, rather
+/// than staying at the minimum (a ledger transaction every ten requests) until its first
+/// one-second window closes.
+#[tokio::test(start_paused = true)]
+async fn a_new_hot_key_gets_chunks_of_its_rate_within_its_first_second() {
+    const START: u64 = 1_000_000_000;
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.create_key("k", Some(START), 0);
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig::default(),
+    ));
+    let before = ledger.state(&"k".into()).await.unwrap().unwrap().version;
+    // 1,000 spends a second for 200 ms, one at a time, nothing prefetched in between.
+    for _ in 0..200 {
+        let d = engine
+            .spend(&"k".into(), Cost::new(1).unwrap())
+            .await
+            .expect("spend");
+        assert!(matches!(d, Decision::Valid { .. }), "{d:?}");
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    let s = ledger.state(&"k".into()).await.unwrap().unwrap();
+    let moved = START - s.remaining.unwrap();
+    // At the minimum chunk (10 requests) 200 spends move about 200 credits in 20 refills;
+    // at 1,000/s × 5 s a chunk is about 5,000.
+    assert!(moved >= 1_000, "the hot store got {moved} credits");
+    assert!(
+        s.version - before <= 20,
+        "{} ledger changes for 200 spends",
+        s.version - before
+    );
+}

@@ -371,13 +371,16 @@ impl Engine {
         a.window_credits = a.window_credits.saturating_add(cost);
         a.own_since_report = a.own_since_report.saturating_add(cost);
         let elapsed = now.duration_since(a.window_start);
+        let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         if elapsed >= Duration::from_secs(1) {
-            let ms = u64::try_from(elapsed.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
-            a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms;
+            a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms.max(1);
             a.window_start = now;
             a.window_credits = 0;
+        } else if a.rate_per_sec == 0 && elapsed >= FIRST_ESTIMATE_AFTER {
+            // A key's first second: estimate its rate from what it spent so far, so a
+            // hot key is not refilled with minimum chunks (a ledger transaction every
+            // ten requests) until its first window closes.
+            a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms.max(1);
         }
         let rate = a.rate_per_sec.saturating_mul(a.share);
         let active = map.len();
@@ -398,6 +401,10 @@ impl Engine {
         }
     }
 }
+
+/// How long a newly seen key is watched before its rate is first estimated (before its
+/// first one-second window closes).
+pub(super) const FIRST_ESTIMATE_AFTER: Duration = Duration::from_millis(50);
 
 /// Most nodes' worth of rate one node's chunks cover (see [`Engine::note_report`]).
 pub(super) const MAX_SHARE: u64 = 16;
