@@ -8,7 +8,8 @@
 3. Ledger load: SQL row writes and transactions per 1,000 verifications, embedded and on
    the 3 nodes, from the nodes' own /metrics counters.
 4. A repeatable figure: callgrind instructions of the creditgate process per
-   verification (embedded, one hot key), which does not depend on the machine's load.
+   verification (embedded, 1 key and 1,000 keys), which does not depend on the machine's
+   load.
 
 Every load loop is bounded in time; every process started here is stopped at the end.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench")).resolve()
-BIN = str(ROOT / "target" / "release" / "creditgate")
+BIN = os.environ.get("BIN", str(ROOT / "target" / "release" / "creditgate"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNS = int(os.environ.get("CONNS", "32"))
 REPEAT = os.environ.get("REPEAT", "1")
@@ -304,28 +305,35 @@ def redis_cluster_table():
               f"{load['cpu_us']['nodes']:.0f} µs | {load['cpu_us']['redis']:.0f} µs |")
 
 
-def callgrind(tmp, requests=2000):
-    """Instructions of the creditgate process per verification, embedded, one hot key."""
-    log(f"callgrind: {requests} verifications on one embedded node under valgrind")
-    out = Path(tmp) / "callgrind.out"
+def callgrind(tmp, keys=1, warm=3000, requests=2000):
+    """Instructions of the creditgate process per verification, embedded, on `keys` keys
+    verified in turn by one sequential client: `warm` verifications first (the first
+    refills, caches, the analytics statements of each batch shape), then `requests`
+    measured."""
+    log(f"callgrind: {keys} key(s), {warm} + {requests} verifications on one embedded node "
+        "under valgrind")
+    out = Path(tmp) / f"callgrind-{keys}.out"
     proc, url = serve_embedded(
         tmp, ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no"))
     wait_up(url, secs=180)
-    key = make_keys(url, 1, str(Path(tmp) / "cg.keys"))[0]
+    secrets = make_keys(url, keys, str(Path(tmp) / f"cg-{keys}.keys"))
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"key": key, "credits": {"cost": 1}})
+    bodies = [json.dumps({"key": k, "credits": {"cost": 1}}) for k in secrets]
     headers = {"Authorization": "Bearer " + ROOT_KEY, "Content-Type": "application/json"}
+    sent = 0
 
     def verify(n):
+        nonlocal sent
         for _ in range(n):
-            conn.request("POST", "/v2/keys.verifyKey", body, headers)
+            conn.request("POST", "/v2/keys.verifyKey", bodies[sent % len(bodies)], headers)
+            sent += 1
             r = conn.getresponse()
             data = r.read()
             if r.status != 200 or b'"VALID"' not in data:
                 raise SystemExit(f"bench: verification failed under callgrind: {r.status} {data!r}")
 
-    verify(500)  # warm: first refill, caches, lazy statics
+    verify(warm)
     subprocess.run(["callgrind_control", "--zero", str(proc.p.pid)], check=True,
                    capture_output=True, timeout=60)
     verify(requests)
@@ -333,7 +341,7 @@ def callgrind(tmp, requests=2000):
                    capture_output=True, timeout=60)
     conn.close()
     proc.stop()
-    dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    dumps = sorted(Path(tmp).glob(f"callgrind-{keys}.out.*"), key=lambda p: p.stat().st_mtime)
     # The dump callgrind_control asked for holds the measured part only.
     for d in dumps:
         text = d.read_text(errors="replace")
@@ -360,6 +368,20 @@ def main():
             raise SystemExit("bench: build first: cargo build --release")
         redis_cluster_table()
         return
+    if "--callgrind" in sys.argv:
+        need("valgrind", "valgrind")
+        tmp = tempfile.mkdtemp(prefix="cg-bench.")
+        try:
+            for k in (1, 1000):
+                n = callgrind(tmp, keys=k)
+                print(f"callgrind: {n:,.0f} instructions of the creditgate process per "
+                      f"verification (embedded, {k:,} key(s) verified in turn, 2,000 "
+                      "verifications after 3,000)")
+        finally:
+            for p in Proc.all:
+                p.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     quick = "--quick" in sys.argv
     need("wrk", "wrk")
     need("valgrind", "valgrind")
@@ -370,7 +392,7 @@ def main():
         sbs = {k: side_by_side(k) for k in (1, 1000)}
         three = {k: three_nodes(tmp, k) for k in (1, 1000)} if not quick else {}
         emb_load = embedded_ledger_load(tmp, 1000)
-        instr = callgrind(tmp)
+        instr = {k: callgrind(tmp, keys=k) for k in (1, 1000)}
     finally:
         for p in Proc.all:
             p.stop()
@@ -398,8 +420,9 @@ def main():
         print("| creditgate, 3 nodes on Redis + Postgres | " + " | ".join(
             cell(three[k][0]["rps"], three[k][0]["p99"], k) for k in (1, 1000)) + " |")
     print()
-    print(f"callgrind: {instr:,.0f} instructions of the creditgate process per verification "
-          "(embedded, one hot key, 2,000 verifications after 500 warm-up)")
+    for k, n in instr.items():
+        print(f"callgrind: {n:,.0f} instructions of the creditgate process per verification "
+              f"(embedded, {k:,} key(s) verified in turn, 2,000 verifications after 3,000)")
     res, load = emb_load
     print(f"ledger, embedded, 1,000 keys: {load['rows_per_1000']:.1f} SQL row writes and "
           f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "

@@ -224,9 +224,10 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes, schema: &str) -> Result<T, ApiEr
     }
     // The fast path takes the bytes as they are; a body with a list, or one the typed
     // parse refuses, is first brought in line with the document (`openapi::conform`).
+    // (Plain serde here: the path of an error is found again below, and tracking it
+    // costs every request.)
     if !body.contains(&b'[') {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        if let Ok(value) = serde_path_to_error::deserialize(de) {
+        if let Ok(value) = serde_json::from_slice(body) {
             return Ok(value);
         }
     }
