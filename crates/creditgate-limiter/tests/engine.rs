@@ -1833,3 +1833,55 @@ async fn a_new_hot_key_gets_chunks_of_its_rate_within_its_first_second() {
         s.version - before
     );
 }
+
+/// A key spent every 5 s keeps its hot balance across its gaps: after its first gap
+/// (which it cannot know yet) the reconciler leaves it alone, so its spends are answered
+/// by the hot store, not by a return and a refill each. Idle for longer than its gaps
+/// allow, it goes back to the ledger.
+#[tokio::test(start_paused = true)]
+async fn a_key_spent_every_few_seconds_keeps_its_balance_between_spends() {
+    const START: u64 = 1_000;
+    let ledger = Arc::new(MemoryLedger::new());
+    ledger.create_key("k", Some(START), 0);
+    let engine = Arc::new(Engine::new(
+        Arc::new(MemoryHotStore::new()),
+        ledger.clone(),
+        Arc::new(ManualClock::new(0)),
+        EngineConfig::default(),
+    ));
+    let key: KeyId = "k".into();
+    let spend_then_wait = |engine: Arc<Engine>| async move {
+        let d = engine
+            .spend(&"k".into(), Cost::new(1).unwrap())
+            .await
+            .expect("spend");
+        assert!(matches!(d, Decision::Valid { .. }), "{d:?}");
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            engine.reconcile_once().await.expect("reconcile");
+        }
+    };
+    // The first gap: returned after `idle_return` (2 s), as before.
+    spend_then_wait(engine.clone()).await;
+    let s = ledger.state(&key).await.unwrap().unwrap();
+    assert_eq!(s.hot_allocated, 0, "returned during the first gap");
+    spend_then_wait(engine.clone()).await;
+    let before = ledger.state(&key).await.unwrap().unwrap();
+    assert!(before.hot_allocated > 0, "kept over the second gap");
+    for _ in 0..6 {
+        spend_then_wait(engine.clone()).await;
+    }
+    let after = ledger.state(&key).await.unwrap().unwrap();
+    assert_eq!(
+        after.version, before.version,
+        "six spends 5 s apart changed the ledger"
+    );
+    // Idle for a minute: back to the ledger, every credit accounted for.
+    for _ in 0..65 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        engine.reconcile_once().await.expect("reconcile");
+    }
+    let end = ledger.state(&key).await.unwrap().unwrap();
+    assert_eq!(end.hot_allocated, 0, "returned once idle past its gaps");
+    assert_eq!(end.remaining, Some(START - 8));
+}

@@ -84,7 +84,8 @@ pub struct ServeConfig {
     #[arg(long, env = "CREDITGATE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
 
-    /// A key idle this long returns its hot balance to the ledger, in milliseconds.
+    /// A key idle this long returns its hot balance to the ledger, in milliseconds (a key
+    /// spent every few seconds: after four of its gaps, at most 30 times this).
     #[arg(long, env = "CREDITGATE_IDLE_RETURN_MS", default_value_t = 2000)]
     pub idle_return_ms: u64,
 

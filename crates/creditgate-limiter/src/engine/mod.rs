@@ -196,7 +196,25 @@ struct Activity {
     /// last credit reported (1 on a node of its own; about N where N nodes share the
     /// key evenly). Chunks cover the key's rate on every node, not only this one's.
     share: u64,
+    /// The last spend, and the gap between spends this key has shown lately (a maximum
+    /// that decays by 1/16 per spend): a key spent every few seconds keeps its hot
+    /// balance across its gaps instead of being returned and refilled each time.
+    last_spent: Option<Instant>,
+    gap: Duration,
 }
+
+/// What a key's activity leaves behind when its balance is returned: when it was last
+/// spent and its gap, so that the key's next spend knows its pace.
+#[derive(Debug, Clone, Copy)]
+struct Returned {
+    last_spent: Instant,
+    gap: Duration,
+}
+
+/// An idle key keeps its hot balance for this many of its gaps…
+pub(super) const IDLE_GAPS: u32 = 4;
+/// …but at most this many `idle_return`s (60 s at the default 2 s).
+pub(super) const MAX_IDLE_RETURNS: u32 = 30;
 
 pub struct Engine {
     hot: Arc<dyn HotStore>,
@@ -204,6 +222,9 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     activity: Mutex<HashMap<KeyId, Activity>>,
+    /// Keys returned for idleness within `idle_return × MAX_IDLE_RETURNS`, with their
+    /// pace (lock order: `activity`, then this).
+    returned: Mutex<HashMap<KeyId, Returned>>,
     failed_returns: Mutex<VecDeque<(KeyId, String, Drained)>>,
     epoch_seen: Mutex<Option<String>>,
     prefetch_tx: mpsc::Sender<(KeyId, u64)>,
@@ -310,6 +331,7 @@ impl Engine {
             clock,
             config,
             activity: Mutex::new(HashMap::new()),
+            returned: Mutex::new(HashMap::new()),
             failed_returns: Mutex::new(VecDeque::new()),
             epoch_seen: Mutex::new(None),
             breaker: Breaker::default(),

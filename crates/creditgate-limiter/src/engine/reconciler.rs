@@ -72,13 +72,18 @@ impl Engine {
                 .count();
             let factor = u32::try_from(self.load_factor(active)).unwrap_or(u32::MAX);
             let idle_return = self.config.idle_return.saturating_mul(factor);
+            // A key spent every few seconds keeps its balance across its gaps (a
+            // return and a refill per spend would put the ledger on its every request).
             let idle = map
                 .iter()
-                .filter(|(_, a)| a.last_used.elapsed() >= idle_return)
+                .filter(|(_, a)| a.last_used.elapsed() >= keep_for(a, idle_return, base))
                 .map(|(k, _)| k.clone())
                 .collect();
             (idle, idle_return)
         };
+        lock_map(&self.returned).retain(|_, r| {
+            r.last_spent.elapsed() < self.config.idle_return.saturating_mul(MAX_IDLE_RETURNS)
+        });
         let results = self.drain_keys(&idle, idle_return).await;
         for (key, result) in idle.into_iter().zip(results) {
             let amount = match result {
@@ -102,11 +107,18 @@ impl Engine {
                 }
             }
             let mut map = lock_map(&self.activity);
-            if map
-                .get(&key)
-                .is_some_and(|a| a.last_used.elapsed() >= idle_return)
+            let gone = match map.get(&key) {
+                Some(a) if a.last_used.elapsed() >= idle_return => map.remove(&key),
+                _ => None,
+            };
+            drop(map);
+            if let Some(Activity {
+                last_spent: Some(last_spent),
+                gap,
+                ..
+            }) = gone
             {
-                map.remove(&key);
+                lock_map(&self.returned).insert(key, Returned { last_spent, gap });
             }
         }
 
@@ -222,4 +234,15 @@ impl Engine {
 pub(super) fn key_failed(step: &'static str, key: &KeyId, e: &EngineError) {
     metrics::counter!(m::KEY_ERRORS, "step" => step).increment(1);
     tracing::warn!(key_id = %key, step, error = %e, "key step failed; going on with the next key");
+}
+
+/// How long `a` may stay unused before its hot balance goes back: `idle_return` (already
+/// scaled by the load factor), or [`IDLE_GAPS`] of the key's own gaps if longer, at most
+/// `base × MAX_IDLE_RETURNS`. With `base` zero, no time at all.
+fn keep_for(a: &Activity, idle_return: Duration, base: Duration) -> Duration {
+    idle_return.max(
+        a.gap
+            .saturating_mul(IDLE_GAPS)
+            .min(base.saturating_mul(MAX_IDLE_RETURNS)),
+    )
 }

@@ -358,16 +358,28 @@ impl Engine {
     pub(super) fn note_spend(&self, key: &KeyId, cost: u64) -> u64 {
         let now = Instant::now();
         let mut map = lock_map(&self.activity);
-        let a = map.entry(key.to_owned()).or_insert_with(|| Activity {
-            window_start: now,
-            window_credits: 0,
-            rate_per_sec: 0,
-            last_used: now,
-            prefetching: false,
-            own_since_report: 0,
-            share: 1,
+        let a = map.entry(key.to_owned()).or_insert_with(|| {
+            // A key returned for idleness comes back with the pace it had.
+            let before = lock_map(&self.returned).remove(key);
+            Activity {
+                window_start: now,
+                window_credits: 0,
+                rate_per_sec: 0,
+                last_used: now,
+                prefetching: false,
+                own_since_report: 0,
+                share: 1,
+                last_spent: before.map(|r| r.last_spent),
+                gap: before.map_or(Duration::ZERO, |r| r.gap),
+            }
         });
         a.last_used = now;
+        if cost > 0 {
+            if let Some(last) = a.last_spent {
+                a.gap = now.duration_since(last).max(a.gap - a.gap / 16);
+            }
+            a.last_spent = Some(now);
+        }
         a.window_credits = a.window_credits.saturating_add(cost);
         a.own_since_report = a.own_since_report.saturating_add(cost);
         let elapsed = now.duration_since(a.window_start);
