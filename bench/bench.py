@@ -197,6 +197,45 @@ def embedded_ledger_load(tmp, keys):
     return res, load
 
 
+def modest_ledger_load(tmp, keys=1000, rate=300, secs=45, measure_from=25):
+    """Many keys at modest rates: `keys` keys at `rate` verifications/s in all (each key
+    every few seconds; `creditgate loadtest`, open loop), embedded. Row writes and
+    transactions per 1,000 verifications from `measure_from` s to the end, when every
+    key has been returned once and spent again."""
+    log(f"ledger load, embedded, {keys} keys at {rate}/s in all ({secs}s)")
+    proc, url = serve_embedded(tmp)
+    wait_up(url)
+    load = Proc([BIN, "loadtest", "--nodes", url, "--root-key", ROOT_KEY, "--keys", str(keys),
+                 "--credits", str(CREDITS), "--rate", str(rate), "--duration", str(secs),
+                 "--json", str(Path(tmp) / "modest.json")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The load tool creates its keys first; its rate starts after that.
+    deadline = time.time() + 120
+    while metrics(url)["creditgate_verifications_total"] < rate and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(measure_from)
+    before = metrics(url)
+    time.sleep(secs - measure_from - 5)
+    after = metrics(url)
+    load.p.wait(timeout=120)
+    proc.stop()
+    v = max(delta(after, before, "creditgate_verifications_total"), 1)
+    return {
+        "verifications": v,
+        "rows_per_1000": 1000 * delta(after, before, "creditgate_ledger_row_writes_total") / v,
+        "tx_per_1000": 1000 * delta(after, before, "creditgate_ledger_transactions_total") / v,
+        "rate": rate,
+        "keys": keys,
+    }
+
+
+def print_modest(m):
+    print(f"ledger, embedded, {m['keys']:,} keys at {m['rate']}/s in all (each key every "
+          f"{m['keys'] / m['rate']:.1f} s): {m['rows_per_1000']:.1f} SQL row writes and "
+          f"{m['tx_per_1000']:.1f} transactions per 1,000 verifications "
+          f"({m['verifications']:,.0f} verifications)")
+
+
 def three_nodes(tmp, keys, shards=None, cpu=False):
     """3 nodes on one Redis (or a Redis Cluster of `shards` masters), Postgres and
     ClickHouse. With `cpu`, also the CPU seconds the nodes and the redis-servers used
@@ -368,6 +407,16 @@ def main():
             raise SystemExit("bench: build first: cargo build --release")
         redis_cluster_table()
         return
+    if "--ledger" in sys.argv:
+        tmp = tempfile.mkdtemp(prefix="cg-bench.")
+        try:
+            for rate, secs, start in ((300, 45, 25), (50, 100, 60)):
+                print_modest(modest_ledger_load(tmp, rate=rate, secs=secs, measure_from=start))
+        finally:
+            for p in Proc.all:
+                p.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if "--callgrind" in sys.argv:
         need("valgrind", "valgrind")
         tmp = tempfile.mkdtemp(prefix="cg-bench.")
@@ -392,6 +441,8 @@ def main():
         sbs = {k: side_by_side(k) for k in (1, 1000)}
         three = {k: three_nodes(tmp, k) for k in (1, 1000)} if not quick else {}
         emb_load = embedded_ledger_load(tmp, 1000)
+        modest = [modest_ledger_load(tmp, rate=rate, secs=secs, measure_from=start)
+                  for rate, secs, start in ((300, 45, 25), (50, 100, 60))]
         instr = {k: callgrind(tmp, keys=k) for k in (1, 1000)}
     finally:
         for p in Proc.all:
@@ -427,6 +478,8 @@ def main():
     print(f"ledger, embedded, 1,000 keys: {load['rows_per_1000']:.1f} SQL row writes and "
           f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "
           f"({load['verifications']:,.0f} verifications, {res['rps']:,.0f}/s)")
+    for m in modest:
+        print_modest(m)
     for k, (res, load) in three.items():
         print(f"ledger, 3 nodes, {k:,} key(s): {load['rows_per_1000']:.1f} SQL row writes and "
               f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "
