@@ -72,11 +72,18 @@ impl Engine {
                 .count();
             let factor = u32::try_from(self.load_factor(active)).unwrap_or(u32::MAX);
             let idle_return = self.config.idle_return.saturating_mul(factor);
-            // A key spent every few seconds keeps its balance across its gaps (a
-            // return and a refill per spend would put the ledger on its every request).
+            // While this node has traffic, a key spent every few seconds keeps its
+            // balance across its gaps (a return and a refill per spend would put the
+            // ledger on its every request). Once traffic stops, every balance goes back
+            // after `idle_return`, as above.
+            let gaps_up_to = if active > 0 {
+                base.saturating_mul(MAX_IDLE_RETURNS)
+            } else {
+                Duration::ZERO
+            };
             let idle = map
                 .iter()
-                .filter(|(_, a)| a.last_used.elapsed() >= keep_for(a, idle_return, base))
+                .filter(|(_, a)| a.last_used.elapsed() >= keep_for(a, idle_return, gaps_up_to))
                 .map(|(k, _)| k.clone())
                 .collect();
             (idle, idle_return)
@@ -238,11 +245,7 @@ pub(super) fn key_failed(step: &'static str, key: &KeyId, e: &EngineError) {
 
 /// How long `a` may stay unused before its hot balance goes back: `idle_return` (already
 /// scaled by the load factor), or [`IDLE_GAPS`] of the key's own gaps if longer, at most
-/// `base × MAX_IDLE_RETURNS`. With `base` zero, no time at all.
-fn keep_for(a: &Activity, idle_return: Duration, base: Duration) -> Duration {
-    idle_return.max(
-        a.gap
-            .saturating_mul(IDLE_GAPS)
-            .min(base.saturating_mul(MAX_IDLE_RETURNS)),
-    )
+/// `gaps_up_to`.
+fn keep_for(a: &Activity, idle_return: Duration, gaps_up_to: Duration) -> Duration {
+    idle_return.max(a.gap.saturating_mul(IDLE_GAPS).min(gaps_up_to))
 }

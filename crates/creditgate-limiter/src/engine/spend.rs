@@ -388,11 +388,18 @@ impl Engine {
             a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms.max(1);
             a.window_start = now;
             a.window_credits = 0;
-        } else if a.rate_per_sec == 0 && elapsed >= FIRST_ESTIMATE_AFTER {
-            // A key's first second: estimate its rate from what it spent so far, so a
-            // hot key is not refilled with minimum chunks (a ledger transaction every
-            // ten requests) until its first window closes.
-            a.rate_per_sec = a.window_credits.saturating_mul(1000) / ms.max(1);
+        } else if cost > 0
+            && a.window_credits > a.rate_per_sec
+            && a.window_credits
+                >= cost
+                    .saturating_mul(self.config.min_chunk_requests)
+                    .saturating_mul(FIRST_ESTIMATE_CHUNKS)
+        {
+            // What a busy key spent so far in this window is a lower bound of its rate
+            // now: a new hot key (or one that sped up) is not refilled with chunks of
+            // its old rate (for a new key the minimum: a ledger transaction every ten
+            // requests) until the window closes. A key that spent less keeps its rate.
+            a.rate_per_sec = a.window_credits;
         }
         let rate = a.rate_per_sec.saturating_mul(a.share);
         let active = map.len();
@@ -414,9 +421,9 @@ impl Engine {
     }
 }
 
-/// How long a newly seen key is watched before its rate is first estimated (before its
-/// first one-second window closes).
-pub(super) const FIRST_ESTIMATE_AFTER: Duration = Duration::from_millis(50);
+/// A key that spent this many minimum chunks within a one-second window has its rate
+/// raised to what it spent so far, before the window ends.
+pub(super) const FIRST_ESTIMATE_CHUNKS: u64 = 10;
 
 /// Most nodes' worth of rate one node's chunks cover (see [`Engine::note_report`]).
 pub(super) const MAX_SHARE: u64 = 16;
