@@ -229,6 +229,15 @@ def modest_ledger_load(tmp, keys=1000, rate=300, secs=45, measure_from=25):
     }
 
 
+# (rate in all, seconds, measured from): each key every 3.3 s, and every 20 s.
+MODEST_RUNS = ((300, 45, 25), (50, 100, 60))
+
+
+def modest_ledger_loads(tmp):
+    return [modest_ledger_load(tmp, rate=rate, secs=secs, measure_from=start)
+            for rate, secs, start in MODEST_RUNS]
+
+
 def print_modest(m):
     print(f"ledger, embedded, {m['keys']:,} keys at {m['rate']}/s in all (each key every "
           f"{m['keys'] / m['rate']:.1f} s): {m['rows_per_1000']:.1f} SQL row writes and "
@@ -391,6 +400,26 @@ def callgrind(tmp, keys=1, warm=3000, requests=2000):
     raise SystemExit("bench: no callgrind dump of the measured part")
 
 
+def callgrinds(tmp):
+    return {k: callgrind(tmp, keys=k) for k in (1, 1000)}
+
+
+def print_callgrind(keys, n):
+    print(f"callgrind: {n:,.0f} instructions of the creditgate process per verification "
+          f"(embedded, {keys:,} key(s) verified in turn, 2,000 verifications after 3,000)")
+
+
+def in_scratch(run):
+    """`run(tmp)` in a scratch folder; every process started meanwhile is stopped after."""
+    tmp = tempfile.mkdtemp(prefix="cg-bench.")
+    try:
+        return run(tmp)
+    finally:
+        for p in Proc.all:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def need(tool, package):
     if shutil.which(tool) is None:
         log(f"installing {package}")
@@ -408,28 +437,13 @@ def main():
         redis_cluster_table()
         return
     if "--ledger" in sys.argv:
-        tmp = tempfile.mkdtemp(prefix="cg-bench.")
-        try:
-            for rate, secs, start in ((300, 45, 25), (50, 100, 60)):
-                print_modest(modest_ledger_load(tmp, rate=rate, secs=secs, measure_from=start))
-        finally:
-            for p in Proc.all:
-                p.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+        for m in in_scratch(modest_ledger_loads):
+            print_modest(m)
         return
     if "--callgrind" in sys.argv:
         need("valgrind", "valgrind")
-        tmp = tempfile.mkdtemp(prefix="cg-bench.")
-        try:
-            for k in (1, 1000):
-                n = callgrind(tmp, keys=k)
-                print(f"callgrind: {n:,.0f} instructions of the creditgate process per "
-                      f"verification (embedded, {k:,} key(s) verified in turn, 2,000 "
-                      "verifications after 3,000)")
-        finally:
-            for p in Proc.all:
-                p.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+        for k, n in in_scratch(callgrinds).items():
+            print_callgrind(k, n)
         return
     quick = "--quick" in sys.argv
     need("wrk", "wrk")
@@ -441,9 +455,8 @@ def main():
         sbs = {k: side_by_side(k) for k in (1, 1000)}
         three = {k: three_nodes(tmp, k) for k in (1, 1000)} if not quick else {}
         emb_load = embedded_ledger_load(tmp, 1000)
-        modest = [modest_ledger_load(tmp, rate=rate, secs=secs, measure_from=start)
-                  for rate, secs, start in ((300, 45, 25), (50, 100, 60))]
-        instr = {k: callgrind(tmp, keys=k) for k in (1, 1000)}
+        modest = modest_ledger_loads(tmp)
+        instr = callgrinds(tmp)
     finally:
         for p in Proc.all:
             p.stop()
@@ -472,8 +485,7 @@ def main():
             cell(three[k][0]["rps"], three[k][0]["p99"], k) for k in (1, 1000)) + " |")
     print()
     for k, n in instr.items():
-        print(f"callgrind: {n:,.0f} instructions of the creditgate process per verification "
-              f"(embedded, {k:,} key(s) verified in turn, 2,000 verifications after 3,000)")
+        print_callgrind(k, n)
     res, load = emb_load
     print(f"ledger, embedded, 1,000 keys: {load['rows_per_1000']:.1f} SQL row writes and "
           f"{load['tx_per_1000']:.1f} transactions per 1,000 verifications "
