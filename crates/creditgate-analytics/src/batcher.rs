@@ -219,10 +219,11 @@ async fn write_one(sink: &dyn Sink, config: &BatcherConfig, batch: Batch, droppe
         return;
     }
     let rows = batch.len();
+    let batch = Arc::new(batch);
     let mut delay = config.retry_backoff;
     for attempt in 1..=config.max_attempts.max(1) {
         let started = std::time::Instant::now();
-        match sink.write(&batch).await {
+        match sink.write_shared(batch.clone()).await {
             Ok(()) => {
                 let secs = started.elapsed().as_secs_f64();
                 metrics::histogram!("creditgate_analytics_write_seconds").record(secs);

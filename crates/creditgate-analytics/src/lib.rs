@@ -83,6 +83,13 @@ pub struct SinkError(pub String);
 #[async_trait]
 pub trait Sink: Send + Sync {
     async fn write(&self, batch: &Batch) -> Result<(), SinkError>;
+
+    /// [`Sink::write`] of a batch the caller shares (the batcher's own, kept for its
+    /// retries): a sink that writes on a thread of its own overrides it to hand the
+    /// batch over instead of copying it.
+    async fn write_shared(&self, batch: Arc<Batch>) -> Result<(), SinkError> {
+        self.write(&batch).await
+    }
 }
 
 /// A sink that keeps nothing (analytics disabled).

@@ -3,6 +3,8 @@
 //! most [`ROWS_PER_INSERT`] rows, which keeps every statement far below SQLite's limit
 //! of 32766 bound parameters (and Postgres's 65535).
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use creditgate_analytics::{
     Batch, RequestEvent, Sink, SinkError, UsageBucket, UsageGroup, UsageQuery, UsageSource,
@@ -18,7 +20,7 @@ use crate::{Backend, SqlStore};
 /// Rows per `INSERT` statement: 15 columns × 500 = 7500 parameters.
 pub(crate) const ROWS_PER_INSERT: usize = 500;
 
-const VERIFICATION_COLUMNS: &[&str] = &[
+pub(crate) const VERIFICATION_COLUMNS: &[&str] = &[
     "request_id",
     "time",
     "workspace_id",
@@ -36,7 +38,7 @@ const VERIFICATION_COLUMNS: &[&str] = &[
     "exceeded_ratelimits",
 ];
 
-const REQUEST_COLUMNS: &[&str] = &[
+pub(crate) const REQUEST_COLUMNS: &[&str] = &[
     "request_id",
     "time",
     "workspace_id",
@@ -51,7 +53,7 @@ const REQUEST_COLUMNS: &[&str] = &[
 /// A multi-row INSERT. SQLite gets positional `?` placeholders: its `$N` are *named*
 /// parameters, and binding thousands of them by name scans the list each time
 /// (quadratic; it made 10,000-row batches take about a second). Postgres gets `$N`.
-fn insert_sql(backend: Backend, table: &str, columns: &[&str], rows: usize) -> String {
+pub(crate) fn insert_sql(backend: Backend, table: &str, columns: &[&str], rows: usize) -> String {
     let mut sql = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
     let mut n = 0usize;
     for r in 0..rows {
@@ -81,7 +83,7 @@ fn insert_sql(backend: Backend, table: &str, columns: &[&str], rows: usize) -> S
 /// chunks, so every batch uses one of at most ten statement shapes per table and the
 /// connection's statement cache serves them (a statement of a new size is parsed and
 /// planned again; at 13 columns × 234 rows that is most of the write's cost).
-fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+pub(crate) fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         if rows.is_empty() {
             return None;
@@ -145,6 +147,9 @@ impl Sink for SqlStore {
         if batch.is_empty() {
             return Ok(());
         }
+        if let Some(rows) = &self.rows {
+            return rows.write(Arc::new(batch.clone())).await;
+        }
         let mut tx = self.begin_write().await.map_err(sink_error)?;
         for chunk in chunks(&batch.verifications) {
             let sql = insert_sql(
@@ -168,6 +173,13 @@ impl Sink for SqlStore {
             q.execute(&mut *tx).await.map_err(sink_error)?;
         }
         tx.commit().await.map_err(sink_error)
+    }
+
+    async fn write_shared(&self, batch: Arc<Batch>) -> Result<(), SinkError> {
+        match &self.rows {
+            Some(rows) if !batch.is_empty() => rows.write(batch).await,
+            _ => self.write(&batch).await,
+        }
     }
 }
 

@@ -23,6 +23,7 @@ mod analytics;
 mod error;
 mod keys;
 mod ledger;
+mod rows;
 mod webhooks;
 
 pub use webhooks::{AttemptOutcome, DueDelivery};
@@ -109,6 +110,8 @@ pub struct SqlStore {
     write: AnyPool,
     backend: Backend,
     clock: Arc<dyn Clock>,
+    /// SQLite in a file: the analytics rows' own writer (see `rows.rs`).
+    rows: Option<Arc<rows::RowWriter>>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -137,6 +140,7 @@ impl SqlStore {
             SqlError::UnsupportedUrl(scheme.to_owned())
         })?;
         let max = options.max_connections.max(1);
+        let mut rows = None;
         let (read, write) = match backend {
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -153,6 +157,12 @@ impl SqlStore {
             }
             Backend::Sqlite => {
                 let (url, in_memory) = sqlite_url(url).await?;
+                if let Some(path) = sqlite_file(&url).filter(|_| !in_memory) {
+                    rows = Some(Arc::new(rows::RowWriter::new(
+                        path,
+                        options.sqlite_busy_timeout,
+                    )));
+                }
                 let busy_ms =
                     u64::try_from(options.sqlite_busy_timeout.as_millis()).unwrap_or(u64::MAX);
                 let sqlite_pool = |size: u32| {
@@ -199,6 +209,7 @@ impl SqlStore {
             write,
             backend,
             clock: Arc::new(SystemClock),
+            rows,
         })
     }
 
@@ -265,6 +276,16 @@ async fn sqlite_url(url: &str) -> Result<(String, bool), SqlError> {
         (false, false) => format!("{prefix}{path}?{query}&mode=rwc"),
     };
     Ok((url, false))
+}
+
+/// The file a normalised SQLite URL names, when it names one plainly (no
+/// percent-encoding, which only sqlx would decode).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    (!path.is_empty() && !path.contains('%')).then(|| path.into())
 }
 
 /// Per-connection SQLite settings.

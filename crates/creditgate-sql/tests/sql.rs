@@ -1052,6 +1052,16 @@ async fn sink_writes_every_row(db: &Db) {
     s.write(&batch).await.expect("write");
     assert_eq!(count(s, "key_verifications").await, 1_234);
     assert_eq!(count(s, "api_requests").await, 777);
+    // The batcher's way in: a shared batch.
+    let shared = Batch {
+        verifications: (1_234..1_300).map(verification).collect(),
+        requests: vec![request(777)],
+    };
+    s.write_shared(std::sync::Arc::new(shared))
+        .await
+        .expect("write shared");
+    assert_eq!(count(s, "key_verifications").await, 1_300);
+    assert_eq!(count(s, "api_requests").await, 778);
 
     let row: (String, String, i64, i64, Option<i64>, String) = sqlx::query_as(
         "SELECT key_id, outcome, cost, spent_credits, remaining, tags FROM key_verifications \
