@@ -27,7 +27,7 @@ use crate::routes::{
     analytics, apis, holds, identities, keys, ratelimit, system, verify, webhooks,
 };
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
-use crate::telemetry::{in_flight_limit, metrics_handle, request_middleware};
+use crate::telemetry::{metrics_handle, request_middleware};
 use crate::webhook_delivery::DeliveryWorker;
 
 /// The workspace the bootstrap root key belongs to.
@@ -434,12 +434,6 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(system::metrics))
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
-        // Inside the request middleware, so a rejection still has a request id, metrics
-        // and its analytics row.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            in_flight_limit,
-        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_middleware,

@@ -97,12 +97,12 @@ const ROUTES: &[&str] = &[
 
 /// Keeps at most `max_in_flight` requests in the handlers: past it, 503 with
 /// `Retry-After` before anything is read or done. Liveness and metrics stay answerable.
-pub async fn in_flight_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn in_flight_limit(state: &AppState, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path == "/v2/liveness" || path == "/metrics" {
         return next.run(req).await;
     }
-    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+    let Ok(permit) = state.in_flight.try_acquire() else {
         metrics::counter!(names::HTTP_OVERLOADED).increment(1);
         return ApiError::Overloaded {
             limit: state.config.max_in_flight,
@@ -150,6 +150,11 @@ fn static_method(m: &Method) -> Option<&'static str> {
     })
 }
 
+/// The one layer around every route: opens the request context, admits the request
+/// past the in-flight limit (inside the context, so a rejection still has a request id,
+/// metrics and its analytics row), times and counts it, and emits its analytics row.
+/// (One layer, not two: each `from_fn` layer clones and boxes the service and the
+/// future of every request.)
 pub async fn request_middleware(
     State(state): State<AppState>,
     req: Request,
@@ -165,12 +170,13 @@ pub async fn request_middleware(
     };
     let method = static_method(req.method())
         .map_or_else(|| Cow::Owned(req.method().to_string()), Cow::Borrowed);
-    let response = ctx.clone().scope(next.run(req)).await;
+    let response = ctx.clone().scope(in_flight_limit(&state, req, next)).await;
+    let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let route = known.unwrap_or("other");
     let (count, seconds) = route_metrics(route, status);
     count.increment(1);
-    seconds.record(started.elapsed().as_secs_f64());
+    seconds.record(elapsed.as_secs_f64());
     if route != "/metrics" {
         state.service.analytics().request(RequestEvent {
             request_id: ctx.request_id.0.clone(),
@@ -179,7 +185,7 @@ pub async fn request_middleware(
             method,
             path,
             status,
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             node_id: state.config.node_id.clone(),
         });
     }
