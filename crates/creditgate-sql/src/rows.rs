@@ -8,7 +8,7 @@
 //! then to SQLite's) and every statement crossed to sqlx's connection thread and back.
 //! Measured on one hot key (2026-12-07): the writer's instructions per verification went
 //! from about 26k to 24k (most of what is left is SQLite's own binding and B-tree work
-//! for two rows and three indexes), the server's CPU per verification fell about 4 %
+//! for two rows and, then, three indexes), the server's CPU per verification fell about 4 %
 //! and its throughput rose about 5 % (`../shared/bench/side-by-side.sh`, A/B).
 //!
 //! The connection is opened on the first write, after [`SqlStore::connect`] created
