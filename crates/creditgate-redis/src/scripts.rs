@@ -142,8 +142,10 @@ local function spend_one(cost, deadline, now)
   if bal >= cost and uvalid then
     bal = bal - cost
     spent = math.min(spent + cost, MAXN)
+    -- No `expiry`: an entry that could pay a positive cost held credits, so it has no
+    -- TTL, and keeps holding them (as `spent` until reported); a zero cost changes
+    -- neither number, so it leaves the TTL as it was.
     redis.call('HSET', E, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now))
-    expiry({bal = bal, spent = spent})
     return {1, math.min(bal + unalloc, MAXN), bal}
   end
   local total = math.min(bal + unalloc, MAXN)
@@ -219,8 +221,8 @@ for i = 1, n do
     E = KEYS[i]
     e.bal = e.bal - cost
     e.spent = math.min(e.spent + cost, MAXN)
+    -- No `expiry`, as in `spend_one`.
     redis.call('HSET', E, 'bal', int(e.bal), 'spent', int(e.spent), 'last_ms', int(now))
-    expiry(e)
     r = {1, math.min(e.bal + e.unalloc, MAXN), e.bal}
   end
   out[#out + 1] = r[1]

@@ -237,6 +237,18 @@ async fn entries_holding_credits_never_expire_and_empty_ones_do() {
         .expect("pttl");
     assert!(mark > 3_000_000, "marks live about an hour: {mark}");
 
+    // Spent down to nothing, the entry still holds the unreported spends: no TTL, even
+    // past the empty entry's TTL.
+    for _ in 0..5 {
+        hot.spend(&kid("full"), c(1)).await.expect("spend");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let spent: i64 = pttl("cg:{full}:e")
+        .query_async(&mut raw)
+        .await
+        .expect("pttl");
+    assert_eq!(spent, -1, "an entry holding unreported spends has no TTL");
+
     // Draining empties the entry: it gets a TTL, and goes.
     hot.drain(&kid("full"), "d", 0).await.expect("drain");
     tokio::time::sleep(Duration::from_millis(400)).await;
