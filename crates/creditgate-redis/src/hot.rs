@@ -565,7 +565,7 @@ struct PendingSpend {
 /// hash slot among them, sent at once). A lone spend goes at once; under
 /// load, each round trip carries many, which saves Redis most of its per-call work and
 /// this node most of the client's. Each item's reply is exactly what the one-key
-/// `spend_one` would answer, in the order the items were queued.
+/// `spend_one` would answer with the key's spends applied in the order they were queued.
 struct SpendBatcher {
     queue: Arc<SpendQueue>,
     driver: tokio::task::JoinHandle<()>,
@@ -680,8 +680,11 @@ impl Inner {
         futures_util::future::join_all(groups.into_values().map(|g| self.spend_group(g))).await;
     }
 
-    /// The spends of one call (one slot on a cluster), answered each.
-    async fn spend_group(&self, batch: Vec<PendingSpend>) {
+    /// The spends of one call (one slot on a cluster), answered each. The items are
+    /// grouped by key first (a stable sort: each key's spends keep their order), so the
+    /// script reads and writes a key's entry once for all of them (`SPEND_ONE`).
+    async fn spend_group(&self, mut batch: Vec<PendingSpend>) {
+        batch.sort_by(|a, b| a.key.cmp(&b.key));
         let Some(first) = batch.first() else {
             return;
         };

@@ -128,29 +128,47 @@ end
 /// The deadline makes a late delivery a no-op: a spend whose caller has stopped waiting
 /// (and answered that it does not know the outcome) cannot be applied when a link that
 /// held its bytes heals.
+///
+/// Consecutive spends of one key (a run) read its entry once and write it once, when
+/// the run ends: a hot key's spends of one batch cost one read and one write in all,
+/// not one of each per spend (the script runs alone, so nothing sees the entry in
+/// between). Runs are as the caller orders the items.
 const SPEND_ONE: &str = r#"
+-- The entry of the current run of spends on one key (`RUN_KEY`): whether it is there
+-- (of this epoch), its numbers, and whether a spend changed them.
+local RUN_KEY, RUN_OK, RUN_CHANGED = nil, false, false
+local RUN_BAL, RUN_UNALLOC, RUN_UVALID, RUN_GEN, RUN_SPENT = 0, 0, false, 0, 0
+
+-- Writes the run's entry if a spend changed it. No `expiry`: an entry that could pay a
+-- positive cost held credits, so it has no TTL, and keeps holding them (as `spent`
+-- until reported); a zero cost changes neither number, so it leaves the TTL as it was.
+local function run_save(now)
+  if RUN_CHANGED then
+    redis.call('HSET', RUN_KEY, 'bal', int(RUN_BAL), 'spent', int(RUN_SPENT),
+      'last_ms', int(now))
+  end
+end
+
 local function spend_one(cost, deadline, now)
   if deadline > 0 and now > deadline then return {4} end
-  local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
-  if v[1] ~= EPOCH then return {0} end
-  local bal = tonumber(v[2]) or 0
-  local unalloc = tonumber(v[3]) or 0
-  local uvalid = tonumber(v[4]) == 1
-  local gen = tonumber(v[5]) or 0
-  local spent = tonumber(v[6]) or 0
-  -- Only a valid snapshot lets the hot store state the exact remaining balance.
-  if bal >= cost and uvalid then
-    bal = bal - cost
-    spent = math.min(spent + cost, MAXN)
-    -- No `expiry`: an entry that could pay a positive cost held credits, so it has no
-    -- TTL, and keeps holding them (as `spent` until reported); a zero cost changes
-    -- neither number, so it leaves the TTL as it was.
-    redis.call('HSET', E, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now))
-    return {1, math.min(bal + unalloc, MAXN), bal}
+  if E ~= RUN_KEY then
+    run_save(now)
+    local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
+    RUN_KEY, RUN_OK, RUN_CHANGED = E, v[1] == EPOCH, false
+    RUN_BAL, RUN_UNALLOC = tonumber(v[2]) or 0, tonumber(v[3]) or 0
+    RUN_UVALID, RUN_GEN, RUN_SPENT = tonumber(v[4]) == 1, tonumber(v[5]) or 0, tonumber(v[6]) or 0
   end
-  local total = math.min(bal + unalloc, MAXN)
-  if uvalid and total < cost then return {2, total} end
-  return {3, bal, gen}
+  if not RUN_OK then return {0} end
+  -- Only a valid snapshot lets the hot store state the exact remaining balance.
+  if RUN_BAL >= cost and RUN_UVALID then
+    RUN_BAL = RUN_BAL - cost
+    RUN_SPENT = math.min(RUN_SPENT + cost, MAXN)
+    RUN_CHANGED = true
+    return {1, math.min(RUN_BAL + RUN_UNALLOC, MAXN), RUN_BAL}
+  end
+  local total = math.min(RUN_BAL + RUN_UNALLOC, MAXN)
+  if RUN_UVALID and total < cost then return {2, total} end
+  return {3, RUN_BAL, RUN_GEN}
 end
 "#;
 
@@ -175,6 +193,7 @@ for i = 1, n do
   out[3 * i - 1] = r[2] or 0
   out[3 * i] = r[3] or 0
 end
+run_save(now)
 return out
 "#;
 
