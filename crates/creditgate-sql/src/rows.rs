@@ -82,36 +82,42 @@ impl RowWriter {
 
     fn insert(&self, conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for chunk in chunks(&batch.verifications) {
-            let sql = insert_sql(
-                Backend::Sqlite,
-                "key_verifications",
-                VERIFICATION_COLUMNS,
-                chunk.len(),
-            );
-            let mut insert = tx.prepare_cached(&sql)?;
-            let mut n = 0;
-            for e in chunk {
-                bind_verification(&mut insert, &mut n, e)?;
-            }
-            insert.raw_execute()?;
-        }
-        for chunk in chunks(&batch.requests) {
-            let sql = insert_sql(
-                Backend::Sqlite,
-                "api_requests",
-                REQUEST_COLUMNS,
-                chunk.len(),
-            );
-            let mut insert = tx.prepare_cached(&sql)?;
-            let mut n = 0;
-            for e in chunk {
-                bind_request(&mut insert, &mut n, e)?;
-            }
-            insert.raw_execute()?;
-        }
+        insert_rows(
+            &tx,
+            "key_verifications",
+            VERIFICATION_COLUMNS,
+            &batch.verifications,
+            bind_verification,
+        )?;
+        insert_rows(
+            &tx,
+            "api_requests",
+            REQUEST_COLUMNS,
+            &batch.requests,
+            bind_request,
+        )?;
         tx.commit()
     }
+}
+
+/// The rows of one table, in multi-row statements of the shapes `chunks` makes.
+fn insert_rows<T>(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    columns: &[&str],
+    rows: &[T],
+    bind_row: fn(&mut rusqlite::CachedStatement<'_>, &mut usize, &T) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    for chunk in chunks(rows) {
+        let sql = insert_sql(Backend::Sqlite, table, columns, chunk.len());
+        let mut insert = tx.prepare_cached(&sql)?;
+        let mut n = 0;
+        for row in chunk {
+            bind_row(&mut insert, &mut n, row)?;
+        }
+        insert.raw_execute()?;
+    }
+    Ok(())
 }
 
 fn clamp(v: u64) -> i64 {
