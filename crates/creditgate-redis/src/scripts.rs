@@ -240,7 +240,7 @@ for i = 1, n do
     E = KEYS[i]
     e.bal = e.bal - cost
     e.spent = math.min(e.spent + cost, MAXN)
-    -- No `expiry`, as in `spend_one`.
+    -- No `expiry`, as in `run_save`.
     redis.call('HSET', E, 'bal', int(e.bal), 'spent', int(e.spent), 'last_ms', int(now))
     r = {1, math.min(e.bal + e.unalloc, MAXN), e.bal}
   end

@@ -7,9 +7,10 @@
 //! Through sqlx's `Any` driver every value was converted twice (to `AnyArguments`,
 //! then to SQLite's) and every statement crossed to sqlx's connection thread and back.
 //! Measured on one hot key (2026-12-07): the writer's instructions per verification went
-//! from about 26k to 24k (most of what is left is SQLite's own binding and B-tree work
-//! for two rows and, then, three indexes), the server's CPU per verification fell about 4 %
-//! and its throughput rose about 5 % (`../shared/bench/side-by-side.sh`, A/B).
+//! from about 26k to 24k (most of what was left was SQLite's own binding and B-tree
+//! work for two rows and the three indexes of the time), the server's CPU per
+//! verification fell about 4 % and its throughput rose about 5 %
+//! (`../shared/bench/side-by-side.sh`, A/B).
 //!
 //! The connection is opened on the first write, after [`SqlStore::connect`] created
 //! and migrated the file, and is kept. Writes run on tokio's blocking pool, off the
