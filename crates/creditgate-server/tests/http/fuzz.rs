@@ -32,6 +32,7 @@ async fn the_api_keeps_to_its_openapi_document() {
     let app = TestApp::start().await;
     let base = app.url("");
     let work = tempfile::tempdir().expect("a temp dir");
+    let cassette = work.path().join("cassette.yaml");
     // A schema-valid request may also meet a state the document cannot express: 404 (a
     // generated id that names nothing), 409 (a conflicting state) and 422 (an
     // idempotency key the run used before with another body), each documented per route.
@@ -54,6 +55,11 @@ async fn the_api_keeps_to_its_openapi_document() {
             MAX_EXAMPLES,
         ])
         .args(["--workers", "2", "--no-color"])
+        // Every request and answer, unfiltered (the root key is this test's), so a
+        // failure found by the stateful phase can be read afterwards.
+        .args(["--report", "vcr", "--output-sanitize", "false"])
+        .arg("--report-vcr-path")
+        .arg(&cassette)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(600), run)
@@ -62,10 +68,16 @@ async fn the_api_keeps_to_its_openapi_document() {
         .expect("schemathesis ran");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "schemathesis found failures:\n{stdout}\n{stderr}"
-    );
+    if !out.status.success() {
+        // Kept where the next look finds it: target/schemathesis-failure.yaml.
+        let kept = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/schemathesis-failure.yaml");
+        let saved = std::fs::copy(&cassette, &kept).map_or_else(
+            |e| format!("(its report could not be kept: {e})"),
+            |_| format!("(every request and answer: {})", kept.display()),
+        );
+        panic!("schemathesis found failures {saved}:\n{stdout}\n{stderr}");
+    }
     // "4024 generated, 4024 passed, 22 skipped": every generated case passed.
     let line = stdout
         .lines()
