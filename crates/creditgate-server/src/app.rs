@@ -1,13 +1,19 @@
 //! Building a node from its configuration and running it until shutdown:
 //! stop accepting → finish in-flight requests → return hot balances → flush analytics.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::Request;
+use axum::http::Method;
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Router, ServiceExt};
 use creditgate_analytics::clickhouse::{ClickHouseOptions, ClickHouseSink};
 use creditgate_analytics::{Batcher, BatcherConfig, Sink, UsageSource};
 use creditgate_domain::{
@@ -27,7 +33,7 @@ use crate::routes::{
     analytics, apis, holds, identities, keys, ratelimit, system, verify, webhooks,
 };
 use crate::state::{AppState, NodeSettings, RedisInvalidations, Shared};
-use crate::telemetry::{metrics_handle, request_middleware};
+use crate::telemetry::{metrics_handle, observe, request_middleware};
 use crate::webhook_delivery::DeliveryWorker;
 
 /// The workspace the bootstrap root key belongs to.
@@ -242,7 +248,7 @@ impl App {
         tracing::info!(%addr, node_id = %state.config.node_id, "creditgate listening");
         let served = serve_http(
             listener,
-            router(state.clone()),
+            Routes::new(state.clone()),
             shutdown,
             Duration::from_millis(config.drain_timeout_ms),
         )
@@ -272,15 +278,16 @@ impl App {
 /// engine is not cut half-way: the engine call runs in its own task).
 async fn serve_http(
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
     let (signalled_tx, mut signalled) = watch::channel(false);
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = signalled_tx.send(true);
-    });
+    let server =
+        axum::serve(listener, routes.into_make_service()).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = signalled_tx.send(true);
+        });
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server);
     let deadline = async {
@@ -355,6 +362,51 @@ async fn metrics_upkeep(
             _ = &mut stop => return,
             _ = tick.tick() => handle.run_upkeep(),
         }
+    }
+}
+
+/// Every route: `POST /v2/keys.verifyKey`, the hot path, served ahead of the router
+/// (through the same [`observe`] as every route, then the same extractors and handler);
+/// everything else by [`router`]. The router's way costs a route lookup and, per layer,
+/// a clone of a boxed service and a boxed future. Measured on one hot key, embedded
+/// (2026-12-07): callgrind 74,161 → 65,830 instructions per verification (the two
+/// builds side by side), and the node's CPU per verification 27.5–28.5 µs → 21–26 µs
+/// under wrk (three runs each, alternated).
+#[derive(Clone)]
+pub struct Routes {
+    state: AppState,
+    router: Router,
+}
+
+impl Routes {
+    pub fn new(state: AppState) -> Self {
+        Self {
+            router: router(state.clone()),
+            state,
+        }
+    }
+}
+
+impl tower_service::Service<Request> for Routes {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if req.method() == Method::POST && req.uri().path() == "/v2/keys.verifyKey" {
+            let state = self.state.clone();
+            return Box::pin(async move {
+                // The handler's future boxed on its own: `observe` nests it twice, and a
+                // future moves by copying all of its bytes (kilobytes for this one).
+                let serve = |req| Box::pin(verify::serve(state.clone(), req));
+                Ok(observe(&state, req, serve).await)
+            });
+        }
+        Box::pin(self.router.call(req))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
@@ -97,10 +98,14 @@ const ROUTES: &[&str] = &[
 
 /// Keeps at most `max_in_flight` requests in the handlers: past it, 503 with
 /// `Retry-After` before anything is read or done. Liveness and metrics stay answerable.
-async fn in_flight_limit(state: &AppState, req: Request, next: Next) -> Response {
+async fn in_flight_limit<F, Fut>(state: &AppState, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let path = req.uri().path();
     if path == "/v2/liveness" || path == "/metrics" {
-        return next.run(req).await;
+        return inner(req).await;
     }
     let Ok(permit) = state.in_flight.try_acquire() else {
         metrics::counter!(names::HTTP_OVERLOADED).increment(1);
@@ -110,7 +115,7 @@ async fn in_flight_limit(state: &AppState, req: Request, next: Next) -> Response
         .into_response();
     };
     let _in_flight = InFlight::enter();
-    let response = next.run(req).await;
+    let response = inner(req).await;
     drop(permit);
     response
 }
@@ -150,9 +155,7 @@ fn static_method(m: &Method) -> Option<&'static str> {
     })
 }
 
-/// The one layer around every route: opens the request context, admits the request
-/// past the in-flight limit (inside the context, so a rejection still has a request id,
-/// metrics and its analytics row), times and counts it, and emits its analytics row.
+/// The one layer around every route the router serves: [`observe`].
 /// (One layer, not two: each `from_fn` layer clones and boxes the service and the
 /// future of every request.)
 pub async fn request_middleware(
@@ -160,6 +163,19 @@ pub async fn request_middleware(
     req: Request,
     next: Next,
 ) -> Response {
+    observe(&state, req, |req| next.run(req)).await
+}
+
+/// What every request goes through, around its handler `inner`: opens the request
+/// context, admits the request past the in-flight limit (inside the context, so a
+/// rejection still has a request id, metrics and its analytics row), times and counts
+/// it, and emits its analytics row. The router's layer and the routes served ahead of
+/// the router (`crate::app::Routes`) both call it.
+pub async fn observe<F, Fut>(state: &AppState, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let ctx = RequestContext::new();
     // Known routes and methods are static strings: no copy per request.
@@ -170,7 +186,7 @@ pub async fn request_middleware(
     };
     let method = static_method(req.method())
         .map_or_else(|| Cow::Owned(req.method().to_string()), Cow::Borrowed);
-    let response = ctx.clone().scope(in_flight_limit(&state, req, next)).await;
+    let response = ctx.clone().scope(in_flight_limit(state, req, inner)).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let route = known.unwrap_or("other");

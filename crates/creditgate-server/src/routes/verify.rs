@@ -1,7 +1,7 @@
 //! `keys.verifyKey`: the hot path. The service decides (DESIGN.md §2); this maps.
 
-use axum::extract::State;
-use axum::response::Response;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::response::{IntoResponse, Response};
 use creditgate_domain::Outcome;
 use creditgate_service::Verify;
 
@@ -32,6 +32,23 @@ pub async fn verify_key(
         Ok(verify_data(&verdict))
     })
     .await
+}
+
+/// `keys.verifyKey` as the router would serve it (the same extractors in the same
+/// order, then [`verify_key`]), for `crate::app::Routes`, which serves the hot path
+/// ahead of the router: no route lookup, no boxed services or futures per layer.
+pub async fn serve(state: AppState, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let caller = match RootKey::from_request_parts(&mut parts, &state).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let req = Request::from_parts(parts, body);
+    let body = match IdemJson::from_request(req, &state).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    verify_key(State(state), caller, body).await.into_response()
 }
 
 fn verify_data(verdict: &creditgate_service::Verdict) -> VerifyKeyData {
