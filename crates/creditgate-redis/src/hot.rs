@@ -549,8 +549,9 @@ where
 
 /// Most spends one batch carries (one script call, `KEYS` of this many entries).
 const MAX_SPEND_BATCH: usize = 128;
-/// Batches in flight at once; spends arriving meanwhile wait for the next batch.
-const MAX_SPEND_BATCHES_IN_FLIGHT: usize = 2;
+/// Batches in flight at once (one per lane); spends arriving meanwhile wait for the
+/// next batch.
+const SPEND_LANES: usize = 2;
 
 /// One caller's spend, waiting for its batch.
 struct PendingSpend {
@@ -566,9 +567,13 @@ struct PendingSpend {
 /// load, each round trip carries many, which saves Redis most of its per-call work and
 /// this node most of the client's. Each item's reply is exactly what the one-key
 /// `spend_one` would answer with the key's spends applied in the order they were queued.
+///
+/// Each of [`SPEND_LANES`] long-lived tasks (lanes) takes what is queued, calls Redis,
+/// answers, and takes again: a spend is one wake from its caller to a lane, with no
+/// task spawned per batch.
 struct SpendBatcher {
     queue: Arc<SpendQueue>,
-    driver: tokio::task::JoinHandle<()>,
+    lanes: Vec<tokio::task::JoinHandle<()>>,
     /// How long a caller waits for its answer, queued or in flight, as for a single
     /// call; past it the outcome is unknown (a spend sent later is past its deadline in
     /// Redis and does nothing).
@@ -595,10 +600,12 @@ impl SpendQueue {
 impl SpendBatcher {
     fn start(caller: Arc<Inner>, response_timeout: Duration) -> Self {
         let queue = Arc::new(SpendQueue::default());
-        let driver = tokio::spawn(Self::drive(queue.clone(), caller));
+        let lanes = (0..SPEND_LANES)
+            .map(|_| tokio::spawn(Self::lane(queue.clone(), caller.clone())))
+            .collect();
         Self {
             queue,
-            driver,
+            lanes,
             response_timeout,
         }
     }
@@ -630,35 +637,30 @@ impl SpendBatcher {
         }
     }
 
-    async fn drive(queue: Arc<SpendQueue>, caller: Arc<Inner>) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SPEND_BATCHES_IN_FLIGHT));
+    /// One lane: runs the queued spends, a batch at a time, until the batcher is
+    /// dropped. (`notify_one` keeps a permit when no lane waits, so a spend queued
+    /// between a lane's empty `take` and its wait still wakes it.)
+    async fn lane(queue: Arc<SpendQueue>, caller: Arc<Inner>) {
         loop {
-            queue.wake.notified().await;
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let batch = queue.take(MAX_SPEND_BATCH);
-                if batch.is_empty() {
-                    break;
-                }
-                queue.calls.fetch_add(1, Ordering::Relaxed);
-                queue
-                    .spends
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let caller = caller.clone();
-                tokio::spawn(async move {
-                    caller.spend_batch(batch).await;
-                    drop(slot);
-                });
+            let batch = queue.take(MAX_SPEND_BATCH);
+            if batch.is_empty() {
+                queue.wake.notified().await;
+                continue;
             }
+            queue.calls.fetch_add(1, Ordering::Relaxed);
+            queue
+                .spends
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            caller.spend_batch(batch).await;
         }
     }
 }
 
 impl Drop for SpendBatcher {
     fn drop(&mut self) {
-        self.driver.abort();
+        for lane in &self.lanes {
+            lane.abort();
+        }
     }
 }
 

@@ -14,6 +14,10 @@ use tracing_subscriber::EnvFilter;
 /// mimalloc rather than glibc's malloc: the request path allocates and frees many small
 /// buffers across worker threads, where glibc spent about a fifth of a verification's
 /// instructions (callgrind) and mimalloc's thread-local free lists cost a fraction.
+/// With the `override` feature mimalloc also answers C's `malloc`/`free` in this binary,
+/// so SQLite's allocations (the analytics row writer binds thousands of values per
+/// batch, each copied into a buffer of its own) take the same fast path: embedded on one
+/// key, the node's CPU per verification fell 6–11 % (three alternated runs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
