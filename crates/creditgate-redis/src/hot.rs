@@ -565,8 +565,8 @@ struct PendingSpend {
 /// for what queued while earlier batches were in flight (on a cluster, one call per
 /// hash slot among them, sent at once). A lone spend goes at once; under
 /// load, each round trip carries many, which saves Redis most of its per-call work and
-/// this node most of the client's. Each item's reply is exactly what the one-key
-/// `spend_one` would answer with the key's spends applied in the order they were queued.
+/// this node most of the client's. Each item's reply is exactly what a call of its own
+/// would answer with the key's spends applied in the order they were queued.
 ///
 /// Each of [`SPEND_LANES`] long-lived tasks (lanes) takes what is queued, calls Redis,
 /// answers, and takes again: a spend is one wake from its caller to a lane, with no
@@ -684,7 +684,7 @@ impl Inner {
 
     /// The spends of one call (one slot on a cluster), answered each. The items are
     /// grouped by key first (a stable sort: each key's spends keep their order), so the
-    /// script reads and writes a key's entry once for all of them (`SPEND_ONE`).
+    /// script reads and writes a key's entry once for all of them (`SPEND_MANY`).
     async fn spend_group(&self, mut batch: Vec<PendingSpend>) {
         batch.sort_by(|a, b| a.key.cmp(&b.key));
         let Some(first) = batch.first() else {
@@ -762,7 +762,7 @@ fn common_args(
         .arg(u8::from(overwrite));
 }
 
-/// One item's reply: the numbers of `spend_one` reply, zero-padded to three.
+/// One item's reply: its three numbers of a `SPEND_MANY` reply.
 fn spend_reply(r: &[u64]) -> Result<SpendReply, HotError> {
     match *r {
         [0, _, _] => Ok(SpendReply::Miss),

@@ -35,38 +35,46 @@
 
 use crate::conn::Lua;
 
-/// Shared helpers, prepended to every entry script.
-const PRELUDE: &str = r#"
+/// Helpers every entry script starts with: the common arguments, the epoch check,
+/// number checks and formatting, the server's clock. (The spend scripts need no more;
+/// the others also get [`PRELUDE`]. Defining a function costs a script call time:
+/// about a microsecond for the helpers of `PRELUDE`.)
+const BASE: &str = r#"
 local E = KEYS[1]
 local EPOCH = ARGV[1]
 local EMPTY_TTL = ARGV[2]
 local MARK_TTL = ARGV[3]
 local OVERWRITE = ARGV[4] == '1'
 local MAXN = 9007199254740991
+local call, tonumber, format, floor, min = redis.call, tonumber, string.format, math.floor, math.min
 
 -- The node's epoch is the server's: `<marker>:<master_replid>`.
 local function epoch_ok()
-  local m = redis.call('GET', KEYS[#KEYS])
+  local m = call('GET', KEYS[#KEYS])
   if not m then return false end
-  local r = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local r = string.match(call('INFO', 'replication'), 'master_replid:(%w+)')
   return EPOCH == m .. ':' .. tostring(r)
 end
 
-local function int(n) return string.format('%d', n) end
+local function int(n) return format('%d', n) end
 
 local function uint(i, what)
   local n = tonumber(ARGV[i])
-  if n == nil or n ~= n or n < 0 or n > MAXN or n ~= math.floor(n) then
+  if n == nil or n ~= n or n < 0 or n > MAXN or n ~= floor(n) then
     error({err = 'ERR creditgate: ' .. what .. ' must be an integer in 0..2^53-1, got ' .. tostring(ARGV[i])})
   end
   return n
 end
 
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local t = call('TIME')
+  return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
+"#;
 
+/// The entry helpers of the scripts other than the spends: read, create, write and
+/// expire a whole entry, move its balance out, set a mark.
+const PRELUDE: &str = r#"
 local FIELDS = {'epoch', 'bal', 'unalloc', 'uvalid', 'version', 'gen', 'fgen',
                 'fd_amount', 'fd_spent', 'fd_gen', 'spent', 'last_ms',
                 'rpend', 'rnonce', 'ra', 'rs', 'rg'}
@@ -121,9 +129,13 @@ local function mark_set(value)
 end
 "#;
 
-/// The spend of one entry (`E`): `cost`; `deadline` in Redis `TIME` milliseconds (0:
-/// none). Returns `{0}` miss, `{1, remaining, bal}` valid, `{2, remaining}` exceeded,
-/// `{3, bal, generation}` low, `{4}` too late (nothing done).
+/// The spends of several callers in one call: `KEYS[i]` is the entry of item `i`,
+/// `ARGV[3 + 2i]` its cost and `ARGV[4 + 2i]` its deadline in Redis `TIME` milliseconds
+/// (0: none). Every argument is checked before anything is written, so a bad one fails
+/// the whole call with nothing spent. Returns three numbers per item, in order: `{0, 0,
+/// 0}` miss, `{1, remaining, bal}` valid, `{2, remaining, 0}` exceeded, `{3, bal,
+/// generation}` low, `{4, 0, 0}` too late (nothing done). A key may appear more than
+/// once; its spends apply in order.
 ///
 /// The deadline makes a late delivery a no-op: a spend whose caller has stopped waiting
 /// (and answered that it does not know the outcome) cannot be applied when a link that
@@ -133,74 +145,72 @@ end
 /// the run ends: a hot key's spends of one batch cost one read and one write in all,
 /// not one of each per spend (the script runs alone, so nothing sees the entry in
 /// between). Runs are as the caller orders the items.
-const SPEND_ONE: &str = r#"
--- The entry of the current run of spends on one key (`RUN_KEY`): whether it is there
--- (of this epoch), its numbers, and whether a spend changed them.
-local RUN_KEY, RUN_OK, RUN_CHANGED = nil, false, false
-local RUN_BAL, RUN_UNALLOC, RUN_UVALID, RUN_GEN, RUN_SPENT = 0, 0, false, 0, 0
-
--- Writes the run's entry if a spend changed it. No `expiry`: an entry that could pay a
--- positive cost held credits, so it has no TTL, and keeps holding them (as `spent`
--- until reported); a zero cost changes neither number, so it leaves the TTL as it was.
-local function run_save(now)
-  if RUN_CHANGED then
-    redis.call('HSET', RUN_KEY, 'bal', int(RUN_BAL), 'spent', int(RUN_SPENT),
-      'last_ms', int(now))
-  end
-end
-
-local function spend_one(cost, deadline, now)
-  if deadline > 0 and now > deadline then return {4} end
-  if E ~= RUN_KEY then
-    run_save(now)
-    local v = redis.call('HMGET', E, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
-    RUN_KEY, RUN_OK, RUN_CHANGED = E, v[1] == EPOCH, false
-    RUN_BAL, RUN_UNALLOC = tonumber(v[2]) or 0, tonumber(v[3]) or 0
-    RUN_UVALID, RUN_GEN, RUN_SPENT = tonumber(v[4]) == 1, tonumber(v[5]) or 0, tonumber(v[6]) or 0
-  end
-  if not RUN_OK then return {0} end
-  -- Only a valid snapshot lets the hot store state the exact remaining balance.
-  if RUN_BAL >= cost and RUN_UVALID then
-    RUN_BAL = RUN_BAL - cost
-    RUN_SPENT = math.min(RUN_SPENT + cost, MAXN)
-    RUN_CHANGED = true
-    return {1, math.min(RUN_BAL + RUN_UNALLOC, MAXN), RUN_BAL}
-  end
-  local total = math.min(RUN_BAL + RUN_UNALLOC, MAXN)
-  if RUN_UVALID and total < cost then return {2, total} end
-  return {3, RUN_BAL, RUN_GEN}
-end
-"#;
-
-/// The spends of several callers in one call: `KEYS[i]` is the entry of item `i`,
-/// `ARGV[3 + 2i]` its cost and `ARGV[4 + 2i]` its deadline (see [`SPEND_ONE`]). Every
-/// argument is checked before anything is written, so a bad one fails the whole call
-/// with nothing spent. Returns three numbers per item, in order: `spend_one`'s reply
-/// padded with zeros. A key may appear more than once; its spends apply in order.
+///
+/// The run's entry is written without `expiry`: an entry that could pay a positive cost
+/// held credits, so it has no TTL, and keeps holding them (as `spent` until reported);
+/// a zero cost changes neither number, so it leaves the TTL as it was.
+///
+/// Written for the interpreter's costs (a script call of a few keys is mostly Lua, not
+/// the commands it runs): locals rather than global lookups, no table per item, the
+/// replies written straight into the answer.
 const SPEND_MANY: &str = r#"
 if not epoch_ok() then return {-2} end
 local n = #KEYS - 1
-local items = {}
+local costs, deadlines = {}, {}
 for i = 1, n do
-  items[i] = {uint(3 + 2 * i, 'cost'), uint(4 + 2 * i, 'deadline')}
+  costs[i] = uint(3 + 2 * i, 'cost')
+  deadlines[i] = uint(4 + 2 * i, 'deadline')
 end
 local now = now_ms()
 local out = {}
+-- The run: its entry's name, whether it is of this epoch, its numbers, and whether a
+-- spend changed them.
+local run, ok, changed = nil, false, false
+local bal, unalloc, uvalid, gen, spent = 0, 0, false, 0, 0
 for i = 1, n do
-  E = KEYS[i]
-  local r = spend_one(items[i][1], items[i][2], now)
-  out[3 * i - 2] = r[1]
-  out[3 * i - 1] = r[2] or 0
-  out[3 * i] = r[3] or 0
+  local cost, j = costs[i], 3 * i - 2
+  local deadline = deadlines[i]
+  if deadline > 0 and now > deadline then
+    out[j], out[j + 1], out[j + 2] = 4, 0, 0
+  else
+    local e = KEYS[i]
+    if e ~= run then
+      if changed then
+        call('HSET', run, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now))
+      end
+      local v = call('HMGET', e, 'epoch', 'bal', 'unalloc', 'uvalid', 'gen', 'spent')
+      run, ok, changed = e, v[1] == EPOCH, false
+      bal, unalloc = tonumber(v[2]) or 0, tonumber(v[3]) or 0
+      uvalid, gen, spent = tonumber(v[4]) == 1, tonumber(v[5]) or 0, tonumber(v[6]) or 0
+    end
+    if not ok then
+      out[j], out[j + 1], out[j + 2] = 0, 0, 0
+    elseif bal >= cost and uvalid then
+      -- Only a valid snapshot lets the hot store state the exact remaining balance.
+      bal = bal - cost
+      spent = min(spent + cost, MAXN)
+      changed = true
+      out[j], out[j + 1], out[j + 2] = 1, min(bal + unalloc, MAXN), bal
+    else
+      local total = min(bal + unalloc, MAXN)
+      if uvalid and total < cost then
+        out[j], out[j + 1], out[j + 2] = 2, total, 0
+      else
+        out[j], out[j + 1], out[j + 2] = 3, bal, gen
+      end
+    end
+  end
 end
-run_save(now)
+if changed then
+  call('HSET', run, 'bal', int(bal), 'spent', int(spent), 'last_ms', int(now))
+end
 return out
 "#;
 
 /// `HotStore::spend_all`: `KEYS` are distinct entries; ARGV[5] the cost, ARGV[6] 1 to
-/// decide without spending, ARGV[7] the deadline (as in [`SPEND_ONE`]). Every entry is
+/// decide without spending, ARGV[7] the deadline (as in [`SPEND_MANY`]). Every entry is
 /// decided before anything is written; the cost leaves all of them or none. Returns
-/// `{spent}` then three numbers per entry as `spend_one` answers (`{1, remaining, bal}`
+/// `{spent}` then three numbers per entry as [`SPEND_MANY`] answers (`{1, remaining, bal}`
 /// for an entry that can pay, after the spend if it happened), or `{4}` too late.
 const SPEND_ALL: &str = r#"
 local cost = uint(5, 'cost')
@@ -240,7 +250,7 @@ for i = 1, n do
     E = KEYS[i]
     e.bal = e.bal - cost
     e.spent = math.min(e.spent + cost, MAXN)
-    -- No `expiry`, as in `run_save`.
+    -- No `expiry`, as in `SPEND_MANY`.
     redis.call('HSET', E, 'bal', int(e.bal), 'spent', int(e.spent), 'last_ms', int(now))
     r = {1, math.min(e.bal + e.unalloc, MAXN), e.bal}
   end
@@ -450,9 +460,10 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let entry = |body: &str| Lua::new(&format!("{PRELUDE}{body}"));
+        let entry = |body: &str| Lua::new(&format!("{BASE}{PRELUDE}{body}"));
+        let spend = |body: &str| Lua::new(&format!("{BASE}{body}"));
         Self {
-            spend_many: entry(&format!("{SPEND_ONE}{SPEND_MANY}")),
+            spend_many: spend(SPEND_MANY),
             credit: entry(CREDIT),
             sync_unalloc: entry(SYNC_UNALLOC),
             drain: entry(DRAIN),
@@ -461,7 +472,7 @@ impl Scripts {
             peek: entry(PEEK),
             pending_return: entry(PENDING_RETURN),
             returned: entry(RETURNED),
-            spend_all: entry(SPEND_ALL),
+            spend_all: spend(SPEND_ALL),
             lock: Lua::new(LOCK),
             unlock: Lua::new(UNLOCK),
             epoch: Lua::new(EPOCH),
