@@ -264,22 +264,36 @@ fn tag(address: &str) -> &str {
     address.split_once('@').map_or(address, |(_, home)| home)
 }
 
-/// The name prefix of an address's keys: `cg:{key}` or `cg:{home}:key`; all the keys of
-/// one address share its hash tag.
-fn prefix(address: &str) -> String {
+/// The name of one of an address's keys: `cg:{key}` or `cg:{home}:key`, then `suffix`;
+/// all the keys of one address share its hash tag. (Built by appending: every spend
+/// names its entry, and `format!` cost several times the instructions.)
+fn prefix(address: &str, suffix: &str) -> String {
+    let mut name = String::with_capacity(address.len() + suffix.len() + 6);
+    name.push_str("cg:{");
     match address.split_once('@') {
-        None => format!("cg:{{{address}}}"),
-        Some((account, home)) => format!("cg:{{{home}}}:{account}"),
+        None => {
+            name.push_str(address);
+            name.push('}');
+        }
+        Some((account, home)) => {
+            name.push_str(home);
+            name.push_str("}:");
+            name.push_str(account);
+        }
     }
+    name.push_str(suffix);
+    name
 }
 fn entry_key(key: &str) -> String {
-    format!("{}:e", prefix(key))
+    prefix(key, ":e")
 }
 fn mark_key(key: &str, transfer_id: &str) -> String {
-    format!("{}:m:{transfer_id}", prefix(key))
+    let mut name = prefix(key, ":m:");
+    name.push_str(transfer_id);
+    name
 }
 fn lock_key(key: &str) -> String {
-    format!("{}:lock", prefix(key))
+    prefix(key, ":lock")
 }
 
 /// Braces would change the hash tag and could make two keys' names collide; an address

@@ -79,6 +79,11 @@ pub(crate) fn insert_sql(backend: Backend, table: &str, columns: &[&str], rows: 
     sql
 }
 
+/// The row counts [`chunks`] makes: `ROWS_PER_INSERT` and every power of two below it.
+pub(crate) fn chunk_sizes() -> impl Iterator<Item = usize> {
+    std::iter::once(ROWS_PER_INSERT).chain((0..=ROWS_PER_INSERT.ilog2()).rev().map(|b| 1 << b))
+}
+
 /// Splits `rows` into `ROWS_PER_INSERT`-row chunks and a remainder in power-of-two
 /// chunks, so every batch uses one of at most ten statement shapes per table and the
 /// connection's statement cache serves them (a statement of a new size is parsed and
@@ -276,5 +281,18 @@ mod tests {
                 .iter()
                 .all(|p| p.len() == ROWS_PER_INSERT || p.len().is_power_of_two()));
         }
+    }
+
+    /// The writer prepares `chunk_sizes` up front: every size `chunks` makes is one of
+    /// them, and they fit the writer's statement cache (32) for both tables.
+    #[test]
+    fn chunk_sizes_are_the_sizes_chunks_make() {
+        let sizes: Vec<usize> = chunk_sizes().collect();
+        assert_eq!(sizes, [500, 256, 128, 64, 32, 16, 8, 4, 2, 1]);
+        for n in 0..=1_100usize {
+            let rows: Vec<usize> = (0..n).collect();
+            assert!(chunks(&rows).all(|p| sizes.contains(&p.len())), "{n} rows");
+        }
+        assert!(2 * sizes.len() <= 32);
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use creditgate_analytics::{Batch, RequestEvent, SinkError, VerificationEvent};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use crate::analytics::{chunks, insert_sql, REQUEST_COLUMNS, VERIFICATION_COLUMNS};
+use crate::analytics::{chunk_sizes, chunks, insert_sql, REQUEST_COLUMNS, VERIFICATION_COLUMNS};
 use crate::Backend;
 
 /// The writer of one SQLite file's `key_verifications` and `api_requests`.
@@ -76,8 +76,26 @@ impl RowWriter {
         // The file is in WAL mode already (sqlx set it when it created the file); the
         // durability setting is per connection, the same as the pool's.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // Every statement shape of both tables (see `chunks`) stays prepared.
+        // Every statement shape of both tables (see `chunks`) stays prepared, from the
+        // start: a shape first met later would cost that batch the parse and plan of a
+        // statement of up to 7,500 parameters (about 5 million instructions for the
+        // largest), and make the writer's cost per row depend on which batch sizes
+        // happened so far.
         conn.set_prepared_statement_cache_capacity(32);
+        for rows in chunk_sizes() {
+            conn.prepare_cached(&insert_sql(
+                Backend::Sqlite,
+                "key_verifications",
+                VERIFICATION_COLUMNS,
+                rows,
+            ))?;
+            conn.prepare_cached(&insert_sql(
+                Backend::Sqlite,
+                "api_requests",
+                REQUEST_COLUMNS,
+                rows,
+            ))?;
+        }
         Ok(conn)
     }
 
