@@ -37,8 +37,8 @@ use crate::conn::Lua;
 
 /// Helpers every entry script starts with: the common arguments, the epoch check,
 /// number checks and formatting, the server's clock. (The spend scripts need no more;
-/// the others also get [`PRELUDE`]. Defining a function costs a script call time:
-/// about a microsecond for the helpers of `PRELUDE`.)
+/// the others also get [`PRELUDE`]. A script defines its helpers again on every call:
+/// those of `PRELUDE` cost about a microsecond.)
 const BASE: &str = r#"
 local E = KEYS[1]
 local EPOCH = ARGV[1]
