@@ -196,6 +196,22 @@ impl<'a> Call<'a> {
         self
     }
 
+    /// The call in RESP, as `EVALSHA` or (`eval`) as `EVAL` with the script's source.
+    pub(crate) fn write_resp(&self, eval: bool, out: &mut Vec<u8>) {
+        let (verb, script): (&[u8], &str) = if eval {
+            (b"EVAL", &self.lua.source)
+        } else {
+            (b"EVALSHA", self.lua.script.get_hash())
+        };
+        crate::link::header(out, b'*', 3 + self.keys.len() + self.args.len());
+        crate::link::bulk(out, verb);
+        crate::link::bulk(out, script.as_bytes());
+        crate::link::bulk(out, self.keys.len().to_string().as_bytes());
+        for part in self.keys.iter().chain(&self.args) {
+            crate::link::bulk(out, part);
+        }
+    }
+
     fn command(&self, verb: &str, script: &str) -> Cmd {
         let mut cmd = redis::cmd(verb);
         cmd.arg(script).arg(self.keys.len());

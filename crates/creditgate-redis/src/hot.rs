@@ -43,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::conn::{invoke, slot_of_tag, tag_of_slot, Call, Conn, Lua, Target};
 use crate::error::RedisError;
+use crate::link::Link;
 use crate::metrics as m;
 use crate::scripts::Scripts;
 
@@ -362,6 +363,17 @@ impl RedisHotStore {
                 .map_err(|e| RedisError::Connect(format!("loading a script: {e}")))?;
         }
         let risky_eviction_policy = check_eviction_policy(&mut conn).await;
+        let mut links = Vec::with_capacity(SPEND_LANES);
+        for _ in 0..SPEND_LANES {
+            let mut link =
+                Link::for_target(target, options.response_timeout, options.connection_timeout);
+            if let Some(link) = &mut link {
+                link.connect()
+                    .await
+                    .map_err(|e| RedisError::Connect(format!("a spend lane's connection: {e}")))?;
+            }
+            links.push(link);
+        }
         let inner = Arc::new(Inner {
             epochs: Epochs::new(conn.is_cluster()),
             conn,
@@ -371,7 +383,7 @@ impl RedisHotStore {
             clock: RedisClock::new(),
         });
         let store = Self {
-            spends: SpendBatcher::start(inner.clone(), options.response_timeout),
+            spends: SpendBatcher::start(inner.clone(), options.response_timeout, links),
             inner,
             risky_eviction_policy,
             spend_window: options.response_timeout.mul_f64(0.8),
@@ -584,7 +596,8 @@ struct PendingSpend {
 ///
 /// Each of [`SPEND_LANES`] long-lived tasks (lanes) takes what is queued, calls Redis,
 /// answers, and takes again: a spend is one wake from its caller to a lane, with no
-/// task spawned per batch.
+/// task spawned per batch. On one Redis over TCP each lane calls on a connection of its
+/// own ([`Link`]); on a cluster through the shared client.
 struct SpendBatcher {
     queue: Arc<SpendQueue>,
     lanes: Vec<tokio::task::JoinHandle<()>>,
@@ -612,10 +625,12 @@ impl SpendQueue {
 }
 
 impl SpendBatcher {
-    fn start(caller: Arc<Inner>, response_timeout: Duration) -> Self {
+    /// One lane per entry of `links` (its connection, `None`: the shared client's).
+    fn start(caller: Arc<Inner>, response_timeout: Duration, links: Vec<Option<Link>>) -> Self {
         let queue = Arc::new(SpendQueue::default());
-        let lanes = (0..SPEND_LANES)
-            .map(|_| tokio::spawn(Self::lane(queue.clone(), caller.clone())))
+        let lanes = links
+            .into_iter()
+            .map(|link| tokio::spawn(Self::lane(queue.clone(), caller.clone(), link)))
             .collect();
         Self {
             queue,
@@ -654,7 +669,7 @@ impl SpendBatcher {
     /// One lane: runs the queued spends, a batch at a time, until the batcher is
     /// dropped. (`notify_one` keeps a permit when no lane waits, so a spend queued
     /// between a lane's empty `take` and its wait still wakes it.)
-    async fn lane(queue: Arc<SpendQueue>, caller: Arc<Inner>) {
+    async fn lane(queue: Arc<SpendQueue>, caller: Arc<Inner>, mut link: Option<Link>) {
         loop {
             let batch = queue.take(MAX_SPEND_BATCH);
             if batch.is_empty() {
@@ -665,7 +680,7 @@ impl SpendBatcher {
             queue
                 .spends
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            caller.spend_batch(batch).await;
+            caller.spend_batch(batch, link.as_mut()).await;
         }
     }
 }
@@ -679,12 +694,12 @@ impl Drop for SpendBatcher {
 }
 
 impl Inner {
-    /// Runs one batch of spends: one call, or on a cluster one call per slot, all at
-    /// once.
-    async fn spend_batch(&self, batch: Vec<PendingSpend>) {
+    /// Runs one batch of spends: one call (on the lane's `link` where it has one), or
+    /// on a cluster one call per slot, all at once.
+    async fn spend_batch(&self, batch: Vec<PendingSpend>, link: Option<&mut Link>) {
         metrics::histogram!(m::SPEND_BATCH_SIZE).record(batch.len() as f64);
         if !self.epochs.cluster {
-            return self.spend_group(batch).await;
+            return self.spend_group(batch, link).await;
         }
         let mut groups: HashMap<u16, Vec<PendingSpend>> = HashMap::new();
         for item in batch {
@@ -693,13 +708,14 @@ impl Inner {
                 .or_default()
                 .push(item);
         }
-        futures_util::future::join_all(groups.into_values().map(|g| self.spend_group(g))).await;
+        futures_util::future::join_all(groups.into_values().map(|g| self.spend_group(g, None)))
+            .await;
     }
 
     /// The spends of one call (one slot on a cluster), answered each. The items are
     /// grouped by key first (a stable sort: each key's spends keep their order), so the
     /// script reads and writes a key's entry once for all of them (`SPEND_MANY`).
-    async fn spend_group(&self, mut batch: Vec<PendingSpend>) {
+    async fn spend_group(&self, mut batch: Vec<PendingSpend>, mut link: Option<&mut Link>) {
         batch.sort_by(|a, b| a.key.cmp(&b.key));
         let Some(first) = batch.first() else {
             return;
@@ -717,7 +733,11 @@ impl Inner {
             for item in &batch {
                 inv.arg(item.cost).arg(item.deadline);
             }
-            match self.run::<Vec<i64>>(&inv).await {
+            let r = match link.as_deref_mut() {
+                Some(link) => link.invoke(&inv).await,
+                None => self.run::<Vec<i64>>(&inv).await,
+            };
+            match r {
                 Ok(r) if r == EPOCH_CHANGED => {
                     if let Err(e) = self.refresh_epoch(Some(&first.key)).await {
                         reply = Some(Err(e));

@@ -9,6 +9,7 @@ mod bus;
 mod conn;
 mod error;
 mod hot;
+mod link;
 pub mod metrics;
 mod ratelimit;
 mod scripts;

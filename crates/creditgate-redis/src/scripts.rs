@@ -48,12 +48,16 @@ local OVERWRITE = ARGV[4] == '1'
 local MAXN = 9007199254740991
 local call, tonumber, format, floor, min = redis.call, tonumber, string.format, math.floor, math.min
 
--- The node's epoch is the server's: `<marker>:<master_replid>`.
+-- The node's epoch is the server's: `<marker>:<master_replid>`. (The field is found
+-- by a plain search and read with an anchored pattern: a pattern searched through the
+-- whole section cost about a microsecond more, on every call.)
 local function epoch_ok()
   local m = call('GET', KEYS[#KEYS])
   if not m then return false end
-  local r = string.match(call('INFO', 'replication'), 'master_replid:(%w+)')
-  return EPOCH == m .. ':' .. tostring(r)
+  local info = call('INFO', 'replication')
+  local at = string.find(info, 'master_replid:', 1, true)
+  if not at then return false end
+  return EPOCH == m .. ':' .. string.match(info, '^%w*', at + 14)
 end
 
 local function int(n) return format('%d', n) end
