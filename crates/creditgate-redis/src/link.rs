@@ -348,7 +348,10 @@ fn frame(buf: &[u8], at: usize) -> io::Result<Option<usize>> {
             if len < 0 {
                 return Ok(Some(next));
             }
-            let end = next + usize::try_from(len).unwrap_or(usize::MAX - 2) + 2;
+            let end = usize::try_from(len)
+                .unwrap_or(usize::MAX)
+                .saturating_add(next)
+                .saturating_add(2);
             Ok((buf.len() >= end).then_some(end))
         }
         b'*' => {
@@ -395,6 +398,7 @@ mod tests {
         let whole = b"*3\r\n:1\r\n:-2\r\n$3\r\nabc\r\n+OK\r\n";
         assert_eq!(frame(whole, 0).unwrap(), Some(whole.len() - 5));
         assert_eq!(frame(b"$-1\r\n", 0).unwrap(), Some(5));
+        assert_eq!(frame(b"$9223372036854775807\r\nab", 0).unwrap(), None);
         assert_eq!(frame(b"*0\r\n", 0).unwrap(), Some(4));
         assert_eq!(frame(b"-ERR no\r\n", 0).unwrap(), Some(9));
         assert!(frame(b"%1\r\n", 0).is_err());

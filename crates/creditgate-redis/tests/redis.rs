@@ -728,6 +728,37 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
     ));
 }
 
+/// The spend lanes keep connections of their own: a Redis restarted between two calls
+/// closed them, and the next calls notice it before sending (a new connection, the
+/// script loaded again, the new epoch read) instead of answering that they do not know
+/// the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_between_spends_answers_every_later_spend() {
+    let server = redis();
+    let hot = store(&server).await;
+    let ledger = Arc::new(MemoryLedger::new());
+    let e = engine(hot.clone(), ledger.clone());
+    let key = new_key(&ledger, "key_restart", 100);
+    for _ in 0..4 {
+        assert!(matches!(
+            e.spend(&key, c(1)).await.expect("spend"),
+            Decision::Valid { .. }
+        ));
+    }
+    server.kill9().expect("kill redis");
+    server.start_again().expect("start redis again");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..4 {
+        assert_eq!(
+            hot.spend(&key, c(1))
+                .await
+                .expect("a spend after the restart"),
+            SpendReply::Miss,
+            "spend {i}: the restarted (empty) server has no entry"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_is_ambiguous_after_the_response_timeout_and_the_late_spend_does_nothing() {
     let server = redis();
