@@ -736,21 +736,25 @@ async fn a_dead_redis_is_unreachable_quickly_and_the_store_recovers() {
 async fn a_restart_between_spends_answers_every_later_spend() {
     let server = redis();
     let hot = store(&server).await;
-    let ledger = Arc::new(MemoryLedger::new());
-    let e = engine(hot.clone(), ledger.clone());
-    let key = new_key(&ledger, "key_restart", 100);
-    for _ in 0..4 {
-        assert!(matches!(
-            e.spend(&key, c(1)).await.expect("spend"),
-            Decision::Valid { .. }
-        ));
+    credit_at(&hot, &kid("k"), "t", 0, 10, 0, 1)
+        .await
+        .expect("credit");
+    // More spends than lanes, one at a time (waiting lanes are woken in turn).
+    for left in (6..10).rev() {
+        assert_eq!(
+            hot.spend(&kid("k"), c(1)).await.expect("spend"),
+            SpendReply::Valid {
+                remaining: left,
+                bal: left
+            }
+        );
     }
     server.kill9().expect("kill redis");
     server.start_again().expect("start redis again");
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 0..4 {
         assert_eq!(
-            hot.spend(&key, c(1))
+            hot.spend(&kid("k"), c(1))
                 .await
                 .expect("a spend after the restart"),
             SpendReply::Miss,
