@@ -7,9 +7,10 @@
 //! client's general parser, about as much as the rest of the lane's work. This link
 //! keeps the contract of [`crate::conn::invoke`] for the calls it makes:
 //!
-//! * `Unreachable` only when the call certainly did not reach Redis: connecting (or its
-//!   `AUTH`/`SELECT`) failed, or a server error that refuses a script before it runs
-//!   (classified as for every other call, by [`crate::conn::fail`]).
+//! * `Unreachable` only when the call certainly did not reach Redis: connecting failed
+//!   (a new connection is used only once the server answered its `AUTH`/`SELECT` or a
+//!   `PING`), or a server error that refuses a script before it runs (classified as for
+//!   every other call, by [`crate::conn::fail`]).
 //! * `Ambiguous` when it may have run: the connection broke or gave no complete reply
 //!   within the response timeout. The connection is then dropped (a late reply must not
 //!   be taken for the next call's), and the next call connects again.
@@ -33,7 +34,8 @@ use tokio::net::TcpStream;
 use crate::conn::{fail, Call, Target};
 use crate::metrics as m;
 
-/// A lane's connection (established on first use, and again after it broke).
+/// A lane's connection (opened when the store starts, and again by the call after it
+/// broke).
 pub(crate) struct Link {
     host: String,
     port: u16,
