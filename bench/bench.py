@@ -2,7 +2,8 @@
 """creditgate's performance table, measured on this machine (see bench/run).
 
 1. `../shared/bench/side-by-side.sh` for 1 and 1,000 keys: the HTTP ceiling (hyper
-   hello), the Node peer, creditgate embedded and one node on Redis, in one run each.
+   hello), the Node peer, creditgate embedded and one node on Redis, in one run each;
+   the ratios, and the CPU per verification of the server and of redis-server.
 2. Three nodes on Redis + Postgres + ClickHouse (`creditgate cluster`), one wrk per
    node at the same total connections, right after; its ratio is to the ceiling of (1).
 3. Ledger load: SQL row writes and transactions per 1,000 verifications, embedded and on
@@ -109,8 +110,25 @@ def side_by_side(keys):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 8 and cells[0] in ("hello", "node-rlf", "cg-embedded", "cg-redis"):
             p99s = [float(x) for x in cells[4].split()]
-            rows[cells[0]] = {"rps": float(cells[2]), "p99": sorted(p99s)[len(p99s) // 2]}
+            rows[cells[0]] = {"rps": float(cells[2]), "p99": sorted(p99s)[len(p99s) // 2],
+                              "cpu_us": cpu_per_verification(cells[1], cells[6])}
     return rows
+
+
+def cpu_per_verification(rates, cpus):
+    """CPU µs per request of the server and of redis-server, the median over the runs,
+    from side-by-side.sh's columns: each run's req/s (`38007 35335`) and CPU %
+    (`116/31 114/33`, server/redis-server). On a machine whose speed changes between
+    runs, this moves less than the ratios and resolves smaller changes in an A/B."""
+    per_run = []
+    for rps, cpu in zip(rates.split(), cpus.split()):
+        srv, _, rds = cpu.partition("/")
+        if float(rps) > 0:
+            per_run.append((1e4 * float(srv) / float(rps), 1e4 * float(rds or 0) / float(rps)))
+    if not per_run:
+        return None
+    mid = len(per_run) // 2
+    return (sorted(r[0] for r in per_run)[mid], sorted(r[1] for r in per_run)[mid])
 
 
 class Proc:
@@ -483,6 +501,15 @@ def main():
     if three:
         print("| creditgate, 3 nodes on Redis + Postgres | " + " | ".join(
             cell(three[k][0]["rps"], three[k][0]["p99"], k) for k in (1, 1000)) + " |")
+    print()
+    print("CPU per verification (µs of the server / of redis-server, median of the runs):")
+    print()
+    print("| target | 1 hot key | 1,000 keys |")
+    print("|---|---|---|")
+    for t, label in names[1:]:
+        cpu = [sbs[k].get(t, {}).get("cpu_us") for k in (1, 1000)]
+        if all(cpu):
+            print(f"| {label} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cpu) + " |")
     print()
     for k, n in instr.items():
         print_callgrind(k, n)
