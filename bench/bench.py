@@ -118,8 +118,9 @@ def side_by_side(keys):
 def cpu_per_verification(rates, cpus):
     """CPU µs per request of the server and of redis-server, the median over the runs,
     from side-by-side.sh's columns: each run's req/s (`38007 35335`) and CPU %
-    (`116/31 114/33`, server/redis-server). On a machine whose speed changes between
-    runs, this moves less than the ratios and resolves smaller changes in an A/B."""
+    (`116/31 114/33`, server/redis-server). Within one stretch of the machine it
+    depends less than the throughput on how the closed loop's hand-offs fall, so it
+    resolves smaller changes in an A/B; compare it only within one run."""
     per_run = []
     for rps, cpu in zip(rates.split(), cpus.split()):
         srv, _, rds = cpu.partition("/")
