@@ -206,7 +206,7 @@ impl<'a> Call<'a> {
         crate::link::header(out, b'*', 3 + self.keys.len() + self.args.len());
         crate::link::bulk(out, verb);
         crate::link::bulk(out, script.as_bytes());
-        crate::link::bulk(out, self.keys.len().to_string().as_bytes());
+        crate::link::bulk_number(out, self.keys.len());
         for part in self.keys.iter().chain(&self.args) {
             crate::link::bulk(out, part);
         }

@@ -293,8 +293,8 @@ pub(crate) fn encode(out: &mut Vec<u8>, parts: &[&[u8]]) {
     }
 }
 
-/// A type byte, a length in decimal, CRLF.
-pub(crate) fn header(out: &mut Vec<u8>, kind: u8, mut n: usize) {
+/// `n` in decimal: the digits are `.0[.1..]`.
+fn decimal(mut n: usize) -> ([u8; 20], usize) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -305,9 +305,21 @@ pub(crate) fn header(out: &mut Vec<u8>, kind: u8, mut n: usize) {
             break;
         }
     }
+    (digits, at)
+}
+
+/// A type byte, a length in decimal, CRLF.
+pub(crate) fn header(out: &mut Vec<u8>, kind: u8, n: usize) {
+    let (digits, at) = decimal(n);
     out.push(kind);
     out.extend_from_slice(&digits[at..]);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A number as a bulk string (written without a temporary `String`).
+pub(crate) fn bulk_number(out: &mut Vec<u8>, n: usize) {
+    let (digits, at) = decimal(n);
+    bulk(out, &digits[at..]);
 }
 
 pub(crate) fn bulk(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -439,6 +451,10 @@ mod tests {
         header(&mut out, b'$', 0);
         header(&mut out, b'*', 1234567890);
         assert_eq!(out, b"$0\r\n*1234567890\r\n");
+        out.clear();
+        bulk_number(&mut out, 0);
+        bulk_number(&mut out, 17);
+        assert_eq!(out, b"$1\r\n0\r\n$2\r\n17\r\n");
     }
 
     #[test]
