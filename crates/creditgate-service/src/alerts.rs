@@ -78,11 +78,9 @@ impl Service {
     /// Whether this node recorded a refusal of `account` at `remaining` lately; notes
     /// this one either way.
     async fn refusal_recorded(&self, account: &KeyId, remaining: u64) -> bool {
-        let seen = self.refusals.get(account.as_str()).await == Some(remaining);
+        let seen = self.refusals.get(account.as_str()) == Some(remaining);
         if !seen {
-            self.refusals
-                .insert(account.as_str().to_owned(), remaining)
-                .await;
+            self.refusals.insert(account.as_str().to_owned(), remaining);
         }
         seen
     }
@@ -98,7 +96,7 @@ impl Service {
             }
             Err(e) => {
                 // The refusal may be recorded by the next one.
-                self.refusals.invalidate(account.as_str()).await;
+                self.refusals.invalidate(account.as_str());
                 metrics::counter!(names::ALERT_FAILURES).increment(1);
                 tracing::error!(
                     account = %account,

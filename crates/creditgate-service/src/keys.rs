@@ -93,7 +93,7 @@ impl Service {
         let mut updated = (*key).clone();
         updated.last_refill_at = Some(now);
         let updated = Arc::new(updated);
-        self.keys.insert(key.hash.clone(), updated.clone()).await;
+        self.keys.insert(key.hash.clone(), updated.clone());
         Ok(updated)
     }
 

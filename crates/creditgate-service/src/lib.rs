@@ -5,6 +5,7 @@
 
 mod alerts;
 mod apis;
+mod cache;
 mod caller;
 pub mod commands;
 mod error;
@@ -28,7 +29,8 @@ use creditgate_domain::{
     hash_secret, Clock, KeyRecord, KeyStore, RatelimitOverride, RootKeyRecord,
 };
 use creditgate_limiter::{Engine, RateLimiter};
-use moka::future::Cache;
+
+use cache::TtlCache as Cache;
 
 pub use apis::KeyListing;
 pub use caller::Caller;
@@ -81,27 +83,27 @@ pub struct Service {
     clock: Arc<dyn Clock>,
     settings: Arc<ServiceSettings>,
     /// Live keys by secret hash.
-    keys: Cache<String, Arc<KeyRecord>>,
+    keys: Cache<Arc<KeyRecord>>,
     /// Root keys by secret hash.
-    roots: Cache<String, Arc<RootKeyRecord>>,
+    roots: Cache<Arc<RootKeyRecord>>,
     bus: Option<Arc<dyn Invalidations>>,
     /// Rate-limit counters: in process, or on Redis in multi-node mode.
     ratelimiter: Arc<dyn RateLimiter>,
     /// Rate-limit overrides by workspace and namespace.
-    overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
+    overrides: Cache<Arc<Vec<RatelimitOverride>>>,
     /// Where `analytics.getUsage` reads rows (`None`: analytics are not kept).
     usage: Option<Arc<dyn UsageSource>>,
     /// Accounts whose refusal this node recorded lately, with the balance refused.
-    refusals: Cache<String, u64>,
+    refusals: Cache<u64>,
 }
 
 /// This node's key caches, for the task that applies other nodes' invalidations (it
 /// holds only the caches, so it keeps no store or pool alive).
 #[derive(Clone)]
 pub struct Caches {
-    keys: Cache<String, Arc<KeyRecord>>,
-    roots: Cache<String, Arc<RootKeyRecord>>,
-    overrides: Cache<String, Arc<Vec<RatelimitOverride>>>,
+    keys: Cache<Arc<KeyRecord>>,
+    roots: Cache<Arc<RootKeyRecord>>,
+    overrides: Cache<Arc<Vec<RatelimitOverride>>>,
 }
 
 impl Caches {
@@ -113,9 +115,9 @@ impl Caches {
             self.roots.invalidate_all();
             self.overrides.invalidate_all();
         } else if let Some(namespace) = message.strip_prefix(ratelimit::OVERRIDES_MESSAGE) {
-            self.overrides.invalidate(namespace).await;
+            self.overrides.invalidate(namespace);
         } else {
-            self.keys.invalidate(message).await;
+            self.keys.invalidate(message);
         }
     }
 }
@@ -143,25 +145,13 @@ impl Service {
             analytics,
             clock,
             settings,
-            keys: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(CACHE_TTL)
-                .build(),
-            roots: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(CACHE_TTL)
-                .build(),
+            keys: Cache::new(1_000_000, CACHE_TTL),
+            roots: Cache::new(10_000, CACHE_TTL),
             bus,
             ratelimiter,
-            overrides: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(CACHE_TTL)
-                .build(),
+            overrides: Cache::new(10_000, CACHE_TTL),
             usage: None,
-            refusals: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(alerts::REFUSAL_MEMORY)
-                .build(),
+            refusals: Cache::new(100_000, alerts::REFUSAL_MEMORY),
         }
     }
 
@@ -190,7 +180,7 @@ impl Service {
     /// The caller behind a root-key secret, through the cache.
     pub async fn authenticate(&self, secret: &str) -> Result<Caller, ServiceError> {
         let hash = hash_secret(secret);
-        if let Some(root) = self.roots.get(&hash).await {
+        if let Some(root) = self.roots.get(&hash) {
             return Ok(Caller(root));
         }
         let Some(found) = self.store.root_key_by_hash(&hash).await? else {
@@ -199,7 +189,7 @@ impl Service {
             ));
         };
         let found = Arc::new(found);
-        self.roots.insert(hash, found.clone()).await;
+        self.roots.insert(hash, found.clone());
         Ok(Caller(found))
     }
 
@@ -215,14 +205,14 @@ impl Service {
     /// A live key by the hash of its secret, through the cache: its current secret, or
     /// the one before its last reroll until that one expires.
     async fn key_by_hash(&self, hash: &str) -> Result<Option<Arc<KeyRecord>>, ServiceError> {
-        let found = match self.keys.get(hash).await {
+        let found = match self.keys.get(hash) {
             Some(k) => k,
             None => {
                 let Some(found) = self.store.key_by_hash(hash).await? else {
                     return Ok(None);
                 };
                 let found = Arc::new(found);
-                self.keys.insert(hash.to_owned(), found.clone()).await;
+                self.keys.insert(hash.to_owned(), found.clone());
                 found
             }
         };
@@ -233,7 +223,7 @@ impl Service {
     /// node that misses it drops its whole cache when its subscription reconnects).
     async fn invalidate_key(&self, key: &KeyRecord) {
         for hash in std::iter::once(&key.hash).chain(key.previous.as_ref().map(|p| &p.hash)) {
-            self.keys.invalidate(hash).await;
+            self.keys.invalidate(hash);
             self.publish(hash).await;
         }
     }

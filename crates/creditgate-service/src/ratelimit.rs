@@ -142,18 +142,18 @@ impl Service {
         namespace: &str,
     ) -> Result<Arc<Vec<RatelimitOverride>>, ServiceError> {
         let key = namespace_key(caller.workspace().as_str(), namespace);
-        if let Some(found) = self.overrides.get(&key).await {
+        if let Some(found) = self.overrides.get(&key) {
             return Ok(found);
         }
         let loaded = Arc::new(self.store.overrides(caller.workspace(), namespace).await?);
-        self.overrides.insert(key, loaded.clone()).await;
+        self.overrides.insert(key, loaded.clone());
         Ok(loaded)
     }
 
     /// Forgets a namespace's overrides here, and tells the other nodes.
     async fn overrides_changed(&self, caller: &Caller, namespace: &str) {
         let key = namespace_key(caller.workspace().as_str(), namespace);
-        self.overrides.invalidate(&key).await;
+        self.overrides.invalidate(&key);
         self.publish(&format!("{OVERRIDES_MESSAGE}{key}")).await;
     }
 
