@@ -17,9 +17,9 @@
 //! parameter of a statement on each use. (Through rusqlite's statement cache, each use
 //! also built the statement's text to look it up, and each return to the cache cleared
 //! every binding: the writer's instructions per verification written went from about
-//! 14.9k to 13.2k in callgrind, embedded, 1,000 keys.) The connection is opened on the first write, after
-//! [`SqlStore::connect`] created and migrated the file, and kept; after an error opening
-//! it or preparing, the next write opens it again.
+//! 14.9k to 13.2k in callgrind, embedded, 1,000 keys.) The connection is opened on the
+//! first write, after [`SqlStore::connect`] created and migrated the file, and kept;
+//! after an error opening it or preparing, the next write opens it again.
 //!
 //! [`SqlStore::connect`]: crate::SqlStore::connect
 
