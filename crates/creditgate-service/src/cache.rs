@@ -9,8 +9,8 @@
 //! each recording the read for its eviction policy, and that policy's upkeep. Nothing here needs
 //! such a policy: an entry lives `ttl` at most, a write on this node or another node's
 //! invalidation drops it at once, and an entry dropped early is read again from the
-//! store. So a full shard first drops its expired entries and then, if it is still full,
-//! any entry.
+//! store. So a full shard first drops its expired entries (walking them at most once per
+//! tenth of the time to live) and then, if it is still full, any entry.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
@@ -34,10 +34,16 @@ impl<V> Clone for TtlCache<V> {
 }
 
 struct Inner<V> {
-    shards: [RwLock<HashMap<String, Entry<V>, Seeded>>; SHARDS],
+    shards: [RwLock<Shard<V>>; SHARDS],
     ttl: Duration,
     per_shard: usize,
     hasher: Seeded,
+}
+
+struct Shard<V> {
+    map: HashMap<String, Entry<V>, Seeded>,
+    /// When this shard last dropped its expired entries.
+    swept: Option<Instant>,
 }
 
 struct Entry<V> {
@@ -52,7 +58,12 @@ impl<V: Clone> TtlCache<V> {
         let hasher = Seeded::new();
         Self {
             inner: Arc::new(Inner {
-                shards: std::array::from_fn(|_| RwLock::new(HashMap::with_hasher(hasher))),
+                shards: std::array::from_fn(|_| {
+                    RwLock::new(Shard {
+                        map: HashMap::with_hasher(hasher),
+                        swept: None,
+                    })
+                }),
                 ttl,
                 per_shard: capacity.div_ceil(SHARDS).max(1),
                 hasher,
@@ -60,11 +71,11 @@ impl<V: Clone> TtlCache<V> {
         }
     }
 
-    fn shard(&self, key: &str) -> &RwLock<HashMap<String, Entry<V>, Seeded>> {
+    fn shard(&self, key: &str) -> &RwLock<Shard<V>> {
         &self.inner.shards[shard_of(self.inner.hasher.hash_one(key))]
     }
 
-    fn write(&self, key: &str) -> RwLockWriteGuard<'_, HashMap<String, Entry<V>, Seeded>> {
+    fn write(&self, key: &str) -> RwLockWriteGuard<'_, Shard<V>> {
         // A panic while holding the lock cannot leave the map half-changed (each
         // change is one map call): keep serving.
         self.shard(key)
@@ -74,38 +85,49 @@ impl<V: Clone> TtlCache<V> {
 
     /// The value under `key`, unless it is absent or older than the time to live.
     pub(crate) fn get(&self, key: &str) -> Option<V> {
-        let map = self
+        let shard = self
             .shard(key)
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let entry = map.get(key)?;
+        let entry = shard.map.get(key)?;
         (Instant::now() < entry.expires).then(|| entry.value.clone())
     }
 
     /// Puts `value` under `key` for the time to live, replacing what was there.
     pub(crate) fn insert(&self, key: String, value: V) {
         let now = Instant::now();
-        let mut map = self.write(&key);
-        if map.len() >= self.inner.per_shard && !map.contains_key(&key) {
-            map.retain(|_, e| now < e.expires);
-            if map.len() >= self.inner.per_shard {
-                if let Some(any) = map.keys().next().cloned() {
-                    map.remove(&any);
+        let ttl = self.inner.ttl;
+        let mut shard = self.write(&key);
+        if shard.map.len() >= self.inner.per_shard && !shard.map.contains_key(&key) {
+            // Dropping the expired entries walks the whole shard: at most once per tenth
+            // of the time to live, so that a shard full of live entries (more keys in use
+            // than the bound) does not walk itself on every insert.
+            let due = match shard.swept {
+                Some(at) => now.duration_since(at) >= ttl / 10,
+                None => true,
+            };
+            if due {
+                shard.map.retain(|_, e| now < e.expires);
+                shard.swept = Some(now);
+            }
+            if shard.map.len() >= self.inner.per_shard {
+                if let Some(any) = shard.map.keys().next().cloned() {
+                    shard.map.remove(&any);
                 }
             }
         }
-        map.insert(
+        shard.map.insert(
             key,
             Entry {
                 value,
-                expires: now + self.inner.ttl,
+                expires: now + ttl,
             },
         );
     }
 
     /// Forgets `key`.
     pub(crate) fn invalidate(&self, key: &str) {
-        self.write(key).remove(key);
+        self.write(key).map.remove(key);
     }
 
     /// Forgets everything.
@@ -114,6 +136,7 @@ impl<V: Clone> TtlCache<V> {
             shard
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
+                .map
                 .clear();
         }
     }
@@ -123,7 +146,7 @@ impl<V: Clone> TtlCache<V> {
         self.inner
             .shards
             .iter()
-            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).map.len())
             .sum()
     }
 }
@@ -255,6 +278,31 @@ mod tests {
         cache.insert(second.clone(), 2);
         assert_eq!(cache.get(second), Some(2));
         assert_eq!(cache.len(), 1, "the expired entry made room");
+    }
+
+    #[test]
+    fn a_full_shard_walks_its_entries_at_most_once_per_tenth_of_the_time_to_live() {
+        let cache = TtlCache::new(SHARDS, Duration::from_secs(60));
+        let shard = |k: &str| shard_of(cache.inner.hasher.hash_one(k));
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        let same: Vec<&String> = keys
+            .iter()
+            .filter(|k| shard(k) == shard(&keys[0]))
+            .collect();
+        assert!(same.len() >= 3);
+        let swept = || cache.inner.shards[shard(same[0])].read().unwrap().swept;
+        cache.insert(same[0].clone(), 0);
+        assert_eq!(swept(), None, "not full yet");
+        cache.insert(same[1].clone(), 1);
+        let first = swept().expect("the first insert into a full shard walks it");
+        cache.insert(same[2].clone(), 2);
+        assert_eq!(
+            swept(),
+            Some(first),
+            "not again within a tenth of the time to live"
+        );
+        assert_eq!(cache.get(same[2]), Some(2), "the newest is kept");
+        assert_eq!(cache.len(), 1, "one entry per shard");
     }
 
     #[test]
